@@ -1,0 +1,143 @@
+"""A spec resolved against one real checkpoint: which layers are MoE, how their experts are stored, key names."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Literal
+
+from ream_lite.arch.families import FAMILIES
+from ream_lite.arch.spec import ArchSpec, RouterConfig
+from ream_lite.checkpoint.reader import CheckpointReader, load_config_dict, resolve_model_path
+from ream_lite.errors import ReamLiteError
+
+# model types that are known dense (no routed experts), for a clearer message than "unsupported"
+_DENSE_HINT = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "olmo", "olmo2", "gpt2")
+
+
+def supported_families() -> str:
+    return ", ".join(sorted(FAMILIES))
+
+
+def detect_spec(config: dict, where: str = "model") -> ArchSpec:
+    model_type = config.get("model_type")
+    if model_type is None:
+        raise ReamLiteError(f"{where}: config.json has no model_type")
+    spec = FAMILIES.get(model_type)
+    if spec is None:
+        kind = "a dense model (no routed experts)" if model_type in _DENSE_HINT else "not a supported MoE family"
+        raise ReamLiteError(f"{where}: model_type '{model_type}' is {kind}; supported: {supported_families()}")
+    return spec
+
+
+@dataclass(frozen=True)
+class LayerLayout:
+    index: int
+    prefix: str  # "model.layers.7"
+    is_moe: bool
+    expert_storage: Literal["per_expert", "fused", "none"]
+    num_experts: int
+    is_mtp: bool = False
+
+
+class ModelLayout:
+    """A checkpoint directory + its family spec + what is really stored for each layer."""
+
+    def __init__(self, name_or_path: str):
+        self.path: Path = resolve_model_path(name_or_path)
+        self.config: dict = load_config_dict(self.path)
+        self.spec: ArchSpec = detect_spec(self.config, str(self.path))
+        self.reader = CheckpointReader(self.path)
+        self.num_layers = int(self.config["num_hidden_layers"])
+        extra = int(self.config.get(self.spec.mtp_layers_key, 0) or 0) if self.spec.mtp_layers_key else 0
+        # MTP layers are listed only when the checkpoint really has them (transformers' save_pretrained drops them)
+        present_mtp = [i for i in range(self.num_layers, self.num_layers + extra) if self.layer_keys(i)]
+        self.layers = [self._resolve_layer(i, is_mtp=False) for i in range(self.num_layers)]
+        self.layers += [self._resolve_layer(i, is_mtp=True) for i in present_mtp]
+        if not any(layer.is_moe for layer in self.layers):
+            raise ReamLiteError(f"{self.path}: no MoE layer found in the checkpoint (router {self.spec.router_weight})")
+        for key in (self.spec.embed_key,):
+            self.reader.entry(key)
+
+    # -- keys ---------------------------------------------------------------------------------------------------
+    def moe_key(self, layer: int, rel: str) -> str:
+        return f"{self.spec.layers_prefix}.{layer}.{self.spec.moe_disk}.{rel}"
+
+    def per_expert_keys(self, layer: int, expert: int) -> tuple[str, str, str]:
+        ep = self.spec.experts_prefix
+        return tuple(self.moe_key(layer, f"{ep}.{expert}.{n}.weight") for n in self.spec.expert_proj_names)  # type: ignore[return-value]
+
+    def fused_keys(self, layer: int) -> tuple[str, str]:
+        ep = self.spec.experts_prefix
+        return self.moe_key(layer, f"{ep}.{self.spec.fused_gate_up}"), self.moe_key(layer, f"{ep}.{self.spec.fused_down}")
+
+    def expert_keys(self, layer: int) -> list[str]:
+        """Every checkpoint key that holds routed-expert weights of `layer`."""
+        info = self.layers[layer]
+        if info.expert_storage == "fused":
+            return list(self.fused_keys(layer))
+        if info.expert_storage == "per_expert":
+            return [k for e in range(info.num_experts) for k in self.per_expert_keys(layer, e)]
+        return []
+
+    def layer_keys(self, layer: int) -> list[str]:
+        prefix = f"{self.spec.layers_prefix}.{layer}."
+        return [k for k in self.reader.keys() if k.startswith(prefix)]
+
+    @property
+    def lm_head_key(self) -> str:
+        if self.spec.lm_head_key in self.reader:
+            return self.spec.lm_head_key
+        return self.spec.embed_key  # tied embeddings
+
+    # -- resolution ---------------------------------------------------------------------------------------------
+    def _resolve_layer(self, i: int, is_mtp: bool) -> LayerLayout:
+        prefix = f"{self.spec.layers_prefix}.{i}"
+        if self.moe_key(i, self.spec.router_weight) not in self.reader:
+            return LayerLayout(i, prefix, False, "none", 0, is_mtp)
+        n = self.reader.shape(self.moe_key(i, self.spec.router_weight))[0]
+        gu, down = self.fused_keys(i)
+        if gu in self.reader and down in self.reader:
+            storage = "fused"
+            if self.reader.shape(gu)[0] != n or self.reader.shape(down)[0] != n:
+                raise ReamLiteError(f"{self.path}: layer {i}: fused expert tensors disagree with the router ({n} experts)")
+        else:
+            missing = [k for e in range(n) for k in self.per_expert_keys(i, e) if k not in self.reader]
+            if missing:
+                raise ReamLiteError(
+                    f"{self.path}: layer {i}: expert weights not found (e.g. {missing[0]}); "
+                    f"neither per-expert nor fused {self.spec.model_type} layout"
+                )
+            storage = "per_expert"
+        return LayerLayout(i, prefix, True, storage, n, is_mtp)
+
+    # -- config-derived -----------------------------------------------------------------------------------------
+    @cached_property
+    def router_config(self) -> RouterConfig:
+        return self.spec.router_config(self.config)
+
+    @property
+    def decoder_layers(self) -> list[LayerLayout]:
+        return [layer for layer in self.layers if not layer.is_mtp]
+
+    @property
+    def moe_layers(self) -> list[LayerLayout]:
+        return [layer for layer in self.layers if layer.is_moe]
+
+    def hf_config(self, attn_implementation: str = "sdpa"):
+        """The transformers config object for this checkpoint (built from config.json, no remote code)."""
+        from transformers import AutoConfig
+
+        cfg_dict = dict(self.config)
+        cfg_dict["model_type"] = self.spec.model_type  # aliases (kimi_k2) map onto a transformers class
+        model_type = cfg_dict.pop("model_type")
+        try:
+            cfg = AutoConfig.for_model(model_type, **cfg_dict)
+        except Exception as e:
+            raise ReamLiteError(f"{self.path}: transformers cannot build a {model_type} config: {e}") from None
+        cfg._attn_implementation = attn_implementation
+        return cfg
+
+    def close(self) -> None:
+        self.reader.close()

@@ -1,0 +1,170 @@
+"""Lazy access to a Hugging Face safetensors checkpoint: one tensor (or a row range of one tensor) at a time."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from ream_lite.checkpoint.format import TensorEntry, read_header
+from ream_lite.errors import ReamLiteError
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+
+
+def resolve_model_path(name_or_path: str, revision: str | None = None) -> Path:
+    """A local directory as is; otherwise a Hugging Face hub id, downloaded (weights, config, tokenizer only)."""
+    p = Path(name_or_path).expanduser()
+    if p.exists():
+        if not p.is_dir():
+            raise ReamLiteError(f"{name_or_path}: expected a model directory, got a file")
+        return p
+    looks_like_hub_id = name_or_path.count("/") == 1 and not name_or_path.startswith((".", "/", "~"))
+    if not looks_like_hub_id:
+        raise ReamLiteError(f"{name_or_path}: no such directory")
+    try:
+        from huggingface_hub import snapshot_download
+
+        local = snapshot_download(
+            name_or_path,
+            revision=revision,
+            allow_patterns=["*.safetensors", "*.json", "*.txt", "*.model", "*.tiktoken", "*.jinja", "*.py"],
+        )
+    except Exception as e:  # offline, unknown repo, gated repo, ...
+        raise ReamLiteError(f"{name_or_path}: not a local directory, and the hub download failed: {e}") from None
+    return Path(local)
+
+
+class CheckpointReader:
+    """Index of every tensor in a checkpoint directory, read on demand with positioned reads.
+
+    Nothing is memory-mapped and nothing is cached: each `get` reads exactly the bytes of one tensor (or of a
+    range of rows along its first dimension) and returns a fresh tensor. `bytes_read` counts what was read.
+    """
+
+    def __init__(self, directory: str | os.PathLike):
+        self.dir = Path(directory)
+        if not self.dir.is_dir():
+            raise ReamLiteError(f"{directory}: no such directory")
+        self.entries: dict[str, TensorEntry] = {}
+        self.shard_metadata: dict[str, dict[str, str]] = {}
+        for shard in self._shard_files():
+            entries, meta = read_header(str(shard))
+            self.shard_metadata[shard.name] = meta
+            for k, e in entries.items():
+                if k in self.entries:
+                    raise ReamLiteError(f"{self.dir}: tensor {k} appears in two shards")
+                self.entries[k] = e
+        self.bytes_read = 0
+        self._files: dict[str, object] = {}
+
+    def _shard_files(self) -> list[Path]:
+        index = self.dir / INDEX_NAME
+        if index.exists():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError):
+                raise ReamLiteError(f"{index}: corrupt index (no weight_map)") from None
+            names = sorted(set(weight_map.values()))
+            missing = [n for n in names if not (self.dir / n).exists()]
+            if missing:
+                raise ReamLiteError(f"{self.dir}: shard(s) named in the index are missing: {', '.join(missing[:3])}")
+            return [self.dir / n for n in names]
+        if (self.dir / SINGLE_NAME).exists():
+            return [self.dir / SINGLE_NAME]
+        found = sorted(self.dir.glob("*.safetensors"))
+        if found:
+            return found
+        raise ReamLiteError(f"{self.dir}: no safetensors weights found (expected {SINGLE_NAME} or {INDEX_NAME})")
+
+    # -- metadata -----------------------------------------------------------------------------------------------
+    def __contains__(self, key: str) -> bool:
+        return key in self.entries
+
+    def keys(self) -> Iterator[str]:
+        return iter(self.entries)
+
+    def entry(self, key: str) -> TensorEntry:
+        try:
+            return self.entries[key]
+        except KeyError:
+            raise ReamLiteError(f"{self.dir}: tensor {key} not found in the checkpoint") from None
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self.entry(key).shape
+
+    def total_bytes(self) -> int:
+        return sum(e.nbytes for e in self.entries.values())
+
+    # -- data ---------------------------------------------------------------------------------------------------
+    def _read(self, path: str, start: int, nbytes: int) -> bytearray:
+        f = self._files.get(path)
+        if f is None:
+            f = self._files[path] = open(path, "rb", buffering=0)
+        buf = bytearray(nbytes)
+        view = memoryview(buf)
+        got = 0
+        while got < nbytes:
+            n = os.preadv(f.fileno(), [view[got:]], start + got)
+            if n == 0:
+                raise ReamLiteError(f"{path}: unexpected end of file (truncated shard?)")
+            got += n
+        self.bytes_read += nbytes
+        return buf
+
+    def read_raw(self, key: str) -> bytearray:
+        e = self.entry(key)
+        return self._read(e.path, e.start, e.nbytes)
+
+    def get(
+        self,
+        key: str,
+        rows: tuple[int, int] | None = None,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> torch.Tensor:
+        """Tensor `key` (optionally rows [a, b) of its first dimension), cast to `dtype`, on `device`."""
+        e = self.entry(key)
+        shape = list(e.shape)
+        start, nbytes = e.start, e.nbytes
+        if rows is not None:
+            a, b = rows
+            if not shape or not (0 <= a <= b <= shape[0]):
+                raise ReamLiteError(f"rows {rows} out of range for {key} with shape {tuple(shape)}")
+            row_bytes = e.nbytes // shape[0] if shape[0] else 0
+            start, nbytes = e.start + a * row_bytes, (b - a) * row_bytes
+            shape[0] = b - a
+        t = torch.frombuffer(self._read(e.path, start, nbytes), dtype=e.torch_dtype) if nbytes else torch.empty(
+            0, dtype=e.torch_dtype
+        )
+        t = t.reshape(shape)
+        if device is not None:
+            t = t.to(device)
+        if dtype is not None and t.dtype != dtype:
+            t = t.to(dtype)
+        return t
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()  # type: ignore[attr-defined]
+        self._files.clear()
+
+    def __enter__(self) -> CheckpointReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def load_config_dict(directory: str | os.PathLike) -> dict:
+    path = Path(directory) / "config.json"
+    if not path.exists():
+        raise ReamLiteError(f"{directory}: no config.json")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ReamLiteError(f"{path}: not valid JSON ({e})") from None

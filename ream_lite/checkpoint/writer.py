@@ -1,0 +1,160 @@
+"""Streaming checkpoint writer: size-bounded shards, index, side files, atomic rename into place.
+
+Tensors go straight to disk as they arrive. Each shard file starts with a header region reserved up front (the
+safetensors format allows the JSON header to be padded with spaces), so a shard is written in one pass with
+bounded memory and no copy: when the header fills up or the shard reaches its size limit, the header is written
+into its slot and the next shard begins. Everything is written into `<out>.partial/`, which is renamed to `<out>`
+only when complete, so a half-written output never looks finished.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from ream_lite.checkpoint.format import DTYPE_NAMES, encode_header
+from ream_lite.checkpoint.reader import INDEX_NAME, SINGLE_NAME, CheckpointReader
+from ream_lite.errors import ReamLiteError
+
+DEFAULT_MAX_SHARD_BYTES = 5 * 1000**3
+HEADER_RESERVE = 256 * 1024  # ~2000 tensor entries per shard
+COPY_CHUNK = 64 * 1024 * 1024
+# Files of a model directory that are not weights and are carried over unchanged.
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".ckpt")
+
+
+def partial_dir(out_dir: Path) -> Path:
+    return out_dir.with_name(out_dir.name + ".partial")
+
+
+class _Shard:
+    def __init__(self, path: Path, reserve: int):
+        self.path = path
+        self.reserve = reserve
+        self.file = open(path, "wb")
+        self.file.seek(8 + reserve)
+        self.entries: dict[str, dict] = {}
+        self.data_bytes = 0
+
+    def header_fits(self, extra: int = 0) -> bool:
+        return len(encode_header(self.entries, {"format": "pt"})) + extra <= self.reserve
+
+    def add(self, name: str, dtype: str, shape: list[int], nbytes: int) -> None:
+        self.entries[name] = {"dtype": dtype, "shape": shape, "data_offsets": [self.data_bytes, self.data_bytes + nbytes]}
+        self.data_bytes += nbytes
+
+    def close(self) -> None:
+        header = encode_header(self.entries, {"format": "pt"}, reserve=self.reserve)
+        if len(header) != self.reserve:  # cannot happen: shards are rolled over before the header overflows
+            raise RuntimeError("safetensors header overflowed its reserved space")
+        self.file.seek(0)
+        self.file.write(len(header).to_bytes(8, "little"))
+        self.file.write(header)
+        self.file.close()
+
+
+class CheckpointWriter:
+    """Write tensors in the order given into size-bounded safetensors shards under `<out>.partial/`."""
+
+    def __init__(self, out_dir: str | os.PathLike, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, overwrite: bool = False):
+        self.out_dir = Path(out_dir)
+        self.tmp_dir = partial_dir(self.out_dir)
+        self.max_shard_bytes = max_shard_bytes
+        if self.out_dir.exists() and not overwrite:
+            raise ReamLiteError(f"{self.out_dir} already exists; pass --overwrite to replace it")
+        if self.tmp_dir.exists():
+            shutil.rmtree(self.tmp_dir)
+        self.tmp_dir.mkdir(parents=True)
+        self.overwrite = overwrite
+        self._shards: list[_Shard] = []
+        self._current: _Shard | None = None
+        self._names: set[str] = set()
+        self.bytes_written = 0
+
+    # -- shards -------------------------------------------------------------------------------------------------
+    def _shard_for(self, name: str, dtype: str, shape: list[int], nbytes: int) -> _Shard:
+        if name in self._names:
+            raise ValueError(f"tensor {name} written twice")
+        self._names.add(name)
+        entry_bytes = len(json.dumps({name: {"dtype": dtype, "shape": shape, "data_offsets": [10**15, 10**15]}}))
+        cur = self._current
+        if cur is not None and (
+            (cur.data_bytes > 0 and cur.data_bytes + nbytes > self.max_shard_bytes) or not cur.header_fits(entry_bytes)
+        ):
+            cur.close()
+            cur = None
+        if cur is None:
+            cur = _Shard(self.tmp_dir / f"shard-{len(self._shards):05d}.tmp", HEADER_RESERVE)
+            self._shards.append(cur)
+            self._current = cur
+        cur.add(name, dtype, shape, nbytes)
+        return cur
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        """Write one tensor (any device; bytes as held, no conversion)."""
+        t = tensor.detach().contiguous().cpu()
+        dtype = DTYPE_NAMES.get(t.dtype)
+        if dtype is None:
+            raise ReamLiteError(f"cannot store dtype {t.dtype} in safetensors")
+        nbytes = t.numel() * t.element_size()
+        shard = self._shard_for(name, dtype, list(t.shape), nbytes)
+        if nbytes:
+            shard.file.write(t.reshape(-1).view(torch.uint8).numpy().data)
+        self.bytes_written += nbytes
+
+    def copy_from(self, reader: CheckpointReader, key: str, name: str | None = None) -> None:
+        """Copy a tensor byte for byte from the input checkpoint, in bounded chunks, without decoding it."""
+        e = reader.entry(key)
+        shard = self._shard_for(name or key, e.dtype, list(e.shape), e.nbytes)
+        for off in range(0, e.nbytes, COPY_CHUNK):
+            n = min(COPY_CHUNK, e.nbytes - off)
+            shard.file.write(reader._read(e.path, e.start + off, n))
+        self.bytes_written += e.nbytes
+
+    # -- finish -------------------------------------------------------------------------------------------------
+    def finish(self, config: dict, source_dir: str | os.PathLike | None = None) -> Path:
+        """Close shards, name them, write the index, config and side files, then rename into place."""
+        if self._current is not None:
+            self._current.close()
+            self._current = None
+        n = len(self._shards)
+        weight_map: dict[str, str] = {}
+        total = 0
+        for i, shard in enumerate(self._shards):
+            final = SINGLE_NAME if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            os.replace(shard.path, self.tmp_dir / final)
+            for k in shard.entries:
+                weight_map[k] = final
+            total += shard.data_bytes
+        if n > 1:
+            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+            (self.tmp_dir / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+        if source_dir is not None:
+            copy_side_files(Path(source_dir), self.tmp_dir)
+        (self.tmp_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        if self.out_dir.exists():
+            if not self.overwrite:
+                raise ReamLiteError(f"{self.out_dir} appeared while writing; not overwriting it")
+            shutil.rmtree(self.out_dir)
+        os.replace(self.tmp_dir, self.out_dir)
+        return self.out_dir
+
+    def abort(self) -> None:
+        for s in self._shards:
+            if not s.file.closed:
+                s.file.close()
+        shutil.rmtree(self.tmp_dir, ignore_errors=True)
+
+
+def copy_side_files(src: Path, dst: Path) -> None:
+    """Tokenizer, generation config, chat template, licence, code files: everything that is not weights."""
+    for p in sorted(src.iterdir()):
+        if p.is_dir() or p.name.startswith("."):
+            continue
+        if p.name.endswith(WEIGHT_SUFFIXES) or p.name in (INDEX_NAME, "config.json", "pytorch_model.bin.index.json"):
+            continue
+        shutil.copy2(p, dst / p.name)

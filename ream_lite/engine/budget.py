@@ -1,0 +1,151 @@
+"""Memory planning from tensor sizes, before any work: store tier, expert chunk size, token batch size."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from ream_lite.arch.layout import ModelLayout
+from ream_lite.engine.experts import expert_bytes
+from ream_lite.engine.store import Tier, choose_tier
+
+GiB = 1024**3
+
+
+def parse_bytes(text: str | None) -> int | None:
+    """'24GB', '24GiB', '1.5G', '800MB', '123' (bytes) -> bytes. GB and GiB both mean 2**30 here."""
+    if text is None:
+        return None
+    s = str(text).strip().upper().replace("IB", "B")
+    units = {"TB": 1024**4, "GB": GiB, "MB": 1024**2, "KB": 1024, "T": 1024**4, "G": GiB, "M": 1024**2, "K": 1024, "B": 1}
+    for u, mult in units.items():
+        if s.endswith(u):
+            return int(float(s[: -len(u)]) * mult)
+    return int(float(s))
+
+
+def physical_ram() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        return 16 * GiB
+
+
+def default_cpu_budget() -> int:
+    """Host RAM the hidden-state store may use by default: 40% of RAM, at most 16 GiB."""
+    return min(16 * GiB, int(0.4 * physical_ram()))
+
+
+def default_gpu_budget(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        return int(0.9 * total)
+    return 0
+
+
+@dataclass
+class MemoryPlan:
+    device: str
+    dtype: str
+    store_tier: Tier
+    store_bytes: int  # one hidden-state buffer (two are used: layer input and output)
+    tokens: int
+    tokens_per_batch: int
+    max_layer_dense_bytes: int  # largest non-expert part of a decoder layer, decoded
+    expert_bytes: int  # one routed expert, decoded
+    experts_per_chunk: int
+    max_experts: int
+    device_budget: int
+    host_budget: int
+    activation_bytes: int
+
+    @property
+    def peak_device_bytes(self) -> int:
+        chunk = self.experts_per_chunk * self.expert_bytes
+        store = 2 * self.store_bytes if self.store_tier == "device" else 0
+        return self.max_layer_dense_bytes + chunk + store + self.activation_bytes
+
+    @property
+    def peak_host_bytes(self) -> int:
+        store = 2 * self.store_bytes if self.store_tier == "host" else 0
+        if self.device == "cpu":
+            return self.peak_device_bytes + store
+        return store + self.max_layer_dense_bytes  # staging of weights on their way to the device
+
+    @property
+    def disk_bytes(self) -> int:
+        return 2 * self.store_bytes if self.store_tier == "disk" else 0
+
+    def lines(self) -> list[str]:
+        g = lambda b: f"{b / GiB:.2f} GiB"  # noqa: E731
+        return [
+            f"device {self.device}, compute dtype {self.dtype}",
+            f"hidden states: {self.tokens:,} tokens, {g(self.store_bytes)} per buffer x2, tier '{self.store_tier}'",
+            f"largest decoder layer without routed experts: {g(self.max_layer_dense_bytes)}",
+            f"routed experts: {g(self.expert_bytes)} each, {self.experts_per_chunk} of {self.max_experts} per chunk",
+            f"batches of up to {self.tokens_per_batch:,} tokens; activations ~{g(self.activation_bytes)}",
+            f"expected peak: device {g(self.peak_device_bytes)}, host {g(self.peak_host_bytes)}, "
+            f"work dir {g(self.disk_bytes)}",
+        ]
+
+
+def plan_memory(
+    layout: ModelLayout,
+    tokens: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    max_gpu_memory: int | None = None,
+    max_cpu_memory: int | None = None,
+    tokens_per_batch: int = 4096,
+    store_tier: str = "auto",
+    extra_activation_bytes: int = 0,
+) -> MemoryPlan:
+    elt = torch.empty(0, dtype=dtype).element_size()
+    cfg = layout.config
+    hidden = int(cfg["hidden_size"])
+    host_budget = max_cpu_memory if max_cpu_memory is not None else default_cpu_budget()
+    device_budget = max_gpu_memory if max_gpu_memory is not None else default_gpu_budget(device)
+    if device.type == "cpu":
+        device_budget = host_budget if max_gpu_memory is None else max_gpu_memory
+
+    dense = 0
+    for layer in layout.layers:
+        expert_keys = set(layout.expert_keys(layer.index))
+        nbytes = sum(
+            layout.reader.entry(k).nbytes // layout.reader.entry(k).torch_dtype.itemsize * elt
+            for k in layout.layer_keys(layer.index)
+            if k not in expert_keys
+        )
+        dense = max(dense, nbytes)
+    moe = layout.moe_layers
+    e_bytes = max(expert_bytes(layout, m.index, dtype) for m in moe)
+    max_n = max(m.num_experts for m in moe)
+    inter = max(int(cfg.get(layout.spec.moe_intermediate_key) or 0), 1)
+    heads = int(cfg.get("num_attention_heads", 1))
+    # per token in flight: a few hidden-sized vectors, the widest expert activation, router scores, and attention
+    # probabilities (sdpa's math path may materialise heads x T x T per sequence).
+    act = tokens_per_batch * elt * (8 * hidden + 3 * inter + 4 * max_n) + extra_activation_bytes
+    act += tokens_per_batch * heads * 4 * min(tokens_per_batch, 4096)
+
+    store_bytes = tokens * hidden * elt
+    device_free = device_budget - dense - act - e_bytes * min(max_n, 8)
+    tier = choose_tier(store_bytes, 2, device, device_free, host_budget, store_tier)
+    left = device_budget - dense - act - (2 * store_bytes if tier == "device" or device.type == "cpu" and tier == "host" else 0)
+    chunk = max(1, min(max_n, left // max(e_bytes, 1)))
+    return MemoryPlan(
+        device=str(device),
+        dtype=str(dtype).replace("torch.", ""),
+        store_tier=tier,
+        store_bytes=store_bytes,
+        tokens=tokens,
+        tokens_per_batch=tokens_per_batch,
+        max_layer_dense_bytes=dense,
+        expert_bytes=e_bytes,
+        experts_per_chunk=int(chunk),
+        max_experts=max_n,
+        device_budget=device_budget,
+        host_budget=host_budget,
+        activation_bytes=act,
+    )

@@ -1,0 +1,99 @@
+"""Routed-expert weights of one layer, loaded in chunks, and the SwiGLU expert computation."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ream_lite.arch.layout import ModelLayout
+
+
+@dataclass
+class ExpertWeights:
+    """A chunk of experts in the canonical layout: gate/up [n, I, H], down [n, H, I]; ids = original indices."""
+
+    ids: list[int]
+    gate: torch.Tensor
+    up: torch.Tensor
+    down: torch.Tensor
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.gate, self.up, self.down))
+
+
+def load_experts(
+    layout: ModelLayout, layer: int, ids: list[int], dtype: torch.dtype, device: torch.device | str
+) -> ExpertWeights:
+    """Read experts `ids` of `layer` from the checkpoint (only their bytes), decode to `dtype` on `device`."""
+    info = layout.layers[layer]
+    r = layout.reader
+    if info.expert_storage == "fused":
+        gu_key, down_key = layout.fused_keys(layer)
+        gus, downs = [], []
+        for a, b in _runs(ids):  # contiguous id runs are single reads
+            gus.append(r.get(gu_key, rows=(a, b), device=device, dtype=dtype))
+            downs.append(r.get(down_key, rows=(a, b), device=device, dtype=dtype))
+        gu, down = torch.cat(gus), torch.cat(downs)
+        inter = gu.shape[1] // 2
+        return ExpertWeights(list(ids), gu[:, :inter].contiguous(), gu[:, inter:].contiguous(), down)
+    gates, ups, downs = [], [], []
+    for e in ids:
+        g, u, d = layout.per_expert_keys(layer, e)
+        gates.append(r.get(g, device=device, dtype=dtype))
+        ups.append(r.get(u, device=device, dtype=dtype))
+        downs.append(r.get(d, device=device, dtype=dtype))
+    return ExpertWeights(list(ids), torch.stack(gates), torch.stack(ups), torch.stack(downs))
+
+
+def expert_bytes(layout: ModelLayout, layer: int, dtype: torch.dtype) -> int:
+    """Bytes one expert of `layer` takes once decoded to `dtype`."""
+    info = layout.layers[layer]
+    if info.expert_storage == "fused":
+        numel = sum(_numel(layout.reader.shape(k)) for k in layout.fused_keys(layer)) // info.num_experts
+    else:
+        numel = sum(_numel(layout.reader.shape(k)) for k in layout.per_expert_keys(layer, 0))
+    return numel * torch.empty(0, dtype=dtype).element_size()
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _runs(ids: list[int]) -> list[tuple[int, int]]:
+    runs: list[tuple[int, int]] = []
+    for e in ids:
+        if runs and runs[-1][1] == e:
+            runs[-1] = (runs[-1][0], e + 1)
+        else:
+            runs.append((e, e + 1))
+    return runs
+
+
+def expert_intermediate(w: ExpertWeights, j: int, x: torch.Tensor, act: Callable) -> torch.Tensor:
+    """a_j(x) = act(W_gate x) * (W_up x) for the j-th expert of the chunk: [T, I]."""
+    return act(F.linear(x, w.gate[j])) * F.linear(x, w.up[j])
+
+
+def expert_output(w: ExpertWeights, j: int, x: torch.Tensor, act: Callable) -> torch.Tensor:
+    """E_j(x) = W_down a_j(x): [T, H]."""
+    return F.linear(expert_intermediate(w, j, x, act), w.down[j])
+
+
+def add_routed_output(
+    out: torch.Tensor, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, w: ExpertWeights, act: Callable
+) -> None:
+    """out[t] += sum over the chunk's experts e chosen by token t of weight(t, e) * E_e(x[t])."""
+    for j, e in enumerate(w.ids):
+        token_idx, slot = torch.where(indices == e)
+        if token_idx.numel() == 0:
+            continue
+        y = expert_output(w, j, x[token_idx], act)
+        y = y.float() * weights[token_idx, slot, None]
+        out.index_add_(0, token_idx, y.to(out.dtype))

@@ -1,0 +1,134 @@
+"""HiddenStateStore: per-token hidden states of every calibration sequence, in one of three tiers.
+
+- `device`: a tensor on the compute device (GPU when there is one) — fastest, smallest budget.
+- `host`: a tensor in host RAM.
+- `disk`: a memory-mapped file under the work directory, read and written one batch of sequences at a time.
+
+All three hold one flat [total_tokens, hidden] buffer; sequence i occupies rows offsets[i]:offsets[i+1]. The
+tier is chosen from explicit budgets by `choose_tier`, before any work starts.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+from ream_lite.errors import ReamLiteError
+
+Tier = Literal["device", "host", "disk"]
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Consecutive sequences of equal length: rows [start, end) of the flat buffer."""
+
+    seqs: range
+    length: int
+    start: int
+    end: int
+
+
+class HiddenStateStore:
+    def __init__(
+        self,
+        lengths: list[int],
+        hidden: int,
+        dtype: torch.dtype,
+        tier: Tier,
+        device: torch.device | str = "cpu",
+        work_dir: str | os.PathLike | None = None,
+    ):
+        self.lengths = list(lengths)
+        self.offsets = np.concatenate([[0], np.cumsum(self.lengths)]).astype(np.int64)
+        self.total_tokens = int(self.offsets[-1])
+        self.hidden = hidden
+        self.dtype = dtype
+        self.tier: Tier = tier
+        self.device = torch.device(device)
+        self._path: Path | None = None
+        shape = (self.total_tokens, hidden)
+        if tier == "device":
+            self.buf = torch.empty(shape, dtype=dtype, device=self.device)
+        elif tier == "host":
+            self.buf = torch.empty(shape, dtype=dtype)
+        elif tier == "disk":
+            wd = Path(work_dir or tempfile.gettempdir())
+            wd.mkdir(parents=True, exist_ok=True)
+            fd, name = tempfile.mkstemp(prefix="hidden-", suffix=".bin", dir=wd)
+            os.close(fd)
+            self._path = Path(name)
+            itemsize = torch.empty(0, dtype=dtype).element_size()
+            try:
+                mm = np.memmap(name, dtype=np.dtype(f"u{itemsize}"), mode="w+", shape=shape)
+            except OSError as e:
+                raise ReamLiteError(f"{wd}: cannot create the hidden-state file ({e.strerror})") from None
+            # a torch view of the memory map; numpy has no bfloat16, so map unsigned ints and reinterpret
+            self.buf = torch.from_numpy(mm).view(dtype)
+            self._mm = mm
+        else:
+            raise ValueError(f"unknown tier {tier}")
+
+    @property
+    def nbytes(self) -> int:
+        return self.total_tokens * self.hidden * self.buf.element_size()
+
+    def batches(self, max_tokens: int) -> list[Batch]:
+        """Split sequences into runs of consecutive equal-length sequences with at most max_tokens tokens each."""
+        out: list[Batch] = []
+        i, n = 0, len(self.lengths)
+        while i < n:
+            length = self.lengths[i]
+            j = i + 1
+            while j < n and self.lengths[j] == length and (j - i + 1) * length <= max_tokens:
+                j += 1
+            out.append(Batch(range(i, j), length, int(self.offsets[i]), int(self.offsets[j])))
+            i = j
+        return out
+
+    def read(self, b: Batch, device: torch.device | str) -> torch.Tensor:
+        """Hidden states of a batch as [B, T, H] on `device` (a copy for host/disk tiers)."""
+        x = self.buf[b.start : b.end]
+        x = x.to(device, non_blocking=False) if x.device != torch.device(device) else x.clone()
+        return x.view(len(b.seqs), b.length, self.hidden)
+
+    def write(self, b: Batch, value: torch.Tensor) -> None:
+        self.buf[b.start : b.end].copy_(value.reshape(b.end - b.start, self.hidden))
+
+    def add_(self, b: Batch, value: torch.Tensor) -> None:
+        dst = self.buf[b.start : b.end]
+        dst.copy_((dst.to(value.device, torch.float32) + value.reshape(dst.shape).float()).to(self.dtype))
+
+    def close(self) -> None:
+        self.buf = None  # type: ignore[assignment]
+        if self._path is not None:
+            del self._mm
+            self._path.unlink(missing_ok=True)
+            self._path = None
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+def choose_tier(
+    nbytes_each: int, count: int, device: torch.device, device_free: int, host_free: int, forced: str = "auto"
+) -> Tier:
+    """Tier for `count` stores of `nbytes_each`: the fastest whose budget holds them all."""
+    if forced != "auto":
+        if forced == "device" and device.type == "cpu":
+            return "host"
+        return forced  # type: ignore[return-value]
+    need = nbytes_each * count
+    if device.type != "cpu" and need <= device_free:
+        return "device"
+    if need <= host_free:
+        return "host"
+    return "disk"

@@ -1,0 +1,301 @@
+"""LayerStreamer: run a model one decoder layer at a time over hidden states held in a HiddenStateStore.
+
+For each decoder layer the streamer takes that layer's own transformers module from a skeleton of the model built
+on the `meta` device (no memory), swaps the MoE block for a capture module, materialises the rest with the
+layer's weights only, and runs every batch of sequences through it (with the model's own rotary embedding and
+causal mask). The MoE block is then run by the engine itself: the family's router and the routed experts, read
+from the checkpoint in chunks of experts so a layer whose experts do not fit still runs, with an optional
+observer that sees every routing decision and every expert chunk — the hook the compression methods use.
+
+Two hidden-state buffers are used per layer. Phase A reads the layer input from `h`, writes the residual after
+attention to `out`, and overwrites `h` in place with the MoE block's input (attention is done with it), which then
+stays cached for the MoE phase and for any later pass of a method. Phase B adds the MoE output into `out`.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from ream_lite.arch.layout import ModelLayout
+from ream_lite.engine.budget import MemoryPlan, plan_memory
+from ream_lite.engine.experts import ExpertWeights, add_routed_output, load_experts
+from ream_lite.engine.router import Routing, route
+from ream_lite.engine.store import Batch, HiddenStateStore
+from ream_lite.errors import ReamLiteError
+
+log = logging.getLogger(__name__)
+
+
+class MoEObserver(Protocol):
+    """Receives what the MoE executor computes; methods accumulate their statistics here."""
+
+    def on_routing(self, layer: int, batch: Batch, x: torch.Tensor, routing: Routing) -> None: ...
+
+    def on_experts(
+        self, layer: int, batch: Batch, x: torch.Tensor, routing: Routing, experts: ExpertWeights
+    ) -> None: ...
+
+
+class _MoECapture(nn.Module):
+    """Stands in for the MoE block inside the decoder layer: remembers its input, contributes nothing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.captured: torch.Tensor | None = None
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        self.captured = hidden_states
+        return torch.zeros_like(hidden_states)
+
+
+@dataclass
+class MoEBlock:
+    """The non-expert parts of one MoE layer, materialised: router and shared expert(s)."""
+
+    layer: int
+    router_weight: torch.Tensor
+    router_bias: torch.Tensor | None
+    shared: nn.Module | None
+    shared_gate: nn.Module | None
+    act: Callable[[torch.Tensor], torch.Tensor]
+
+    def shared_output(self, x: torch.Tensor) -> torch.Tensor | None:
+        if self.shared is None:
+            return None
+        y = self.shared(x)
+        if self.shared_gate is not None:
+            y = torch.sigmoid(self.shared_gate(x)) * y
+        return y
+
+
+@dataclass
+class StreamOptions:
+    device: str = "cpu"
+    dtype: torch.dtype | None = None  # compute dtype; None = the checkpoint's own
+    max_gpu_memory: int | None = None
+    max_cpu_memory: int | None = None
+    work_dir: str | None = None
+    store_tier: str = "auto"
+    tokens_per_batch: int = 4096
+    attn_implementation: str = "sdpa"
+    progress: bool = True
+
+
+def checkpoint_dtype(config: dict) -> torch.dtype:
+    name = config.get("dtype") or config.get("torch_dtype") or "float32"
+    return getattr(torch, str(name).replace("torch.", ""), torch.float32)
+
+
+class LayerStreamer:
+    def __init__(self, layout: ModelLayout, options: StreamOptions | None = None):
+        from transformers import AutoModelForCausalLM
+
+        self.layout = layout
+        self.opts = options or StreamOptions()
+        self.device = torch.device(self.opts.device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ReamLiteError("--device cuda requested but no CUDA device is available")
+        self.dtype = self.opts.dtype or checkpoint_dtype(layout.config)
+        self.hf_config = layout.hf_config(self.opts.attn_implementation)
+        with torch.device("meta"):
+            self.skeleton = AutoModelForCausalLM.from_config(self.hf_config, dtype=self.dtype)
+        self.base = self.skeleton.get_decoder()
+        # the rotary embedding holds computed (non-persistent) buffers: build it for real; it is tiny
+        self.rotary = type(self.base.rotary_emb)(config=self.hf_config).to(self.device)
+        self.router_cfg = layout.router_config
+        from transformers.activations import ACT2FN
+
+        self.act = ACT2FN[self.hf_config.hidden_act]
+        self.plan: MemoryPlan | None = None
+
+    # -- planning -----------------------------------------------------------------------------------------------
+    def make_plan(self, tokens: int, extra_activation_bytes: int = 0) -> MemoryPlan:
+        self.plan = plan_memory(
+            self.layout,
+            tokens,
+            self.device,
+            self.dtype,
+            self.opts.max_gpu_memory,
+            self.opts.max_cpu_memory,
+            self.opts.tokens_per_batch,
+            self.opts.store_tier,
+            extra_activation_bytes,
+        )
+        return self.plan
+
+    def new_store(self, lengths: list[int]) -> HiddenStateStore:
+        assert self.plan is not None
+        return HiddenStateStore(
+            lengths, int(self.hf_config.hidden_size), self.dtype, self.plan.store_tier, self.device, self.opts.work_dir
+        )
+
+    # -- weights ------------------------------------------------------------------------------------------------
+    def _fill(self, module: nn.Module, key_prefix: str) -> nn.Module:
+        """Materialise a meta module on the device with the checkpoint tensors named `{key_prefix}.{name}`."""
+        names = set(module.state_dict().keys())
+        non_persistent = [n for n, _ in module.named_buffers() if n not in names]
+        if non_persistent:
+            raise ReamLiteError(f"{key_prefix}: module has computed buffers {non_persistent}; family not streamable")
+        module.to_empty(device=self.device)
+        r = self.layout.reader
+        state = {}
+        for name, t in module.state_dict().items():
+            key = f"{key_prefix}.{name}"
+            if key not in r:
+                raise ReamLiteError(f"{self.layout.path}: missing tensor {key}")
+            state[name] = r.get(key, dtype=t.dtype if t.is_floating_point() else None, device=self.device)
+        module.load_state_dict(state, strict=True)
+        return module.eval()
+
+    def build_layer(self, i: int) -> tuple[nn.Module, MoEBlock | None, _MoECapture | None]:
+        spec, info = self.layout.spec, self.layout.layers[i]
+        layer = copy.deepcopy(self.base.layers[i])
+        block = capture = None
+        if info.is_moe:
+            meta_block = getattr(layer, spec.moe_attr)
+            capture = _MoECapture()
+            setattr(layer, spec.moe_attr, capture)
+            moe_prefix = f"{info.prefix}.{spec.moe_disk}"
+            shared = shared_gate = None
+            if spec.shared_expert_attr:
+                shared = self._fill(copy.deepcopy(getattr(meta_block, spec.shared_expert_attr)), f"{moe_prefix}.{spec.shared_expert_attr}")
+            if spec.shared_gate_attr:
+                shared_gate = self._fill(copy.deepcopy(getattr(meta_block, spec.shared_gate_attr)), f"{moe_prefix}.{spec.shared_gate_attr}")
+            r = self.layout.reader
+            bias = None
+            if spec.router_bias:
+                bias = r.get(f"{moe_prefix}.{spec.router_bias}", dtype=torch.float32, device=self.device)
+            block = MoEBlock(
+                layer=i,
+                router_weight=r.get(f"{moe_prefix}.{spec.router_weight}", dtype=self.dtype, device=self.device),
+                router_bias=bias,
+                shared=shared,
+                shared_gate=shared_gate,
+                act=self.act,
+            )
+        return self._fill(layer, info.prefix), block, capture
+
+    # -- the forward pass ---------------------------------------------------------------------------------------
+    def embed(self, sequences: list[torch.Tensor]) -> HiddenStateStore:
+        """Token ids (one 1-D tensor per sequence) -> layer-0 input hidden states."""
+        if self.plan is None:
+            self.make_plan(sum(len(s) for s in sequences))
+        store = self.new_store([len(s) for s in sequences])
+        w = self.layout.reader.get(self.layout.spec.embed_key, dtype=self.dtype, device=self.device)
+        ids = torch.cat([s.reshape(-1) for s in sequences]).to(self.device)
+        for b in store.batches(self.opts.tokens_per_batch):
+            store.write(b, F.embedding(ids[b.start : b.end], w))
+        del w
+        return store
+
+    def _mask_and_positions(self, x: torch.Tensor):
+        from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+        bsz, t, _ = x.shape
+        pos = torch.arange(t, device=x.device).unsqueeze(0).expand(bsz, -1)
+        sliding = getattr(self.hf_config, "sliding_window", None) is not None and getattr(
+            self.hf_config, "use_sliding_window", True
+        ) is not False
+        fn = create_sliding_window_causal_mask if sliding else create_causal_mask
+        mask = fn(config=self.hf_config, inputs_embeds=x, attention_mask=None, past_key_values=None, position_ids=pos)
+        return mask, pos, self.rotary(x, pos)
+
+    def run_layer(
+        self, i: int, h: HiddenStateStore, out: HiddenStateStore, observer: MoEObserver | None = None
+    ) -> None:
+        """Layer i: h (input) -> out (output). For an MoE layer, h holds the MoE block input afterwards."""
+        layer, block, capture = self.build_layer(i)
+        batches = h.batches(self.opts.tokens_per_batch)
+        with torch.inference_mode():
+            for b in batches:
+                x = h.read(b, self.device)
+                mask, pos, pe = self._mask_and_positions(x)
+                y = layer(x, attention_mask=mask, position_ids=pos, position_embeddings=pe)
+                y = y[0] if isinstance(y, tuple) else y
+                out.write(b, y)
+                if capture is not None:
+                    h.write(b, capture.captured)
+                    capture.captured = None
+            del layer
+            if block is not None:
+                self.run_moe(block, h, out, batches, observer)
+
+    def expert_chunks(self, layer: int) -> list[list[int]]:
+        n = self.layout.layers[layer].num_experts
+        size = self.plan.experts_per_chunk if self.plan else n
+        return [list(range(a, min(a + size, n))) for a in range(0, n, size)]
+
+    def run_moe(
+        self,
+        block: MoEBlock,
+        moe_in: HiddenStateStore,
+        out: HiddenStateStore | None,
+        batches: list[Batch],
+        observer: MoEObserver | None = None,
+        experts: Callable[[list[int]], ExpertWeights] | None = None,
+        chunks: list[list[int]] | None = None,
+    ) -> None:
+        """Run the MoE block over the cached inputs, expert chunk by expert chunk, adding into `out`.
+
+        `experts` loads a chunk (default: the checkpoint's own experts); a method passes its merged experts here.
+        """
+        load = experts or (lambda ids: load_experts(self.layout, block.layer, ids, self.dtype, self.device))
+        chunks = chunks if chunks is not None else self.expert_chunks(block.layer)
+        many = len(chunks) > 1
+        with torch.inference_mode():
+            for c, ids in enumerate(chunks):
+                w = load(ids)
+                for b in batches:
+                    x = moe_in.read(b, self.device).reshape(-1, moe_in.hidden)
+                    routing = route(x, block.router_weight, self.router_cfg, block.router_bias)
+                    if observer is not None and c == 0:
+                        observer.on_routing(block.layer, b, x, routing)
+                    acc = torch.zeros(x.shape, dtype=torch.float32 if many else x.dtype, device=x.device)
+                    add_routed_output(acc, x, routing.indices, routing.weights, w, block.act)
+                    if observer is not None:
+                        observer.on_experts(block.layer, b, x, routing, w)
+                    if c == 0:
+                        shared = block.shared_output(x)
+                        if shared is not None:
+                            acc += shared.to(acc.dtype)
+                    if out is not None:
+                        if many:
+                            out.add_(b, acc)
+                        else:
+                            out.write(b, out.read(b, self.device).reshape(acc.shape) + acc)
+                del w
+
+    def forward_layers(
+        self, h: HiddenStateStore, observer: MoEObserver | None = None, desc: str = "layers"
+    ) -> HiddenStateStore:
+        """Run every decoder layer (not MTP layers); returns the store with the last layer's output."""
+        out = self.new_store(h.lengths)
+        layers = self.layout.decoder_layers
+        for info in tqdm(layers, desc=desc, disable=not self.opts.progress, leave=False):
+            self.run_layer(info.index, h, out, observer)
+            h, out = out, h
+        out.close()
+        return h
+
+    # -- head ---------------------------------------------------------------------------------------------------
+    def head(self) -> tuple[nn.Module, torch.Tensor]:
+        norm = self._fill(copy.deepcopy(self.base.norm), self.layout.spec.final_norm_key.rsplit(".", 1)[0])
+        lm_head = self.layout.reader.get(self.layout.lm_head_key, dtype=self.dtype, device=self.device)
+        return norm, lm_head
+
+    def logits(self, h: HiddenStateStore, max_tokens: int | None = None) -> Iterator[tuple[Batch, torch.Tensor]]:
+        """(batch, float32 logits [B, T, V]) for every batch of the final hidden states."""
+        norm, lm_head = self.head()
+        with torch.inference_mode():
+            for b in h.batches(max_tokens or self.opts.tokens_per_batch):
+                x = h.read(b, self.device)
+                yield b, F.linear(norm(x), lm_head).float()
