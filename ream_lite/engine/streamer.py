@@ -118,7 +118,7 @@ class LayerStreamer:
         self.plan: MemoryPlan | None = None
 
     # -- planning -----------------------------------------------------------------------------------------------
-    def make_plan(self, tokens: int, extra_activation_bytes: int = 0) -> MemoryPlan:
+    def make_plan(self, tokens: int, extra_activation_bytes: int = 0, stores: int = 2) -> MemoryPlan:
         self.plan = plan_memory(
             self.layout,
             tokens,
@@ -129,6 +129,7 @@ class LayerStreamer:
             self.opts.tokens_per_batch,
             self.opts.store_tier,
             extra_activation_bytes,
+            stores,
         )
         return self.plan
 

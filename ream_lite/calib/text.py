@@ -1,0 +1,91 @@
+"""Reading text files (JSONL with `text` and optional `domain`, or plain .txt) and cutting token windows."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ream_lite.errors import ReamLiteError
+
+
+@dataclass
+class Document:
+    text: str
+    domain: str
+
+
+def read_documents(path: str | Path, default_domain: str = "all") -> list[Document]:
+    """JSONL lines {"text": ..., "domain": ...} or a plain text file (one document); a directory of either."""
+    p = Path(path)
+    if not p.exists():
+        raise ReamLiteError(f"{path}: no such file or directory")
+    if p.is_dir():
+        files = sorted(q for q in p.rglob("*") if q.suffix in (".jsonl", ".txt", ".json") and q.is_file())
+        if not files:
+            raise ReamLiteError(f"{path}: directory holds no .jsonl or .txt files")
+        return [d for f in files for d in read_documents(f, default_domain)]
+    try:
+        raw = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ReamLiteError(f"{path}: cannot read as UTF-8 text ({e})") from None
+    if p.suffix in (".jsonl", ".json"):
+        docs = []
+        for n, line in enumerate(raw.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+                text = obj["text"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise ReamLiteError(f"{path}:{n}: expected a JSON object with a 'text' field") from None
+            docs.append(Document(str(text), str(obj.get("domain") or default_domain)))
+        if not docs:
+            raise ReamLiteError(f"{path}: no documents")
+        return docs
+    return [Document(raw, default_domain)]
+
+
+def load_tokenizer(model_dir: str | Path, tokenizer: str | None = None):
+    from transformers import AutoTokenizer
+
+    src = tokenizer or str(model_dir)
+    try:
+        return AutoTokenizer.from_pretrained(src)
+    except Exception as e:
+        raise ReamLiteError(f"{src}: cannot load a tokenizer ({type(e).__name__}); pass --tokenizer") from None
+
+
+def separator_id(tok) -> int | None:
+    """The token placed between joined documents: EOS (Qwen's <|endoftext|>) when the tokenizer has one."""
+    return tok.eos_token_id if tok.eos_token_id is not None else None
+
+
+def domain_windows(
+    docs: list[Document], tok, seq_len: int, max_tokens_per_domain: int | None = None
+) -> dict[str, list[torch.Tensor]]:
+    """Per domain: documents tokenized, joined with the separator, cut into non-overlapping windows of seq_len
+    (the last window may be shorter; windows under 2 tokens predict nothing and are dropped)."""
+    if seq_len < 2:
+        raise ReamLiteError("--seq-len must be at least 2")
+    sep = separator_id(tok)
+    streams: dict[str, list[int]] = defaultdict(list)
+    for d in docs:
+        ids = tok(d.text, add_special_tokens=False)["input_ids"]
+        s = streams[d.domain]
+        if s and sep is not None:
+            s.append(sep)
+        s.extend(ids)
+    out: dict[str, list[torch.Tensor]] = {}
+    for domain in sorted(streams):
+        s = streams[domain][:max_tokens_per_domain] if max_tokens_per_domain else streams[domain]
+        wins = [torch.tensor(s[i : i + seq_len], dtype=torch.long) for i in range(0, len(s), seq_len)]
+        wins = [w for w in wins if len(w) >= 2]
+        if wins:
+            out[domain] = wins
+    if not out:
+        raise ReamLiteError("no text to evaluate (every document was empty)")
+    return out

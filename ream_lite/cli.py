@@ -1,0 +1,127 @@
+"""The `ream-lite` command. Thin: parses options, calls the library, prints. User errors -> one line, exit 2."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+
+import click
+import torch
+
+from ream_lite import __version__
+from ream_lite.engine.budget import parse_bytes
+from ream_lite.engine.streamer import StreamOptions
+from ream_lite.errors import ReamLiteError
+
+DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _user_errors(fn):
+    """Turn ReamLiteError (and Ctrl-C) into one line on stderr and a non-zero exit, never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except ReamLiteError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+        except OSError as e:  # disk full, permissions, ...
+            click.echo(f"error: {e.strerror or e}: {getattr(e, 'filename', '') or ''}".rstrip(": "), err=True)
+            sys.exit(2)
+
+    return wrapper
+
+
+def _stream_options(fn):
+    """Options shared by every command that streams a model."""
+    opts = [
+        click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, ... ('auto': cuda if available)"),
+        click.option("--dtype", type=click.Choice(list(DTYPES)), default="auto", show_default=True,
+                     help="compute dtype ('auto': the checkpoint's own)"),
+        click.option("--max-gpu-memory", default=None, help="device memory budget, e.g. 20GB (default: 90% of the card)"),
+        click.option("--max-cpu-memory", default=None,
+                     help="host RAM for cached hidden states, e.g. 16GB (default: 40% of RAM, at most 16 GiB)"),
+        click.option("--work-dir", default=None, type=click.Path(file_okay=False),
+                     help="where hidden states spill to disk when they fit neither budget (default: system temp)"),
+        click.option("--store", "store_tier", type=click.Choice(["auto", "device", "host", "disk"]), default="auto",
+                     show_default=True, help="force the hidden-state store tier"),
+        click.option("--batch-tokens", default=4096, show_default=True, help="tokens per forward batch"),
+    ]
+    for o in reversed(opts):
+        fn = o(fn)
+    return fn
+
+
+def _make_options(device, dtype, max_gpu_memory, max_cpu_memory, work_dir, store_tier, batch_tokens) -> StreamOptions:
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        gpu, cpu = parse_bytes(max_gpu_memory), parse_bytes(max_cpu_memory)
+    except ValueError:
+        raise ReamLiteError("memory budgets look like 20GB, 512MB or a number of bytes") from None
+    return StreamOptions(
+        device=device,
+        dtype=DTYPES[dtype],
+        max_gpu_memory=gpu,
+        max_cpu_memory=cpu,
+        work_dir=work_dir,
+        store_tier=store_tier,
+        tokens_per_batch=batch_tokens,
+    )
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="ream-lite")
+@click.option("-v", "--verbose", is_flag=True, help="log progress details")
+def main(verbose: bool) -> None:
+    """ream-lite: shrink Mixture-of-Experts models by merging (REAM) or pruning (REAP) experts, one layer at a
+    time, so that models far larger than your GPU compress on it.
+
+    MODEL arguments are a local Hugging Face checkpoint directory (safetensors) or a hub id.
+    """
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("transformers", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+@main.command()
+@click.argument("model")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object")
+@_user_errors
+def inspect(model: str, as_json: bool) -> None:
+    """Describe MODEL from its headers only: family, layers, experts, router, storage and sizes."""
+    from ream_lite.arch.layout import ModelLayout
+    from ream_lite.inspect_model import describe, format_description
+
+    d = describe(ModelLayout(model))
+    click.echo(json.dumps(d, indent=2) if as_json else format_description(d))
+
+
+@main.command(name="eval")
+@click.argument("model")
+@click.option("--data", required=True, type=click.Path(), help="JSONL ({'text', 'domain'}), .txt, or a directory of them")
+@click.option("--reference", default=None, help="compare against this model: KL(reference || MODEL) and top-1 agreement")
+@click.option("--seq-len", default=256, show_default=True, help="tokens per window; documents of a domain are joined with EOS")
+@click.option("--max-tokens", default=None, type=int, help="evaluate at most this many tokens per domain")
+@click.option("--tokenizer", default=None, help="tokenizer directory or id (default: MODEL's)")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object")
+@_stream_options
+@_user_errors
+def eval_cmd(model, data, reference, seq_len, max_tokens, tokenizer, as_json, **stream) -> None:
+    """Perplexity of MODEL per domain, streamed layer by layer; with --reference, also KL and top-1 agreement."""
+    from ream_lite.evaluate import evaluate, format_result
+
+    opts = _make_options(**stream)
+    opts.progress = not as_json and sys.stderr.isatty()
+    r = evaluate(model, data, reference, seq_len, max_tokens, opts, tokenizer)
+    click.echo(json.dumps(r.to_dict(), indent=2) if as_json else format_result(r))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,143 @@
+"""Streaming evaluation: perplexity per domain, and KL / top-1 agreement against a reference model.
+
+Both models are streamed layer by layer through the same engine; neither is ever held whole. With a reference,
+the reference's final hidden states are kept in a store (hidden-sized, not vocabulary-sized), then the model is
+streamed, and the two heads are applied batch by batch to compare the next-token distributions.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from ream_lite.arch.layout import ModelLayout
+from ream_lite.calib.text import domain_windows, load_tokenizer, read_documents
+from ream_lite.engine.store import HiddenStateStore
+from ream_lite.engine.streamer import LayerStreamer, StreamOptions
+from ream_lite.errors import ReamLiteError
+
+HEAD_BYTES = 512 * 1024**2  # float32 logits (and their log-softmax) of one head batch
+
+
+@dataclass
+class Tally:
+    tokens: int = 0
+    nll: float = 0.0
+    ref_nll: float = 0.0
+    kl: float = 0.0
+    agree: int = 0
+
+    def add(self, other: Tally) -> None:
+        for k in ("tokens", "nll", "ref_nll", "kl", "agree"):
+            setattr(self, k, getattr(self, k) + getattr(other, k))
+
+    def summary(self, with_reference: bool) -> dict:
+        out = {"tokens": self.tokens, "perplexity": math.exp(self.nll / self.tokens), "nll": self.nll / self.tokens}
+        if with_reference:
+            out["reference_perplexity"] = math.exp(self.ref_nll / self.tokens)
+            out["kl"] = self.kl / self.tokens
+            out["top1_agreement"] = self.agree / self.tokens
+        return out
+
+
+@dataclass
+class EvalResult:
+    model: str
+    reference: str | None
+    seq_len: int
+    domains: dict[str, dict] = field(default_factory=dict)
+    overall: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _final_states(streamer: LayerStreamer, seqs: list[torch.Tensor], desc: str) -> HiddenStateStore:
+    return streamer.forward_layers(streamer.embed(seqs), desc=desc)
+
+
+def evaluate(
+    model: str,
+    data: str,
+    reference: str | None = None,
+    seq_len: int = 256,
+    max_tokens_per_domain: int | None = None,
+    options: StreamOptions | None = None,
+    tokenizer: str | None = None,
+) -> EvalResult:
+    opts = options or StreamOptions()
+    layout = ModelLayout(model)
+    tok = load_tokenizer(layout.path, tokenizer)
+    windows = domain_windows(read_documents(data), tok, seq_len, max_tokens_per_domain)
+    domains = list(windows)
+    seqs = [w for d in domains for w in windows[d]]
+    seq_domain = [i for i, d in enumerate(domains) for _ in windows[d]]
+    vocab = int(layout.config["vocab_size"])
+    if max(int(s.max()) for s in seqs) >= vocab:
+        raise ReamLiteError(f"tokenizer produces ids beyond the model's vocabulary ({vocab})")
+    tokens = sum(len(s) for s in seqs)
+    n_stores = 3 if reference else 2  # a kept reference store plus the working pair
+    head_tokens = max(seq_len, min(opts.tokens_per_batch, HEAD_BYTES // (vocab * 4 * 3)))
+
+    ref_streamer = ref_states = None
+    if reference:
+        ref_layout = ModelLayout(reference)
+        if int(ref_layout.config["vocab_size"]) != vocab:
+            raise ReamLiteError("the reference model has a different vocabulary size; cannot compare")
+        ref_streamer = LayerStreamer(ref_layout, opts)
+        ref_streamer.make_plan(tokens, stores=n_stores)
+        ref_states = _final_states(ref_streamer, seqs, "reference")
+    streamer = LayerStreamer(layout, opts)
+    streamer.make_plan(tokens, stores=n_stores)
+    states = _final_states(streamer, seqs, "model")
+
+    tallies = [Tally() for _ in domains]
+    ref_logits = ref_streamer.logits(ref_states, head_tokens) if ref_streamer else None
+    with torch.inference_mode():
+        for b, logits in streamer.logits(states, head_tokens):
+            ids = torch.cat([seqs[i] for i in b.seqs]).view(len(b.seqs), b.length).to(logits.device)
+            logp = torch.log_softmax(logits[:, :-1], dim=-1)
+            target = ids[:, 1:]
+            nll = -logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)  # [B, T-1]
+            if ref_logits is not None:
+                rb, rlog = next(ref_logits)
+                assert rb == b
+                ref_logp = torch.log_softmax(rlog[:, :-1].to(logp.device), dim=-1)
+                ref_nll = -ref_logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+                kl = (ref_logp.exp() * (ref_logp - logp)).sum(-1)  # KL(reference || model) per position
+                agree = ref_logp.argmax(-1) == logp.argmax(-1)
+            for row, i in enumerate(b.seqs):
+                t = tallies[seq_domain[i]]
+                t.tokens += b.length - 1
+                t.nll += float(nll[row].double().sum())
+                if ref_logits is not None:
+                    t.ref_nll += float(ref_nll[row].double().sum())
+                    t.kl += float(kl[row].double().sum())
+                    t.agree += int(agree[row].sum())
+    states.close()
+    if ref_states is not None:
+        ref_states.close()
+
+    result = EvalResult(model=str(layout.path), reference=reference, seq_len=seq_len)
+    total = Tally()
+    for d, t in zip(domains, tallies):
+        result.domains[d] = t.summary(reference is not None)
+        total.add(t)
+    result.overall = total.summary(reference is not None)
+    return result
+
+
+def format_result(r: EvalResult) -> str:
+    ref = r.reference is not None
+    head = f"{'domain':<12}{'tokens':>10}{'ppl':>11}"
+    if ref:
+        head += f"{'ref ppl':>11}{'KL':>10}{'top-1':>8}"
+    lines = [head]
+    for name, s in [*r.domains.items(), ("overall", r.overall)]:
+        line = f"{name:<12}{s['tokens']:>10,}{s['perplexity']:>11.3f}"
+        if ref:
+            line += f"{s['reference_perplexity']:>11.3f}{s['kl']:>10.4f}{s['top1_agreement']:>8.3f}"
+        lines.append(line)
+    return "\n".join(lines)
