@@ -1,0 +1,58 @@
+"""Offline quickstart: build a tiny random Qwen3-MoE checkpoint, inspect it, and evaluate it streamed.
+
+    python examples/quickstart.py [WORKDIR]
+
+Needs no network and no GPU. It writes a tiny model (4 layers, 16 experts, top-2) to WORKDIR/tiny-qwen3-moe, some
+text to WORKDIR/text.jsonl, then runs `ream-lite inspect` and `ream-lite eval --reference` on them.
+"""
+
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, Qwen3MoeConfig
+
+
+def build(work: Path) -> Path:
+    out = work / "tiny-qwen3-moe"
+    if (out / "config.json").exists():
+        return out
+    torch.manual_seed(0)
+    cfg = Qwen3MoeConfig(vocab_size=96, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=16, intermediate_size=128, moe_intermediate_size=32,
+                         num_experts=16, num_experts_per_tok=2, norm_topk_prob=True, eos_token_id=2,
+                         bos_token_id=1, pad_token_id=0, max_position_embeddings=512)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(out)
+    vocab = {"<pad>": 0, "<bos>": 1, "<eos>": 2, "<unk>": 3}
+    for c in map(chr, range(32, 127)):
+        if len(vocab) < cfg.vocab_size:
+            vocab[c] = len(vocab)
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<eos>", unk_token="<unk>", pad_token="<pad>",
+                            bos_token="<bos>").save_pretrained(out)
+    return out
+
+
+def main() -> None:
+    work = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(tempfile.gettempdir()) / "ream-lite-quickstart"
+    work.mkdir(parents=True, exist_ok=True)
+    model = build(work)
+    data = work / "text.jsonl"
+    docs = [{"domain": "prose", "text": "It was the best of times, it was the worst of times. " * 20},
+            {"domain": "math", "text": "Solve 3x + 5 = 20. Subtract 5: 3x = 15. Divide by 3: x = 5. " * 20},
+            {"domain": "code", "text": "def add(a, b):\n    return a + b\n\nprint(add(2, 3))\n" * 20}]
+    data.write_text("\n".join(json.dumps(d) for d in docs) + "\n")
+    cli = [sys.executable, "-m", "ream_lite"]
+    subprocess.run([*cli, "inspect", str(model)], check=True)
+    print()
+    subprocess.run([*cli, "eval", str(model), "--data", str(data), "--reference", str(model), "--seq-len", "128"],
+                   check=True)
+
+
+if __name__ == "__main__":
+    main()
