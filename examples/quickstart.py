@@ -13,8 +13,9 @@ import tempfile
 from pathlib import Path
 
 import torch
-from tokenizers import Regex, Tokenizer, models, pre_tokenizers
-from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, Qwen3MoeConfig
+from transformers import AutoModelForCausalLM, Qwen3MoeConfig
+
+from ream_lite.testing import save_char_tokenizer
 
 
 def build(work: Path) -> Path:
@@ -27,14 +28,7 @@ def build(work: Path) -> Path:
                          num_experts=16, num_experts_per_tok=2, norm_topk_prob=True, eos_token_id=2,
                          bos_token_id=1, pad_token_id=0, max_position_embeddings=512)
     AutoModelForCausalLM.from_config(cfg).save_pretrained(out)
-    vocab = {"<pad>": 0, "<bos>": 1, "<eos>": 2, "<unk>": 3}
-    for c in map(chr, range(32, 127)):
-        if len(vocab) < cfg.vocab_size:
-            vocab[c] = len(vocab)
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<eos>", unk_token="<unk>", pad_token="<pad>",
-                            bos_token="<bos>").save_pretrained(out)
+    save_char_tokenizer(out, cfg.vocab_size)
     return out
 
 

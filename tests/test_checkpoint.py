@@ -124,3 +124,18 @@ def test_layout_finds_dense_leading_layers_and_mtp(tmp_path):
     assert [(x.is_moe, x.is_mtp) for x in layout.layers] == [(False, False), (True, False), (True, False), (True, True)]
     assert [x.index for x in layout.decoder_layers] == [0, 1, 2]
     assert layout.router_config.n_group == 4 and layout.router_config.scaling == 2.5
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "deepseek_v3", "qwen2_moe"])
+def test_synthetic_checkpoint_has_save_pretrained_names(model_dirs, tmp_path, family):
+    """The benchmarks' random real-shape checkpoints use exactly the names and shapes transformers writes."""
+    from tiny_models import family_config
+
+    from ream_lite.testing import write_random_checkpoint
+
+    _, ref_dir = model_dirs[family]
+    d = write_random_checkpoint(family_config(family), tmp_path / "syn", dtype=torch.float32)
+    a, b = CheckpointReader(d), CheckpointReader(ref_dir)
+    assert {k: a.shape(k) for k in a.keys()} == {k: b.shape(k) for k in b.keys()}
+    m = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
+    assert torch.equal(m.state_dict()["model.embed_tokens.weight"], a.get("model.embed_tokens.weight"))

@@ -7,6 +7,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from ream_lite.testing import save_char_tokenizer
+
 VOCAB = 64
 COMMON = dict(
     vocab_size=VOCAB,
@@ -67,23 +69,6 @@ def build_model(family: str, seed: int = 0):
     return model
 
 
-def save_tokenizer(directory: Path) -> None:
-    """A character-level tokenizer whose ids fit the tiny vocabulary (EOS = 2)."""
-    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    chars = "abcdefghijklmnopqrstuvwxyz .,0123456789+-=*/()\n:ABCDEFGHIJKLMNOPQRSTU"
-    vocab = {"<pad>": 0, "<bos>": 1, "<eos>": 2, "<unk>": 3}
-    for c in chars:
-        if len(vocab) < VOCAB:
-            vocab.setdefault(c, len(vocab))
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    PreTrainedTokenizerFast(
-        tokenizer_object=tk, eos_token="<eos>", unk_token="<unk>", pad_token="<pad>", bos_token="<bos>"
-    ).save_pretrained(directory)
-
-
 def save_model(model, directory: Path, layout: str = "per_expert", max_shard_size: str | None = None) -> Path:
     """Save as transformers does (per-expert keys), or fused 3-D expert tensors as held in memory."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -96,7 +81,7 @@ def save_model(model, directory: Path, layout: str = "per_expert", max_shard_siz
         save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
     else:
         raise ValueError(layout)
-    save_tokenizer(directory)
+    save_char_tokenizer(directory, VOCAB)
     return directory
 
 

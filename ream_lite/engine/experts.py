@@ -28,25 +28,51 @@ class ExpertWeights:
 def load_experts(
     layout: ModelLayout, layer: int, ids: list[int], dtype: torch.dtype, device: torch.device | str
 ) -> ExpertWeights:
-    """Read experts `ids` of `layer` from the checkpoint (only their bytes), decode to `dtype` on `device`."""
+    """Read experts `ids` of `layer` from the checkpoint (only their bytes), decode to `dtype` on `device`.
+
+    The result tensors are allocated once and filled one stored tensor (or one bounded row range) at a time, so
+    the peak is the chunk itself plus one read buffer, never two copies of the chunk.
+    """
     info = layout.layers[layer]
     r = layout.reader
+    n = len(ids)
     if info.expert_storage == "fused":
         gu_key, down_key = layout.fused_keys(layer)
-        gus, downs = [], []
-        for a, b in _runs(ids):  # contiguous id runs are single reads
-            gus.append(r.get(gu_key, rows=(a, b), device=device, dtype=dtype))
-            downs.append(r.get(down_key, rows=(a, b), device=device, dtype=dtype))
-        gu, down = torch.cat(gus), torch.cat(downs)
-        inter = gu.shape[1] // 2
-        return ExpertWeights(list(ids), gu[:, :inter].contiguous(), gu[:, inter:].contiguous(), down)
-    gates, ups, downs = [], [], []
-    for e in ids:
-        g, u, d = layout.per_expert_keys(layer, e)
-        gates.append(r.get(g, device=device, dtype=dtype))
-        ups.append(r.get(u, device=device, dtype=dtype))
-        downs.append(r.get(d, device=device, dtype=dtype))
-    return ExpertWeights(list(ids), torch.stack(gates), torch.stack(ups), torch.stack(downs))
+        _, two_i, hidden = r.shape(gu_key)
+        inter = two_i // 2
+        w = _empty_chunk(ids, inter, hidden, dtype, device)
+        row_bytes = max(r.entry(gu_key).nbytes // r.shape(gu_key)[0], 1)
+        step = max(1, READ_BLOCK_BYTES // row_bytes)
+        j = 0
+        for a, b in _runs(ids):  # contiguous id runs are single reads, split into bounded blocks
+            for s in range(a, b, step):
+                e = min(s + step, b)
+                gu = r.get(gu_key, rows=(s, e), dtype=dtype)
+                w.gate[j : j + e - s].copy_(gu[:, :inter])
+                w.up[j : j + e - s].copy_(gu[:, inter:])
+                del gu
+                w.down[j : j + e - s].copy_(r.get(down_key, rows=(s, e), dtype=dtype))
+                j += e - s
+        return w
+    g0 = r.shape(layout.per_expert_keys(layer, ids[0])[0]) if n else (0, 0)
+    w = _empty_chunk(ids, g0[0], g0[1], dtype, device)
+    for j, e in enumerate(ids):
+        for dst, key in zip((w.gate, w.up, w.down), layout.per_expert_keys(layer, e)):
+            dst[j].copy_(r.get(key, dtype=dtype))
+    return w
+
+
+READ_BLOCK_BYTES = 64 * 1024**2
+
+
+def _empty_chunk(ids: list[int], inter: int, hidden: int, dtype: torch.dtype, device) -> ExpertWeights:
+    n = len(ids)
+    return ExpertWeights(
+        list(ids),
+        torch.empty(n, inter, hidden, dtype=dtype, device=device),
+        torch.empty(n, inter, hidden, dtype=dtype, device=device),
+        torch.empty(n, hidden, inter, dtype=dtype, device=device),
+    )
 
 
 def expert_bytes(layout: ModelLayout, layer: int, dtype: torch.dtype) -> int:
