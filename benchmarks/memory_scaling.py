@@ -4,7 +4,7 @@
 
 Writes random-weight bf16 checkpoints with the real tensor shapes (per-expert keys, as released) and 2, 4 and 8
 decoder layers, then runs `ream-lite eval` on each in a fresh process on the CPU and prints its peak RSS (the
-kernel's ru_maxrss of that child). Streaming means the peak must not grow with the layer count, and must stay
+process's own VmHWM, see peak_rss.py). Streaming means the peak must not grow with the layer count, and must stay
 below about 2x one decoder layer's bytes plus what the hidden-state store holds.
 """
 
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import subprocess
 import sys
@@ -29,14 +28,15 @@ from ream_lite.testing import write_random_checkpoint  # noqa: E402
 GiB = 1024**3
 
 
-def peak_rss_of(cmd: list[str]) -> tuple[int, float, str]:
+def peak_rss_of(args: list[str]) -> tuple[int, float, str]:
+    """Run `ream-lite args` in a fresh process; its own VmHWM, wall time and stdout."""
     t = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    out = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"command failed: {' '.join(cmd)}\n{out}")
-    return usage.ru_maxrss * 1024, time.perf_counter() - t, out
+    cmd = [sys.executable, str(Path(__file__).parent / "peak_rss.py"), *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"command failed: {' '.join(cmd)}\n{proc.stdout}\n{proc.stderr}")
+    peak = int(proc.stderr.strip().splitlines()[-1].split()[1])
+    return peak, time.perf_counter() - t, proc.stdout
 
 
 def main() -> None:
@@ -62,9 +62,9 @@ def main() -> None:
         r = CheckpointReader(d)
         layer_bytes = sum(e.nbytes for k, e in r.entries.items() if k.startswith("model.layers.0."))
         total = r.total_bytes()
-        cmd = [sys.executable, "-m", "ream_lite", "eval", str(d), "--data", str(data), "--seq-len", "256",
-               "--device", "cpu", "--json"]
-        rss, secs, out = peak_rss_of(cmd)
+        rss, secs, out = peak_rss_of(
+            ["eval", str(d), "--data", str(data), "--seq-len", "256", "--device", "cpu", "--json"]
+        )
         store = 2 * args.tokens * SHAPES[args.shape](n).hidden_size * 2  # two bf16 hidden-state buffers
         rows.append((n, total, layer_bytes, store, rss, secs, json.loads(out)["overall"]["perplexity"]))
 

@@ -139,3 +139,14 @@ def test_synthetic_checkpoint_has_save_pretrained_names(model_dirs, tmp_path, fa
     assert {k: a.shape(k) for k in a.keys()} == {k: b.shape(k) for k in b.keys()}
     m = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
     assert torch.equal(m.state_dict()["model.embed_tokens.weight"], a.get("model.embed_tokens.weight"))
+
+
+def test_hub_id_without_network_is_a_clean_error(tmp_path, monkeypatch):
+    """A hub id goes through huggingface_hub; offline, that is one clear error, not a traceback."""
+    from ream_lite.checkpoint.reader import resolve_model_path
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ReamLiteError, match="hub download failed"):
+        resolve_model_path("some-org/some-moe-model")
