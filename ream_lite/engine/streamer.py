@@ -17,7 +17,7 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import torch
@@ -26,6 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ream_lite.arch.layout import ModelLayout
+from ream_lite.arch.spec import RouterConfig
 from ream_lite.engine.budget import MemoryPlan, plan_memory
 from ream_lite.engine.experts import ExpertWeights, add_routed_output, load_experts
 from ream_lite.engine.router import Routing, route
@@ -64,9 +65,17 @@ class MoEBlock:
     layer: int
     router_weight: torch.Tensor
     router_bias: torch.Tensor | None
+    router_cfg: RouterConfig
     shared: nn.Module | None
     shared_gate: nn.Module | None
     act: Callable[[torch.Tensor], torch.Tensor]
+
+    def restricted(self, kept: list[int]) -> MoEBlock:
+        """The same block with only experts `kept` (original ids, ascending) left in the router."""
+        idx = torch.tensor(kept, device=self.router_weight.device)
+        bias = self.router_bias[idx] if self.router_bias is not None else None
+        cfg = replace(self.router_cfg, num_experts=len(kept))
+        return replace(self, router_weight=self.router_weight[idx], router_bias=bias, router_cfg=cfg)
 
     def shared_output(self, x: torch.Tensor) -> torch.Tensor | None:
         if self.shared is None:
@@ -179,6 +188,7 @@ class LayerStreamer:
                 layer=i,
                 router_weight=r.get(f"{moe_prefix}.{spec.router_weight}", dtype=self.dtype, device=self.device),
                 router_bias=bias,
+                router_cfg=self.router_cfg,
                 shared=shared,
                 shared_gate=shared_gate,
                 act=self.act,
@@ -210,14 +220,12 @@ class LayerStreamer:
         mask = fn(config=self.hf_config, inputs_embeds=x, attention_mask=None, past_key_values=None, position_ids=pos)
         return mask, pos, self.rotary(x, pos)
 
-    def run_layer(
-        self, i: int, h: HiddenStateStore, out: HiddenStateStore, observer: MoEObserver | None = None
-    ) -> None:
-        """Layer i: h (input) -> out (output). For an MoE layer, h holds the MoE block input afterwards."""
+    def attention_phase(self, i: int, h: HiddenStateStore, out: HiddenStateStore) -> MoEBlock | None:
+        """Layer i without its routed experts: `out` = residual after attention (or the whole output of a dense
+        layer); for an MoE layer `h` is overwritten with the MoE block's input and the block is returned."""
         layer, block, capture = self.build_layer(i)
-        batches = h.batches(self.opts.tokens_per_batch)
         with torch.inference_mode():
-            for b in batches:
+            for b in h.batches(self.opts.tokens_per_batch):
                 x = h.read(b, self.device)
                 mask, pos, pe = self._mask_and_positions(x)
                 y = layer(x, attention_mask=mask, position_ids=pos, position_embeddings=pe)
@@ -226,53 +234,59 @@ class LayerStreamer:
                 if capture is not None:
                     h.write(b, capture.captured)
                     capture.captured = None
-            del layer
-            if block is not None:
-                self.run_moe(block, h, out, batches, observer)
+        return block
 
-    def expert_chunks(self, layer: int) -> list[list[int]]:
-        n = self.layout.layers[layer].num_experts
-        size = self.plan.experts_per_chunk if self.plan else n
-        return [list(range(a, min(a + size, n))) for a in range(0, n, size)]
+    def run_layer(
+        self, i: int, h: HiddenStateStore, out: HiddenStateStore, observer: MoEObserver | None = None
+    ) -> None:
+        """Layer i: h (input) -> out (output). For an MoE layer, h holds the MoE block input afterwards."""
+        block = self.attention_phase(i, h, out)
+        if block is not None:
+            self.run_moe(block, h, out, observer)
 
     def run_moe(
         self,
         block: MoEBlock,
         moe_in: HiddenStateStore,
         out: HiddenStateStore | None,
-        batches: list[Batch],
         observer: MoEObserver | None = None,
         experts: Callable[[list[int]], ExpertWeights] | None = None,
         chunks: list[list[int]] | None = None,
     ) -> None:
-        """Run the MoE block over the cached inputs, expert chunk by expert chunk, adding into `out`.
+        """Run the MoE block over the cached inputs, expert chunk by expert chunk, adding into `out` (if given).
 
-        `experts` loads a chunk (default: the checkpoint's own experts); a method passes its merged experts here.
+        `experts` loads a chunk by expert position in `block`'s router (default: the checkpoint's own experts); a
+        method passes its compressed experts here together with a restricted block.
         """
         load = experts or (lambda ids: load_experts(self.layout, block.layer, ids, self.dtype, self.device))
-        chunks = chunks if chunks is not None else self.expert_chunks(block.layer)
+        n = block.router_cfg.num_experts
+        if chunks is None:
+            size = self.plan.experts_per_chunk if self.plan else n
+            chunks = [list(range(a, min(a + size, n))) for a in range(0, n, size)]
         many = len(chunks) > 1
+        batches = moe_in.batches(self.opts.tokens_per_batch)
         with torch.inference_mode():
             for c, ids in enumerate(chunks):
                 w = load(ids)
                 for b in batches:
                     x = moe_in.read(b, self.device).reshape(-1, moe_in.hidden)
-                    routing = route(x, block.router_weight, self.router_cfg, block.router_bias)
+                    routing = route(x, block.router_weight, block.router_cfg, block.router_bias)
                     if observer is not None and c == 0:
                         observer.on_routing(block.layer, b, x, routing)
-                    acc = torch.zeros(x.shape, dtype=torch.float32 if many else x.dtype, device=x.device)
-                    add_routed_output(acc, x, routing.indices, routing.weights, w, block.act)
                     if observer is not None:
                         observer.on_experts(block.layer, b, x, routing, w)
+                    if out is None:
+                        continue
+                    acc = torch.zeros(x.shape, dtype=torch.float32 if many else x.dtype, device=x.device)
+                    add_routed_output(acc, x, routing.indices, routing.weights, w, block.act)
                     if c == 0:
                         shared = block.shared_output(x)
                         if shared is not None:
                             acc += shared.to(acc.dtype)
-                    if out is not None:
-                        if many:
-                            out.add_(b, acc)
-                        else:
-                            out.write(b, out.read(b, self.device).reshape(acc.shape) + acc)
+                    if many:
+                        out.add_(b, acc)
+                    else:
+                        out.write(b, out.read(b, self.device).reshape(acc.shape) + acc)
                 del w
 
     def forward_layers(
