@@ -15,6 +15,7 @@ from ream_lite.engine.budget import parse_bytes
 from ream_lite.engine.streamer import StreamOptions
 from ream_lite.errors import ReamLiteError
 
+METHOD_NAMES = ("ream", "reap", "frequency", "ean", "random", "hc-smoe", "m-smoe")
 DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -121,6 +122,71 @@ def eval_cmd(model, data, reference, seq_len, max_tokens, tokenizer, as_json, **
     opts.progress = not as_json and sys.stderr.isatty()
     r = evaluate(model, data, reference, seq_len, max_tokens, opts, tokenizer)
     click.echo(json.dumps(r.to_dict(), indent=2) if as_json else format_result(r))
+
+
+@main.command()
+@click.argument("model")
+@click.argument("output", type=click.Path(file_okay=False))
+@click.option("--experts", required=True, type=float,
+              help="experts to keep per MoE layer: a count (96) or a fraction of the current count (0.75)")
+@click.option("--method", type=click.Choice(sorted(METHOD_NAMES)), default="ream", show_default=True,
+              help="ream (merge, the paper), reap / frequency / ean (prune by score), random (control), "
+              "hc-smoe, m-smoe (merging baselines)")
+@click.option("--calib", default="builtin", show_default=True,
+              help="calibration text: 'builtin' (offline: stdlib code, its docstrings, generated math) or a "
+              "JSONL/.txt file or directory")
+@click.option("--num-sequences", default=256, show_default=True, help="calibration sequences (paper: 3072)")
+@click.option("--seq-len", default=512, show_default=True, help="tokens per calibration sequence (paper: 512)")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--saliency", type=click.Choice(["reap", "frequency"]), default="reap", show_default=True,
+              help="REAM centroid choice and merge weights")
+@click.option("--saliency-gate", type=click.Choice(["model", "softmax", "twice"]), default="model", show_default=True,
+              help="gate value in the REAP score: 'model' = softmax over all experts (softmax routers) or the "
+              "weight the model applies (sigmoid routers); 'softmax' = softmax of raw logits for every family (the "
+              "reference codes); 'twice' = the REAM reference's default, gate squared")
+@click.option("--grouping", type=click.Choice(["pseudo-prune", "nearest-centroid"]), default="pseudo-prune",
+              show_default=True)
+@click.option("--group-size", default=None, type=int,
+              help="REAM group size C, centroid included (default auto: 16, x2 when removing more than 25%%, "
+              "x2 per 256 experts beyond 256; clipped to [ceil(N/N'), N-N'+1])")
+@click.option("--no-gate-logit-sim", is_flag=True, help="REAM similarity without the gate-logit term")
+@click.option("--no-gated-sim", is_flag=True, help="REAM similarity without the gated-output term")
+@click.option("--align", type=click.Choice(["act+weight", "act", "weight", "none"]), default="act+weight",
+              show_default=True, help="neuron alignment cost before merging")
+@click.option("--no-sequential", is_flag=True,
+              help="statistics of every layer from the original model (default: from the already compressed layers)")
+@click.option("--drop-mtp", is_flag=True, help="write the model without its MTP (next-token prediction) layers")
+@click.option("--max-shard-size", default="5GB", show_default=True, help="largest output shard")
+@click.option("--tokenizer", default=None, help="tokenizer directory or id (default: MODEL's)")
+@click.option("--overwrite", is_flag=True, help="replace OUTPUT if it exists")
+@_stream_options
+@_user_errors
+def compress(model, output, experts, method, calib, num_sequences, seq_len, seed, saliency, saliency_gate, grouping,
+             group_size, no_gate_logit_sim, no_gated_sim, align, no_sequential, drop_mtp, max_shard_size, tokenizer,
+             overwrite, **stream) -> None:
+    """Compress MODEL into OUTPUT with fewer routed experts per MoE layer, one layer at a time.
+
+    Writes a checkpoint in MODEL's own layout and key names (loads with transformers'
+    AutoModelForCausalLM.from_pretrained), plus ream_plan.json: per layer, the kept experts, the merged groups
+    with their weights, and every expert's scores.
+    """
+    from ream_lite.methods import MethodOptions
+    from ream_lite.pipeline import CompressConfig
+    from ream_lite.pipeline import compress as run
+
+    opts = _make_options(**stream)
+    opts.progress = sys.stderr.isatty()
+    method_opts = MethodOptions(
+        saliency=saliency, saliency_gate=saliency_gate, grouping=grouping, group_size=group_size,
+        gate_logit_sim=not no_gate_logit_sim, gated_sim=not no_gated_sim, align=align,
+    )
+    cfg = CompressConfig(
+        model=model, output=output, experts=experts, method=method, options=method_opts, calib=calib,
+        num_sequences=num_sequences, seq_len=seq_len, seed=seed, sequential=not no_sequential, overwrite=overwrite,
+        drop_mtp=drop_mtp, max_shard_bytes=parse_bytes(max_shard_size), tokenizer=tokenizer, stream=opts,
+    )
+    out = run(cfg)
+    click.echo(f"wrote {out}")
 
 
 if __name__ == "__main__":

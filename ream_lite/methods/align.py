@@ -1,0 +1,47 @@
+"""Neuron alignment of a member expert onto its centroid (Hungarian algorithm) and weighted merging."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from scipy.optimize import linear_sum_assignment
+
+
+def activation_cost(cross: torch.Tensor, sq_c: torch.Tensor, sq_j: torch.Tensor) -> torch.Tensor:
+    """C_act[p, q] = || a_c^p / |a_c^p| - a_j^q / |a_j^q| || over the same tokens, from the cross Gram A_c^T A_j and
+    the per-neuron squared norms: sqrt(2 - 2 cos)."""
+    cos = cross / (sq_c.clamp(min=1e-30).sqrt()[:, None] * sq_j.clamp(min=1e-30).sqrt()[None, :])
+    return (2.0 - 2.0 * cos.clamp(-1.0, 1.0)).clamp(min=0.0).sqrt()
+
+
+def weight_features(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """Row p = [W_gate[p, :], W_up[p, :], W_down[:, p]], L2-normalised: [I, 3H]."""
+    f = torch.cat([gate.float(), up.float(), down.float().T], dim=1).double()
+    return f / f.norm(dim=1, keepdim=True).clamp(min=1e-30)
+
+
+def weight_cost(fc: torch.Tensor, fj: torch.Tensor) -> torch.Tensor:
+    return torch.cdist(fc, fj)
+
+
+def hungarian(cost: torch.Tensor) -> torch.Tensor:
+    """perm such that member neuron perm[p] is matched to centroid neuron p (minimum total cost)."""
+    rows, cols = linear_sum_assignment(cost.double().cpu().numpy())
+    perm = np.empty_like(cols)
+    perm[rows] = cols
+    return torch.from_numpy(perm)
+
+
+def permute(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, perm: torch.Tensor):
+    """Reorder an expert's intermediate neurons: gate/up rows and down columns. The function is unchanged."""
+    perm = perm.to(gate.device)
+    return gate[perm], up[perm], down[:, perm]
+
+
+def merge(experts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], coefs: list[float]):
+    """sum_j coef_j * W_j for gate, up and down, accumulated in float32."""
+    out = [torch.zeros_like(t, dtype=torch.float32) for t in experts[0]]
+    for w, c in zip(experts, coefs):
+        for acc, t in zip(out, w):
+            acc.add_(t.float(), alpha=float(c))
+    return tuple(out)

@@ -1,0 +1,64 @@
+"""Turning a LayerPlan into expert weights: align each merged group's members onto the centroid and merge."""
+
+from __future__ import annotations
+
+import torch
+
+from ream_lite.arch.layout import ModelLayout
+from ream_lite.engine.experts import load_experts
+from ream_lite.methods.align import activation_cost, hungarian, merge, permute, weight_cost, weight_features
+from ream_lite.methods.plan import LayerPlan
+from ream_lite.methods.stats import AlignmentCollector
+
+
+def alignment_pairs(plan: LayerPlan) -> list[tuple[int, int]]:
+    return [(c, m) for c, members in plan.merged_groups().items() for m in members[1:]]
+
+
+def needs_activation_pass(plan: LayerPlan) -> bool:
+    return "act" in plan.align and bool(plan.merged_groups())
+
+
+def merge_group(
+    weights: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    coefs: list[float],
+    align: str,
+    act_cost: list[torch.Tensor | None],
+) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], list[torch.Tensor]]:
+    """Merge experts (centroid first): member j is permuted onto the centroid by the Hungarian algorithm on
+    C_act + C_wt (as `align` says), then sum_j coef_j * P_j(W_j) in float32. Returns merged weights and perms."""
+    centroid = weights[0]
+    aligned, perms = [centroid], []
+    fc = weight_features(*centroid) if "weight" in align else None
+    for w, ca in zip(weights[1:], act_cost[1:]):
+        inter = w[0].shape[0]
+        if align == "none":
+            perm = torch.arange(inter)
+        else:
+            cost = torch.zeros(inter, inter, dtype=torch.float64)
+            if "act" in align:
+                cost += ca.double().cpu()
+            if "weight" in align:
+                cost += weight_cost(fc, weight_features(*w)).cpu()
+            perm = hungarian(cost)
+        perms.append(perm)
+        aligned.append(permute(*w, perm))
+    return merge(aligned, coefs), perms
+
+
+def build_merged_experts(
+    layout: ModelLayout, plan: LayerPlan, acts: AlignmentCollector | None, device: torch.device | str
+) -> dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """centroid id -> merged (gate, up, down) in float32 on `device`, for every non-singleton group."""
+    out = {}
+    for c, members in plan.merged_groups().items():
+        w = load_experts(layout, plan.layer, members, torch.float32, device)
+        weights = [(w.gate[j], w.up[j], w.down[j]) for j in range(len(members))]
+        costs: list[torch.Tensor | None] = [None]
+        for m in members[1:]:
+            if "act" in plan.align:
+                costs.append(activation_cost(acts.cross[(c, m)], acts.sq[c], acts.sq[m]))
+            else:
+                costs.append(None)
+        out[c], _ = merge_group(weights, plan.weights[c], plan.align, costs)
+    return out

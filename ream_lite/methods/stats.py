@@ -1,0 +1,138 @@
+"""Streaming statistics of one MoE layer: accumulators whose memory does not grow with the number of tokens.
+
+`StatsCollector` is an engine observer (see `ream_lite.engine.streamer.MoEObserver`). What it accumulates:
+
+| field | accumulator | used by |
+|---|---|---|
+| count[i] | tokens routed to i (i in the top-k) | frequency, HC-SMoE / M-SMoE merge weights |
+| reap_sum[i] | sum over routed tokens of g_i(x) * ||E_i(x)|| | REAP saliency (mean = reap_sum / count) |
+| reap2_sum[i] | same with the gate squared (the reference code's double gating) | `--saliency-gate twice` |
+| ean_sum[i] | sum over routed tokens of ||E_i(x)|| | EAN |
+| logit_gram | L^T L over all tokens (float64, N x N) | gate-logit similarity (cosines of logit columns) |
+| gated_out_sum[i] | sum over all tokens of s_i(x) * E_i(x) (dense) | REAM output similarity |
+| out_sum[i] | sum over all tokens of E_i(x) (dense) | HC-SMoE features |
+
+The gate value g_i(x) of the saliency: for softmax routers the softmax over all N logits (not renormalised over
+the top-k, as the paper writes it); for sigmoid routers (DeepSeek-V3 / GLM) the weight the model really applies to
+the expert (sigmoid score, normalised if the config says so, times routed_scaling_factor). `gate="softmax"` uses the
+softmax of the raw logits for every family, as the REAP and REAM reference codes do. The dense gate s_i(x) of the
+output similarity is the router's per-expert score before top-k (softmax probability or sigmoid score), or the
+softmax of the logits with `gate="softmax"`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from ream_lite.engine.experts import ExpertWeights, expert_intermediate, expert_output
+from ream_lite.engine.router import Routing
+from ream_lite.engine.store import Batch
+
+
+@dataclass
+class LayerStats:
+    layer: int
+    num_experts: int
+    tokens: int
+    count: torch.Tensor
+    reap_sum: torch.Tensor
+    reap2_sum: torch.Tensor
+    ean_sum: torch.Tensor
+    logit_gram: torch.Tensor | None
+    gated_out_sum: torch.Tensor | None
+    out_sum: torch.Tensor | None
+
+    def reap(self, double_gate: bool = False) -> torch.Tensor:
+        """Mean over routed tokens of gate * ||E_i(x)||; 0 for experts never routed."""
+        s = self.reap2_sum if double_gate else self.reap_sum
+        return torch.where(self.count > 0, s / self.count.clamp(min=1), torch.zeros_like(s))
+
+
+class StatsCollector:
+    """Observer that accumulates `LayerStats`. `dense=True` runs every expert on every token (REAM, HC-SMoE)."""
+
+    def __init__(
+        self, num_experts: int, hidden: int, act: Callable, router_kind: str, dense: bool, gate: str = "model",
+        gram: bool = True,
+    ):
+        self.n, self.hidden, self.dense, self.gate, self.want_gram = num_experts, hidden, dense, gate, gram
+        self.act, self.sigmoid_router = act, router_kind == "sigmoid_grouped_topk"
+        self.layer = -1
+        self.tokens = 0
+        f64 = dict(dtype=torch.float64)
+        self.count = torch.zeros(num_experts, dtype=torch.int64)
+        self.reap_sum = torch.zeros(num_experts, **f64)
+        self.reap2_sum = torch.zeros(num_experts, **f64)
+        self.ean_sum = torch.zeros(num_experts, **f64)
+        self.logit_gram = torch.zeros(num_experts, num_experts, **f64) if gram else None
+        self.gated_out_sum = torch.zeros(num_experts, hidden, **f64) if dense else None
+        self.out_sum = torch.zeros(num_experts, hidden, **f64) if dense else None
+        self._routed_gate: torch.Tensor | None = None  # [T, k] gate of each routed slot, current batch
+        self._dense_gate: torch.Tensor | None = None  # [T, N]
+
+    def on_routing(self, layer: int, batch: Batch, x: torch.Tensor, routing: Routing) -> None:
+        self.layer = layer
+        self.tokens += x.shape[0]
+        self.count += torch.bincount(routing.indices.reshape(-1).cpu(), minlength=self.n)
+        if self.want_gram:
+            lg = routing.logits.double()
+            self.logit_gram += (lg.T @ lg).cpu()
+        if self.gate == "softmax":
+            soft = torch.softmax(routing.logits.float(), dim=-1)
+            self._dense_gate, self._routed_gate = soft, soft.gather(1, routing.indices)
+        else:
+            # softmax routers: full-softmax probability; sigmoid routers: the weight the model applies
+            routed = routing.weights if self.sigmoid_router else routing.scores.gather(1, routing.indices)
+            self._dense_gate, self._routed_gate = routing.scores, routed
+
+    def on_experts(self, layer: int, batch: Batch, x: torch.Tensor, routing: Routing, experts: ExpertWeights) -> None:
+        for j, e in enumerate(experts.ids):
+            tok, slot = torch.where(routing.indices == e)
+            if self.dense:
+                y = expert_output(experts, j, x, self.act).float()  # [T, H]
+                gated = (self._dense_gate[:, e, None].float() * y).sum(0)
+                self.gated_out_sum[e] += gated.double().cpu()
+                self.out_sum[e] += y.sum(0).double().cpu()
+                y_routed = y[tok]
+            else:
+                y_routed = expert_output(experts, j, x[tok], self.act).float() if tok.numel() else None
+            if tok.numel() == 0:
+                continue
+            norms = y_routed.norm(dim=-1).double()
+            g = self._routed_gate[tok, slot].double()
+            self.reap_sum[e] += float((g * norms).sum())
+            self.reap2_sum[e] += float((g * g * norms).sum())
+            self.ean_sum[e] += float(norms.sum())
+
+    def result(self) -> LayerStats:
+        return LayerStats(
+            self.layer, self.n, self.tokens, self.count, self.reap_sum, self.reap2_sum, self.ean_sum,
+            self.logit_gram, self.gated_out_sum, self.out_sum,
+        )
+
+
+class AlignmentCollector:
+    """Second pass, only for experts in non-singleton groups: for each (centroid c, member j) pair, the cross Gram
+    A_c^T A_j [I, I] of their intermediate activations over the same tokens, and each neuron's squared norm."""
+
+    def __init__(self, pairs: list[tuple[int, int]], act: Callable):
+        self.pairs, self.act = pairs, act
+        self.cross: dict[tuple[int, int], torch.Tensor] = {}
+        self.sq: dict[int, torch.Tensor] = {}
+
+    def on_routing(self, layer: int, batch: Batch, x: torch.Tensor, routing: Routing) -> None:
+        pass
+
+    def on_experts(self, layer: int, batch: Batch, x: torch.Tensor, routing: Routing, experts: ExpertWeights) -> None:
+        pos = {e: j for j, e in enumerate(experts.ids)}
+        acts = {e: expert_intermediate(experts, j, x, self.act).float() for e, j in pos.items()}
+        for e, a in acts.items():
+            s = (a * a).sum(0).double().cpu()
+            self.sq[e] = self.sq[e] + s if e in self.sq else s
+        for c, j in self.pairs:
+            if c in acts and j in acts:
+                g = (acts[c].T @ acts[j]).double().cpu()
+                self.cross[(c, j)] = self.cross[(c, j)] + g if (c, j) in self.cross else g

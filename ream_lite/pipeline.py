@@ -1,0 +1,283 @@
+"""compress(): calibration text -> per-layer statistics -> plan -> merged weights -> written layer by layer.
+
+Per MoE layer, on the streamer's cached MoE inputs:
+  1. statistics pass (method's observer; with --no-sequential it also adds the original MoE output),
+  2. the method's plan,
+  3. for merged groups that align on activations, a second pass over the same cached inputs collecting cross
+     Grams only for (centroid, member) pairs,
+  4. merged weights, written with the layer (unchanged tensors byte for byte),
+  5. sequential mode: the compressed MoE block is run to produce the next layer's input.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ream_lite import __version__
+from ream_lite.arch.layout import ModelLayout
+from ream_lite.calib.builtin import builtin_documents
+from ream_lite.calib.text import domain_windows, load_tokenizer, read_documents
+from ream_lite.checkpoint.writer import DEFAULT_MAX_SHARD_BYTES, CheckpointWriter
+from ream_lite.engine.experts import ExpertWeights, load_experts
+from ream_lite.engine.streamer import LayerStreamer, MoEBlock, StreamOptions
+from ream_lite.errors import ReamLiteError
+from ream_lite.methods import METHODS, LayerPlan, MethodInput, MethodOptions
+from ream_lite.methods.apply import alignment_pairs, build_merged_experts, needs_activation_pass
+from ream_lite.methods.grouping import auto_group_size
+from ream_lite.methods.stats import AlignmentCollector, StatsCollector
+
+log = logging.getLogger(__name__)
+PLAN_NAME = "ream_plan.json"
+
+
+@dataclass
+class CompressConfig:
+    model: str
+    output: str
+    experts: float  # experts to keep per MoE layer: an integer, or a fraction of N in (0, 1)
+    method: str = "ream"
+    options: MethodOptions = field(default_factory=MethodOptions)
+    calib: str = "builtin"
+    num_sequences: int = 256
+    seq_len: int = 512
+    seed: int = 0
+    sequential: bool = True
+    overwrite: bool = False
+    drop_mtp: bool = False
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
+    tokenizer: str | None = None
+    stream: StreamOptions = field(default_factory=StreamOptions)
+
+
+def resolve_keep(layout: ModelLayout, experts: float) -> int:
+    n = layout.router_config.num_experts
+    keep = int(round(n * experts)) if 0 < experts < 1 else int(experts)
+    if experts >= 1 and experts != int(experts):
+        raise ReamLiteError(f"--experts {experts}: give an integer count or a fraction between 0 and 1")
+    return keep
+
+
+def validate(layout: ModelLayout, n_keep: int, cfg: CompressConfig) -> None:
+    """Everything that can be checked before the first expensive pass."""
+    rc = layout.router_config
+    if cfg.method not in METHODS:
+        raise ReamLiteError(f"unknown method {cfg.method}; choose from {', '.join(METHODS)}")
+    if not rc.top_k <= n_keep < rc.num_experts:
+        raise ReamLiteError(
+            f"--experts {n_keep}: must be at least top-k ({rc.top_k}) and below the current count ({rc.num_experts})"
+        )
+    if len({x.num_experts for x in layout.moe_layers}) > 1:
+        raise ReamLiteError("MoE layers with different expert counts are not supported")
+    if rc.n_group > 1:
+        per = n_keep // rc.n_group
+        if n_keep % rc.n_group:
+            raise ReamLiteError(f"--experts {n_keep}: group-limited routing needs a multiple of n_group={rc.n_group}")
+        if rc.top_k > rc.topk_group * per:
+            raise ReamLiteError(
+                f"--experts {n_keep}: top-k {rc.top_k} > topk_group {rc.topk_group} x {per} kept per group"
+            )
+        if per < 2:
+            raise ReamLiteError(f"--experts {n_keep}: group-limited routing scores groups by their top-2 experts; "
+                                f"keep at least 2 per group")
+    if cfg.method == "ream" and cfg.options.grouping == "pseudo-prune":
+        n, k = rc.num_experts // rc.n_group, n_keep // rc.n_group
+        c = cfg.options.group_size or auto_group_size(n, k)
+        if c * k < n or c < 1:
+            raise ReamLiteError(f"--group-size {c}: {k} groups of {c} cannot hold {n} experts; use at least {-(-n // k)}")
+    mtp = [x for x in layout.layers if x.is_mtp]
+    if mtp and not cfg.drop_mtp:
+        raise ReamLiteError(
+            f"the checkpoint has {len(mtp)} MTP layer(s); compressing them is not implemented yet. "
+            "Pass --drop-mtp to write the model without them (speculative decoding then needs the original)"
+        )
+    out, src = Path(cfg.output).resolve(), layout.path.resolve()
+    if out == src or src in out.parents:
+        raise ReamLiteError("the output directory must not be the input directory or inside it")
+
+
+def calibration_sequences(layout: ModelLayout, cfg: CompressConfig) -> tuple[list[torch.Tensor], dict[str, int]]:
+    """`num_sequences` windows of `seq_len` tokens, shared equally between the domains of the source, seeded."""
+    docs = builtin_documents(cfg.seed) if cfg.calib == "builtin" else read_documents(cfg.calib)
+    tok = load_tokenizer(layout.path, cfg.tokenizer)
+    windows = domain_windows(docs, tok, cfg.seq_len)
+    windows = {d: [w for w in ws if len(w) == cfg.seq_len] for d, ws in windows.items()}
+    windows = {d: ws for d, ws in windows.items() if ws}
+    if not windows:
+        raise ReamLiteError(f"calibration text is shorter than one window of {cfg.seq_len} tokens")
+    rng = random.Random(cfg.seed)
+    domains = sorted(windows)
+    share = [cfg.num_sequences // len(domains) + (i < cfg.num_sequences % len(domains)) for i in range(len(domains))]
+    seqs, summary = [], {}
+    for d, n in zip(domains, share):
+        pick = rng.sample(range(len(windows[d])), min(n, len(windows[d])))
+        seqs += [windows[d][i] for i in sorted(pick)]
+        summary[d] = len(pick) * cfg.seq_len
+    vocab = int(layout.config["vocab_size"])
+    if max(int(s.max()) for s in seqs) >= vocab:
+        raise ReamLiteError(f"the tokenizer produces ids beyond the model's vocabulary ({vocab})")
+    return seqs, summary
+
+
+def compressed_loader(streamer: LayerStreamer, plan: LayerPlan, merged: dict):
+    """Load experts of the compressed layer by position (0..N'-1): merged ones from memory, others from disk."""
+    kept = plan.kept
+
+    def load(positions: list[int]) -> ExpertWeights:
+        ids = [kept[p] for p in positions]
+        w = load_experts(streamer.layout, plan.layer, ids, streamer.dtype, streamer.device)
+        for j, e in enumerate(ids):
+            if e in merged:
+                g, u, d = merged[e]
+                w.gate[j].copy_(g)
+                w.up[j].copy_(u)
+                w.down[j].copy_(d)
+        w.ids = list(positions)
+        return w
+
+    return load
+
+
+def write_layer(writer: CheckpointWriter, layout: ModelLayout, layer: int, plan: LayerPlan | None, merged: dict) -> None:
+    """Write one decoder layer: unchanged tensors copied as stored; router rows and experts of the kept experts."""
+    r, spec = layout.reader, layout.spec
+    keys = layout.layer_keys(layer)
+    if plan is None:
+        for k in keys:
+            writer.copy_from(r, k)
+        return
+    kept = plan.kept
+    idx = torch.tensor(kept)
+    router_keys = {layout.moe_key(layer, spec.router_weight)}
+    if spec.router_bias:
+        router_keys.add(layout.moe_key(layer, spec.router_bias))
+    expert_keys = set(layout.expert_keys(layer))
+    for k in keys:
+        if k in router_keys:
+            writer.add(k, r.get(k)[idx].contiguous())
+        elif k not in expert_keys:
+            writer.copy_from(r, k)
+    info = layout.layers[layer]
+    if info.expert_storage == "per_expert":
+        for pos, e in enumerate(kept):
+            old, new = layout.per_expert_keys(layer, e), layout.per_expert_keys(layer, pos)
+            if e in merged:
+                for name, o, t in zip(new, old, merged[e]):
+                    writer.add(name, t.to(r.entry(o).torch_dtype).cpu())
+            else:
+                for o, n in zip(old, new):
+                    writer.copy_from(r, o, n)
+        return
+    gu_key, down_key = layout.fused_keys(layer)
+    gu_dtype, down_dtype = r.entry(gu_key).torch_dtype, r.entry(down_key).torch_dtype
+    gus, downs = [], []
+    for e in kept:
+        if e in merged:
+            g, u, d = merged[e]
+            gus.append(torch.cat([g, u]).to(gu_dtype).cpu())
+            downs.append(d.to(down_dtype).cpu())
+        else:
+            gus.append(r.get(gu_key, rows=(e, e + 1))[0])
+            downs.append(r.get(down_key, rows=(e, e + 1))[0])
+    writer.add(gu_key, torch.stack(gus))
+    writer.add(down_key, torch.stack(downs))
+
+
+def output_config(layout: ModelLayout, n_keep: int, cfg: CompressConfig) -> dict:
+    out = dict(layout.config)
+    for key in layout.spec.num_experts_keys:
+        if key in out:
+            out[key] = n_keep
+    if cfg.drop_mtp and layout.spec.mtp_layers_key:
+        out[layout.spec.mtp_layers_key] = 0
+    return out
+
+
+def compress(cfg: CompressConfig) -> Path:
+    layout = ModelLayout(cfg.model)
+    n_keep = resolve_keep(layout, cfg.experts)
+    validate(layout, n_keep, cfg)
+    method = METHODS[cfg.method]
+    seqs, calib_summary = calibration_sequences(layout, cfg)
+    streamer = LayerStreamer(layout, cfg.stream)
+    plan_mem = streamer.make_plan(sum(len(s) for s in seqs))
+    for line in plan_mem.lines():
+        log.info("plan: %s", line)
+    rc = layout.router_config
+    hidden = int(layout.config["hidden_size"])
+    writer = CheckpointWriter(cfg.output, cfg.max_shard_bytes, overwrite=cfg.overwrite)
+    plans: list[dict] = []
+    t0 = time.perf_counter()
+    try:
+        layer_prefix = f"{layout.spec.layers_prefix}."
+        for k in layout.reader.keys():  # embeddings, final norm, lm_head, ...: unchanged
+            if not k.startswith(layer_prefix):
+                writer.copy_from(layout.reader, k)
+        h = streamer.embed(seqs)
+        out = streamer.new_store(h.lengths)
+        bar = tqdm(layout.decoder_layers, desc=f"{cfg.method} {rc.num_experts}->{n_keep}",
+                   disable=not cfg.stream.progress)
+        for info in bar:
+            block = streamer.attention_phase(info.index, h, out)
+            plan, merged = None, {}
+            if block is not None:
+                plan, merged = compress_moe_layer(streamer, block, h, out, method, n_keep, cfg, hidden)
+                plans.append(plan.to_json())
+            write_layer(writer, layout, info.index, plan, merged)
+            h, out = out, h
+        h.close()
+        out.close()
+        config = output_config(layout, n_keep, cfg)
+        writer_dir = writer.tmp_dir
+        report = {
+            "ream_lite_version": __version__,
+            "model": str(layout.path),
+            "method": cfg.method,
+            "experts": {"before": rc.num_experts, "after": n_keep},
+            "options": asdict(cfg.options),
+            "sequential": cfg.sequential,
+            "seed": cfg.seed,
+            "calibration": {"source": cfg.calib, "sequences": len(seqs), "seq_len": cfg.seq_len,
+                            "tokens_per_domain": calib_summary},
+            "seconds": round(time.perf_counter() - t0, 2),
+            "layers": plans,
+        }
+        (writer_dir / PLAN_NAME).write_text(json.dumps(report, indent=1) + "\n")
+        return writer.finish(config, source_dir=layout.path)
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        layout.close()
+
+
+def compress_moe_layer(
+    streamer: LayerStreamer, block: MoEBlock, h, out, method, n_keep: int, cfg: CompressConfig, hidden: int
+) -> tuple[LayerPlan, dict]:
+    """Statistics -> plan -> merged experts for one MoE layer; adds the (compressed, in sequential mode) MoE output
+    into `out`."""
+    rc = block.router_cfg
+    opts = cfg.options
+    gate = {"twice": "model"}.get(opts.saliency_gate, opts.saliency_gate)
+    collector = StatsCollector(rc.num_experts, hidden, block.act, rc.kind, dense=method.needs_dense(opts),
+                               gate=gate, gram=method.needs_gram(opts))
+    streamer.run_moe(block, h, None if cfg.sequential else out, observer=collector)
+    stats = collector.result()
+    plan = method.plan(MethodInput(stats, n_keep, rc.n_group, opts, cfg.seed))
+    plan.validate()
+    acts = None
+    if needs_activation_pass(plan):
+        acts = AlignmentCollector(alignment_pairs(plan), block.act)
+        chunks = [members for members in plan.merged_groups().values()]
+        streamer.run_moe(block, h, None, observer=acts, chunks=chunks)
+    merged = build_merged_experts(streamer.layout, plan, acts, streamer.device)
+    if cfg.sequential:
+        streamer.run_moe(block.restricted(plan.kept), h, out, experts=compressed_loader(streamer, plan, merged))
+    return plan, merged
