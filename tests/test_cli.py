@@ -22,7 +22,7 @@ def test_help_lists_commands():
     assert r.exit_code == 0 and "inspect" in r.output and "eval" in r.output
 
 
-@pytest.mark.parametrize("family,experts,dense", [("qwen3_moe", 8, 0), ("deepseek_v3", 8, 1), ("mixtral", 8, 0)])
+@pytest.mark.parametrize("family,experts,dense", [("qwen3_moe", 8, 0), ("deepseek_v3", 16, 1), ("mixtral", 8, 0)])
 def test_inspect_json(model_dirs, family, experts, dense):
     model, d = model_dirs[family]
     r = run("inspect", str(d), "--json")

@@ -39,7 +39,7 @@ def family_config(family: str):
         return tf.OlmoeConfig(**COMMON, intermediate_size=16, num_experts=8, num_experts_per_tok=2)
     if family == "deepseek_v3":
         return tf.DeepseekV3Config(**{**COMMON, "num_key_value_heads": 4}, intermediate_size=48,
-                                   moe_intermediate_size=16, n_routed_experts=8, num_experts_per_tok=2, n_group=4,
+                                   moe_intermediate_size=16, n_routed_experts=16, num_experts_per_tok=2, n_group=4,
                                    topk_group=2, first_k_dense_replace=1, n_shared_experts=1, routed_scaling_factor=2.5,
                                    kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8)
     if family == "glm4_moe":
