@@ -70,8 +70,6 @@ class StatsCollector:
         self.logit_gram = torch.zeros(num_experts, num_experts, **f64) if gram else None
         self.gated_out_sum = torch.zeros(num_experts, hidden, **f64) if dense else None
         self.out_sum = torch.zeros(num_experts, hidden, **f64) if dense else None
-        self._routed_gate: torch.Tensor | None = None  # [T, k] gate of each routed slot, current batch
-        self._dense_gate: torch.Tensor | None = None  # [T, N]
 
     def on_routing(self, layer: int, batch: Batch, x: torch.Tensor, routing: Routing) -> None:
         self.layer = layer
@@ -80,20 +78,23 @@ class StatsCollector:
         if self.want_gram:
             lg = routing.logits.double()
             self.logit_gram += (lg.T @ lg).cpu()
+
+    def gates(self, routing: Routing) -> tuple[torch.Tensor, torch.Tensor]:
+        """(dense gate [T, N], gate of each routed slot [T, k]) for this batch's routing."""
         if self.gate == "softmax":
             soft = torch.softmax(routing.logits.float(), dim=-1)
-            self._dense_gate, self._routed_gate = soft, soft.gather(1, routing.indices)
-        else:
-            # softmax routers: full-softmax probability; sigmoid routers: the weight the model applies
-            routed = routing.weights if self.sigmoid_router else routing.scores.gather(1, routing.indices)
-            self._dense_gate, self._routed_gate = routing.scores, routed
+            return soft, soft.gather(1, routing.indices)
+        # softmax routers: full-softmax probability; sigmoid routers: the weight the model applies
+        routed = routing.weights if self.sigmoid_router else routing.scores.gather(1, routing.indices)
+        return routing.scores, routed
 
     def on_experts(self, layer: int, batch: Batch, x: torch.Tensor, routing: Routing, experts: ExpertWeights) -> None:
+        dense_gate, routed_gate = self.gates(routing)
         for j, e in enumerate(experts.ids):
             tok, slot = torch.where(routing.indices == e)
             if self.dense:
                 y = expert_output(experts, j, x, self.act).float()  # [T, H]
-                gated = (self._dense_gate[:, e, None].float() * y).sum(0)
+                gated = (dense_gate[:, e, None].float() * y).sum(0)
                 self.gated_out_sum[e] += gated.double().cpu()
                 self.out_sum[e] += y.sum(0).double().cpu()
                 y_routed = y[tok]
@@ -102,7 +103,7 @@ class StatsCollector:
             if tok.numel() == 0:
                 continue
             norms = y_routed.norm(dim=-1).double()
-            g = self._routed_gate[tok, slot].double()
+            g = routed_gate[tok, slot].double()
             self.reap_sum[e] += float((g * norms).sum())
             self.reap2_sum[e] += float((g * g * norms).sum())
             self.ean_sum[e] += float(norms.sum())
