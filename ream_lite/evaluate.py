@@ -58,6 +58,88 @@ def _final_states(streamer: LayerStreamer, seqs: list[torch.Tensor], desc: str) 
     return streamer.forward_layers(streamer.embed(seqs), desc=desc)
 
 
+class Evaluator:
+    """Evaluation text tokenized once, and (with a reference) the reference's final hidden states streamed once,
+    so that several models can be compared against the same reference without re-running it."""
+
+    def __init__(
+        self,
+        data: str,
+        tokenizer_source: str,
+        reference: str | None = None,
+        seq_len: int = 256,
+        max_tokens_per_domain: int | None = None,
+        options: StreamOptions | None = None,
+        tokenizer: str | None = None,
+    ):
+        self.opts = options or StreamOptions()
+        self.seq_len = seq_len
+        self.reference = reference
+        tok = load_tokenizer(tokenizer_source, tokenizer)
+        windows = domain_windows(read_documents(data), tok, seq_len, max_tokens_per_domain)
+        self.domains = list(windows)
+        self.seqs = [w for d in self.domains for w in windows[d]]
+        self.seq_domain = [i for i, d in enumerate(self.domains) for _ in windows[d]]
+        self.tokens = sum(len(s) for s in self.seqs)
+        self.n_stores = 3 if reference else 2  # a kept reference store plus the working pair
+        self.ref_streamer = self.ref_states = None
+        if reference:
+            ref_layout = ModelLayout(reference)
+            self.vocab = int(ref_layout.config["vocab_size"])
+            self.ref_streamer = LayerStreamer(ref_layout, self.opts)
+            self.ref_streamer.make_plan(self.tokens, stores=self.n_stores)
+            self.ref_states = _final_states(self.ref_streamer, self.seqs, "reference")
+
+    def run(self, model: str) -> EvalResult:
+        layout = ModelLayout(model)
+        vocab = int(layout.config["vocab_size"])
+        if max(int(s.max()) for s in self.seqs) >= vocab:
+            raise ReamLiteError(f"tokenizer produces ids beyond the model's vocabulary ({vocab})")
+        if self.reference and vocab != self.vocab:
+            raise ReamLiteError("the reference model has a different vocabulary size; cannot compare")
+        head_tokens = max(self.seq_len, min(self.opts.tokens_per_batch, HEAD_BYTES // (vocab * 4 * 3)))
+        streamer = LayerStreamer(layout, self.opts)
+        streamer.make_plan(self.tokens, stores=self.n_stores)
+        states = _final_states(streamer, self.seqs, "model")
+        seqs = self.seqs
+        tallies = [Tally() for _ in self.domains]
+        ref_logits = self.ref_streamer.logits(self.ref_states, head_tokens) if self.ref_streamer else None
+        with torch.inference_mode():
+            for b, logits in streamer.logits(states, head_tokens):
+                ids = torch.cat([seqs[i] for i in b.seqs]).view(len(b.seqs), b.length).to(logits.device)
+                logp = torch.log_softmax(logits[:, :-1], dim=-1)
+                target = ids[:, 1:]
+                nll = -logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)  # [B, T-1]
+                if ref_logits is not None:
+                    rb, rlog = next(ref_logits)
+                    assert rb == b
+                    ref_logp = torch.log_softmax(rlog[:, :-1].to(logp.device), dim=-1)
+                    ref_nll = -ref_logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+                    kl = (ref_logp.exp() * (ref_logp - logp)).sum(-1)  # KL(reference || model) per position
+                    agree = ref_logp.argmax(-1) == logp.argmax(-1)
+                for row, i in enumerate(b.seqs):
+                    t = tallies[self.seq_domain[i]]
+                    t.tokens += b.length - 1
+                    t.nll += float(nll[row].double().sum())
+                    if ref_logits is not None:
+                        t.ref_nll += float(ref_nll[row].double().sum())
+                        t.kl += float(kl[row].double().sum())
+                        t.agree += int(agree[row].sum())
+        states.close()
+        layout.close()
+        result = EvalResult(model=str(layout.path), reference=self.reference, seq_len=self.seq_len)
+        total = Tally()
+        for d, t in zip(self.domains, tallies):
+            result.domains[d] = t.summary(self.reference is not None)
+            total.add(t)
+        result.overall = total.summary(self.reference is not None)
+        return result
+
+    def close(self) -> None:
+        if self.ref_states is not None:
+            self.ref_states.close()
+
+
 def evaluate(
     model: str,
     data: str,
@@ -67,66 +149,12 @@ def evaluate(
     options: StreamOptions | None = None,
     tokenizer: str | None = None,
 ) -> EvalResult:
-    opts = options or StreamOptions()
-    layout = ModelLayout(model)
-    tok = load_tokenizer(layout.path, tokenizer)
-    windows = domain_windows(read_documents(data), tok, seq_len, max_tokens_per_domain)
-    domains = list(windows)
-    seqs = [w for d in domains for w in windows[d]]
-    seq_domain = [i for i, d in enumerate(domains) for _ in windows[d]]
-    vocab = int(layout.config["vocab_size"])
-    if max(int(s.max()) for s in seqs) >= vocab:
-        raise ReamLiteError(f"tokenizer produces ids beyond the model's vocabulary ({vocab})")
-    tokens = sum(len(s) for s in seqs)
-    n_stores = 3 if reference else 2  # a kept reference store plus the working pair
-    head_tokens = max(seq_len, min(opts.tokens_per_batch, HEAD_BYTES // (vocab * 4 * 3)))
-
-    ref_streamer = ref_states = None
-    if reference:
-        ref_layout = ModelLayout(reference)
-        if int(ref_layout.config["vocab_size"]) != vocab:
-            raise ReamLiteError("the reference model has a different vocabulary size; cannot compare")
-        ref_streamer = LayerStreamer(ref_layout, opts)
-        ref_streamer.make_plan(tokens, stores=n_stores)
-        ref_states = _final_states(ref_streamer, seqs, "reference")
-    streamer = LayerStreamer(layout, opts)
-    streamer.make_plan(tokens, stores=n_stores)
-    states = _final_states(streamer, seqs, "model")
-
-    tallies = [Tally() for _ in domains]
-    ref_logits = ref_streamer.logits(ref_states, head_tokens) if ref_streamer else None
-    with torch.inference_mode():
-        for b, logits in streamer.logits(states, head_tokens):
-            ids = torch.cat([seqs[i] for i in b.seqs]).view(len(b.seqs), b.length).to(logits.device)
-            logp = torch.log_softmax(logits[:, :-1], dim=-1)
-            target = ids[:, 1:]
-            nll = -logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)  # [B, T-1]
-            if ref_logits is not None:
-                rb, rlog = next(ref_logits)
-                assert rb == b
-                ref_logp = torch.log_softmax(rlog[:, :-1].to(logp.device), dim=-1)
-                ref_nll = -ref_logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)
-                kl = (ref_logp.exp() * (ref_logp - logp)).sum(-1)  # KL(reference || model) per position
-                agree = ref_logp.argmax(-1) == logp.argmax(-1)
-            for row, i in enumerate(b.seqs):
-                t = tallies[seq_domain[i]]
-                t.tokens += b.length - 1
-                t.nll += float(nll[row].double().sum())
-                if ref_logits is not None:
-                    t.ref_nll += float(ref_nll[row].double().sum())
-                    t.kl += float(kl[row].double().sum())
-                    t.agree += int(agree[row].sum())
-    states.close()
-    if ref_states is not None:
-        ref_states.close()
-
-    result = EvalResult(model=str(layout.path), reference=reference, seq_len=seq_len)
-    total = Tally()
-    for d, t in zip(domains, tallies):
-        result.domains[d] = t.summary(reference is not None)
-        total.add(t)
-    result.overall = total.summary(reference is not None)
-    return result
+    source = str(ModelLayout(model).path)  # fails early, with a clear message, on a bad model
+    ev = Evaluator(data, source, reference, seq_len, max_tokens_per_domain, options, tokenizer)
+    try:
+        return ev.run(model)
+    finally:
+        ev.close()
 
 
 def format_result(r: EvalResult) -> str:

@@ -1,0 +1,115 @@
+"""Compression quality on the trained testbed: every method at 25% and 50% expert reduction, several seeds.
+
+    python benchmarks/quality.py [--testbed ../shared/testbed] [--seeds 0 1 2] [--ratios 0.25 0.5]
+                                 [--methods reap frequency ...] [--json results.json]
+
+Calibrates on data/calib.jsonl (default 96 x 256 tokens, 32 sequences per domain, as the testbed's reference
+figures), evaluates on all of data/eval.jsonl against the original model: perplexity, KL(original || compressed)
+per predicted token and top-1 agreement, overall and per domain. The seed picks the calibration sample (and the
+experts, for `random`). The reference is streamed once; each compressed model is streamed against it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from ream_lite.engine.streamer import StreamOptions
+from ream_lite.evaluate import Evaluator
+from ream_lite.methods import MethodOptions
+from ream_lite.pipeline import CompressConfig, compress
+
+# (label, method, options, compress kwargs)
+VARIANTS = {
+    "reap": ("reap", {}, {}),
+    "frequency": ("frequency", {}, {"sequential": False}),
+    "ean": ("ean", {}, {}),
+    "random": ("random", {}, {"sequential": False}),
+    "hc-smoe": ("hc-smoe", {}, {}),
+    "m-smoe": ("m-smoe", {}, {}),
+    "ream": ("ream", {}, {}),
+    "ream-C2": ("ream", {"group_size": 2}, {}),
+    "ream-C4": ("ream", {"group_size": 4}, {}),
+    "ream-C8": ("ream", {"group_size": 8}, {}),
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--testbed", default=str(Path(__file__).resolve().parents[2] / "shared" / "testbed"))
+    ap.add_argument("--ratios", type=float, nargs="+", default=[0.25, 0.5], help="share of experts removed")
+    ap.add_argument("--methods", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--num-sequences", type=int, default=96)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--json", default=None, help="write every run's figures here")
+    args = ap.parse_args()
+    tb = Path(args.testbed)
+    model, calib, data = tb / "tiny-qwen3-moe", tb / "data" / "calib.jsonl", tb / "data" / "eval.jsonl"
+    if not model.exists():
+        sys.exit(f"no testbed at {tb}")
+    opts = StreamOptions(device="cpu", progress=False)
+    t = time.perf_counter()
+    ev = Evaluator(str(data), str(model), reference=str(model), seq_len=256, options=opts)
+    print(f"reference streamed in {time.perf_counter() - t:.0f} s; {ev.tokens:,} eval tokens", flush=True)
+    n = json.loads((model / "config.json").read_text())["num_experts"]
+    work = Path(tempfile.mkdtemp(prefix="ream-quality-"))
+    runs = []
+    for ratio in args.ratios:
+        keep = n - int(round(n * ratio))
+        for label in args.methods:
+            method, mopts, kw = VARIANTS[label]
+            for seed in args.seeds:
+                out = work / f"{label}-{keep}-{seed}"
+                t = time.perf_counter()
+                compress(CompressConfig(
+                    model=str(model), output=str(out), experts=keep, method=method,
+                    options=MethodOptions(**mopts), calib=str(calib), num_sequences=args.num_sequences,
+                    seq_len=args.seq_len, seed=seed, stream=opts, **kw,
+                ))
+                secs = time.perf_counter() - t
+                r = ev.run(str(out))
+                shutil.rmtree(out)
+                row = {"method": label, "keep": keep, "seed": seed, "compress_s": round(secs, 1),
+                       "overall": r.overall, "domains": r.domains}
+                runs.append(row)
+                o = r.overall
+                print(f"{label:<10} {n}->{keep} seed {seed}: KL {o['kl']:.4f} top-1 {o['top1_agreement']:.3f} "
+                      f"PPL {o['perplexity']:.2f} ({secs:.0f} s)", flush=True)
+    ev.close()
+    shutil.rmtree(work, ignore_errors=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(runs, indent=1))
+    report(runs, ev.domains)
+
+
+def _ms(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+def report(runs: list[dict], domains: list[str]) -> None:
+    keeps = sorted({r["keep"] for r in runs}, reverse=True)
+    labels = list(dict.fromkeys(r["method"] for r in runs))
+    for keep in keeps:
+        print(f"\n### {keep} experts kept (mean ± std over seeds)\n")
+        print("| method | KL | top-1 | PPL | " + " | ".join(f"KL {d}" for d in domains) + " |")
+        print("|---|---|---|---|" + "---|" * len(domains))
+        for label in labels:
+            rs = [r for r in runs if r["method"] == label and r["keep"] == keep]
+            if not rs:
+                continue
+            cells = [_ms([r["overall"][k] for r in rs]) for k in ("kl", "top1_agreement", "perplexity")]
+            cells += [_ms([r["domains"][d]["kl"] for r in rs]) for d in domains]
+            print(f"| {label} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
