@@ -92,12 +92,9 @@ def validate(layout: ModelLayout, n_keep: int, cfg: CompressConfig) -> None:
         c = cfg.options.group_size or auto_group_size(n, k)
         if c * k < n or c < 1:
             raise ReamLiteError(f"--group-size {c}: {k} groups of {c} cannot hold {n} experts; use at least {-(-n // k)}")
-    mtp = [x for x in layout.layers if x.is_mtp]
-    if mtp and not cfg.drop_mtp:
-        raise ReamLiteError(
-            f"the checkpoint has {len(mtp)} MTP layer(s); compressing them is not implemented yet. "
-            "Pass --drop-mtp to write the model without them (speculative decoding then needs the original)"
-        )
+    for x in layout.layers:
+        if x.is_mtp and not x.is_moe and not cfg.drop_mtp:
+            raise ReamLiteError(f"MTP layer {x.index} has no routed experts; pass --drop-mtp")
     out, src = Path(cfg.output).resolve(), layout.path.resolve()
     if out == src or src in out.parents:
         raise ReamLiteError("the output directory must not be the input directory or inside it")
@@ -220,11 +217,12 @@ def compress(cfg: CompressConfig) -> Path:
         for k in layout.reader.keys():  # embeddings, final norm, lm_head, ...: unchanged
             if not k.startswith(layer_prefix):
                 writer.copy_from(layout.reader, k)
+        mtp_layers = [] if cfg.drop_mtp else [x for x in layout.layers if x.is_mtp]
         h = streamer.embed(seqs)
         out = streamer.new_store(h.lengths)
-        bar = tqdm(layout.decoder_layers, desc=f"{cfg.method} {rc.num_experts}->{n_keep}",
+        bar = tqdm(total=len(layout.decoder_layers) + len(mtp_layers), desc=f"{cfg.method} {rc.num_experts}->{n_keep}",
                    disable=not cfg.stream.progress)
-        for info in bar:
+        for info in layout.decoder_layers:
             block = streamer.attention_phase(info.index, h, out)
             plan, merged = None, {}
             if block is not None:
@@ -232,8 +230,25 @@ def compress(cfg: CompressConfig) -> Path:
                 plans.append(plan.to_json())
             write_layer(writer, layout, info.index, plan, merged)
             h, out = out, h
-        h.close()
+            bar.update()
         out.close()
+        # MTP layers: one more MoE layer each, fed as the model feeds them at inference (see ArchSpec)
+        prev_norm, mtp_seqs = layout.spec.final_norm_key, seqs
+        for info in mtp_layers:
+            x = streamer.mtp_inputs(info.index, mtp_seqs, h, prev_norm)
+            mtp_seqs = [s[1:] for s in mtp_seqs]  # MTP layer k sees token t + k + 1 at position t
+            h.close()
+            h, out = x, streamer.new_store(x.lengths)
+            block = streamer.attention_phase(info.index, h, out)
+            plan, merged = compress_moe_layer(streamer, block, h, out, method, n_keep, cfg, hidden)
+            plans.append(plan.to_json())
+            write_layer(writer, layout, info.index, plan, merged)
+            h.close()
+            h = out
+            prev_norm = f"{info.prefix}.{layout.spec.mtp_head_norm}"
+            bar.update()
+        bar.close()
+        h.close()
         config = output_config(layout, n_keep, cfg)
         writer_dir = writer.tmp_dir
         report = {

@@ -154,3 +154,43 @@ def test_output_inside_input_and_existing_output_refused(model_dirs, calib_file,
     (tmp_path / "out").mkdir()
     r = compress(src, tmp_path / "out", "--experts", "4", "--calib", str(calib_file), expect_ok=False)
     assert r.exit_code == 2 and "already exists" in r.output
+
+
+def test_mtp_layer_is_compressed_with_the_same_method(calib_file, tmp_path):
+    """DeepSeek-V3 layout with an MTP layer stored after the last decoder layer, as released checkpoints have it."""
+    from safetensors.torch import load_file, save_file
+    from tiny_models import build_model, save_model
+
+    d = save_model(build_model("deepseek_v3"), tmp_path / "ds")
+    sd = load_file(str(d / "model.safetensors"))
+    g = torch.Generator().manual_seed(0)
+    for k, v in list(sd.items()):
+        if k.startswith("model.layers.2."):
+            sd[k.replace("model.layers.2.", "model.layers.3.")] = v + 0.01 * torch.randn(v.shape, generator=g)
+    sd["model.layers.3.embed_tokens.weight"] = sd["model.embed_tokens.weight"].clone()
+    for name in ("enorm", "hnorm", "shared_head.norm"):
+        sd[f"model.layers.3.{name}.weight"] = torch.ones(32)
+    sd["model.layers.3.eh_proj.weight"] = 0.2 * torch.randn(32, 64, generator=g)
+    sd["model.layers.3.shared_head.head.weight"] = sd["lm_head.weight"].clone()
+    save_file(sd, str(d / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["num_nextn_predict_layers"] = 1
+    (d / "config.json").write_text(json.dumps(cfg))
+
+    compress(d, tmp_path / "out", "--experts", "8", "--method", "ream", "--calib", str(calib_file))
+    plan = json.loads((tmp_path / "out" / "ream_plan.json").read_text())
+    assert [L["layer"] for L in plan["layers"]] == [1, 2, 3]
+    mtp = plan["layers"][-1]
+    assert len(mtp["kept"]) == 8 and mtp["groups"] and sum(mtp["scores"]["frequency"]) > 0
+    layout = ModelLayout(str(tmp_path / "out"))
+    assert [x.num_experts for x in layout.moe_layers] == [8, 8, 8] and layout.layers[-1].is_mtp
+    for k in ("enorm.weight", "eh_proj.weight", "shared_head.head.weight", "embed_tokens.weight"):
+        assert f"model.layers.3.{k}" in layout.reader
+    assert layout.reader.shape("model.layers.3.mlp.gate.e_score_correction_bias") == (8,)
+    # the main model still loads and runs in transformers (which ignores MTP layers)
+    m = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
+    assert torch.isfinite(reference_logits(m, torch.randint(0, VOCAB, (1, 6)))).all()
+
+    compress(d, tmp_path / "nomtp", "--experts", "8", "--calib", str(calib_file), "--drop-mtp")
+    dropped = ModelLayout(str(tmp_path / "nomtp"))
+    assert not any(x.is_mtp for x in dropped.layers) and dropped.config["num_nextn_predict_layers"] == 0

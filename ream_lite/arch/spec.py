@@ -54,6 +54,14 @@ class ArchSpec:
     renormalize_key: str | None = "norm_topk_prob"  # None: family always renormalises (Mixtral)
     always_renormalize: bool = False
     mtp_layers_key: str | None = None  # DeepSeek-V3 / GLM: extra next-token-prediction layers after the last one
+    # an MTP layer k (index num_hidden_layers + k) computes eh_proj(cat(enorm(embed(t+1)), hnorm(h_t))) and runs a
+    # decoder block on it; h_t is the main model's final-normed output (the previous MTP layer's, normed by its
+    # shared_head.norm, for k > 0). Names relative to the MTP layer.
+    mtp_embed: str = "embed_tokens.weight"
+    mtp_enorm: str = "enorm.weight"
+    mtp_hnorm: str = "hnorm.weight"
+    mtp_proj: str = "eh_proj.weight"
+    mtp_head_norm: str = "shared_head.norm.weight"
     notes: str = ""
     aliases: tuple[str, ...] = field(default_factory=tuple)
 

@@ -166,9 +166,16 @@ class LayerStreamer:
         module.load_state_dict(state, strict=True)
         return module.eval()
 
+    def _meta_layer(self, i: int) -> nn.Module:
+        if i < len(self.base.layers):
+            return copy.deepcopy(self.base.layers[i])
+        # an MTP layer: the family's decoder layer class, built for that index (MoE, past the dense ones)
+        with torch.device("meta"):
+            return type(self.base.layers[-1])(self.hf_config, i).to(self.dtype)
+
     def build_layer(self, i: int) -> tuple[nn.Module, MoEBlock | None, _MoECapture | None]:
         spec, info = self.layout.spec, self.layout.layers[i]
-        layer = copy.deepcopy(self.base.layers[i])
+        layer = self._meta_layer(i)
         block = capture = None
         if info.is_moe:
             meta_block = getattr(layer, spec.moe_attr)
@@ -302,10 +309,38 @@ class LayerStreamer:
         return h
 
     # -- head ---------------------------------------------------------------------------------------------------
+    def norm_module(self, weight_key: str) -> nn.Module:
+        """The model's final-norm class filled with the weight `weight_key` (final norm, MTP enorm/hnorm ...)."""
+        return self._fill(copy.deepcopy(self.base.norm), weight_key.rsplit(".", 1)[0])
+
     def head(self) -> tuple[nn.Module, torch.Tensor]:
-        norm = self._fill(copy.deepcopy(self.base.norm), self.layout.spec.final_norm_key.rsplit(".", 1)[0])
+        norm = self.norm_module(self.layout.spec.final_norm_key)
         lm_head = self.layout.reader.get(self.layout.lm_head_key, dtype=self.dtype, device=self.device)
         return norm, lm_head
+
+    def mtp_inputs(
+        self, i: int, sequences: list[torch.Tensor], previous: HiddenStateStore, previous_norm_key: str
+    ) -> HiddenStateStore:
+        """Input of MTP layer i at position p: eh_proj(cat(enorm(embed(t[p + 1])), hnorm(norm(h[p])))) for
+        p < T - 1, where h is `previous` (the last decoder layer's output, or the previous MTP layer's)."""
+        spec, r = self.layout.spec, self.layout.reader
+        prefix = self.layout.layers[i].prefix
+        embed_key = f"{prefix}.{spec.mtp_embed}" if f"{prefix}.{spec.mtp_embed}" in r else spec.embed_key
+        emb = r.get(embed_key, dtype=self.dtype, device=self.device)
+        prev_norm = self.norm_module(previous_norm_key)
+        enorm = self.norm_module(f"{prefix}.{spec.mtp_enorm}")
+        hnorm = self.norm_module(f"{prefix}.{spec.mtp_hnorm}")
+        proj = r.get(f"{prefix}.{spec.mtp_proj}", dtype=self.dtype, device=self.device)
+        store = self.new_store([len(s) - 1 for s in sequences])
+        with torch.inference_mode():
+            for b in previous.batches(self.opts.tokens_per_batch):
+                h = previous.read(b, self.device)[:, :-1]
+                ids = torch.stack([sequences[j][1:] for j in b.seqs]).to(self.device)
+                x = torch.cat([enorm(F.embedding(ids, emb)), hnorm(prev_norm(h))], dim=-1)
+                first, last = b.seqs.start, b.seqs.stop
+                dst = Batch(b.seqs, b.length - 1, int(store.offsets[first]), int(store.offsets[last]))
+                store.write(dst, F.linear(x, proj))
+        return store
 
     def logits(self, h: HiddenStateStore, max_tokens: int | None = None) -> Iterator[tuple[Batch, torch.Tensor]]:
         """(batch, float32 logits [B, T, V]) for every batch of the final hidden states."""
