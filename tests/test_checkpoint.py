@@ -150,3 +150,19 @@ def test_hub_id_without_network_is_a_clean_error(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ReamLiteError, match="hub download failed"):
         resolve_model_path("some-org/some-moe-model")
+
+
+def test_writer_rolls_shards_when_the_header_fills(tmp_path, monkeypatch):
+    """Many small tensors: the header's reserved space, not the size limit, starts new shards; all stay valid."""
+    import ream_lite.checkpoint.writer as wmod
+
+    monkeypatch.setattr(wmod, "HEADER_RESERVE", 1024)
+    w = CheckpointWriter(tmp_path / "o")
+    tensors = {f"layer.{i}.some_long_parameter_name.weight": torch.full((2,), float(i)) for i in range(60)}
+    for k, v in tensors.items():
+        w.add(k, v)
+    w.finish({"model_type": "x"})
+    index = json.loads((tmp_path / "o" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 3
+    r = CheckpointReader(tmp_path / "o")
+    assert all(torch.equal(r.get(k), v) for k, v in tensors.items())

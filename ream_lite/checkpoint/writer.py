@@ -32,6 +32,8 @@ def partial_dir(out_dir: Path) -> Path:
 
 
 class _Shard:
+    METADATA = {"format": "pt"}
+
     def __init__(self, path: Path, reserve: int):
         self.path = path
         self.reserve = reserve
@@ -39,16 +41,20 @@ class _Shard:
         self.file.seek(8 + reserve)
         self.entries: dict[str, dict] = {}
         self.data_bytes = 0
+        # exact length of the compact JSON header so far: {"__metadata__":{...}} plus ',"name":{...}' per tensor
+        self.header_bytes = len(encode_header({}, self.METADATA))
 
-    def header_fits(self, extra: int = 0) -> bool:
-        return len(encode_header(self.entries, {"format": "pt"})) + extra <= self.reserve
+    def entry_json_bytes(self, name: str, dtype: str, shape: list[int], nbytes: int) -> int:
+        entry = {name: {"dtype": dtype, "shape": shape, "data_offsets": [self.data_bytes, self.data_bytes + nbytes]}}
+        return len(json.dumps(entry, separators=(",", ":"))) - 2 + 1  # without the braces, with a comma
 
     def add(self, name: str, dtype: str, shape: list[int], nbytes: int) -> None:
+        self.header_bytes += self.entry_json_bytes(name, dtype, shape, nbytes)
         self.entries[name] = {"dtype": dtype, "shape": shape, "data_offsets": [self.data_bytes, self.data_bytes + nbytes]}
         self.data_bytes += nbytes
 
     def close(self) -> None:
-        header = encode_header(self.entries, {"format": "pt"}, reserve=self.reserve)
+        header = encode_header(self.entries, self.METADATA, reserve=self.reserve)
         if len(header) != self.reserve:  # cannot happen: shards are rolled over before the header overflows
             raise RuntimeError("safetensors header overflowed its reserved space")
         self.file.seek(0)
@@ -80,10 +86,10 @@ class CheckpointWriter:
         if name in self._names:
             raise ValueError(f"tensor {name} written twice")
         self._names.add(name)
-        entry_bytes = len(json.dumps({name: {"dtype": dtype, "shape": shape, "data_offsets": [10**15, 10**15]}}))
         cur = self._current
         if cur is not None and (
-            (cur.data_bytes > 0 and cur.data_bytes + nbytes > self.max_shard_bytes) or not cur.header_fits(entry_bytes)
+            (cur.data_bytes > 0 and cur.data_bytes + nbytes > self.max_shard_bytes)
+            or cur.header_bytes + cur.entry_json_bytes(name, dtype, shape, nbytes) > cur.reserve
         ):
             cur.close()
             cur = None
