@@ -1,9 +1,13 @@
-"""Offline quickstart: build a tiny random Qwen3-MoE checkpoint, inspect it, and evaluate it streamed.
+"""Offline quickstart: build a tiny random Qwen3-MoE checkpoint, compress it with REAM, evaluate the result.
 
     python examples/quickstart.py [WORKDIR]
 
-Needs no network and no GPU. It writes a tiny model (4 layers, 16 experts, top-2) to WORKDIR/tiny-qwen3-moe, some
-text to WORKDIR/text.jsonl, then runs `ream-lite inspect` and `ream-lite eval --reference` on them.
+Needs no network and no GPU. It writes a tiny model (4 layers, 16 experts, top-2) to WORKDIR/tiny-qwen3-moe and
+some text to WORKDIR/text.jsonl, then runs, as a user would:
+    ream-lite inspect  WORKDIR/tiny-qwen3-moe
+    ream-lite compress WORKDIR/tiny-qwen3-moe WORKDIR/tiny-qwen3-moe-12 --experts 12   (built-in calibration text)
+    ream-lite eval     WORKDIR/tiny-qwen3-moe-12 --data WORKDIR/text.jsonl --reference WORKDIR/tiny-qwen3-moe
+The model's weights are random, so the figures only show that everything runs end to end.
 """
 
 import json
@@ -42,9 +46,13 @@ def main() -> None:
             {"domain": "code", "text": "def add(a, b):\n    return a + b\n\nprint(add(2, 3))\n" * 20}]
     data.write_text("\n".join(json.dumps(d) for d in docs) + "\n")
     cli = [sys.executable, "-m", "ream_lite"]
+    small = work / "tiny-qwen3-moe-12"
     subprocess.run([*cli, "inspect", str(model)], check=True)
     print()
-    subprocess.run([*cli, "eval", str(model), "--data", str(data), "--reference", str(model), "--seq-len", "128"],
+    subprocess.run([*cli, "compress", str(model), str(small), "--experts", "12", "--num-sequences", "48",
+                    "--seq-len", "128", "--overwrite"], check=True)
+    print()
+    subprocess.run([*cli, "eval", str(small), "--data", str(data), "--reference", str(model), "--seq-len", "128"],
                    check=True)
 
 
