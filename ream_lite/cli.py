@@ -77,6 +77,13 @@ def _make_options(device, dtype, max_gpu_memory, max_cpu_memory, work_dir, store
     )
 
 
+def _bytes_option(name: str, text: str) -> int:
+    try:
+        return parse_bytes(text)
+    except ValueError:
+        raise ReamLiteError(f"{name} {text}: expected a size like 5GB, 512MB or a number of bytes") from None
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="ream-lite")
 @click.option("-v", "--verbose", is_flag=True, help="log progress details")
@@ -183,7 +190,8 @@ def compress(model, output, experts, method, calib, num_sequences, seq_len, seed
     cfg = CompressConfig(
         model=model, output=output, experts=experts, method=method, options=method_opts, calib=calib,
         num_sequences=num_sequences, seq_len=seq_len, seed=seed, sequential=not no_sequential, overwrite=overwrite,
-        drop_mtp=drop_mtp, max_shard_bytes=parse_bytes(max_shard_size), tokenizer=tokenizer, stream=opts,
+        drop_mtp=drop_mtp, max_shard_bytes=_bytes_option("--max-shard-size", max_shard_size), tokenizer=tokenizer,
+        stream=opts,
     )
     out = run(cfg)
     click.echo(f"wrote {out}")

@@ -87,7 +87,7 @@ class Evaluator:
             ref_layout = ModelLayout(reference)
             self.vocab = int(ref_layout.config["vocab_size"])
             self.ref_streamer = LayerStreamer(ref_layout, self.opts)
-            self.ref_streamer.make_plan(self.tokens, stores=self.n_stores)
+            self.ref_streamer.make_plan(self.tokens, stores=self.n_stores, seq_len=seq_len)
             self.ref_states = _final_states(self.ref_streamer, self.seqs, "reference")
 
     def run(self, model: str) -> EvalResult:
@@ -99,7 +99,7 @@ class Evaluator:
             raise ReamLiteError("the reference model has a different vocabulary size; cannot compare")
         head_tokens = max(self.seq_len, min(self.opts.tokens_per_batch, HEAD_BYTES // (vocab * 4 * 3)))
         streamer = LayerStreamer(layout, self.opts)
-        streamer.make_plan(self.tokens, stores=self.n_stores)
+        streamer.make_plan(self.tokens, stores=self.n_stores, seq_len=self.seq_len)
         states = _final_states(streamer, self.seqs, "model")
         seqs = self.seqs
         tallies = [Tally() for _ in self.domains]

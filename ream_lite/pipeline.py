@@ -67,6 +67,7 @@ def resolve_keep(layout: ModelLayout, experts: float) -> int:
 
 def validate(layout: ModelLayout, n_keep: int, cfg: CompressConfig) -> None:
     """Everything that can be checked before the first expensive pass."""
+    layout.require_plain_weights()
     rc = layout.router_config
     if cfg.method not in METHODS:
         raise ReamLiteError(f"unknown method {cfg.method}; choose from {', '.join(METHODS)}")
@@ -96,8 +97,12 @@ def validate(layout: ModelLayout, n_keep: int, cfg: CompressConfig) -> None:
         if x.is_mtp and not x.is_moe and not cfg.drop_mtp:
             raise ReamLiteError(f"MTP layer {x.index} has no routed experts; pass --drop-mtp")
     out, src = Path(cfg.output).resolve(), layout.path.resolve()
-    if out == src or src in out.parents:
-        raise ReamLiteError("the output directory must not be the input directory or inside it")
+    if out == src or src in out.parents or out in src.parents:
+        raise ReamLiteError("the output directory must not be the input directory, inside it, or contain it")
+    if not (cfg.options.gate_logit_sim or cfg.options.gated_sim) and cfg.method == "ream":
+        raise ReamLiteError("--no-gate-logit-sim and --no-gated-sim together leave REAM no similarity")
+    if cfg.num_sequences < 1 or cfg.seq_len < 2:
+        raise ReamLiteError("--num-sequences must be at least 1 and --seq-len at least 2")
 
 
 def calibration_sequences(layout: ModelLayout, cfg: CompressConfig) -> tuple[list[torch.Tensor], dict[str, int]]:
@@ -174,17 +179,19 @@ def write_layer(writer: CheckpointWriter, layout: ModelLayout, layer: int, plan:
         return
     gu_key, down_key = layout.fused_keys(layer)
     gu_dtype, down_dtype = r.entry(gu_key).torch_dtype, r.entry(down_key).torch_dtype
-    gus, downs = [], []
-    for e in kept:
+    gu_out = torch.empty((len(kept), *r.shape(gu_key)[1:]), dtype=gu_dtype)
+    down_out = torch.empty((len(kept), *r.shape(down_key)[1:]), dtype=down_dtype)
+    for pos, e in enumerate(kept):
         if e in merged:
             g, u, d = merged[e]
-            gus.append(torch.cat([g, u]).to(gu_dtype).cpu())
-            downs.append(d.to(down_dtype).cpu())
+            gu_out[pos].copy_(torch.cat([g, u]))
+            down_out[pos].copy_(d)
         else:
-            gus.append(r.get(gu_key, rows=(e, e + 1))[0])
-            downs.append(r.get(down_key, rows=(e, e + 1))[0])
-    writer.add(gu_key, torch.stack(gus))
-    writer.add(down_key, torch.stack(downs))
+            gu_out[pos].copy_(r.get(gu_key, rows=(e, e + 1))[0])
+            down_out[pos].copy_(r.get(down_key, rows=(e, e + 1))[0])
+    writer.add(gu_key, gu_out)
+    del gu_out
+    writer.add(down_key, down_out)
 
 
 def output_config(layout: ModelLayout, n_keep: int, cfg: CompressConfig) -> dict:
@@ -203,8 +210,10 @@ def compress(cfg: CompressConfig) -> Path:
     validate(layout, n_keep, cfg)
     method = METHODS[cfg.method]
     seqs, calib_summary = calibration_sequences(layout, cfg)
+    if cfg.stream.work_dir is None:
+        cfg.stream.work_dir = str(Path(cfg.output).resolve().parent)
     streamer = LayerStreamer(layout, cfg.stream)
-    plan_mem = streamer.make_plan(sum(len(s) for s in seqs))
+    plan_mem = streamer.make_plan(sum(len(s) for s in seqs), seq_len=cfg.seq_len)
     for line in plan_mem.lines():
         log.info("plan: %s", line)
     rc = layout.router_config
@@ -229,6 +238,7 @@ def compress(cfg: CompressConfig) -> Path:
                 plan, merged = compress_moe_layer(streamer, block, h, out, method, n_keep, cfg, hidden)
                 plans.append(plan.to_json())
             write_layer(writer, layout, info.index, plan, merged)
+            del plan, merged
             h, out = out, h
             bar.update()
         out.close()

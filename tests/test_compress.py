@@ -194,3 +194,48 @@ def test_mtp_layer_is_compressed_with_the_same_method(calib_file, tmp_path):
     compress(d, tmp_path / "nomtp", "--experts", "8", "--calib", str(calib_file), "--drop-mtp")
     dropped = ModelLayout(str(tmp_path / "nomtp"))
     assert not any(x.is_mtp for x in dropped.layers) and dropped.config["num_nextn_predict_layers"] == 0
+
+
+def test_output_containing_the_input_is_refused_even_with_overwrite(model_dirs, calib_file, tmp_path):
+    import shutil
+
+    parent = tmp_path / "models"
+    shutil.copytree(model_dirs["olmoe"][1], parent / "src")
+    r = compress(parent / "src", parent, "--experts", "4", "--overwrite", "--calib", str(calib_file), expect_ok=False)
+    assert r.exit_code == 2 and "contain" in r.output
+    assert (parent / "src" / "model.safetensors").exists()
+
+
+def test_recompressing_writes_its_own_plan(model_dirs, calib_file, tmp_path):
+    _, src = model_dirs["qwen3_moe"]
+    compress(src, tmp_path / "six", "--experts", "6", "--calib", str(calib_file))
+    compress(tmp_path / "six", tmp_path / "four", "--experts", "4", "--calib", str(calib_file))
+    plan = json.loads((tmp_path / "four" / "ream_plan.json").read_text())
+    assert plan["experts"] == {"before": 6, "after": 4}
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--no-gate-logit-sim", "--no-gated-sim"], "no similarity"),
+    (["--max-shard-size", "5XB"], "--max-shard-size"),
+    (["--num-sequences", "0"], "--num-sequences"),
+])
+def test_option_mistakes_are_one_line_errors(model_dirs, tmp_path, args, message):
+    _, src = model_dirs["qwen3_moe"]
+    r = compress(src, tmp_path / "out", "--experts", "4", *args, expect_ok=False)
+    assert r.exit_code == 2 and message in r.output and "Traceback" not in r.output
+
+
+def test_fp8_checkpoint_is_refused_not_miscast(model_dirs, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    _, src = model_dirs["deepseek_v3"]
+    d = tmp_path / "fp8"
+    d.mkdir()
+    sd = load_file(str(src / "model.safetensors"))
+    sd["model.layers.1.mlp.experts.0.up_proj.weight"] = sd["model.layers.1.mlp.experts.0.up_proj.weight"].to(
+        torch.float8_e4m3fn)
+    save_file(sd, str(d / "model.safetensors"))
+    (d / "config.json").write_text((src / "config.json").read_text())
+    r = compress(d, tmp_path / "out", "--experts", "8", expect_ok=False)
+    assert r.exit_code == 2 and "quantized checkpoint (F8_E4M3)" in r.output
+    assert CliRunner().invoke(main, ["inspect", str(d)]).exit_code == 0  # inspect still describes it

@@ -115,7 +115,13 @@ class ModelLayout:
     # -- config-derived -----------------------------------------------------------------------------------------
     @cached_property
     def router_config(self) -> RouterConfig:
-        return self.spec.router_config(self.config)
+        # transformers' config class supplies the defaults of keys a config.json leaves out (DeepSeek-V3's
+        # n_group, routed_scaling_factor, norm_topk_prob ...), so routing matches what transformers runs
+        merged = {**self.hf_config().to_dict(), **self.config}
+        try:
+            return self.spec.router_config(merged)
+        except KeyError as e:
+            raise ReamLiteError(f"{self.path}: config.json lacks {e}") from None
 
     @property
     def decoder_layers(self) -> list[LayerLayout]:
@@ -138,6 +144,17 @@ class ModelLayout:
             raise ReamLiteError(f"{self.path}: transformers cannot build a {model_type} config: {e}") from None
         cfg._attn_implementation = attn_implementation
         return cfg
+
+    def require_plain_weights(self) -> None:
+        """Refuse quantized checkpoints: their weights cannot be used without decoding (scales, blocks)."""
+        quant = self.config.get("quantization_config")
+        f8 = sorted({e.dtype for e in self.reader.entries.values() if e.dtype.startswith("F8")})
+        if quant or f8:
+            what = (quant or {}).get("quant_method") or "/".join(f8)
+            raise ReamLiteError(
+                f"{self.path}: quantized checkpoint ({what}); decoding stored formats (FP8 block scales, MXFP4, "
+                "bnb 4-bit) is not implemented yet, so it cannot be streamed"
+            )
 
     def close(self) -> None:
         self.reader.close()

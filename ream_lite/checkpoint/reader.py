@@ -32,7 +32,8 @@ def resolve_model_path(name_or_path: str, revision: str | None = None) -> Path:
         local = snapshot_download(
             name_or_path,
             revision=revision,
-            allow_patterns=["*.safetensors", "*.json", "*.txt", "*.model", "*.tiktoken", "*.jinja", "*.py"],
+            # model*.safetensors: not the Mistral-format consolidated*.safetensors some repos ship beside them
+            allow_patterns=["model*.safetensors", "*.json", "*.txt", "*.model", "*.tiktoken", "*.jinja", "*.py"],
         )
     except Exception as e:  # offline, unknown repo, gated repo, ...
         raise ReamLiteError(f"{name_or_path}: not a local directory, and the hub download failed: {e}") from None

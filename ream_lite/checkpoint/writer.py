@@ -27,6 +27,10 @@ COPY_CHUNK = 64 * 1024 * 1024
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".ckpt")
 
 
+# files every output gets fresh (never carried over from the input, e.g. the plan of an earlier compression)
+OWN_FILES = (INDEX_NAME, "config.json", "pytorch_model.bin.index.json", "ream_plan.json", "ream_report.json")
+
+
 def partial_dir(out_dir: Path) -> Path:
     return out_dir.with_name(out_dir.name + ".partial")
 
@@ -161,6 +165,6 @@ def copy_side_files(src: Path, dst: Path) -> None:
     for p in sorted(src.iterdir()):
         if p.is_dir() or p.name.startswith("."):
             continue
-        if p.name.endswith(WEIGHT_SUFFIXES) or p.name in (INDEX_NAME, "config.json", "pytorch_model.bin.index.json"):
+        if p.name.endswith(WEIGHT_SUFFIXES) or p.name in OWN_FILES:
             continue
         shutil.copy2(p, dst / p.name)

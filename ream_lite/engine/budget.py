@@ -103,6 +103,7 @@ def plan_memory(
     store_tier: str = "auto",
     extra_activation_bytes: int = 0,
     stores: int = 2,
+    seq_len: int = 4096,
 ) -> MemoryPlan:
     elt = torch.empty(0, dtype=dtype).element_size()
     cfg = layout.config
@@ -115,6 +116,9 @@ def plan_memory(
     dense = 0
     for layer in layout.layers:
         expert_keys = set(layout.expert_keys(layer.index))
+        if layer.is_mtp:  # the MTP embedding and head are used before / outside the layer, not with it
+            prefix = f"{layer.prefix}."
+            expert_keys |= {prefix + layout.spec.mtp_embed, prefix + "shared_head.head.weight"}
         nbytes = sum(
             layout.reader.entry(k).nbytes // layout.reader.entry(k).torch_dtype.itemsize * elt
             for k in layout.layer_keys(layer.index)
@@ -129,7 +133,7 @@ def plan_memory(
     # per token in flight: a few hidden-sized vectors, the widest expert activation, router scores, and attention
     # probabilities (sdpa's math path may materialise heads x T x T per sequence).
     act = tokens_per_batch * elt * (8 * hidden + 3 * inter + 4 * max_n) + extra_activation_bytes
-    act += tokens_per_batch * heads * 4 * min(tokens_per_batch, 4096)
+    act += tokens_per_batch * heads * 4 * min(tokens_per_batch, seq_len)
 
     store_bytes = tokens * hidden * elt
     device_free = device_budget - dense - act - e_bytes * min(max_n, 8)

@@ -11,6 +11,7 @@ tier is chosen from explicit budgets by `choose_tier`, before any work starts.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,7 +52,7 @@ class HiddenStateStore:
         self.dtype = dtype
         self.tier: Tier = tier
         self.device = torch.device(device)
-        self._path: Path | None = None
+        self._mm = None
         shape = (self.total_tokens, hidden)
         if tier == "device":
             self.buf = torch.empty(shape, dtype=dtype, device=self.device)
@@ -60,14 +61,20 @@ class HiddenStateStore:
         elif tier == "disk":
             wd = Path(work_dir or tempfile.gettempdir())
             wd.mkdir(parents=True, exist_ok=True)
+            itemsize = torch.empty(0, dtype=dtype).element_size()
+            need = self.total_tokens * hidden * itemsize
+            free = shutil.disk_usage(wd).free
+            if need > free:  # the file is sparse: a full disk would otherwise surface as SIGBUS mid-run
+                raise ReamLiteError(f"{wd}: {need / 2**30:.1f} GiB needed for hidden states, {free / 2**30:.1f} GiB free")
             fd, name = tempfile.mkstemp(prefix="hidden-", suffix=".bin", dir=wd)
             os.close(fd)
-            self._path = Path(name)
-            itemsize = torch.empty(0, dtype=dtype).element_size()
             try:
                 mm = np.memmap(name, dtype=np.dtype(f"u{itemsize}"), mode="w+", shape=shape)
             except OSError as e:
                 raise ReamLiteError(f"{wd}: cannot create the hidden-state file ({e.strerror})") from None
+            finally:
+                # unlinked at once: the mapping keeps the data alive, and nothing is left behind after a kill
+                os.unlink(name)
             # a torch view of the memory map; numpy has no bfloat16, so map unsigned ints and reinterpret
             self.buf = torch.from_numpy(mm).view(dtype)
             self._mm = mm
@@ -93,8 +100,7 @@ class HiddenStateStore:
 
     def read(self, b: Batch, device: torch.device | str) -> torch.Tensor:
         """Hidden states of a batch as [B, T, H] on `device` (a copy for host/disk tiers)."""
-        x = self.buf[b.start : b.end]
-        x = x.to(device, non_blocking=False) if x.device != torch.device(device) else x.clone()
+        x = self.buf[b.start : b.end].to(device, copy=True)  # never a view: callers may write into it
         return x.view(len(b.seqs), b.length, self.hidden)
 
     def write(self, b: Batch, value: torch.Tensor) -> None:
@@ -106,10 +112,7 @@ class HiddenStateStore:
 
     def close(self) -> None:
         self.buf = None  # type: ignore[assignment]
-        if self._path is not None:
-            del self._mm
-            self._path.unlink(missing_ok=True)
-            self._path = None
+        self._mm = None  # unmaps the (already unlinked) disk-tier file
 
     def __del__(self) -> None:
         try:

@@ -110,6 +110,7 @@ class LayerStreamer:
 
         self.layout = layout
         self.opts = options or StreamOptions()
+        layout.require_plain_weights()
         self.device = torch.device(self.opts.device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ReamLiteError("--device cuda requested but no CUDA device is available")
@@ -127,7 +128,9 @@ class LayerStreamer:
         self.plan: MemoryPlan | None = None
 
     # -- planning -----------------------------------------------------------------------------------------------
-    def make_plan(self, tokens: int, extra_activation_bytes: int = 0, stores: int = 2) -> MemoryPlan:
+    def make_plan(
+        self, tokens: int, extra_activation_bytes: int = 0, stores: int = 2, seq_len: int = 4096
+    ) -> MemoryPlan:
         self.plan = plan_memory(
             self.layout,
             tokens,
@@ -139,6 +142,7 @@ class LayerStreamer:
             self.opts.store_tier,
             extra_activation_bytes,
             stores,
+            seq_len,
         )
         return self.plan
 
@@ -206,7 +210,7 @@ class LayerStreamer:
     def embed(self, sequences: list[torch.Tensor]) -> HiddenStateStore:
         """Token ids (one 1-D tensor per sequence) -> layer-0 input hidden states."""
         if self.plan is None:
-            self.make_plan(sum(len(s) for s in sequences))
+            self.make_plan(sum(len(s) for s in sequences), seq_len=max(len(s) for s in sequences))
         store = self.new_store([len(s) for s in sequences])
         w = self.layout.reader.get(self.layout.spec.embed_key, dtype=self.dtype, device=self.device)
         ids = torch.cat([s.reshape(-1) for s in sequences]).to(self.device)

@@ -49,7 +49,8 @@ def merge_group(
 def build_merged_experts(
     layout: ModelLayout, plan: LayerPlan, acts: AlignmentCollector | None, device: torch.device | str
 ) -> dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """centroid id -> merged (gate, up, down) in float32 on `device`, for every non-singleton group."""
+    """centroid id -> merged (gate, up, down) in float32 in host memory, for every non-singleton group (the
+    alignment and the merge itself run on `device`)."""
     out = {}
     for c, members in plan.merged_groups().items():
         w = load_experts(layout, plan.layer, members, torch.float32, device)
@@ -60,5 +61,7 @@ def build_merged_experts(
                 costs.append(activation_cost(acts.cross[(c, m)], acts.sq[c], acts.sq[m]))
             else:
                 costs.append(None)
-        out[c], _ = merge_group(weights, plan.weights[c], plan.align, costs)
+        merged, _ = merge_group(weights, plan.weights[c], plan.align, costs)
+        out[c] = tuple(t.cpu() for t in merged)  # on the host: N' merged experts may not fit next to a chunk
+        del w, weights
     return out

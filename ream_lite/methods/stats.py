@@ -62,22 +62,28 @@ class StatsCollector:
         self.act, self.sigmoid_router = act, router_kind == "sigmoid_grouped_topk"
         self.layer = -1
         self.tokens = 0
-        f64 = dict(dtype=torch.float64)
-        self.count = torch.zeros(num_experts, dtype=torch.int64)
-        self.reap_sum = torch.zeros(num_experts, **f64)
-        self.reap2_sum = torch.zeros(num_experts, **f64)
-        self.ean_sum = torch.zeros(num_experts, **f64)
-        self.logit_gram = torch.zeros(num_experts, num_experts, **f64) if gram else None
-        self.gated_out_sum = torch.zeros(num_experts, hidden, **f64) if dense else None
-        self.out_sum = torch.zeros(num_experts, hidden, **f64) if dense else None
+        self.device: torch.device | None = None  # accumulators live where the tokens are: no per-expert syncs
+
+    def _allocate(self, device: torch.device) -> None:
+        n, f64 = self.n, dict(dtype=torch.float64, device=device)
+        self.device = device
+        self.count = torch.zeros(n, dtype=torch.int64, device=device)
+        self.reap_sum = torch.zeros(n, **f64)
+        self.reap2_sum = torch.zeros(n, **f64)
+        self.ean_sum = torch.zeros(n, **f64)
+        self.logit_gram = torch.zeros(n, n, **f64) if self.want_gram else None
+        self.gated_out_sum = torch.zeros(n, self.hidden, **f64) if self.dense else None
+        self.out_sum = torch.zeros(n, self.hidden, **f64) if self.dense else None
 
     def on_routing(self, layer: int, batch: Batch, x: torch.Tensor, routing: Routing) -> None:
+        if self.device is None:
+            self._allocate(x.device)
         self.layer = layer
         self.tokens += x.shape[0]
-        self.count += torch.bincount(routing.indices.reshape(-1).cpu(), minlength=self.n)
+        self.count += torch.bincount(routing.indices.reshape(-1), minlength=self.n)
         if self.want_gram:
             lg = routing.logits.double()
-            self.logit_gram += (lg.T @ lg).cpu()
+            self.logit_gram += lg.T @ lg
 
     def gates(self, routing: Routing) -> tuple[torch.Tensor, torch.Tensor]:
         """(dense gate [T, N], gate of each routed slot [T, k]) for this batch's routing."""
@@ -94,9 +100,8 @@ class StatsCollector:
             tok, slot = torch.where(routing.indices == e)
             if self.dense:
                 y = expert_output(experts, j, x, self.act).float()  # [T, H]
-                gated = (dense_gate[:, e, None].float() * y).sum(0)
-                self.gated_out_sum[e] += gated.double().cpu()
-                self.out_sum[e] += y.sum(0).double().cpu()
+                self.gated_out_sum[e] += (dense_gate[:, e, None].float() * y).sum(0).double()
+                self.out_sum[e] += y.sum(0).double()
                 y_routed = y[tok]
             else:
                 y_routed = expert_output(experts, j, x[tok], self.act).float() if tok.numel() else None
@@ -104,14 +109,17 @@ class StatsCollector:
                 continue
             norms = y_routed.norm(dim=-1).double()
             g = routed_gate[tok, slot].double()
-            self.reap_sum[e] += float((g * norms).sum())
-            self.reap2_sum[e] += float((g * g * norms).sum())
-            self.ean_sum[e] += float(norms.sum())
+            self.reap_sum[e] += (g * norms).sum()
+            self.reap2_sum[e] += (g * g * norms).sum()
+            self.ean_sum[e] += norms.sum()
 
     def result(self) -> LayerStats:
+        if self.device is None:
+            self._allocate(torch.device("cpu"))
+        cpu = lambda t: None if t is None else t.cpu()  # noqa: E731
         return LayerStats(
-            self.layer, self.n, self.tokens, self.count, self.reap_sum, self.reap2_sum, self.ean_sum,
-            self.logit_gram, self.gated_out_sum, self.out_sum,
+            self.layer, self.n, self.tokens, cpu(self.count), cpu(self.reap_sum), cpu(self.reap2_sum),
+            cpu(self.ean_sum), cpu(self.logit_gram), cpu(self.gated_out_sum), cpu(self.out_sum),
         )
 
 
@@ -130,10 +138,10 @@ class AlignmentCollector:
     def on_experts(self, layer: int, batch: Batch, x: torch.Tensor, routing: Routing, experts: ExpertWeights) -> None:
         pos = {e: j for j, e in enumerate(experts.ids)}
         acts = {e: expert_intermediate(experts, j, x, self.act).float() for e, j in pos.items()}
-        for e, a in acts.items():
-            s = (a * a).sum(0).double().cpu()
+        for e, a in acts.items():  # accumulated on the device, in float64
+            s = (a * a).sum(0).double()
             self.sq[e] = self.sq[e] + s if e in self.sq else s
         for c, j in self.pairs:
             if c in acts and j in acts:
-                g = (acts[c].T @ acts[j]).double().cpu()
+                g = (acts[c].T @ acts[j]).double()
                 self.cross[(c, j)] = self.cross[(c, j)] + g if (c, j) in self.cross else g
