@@ -27,9 +27,7 @@ from ream_lite.engine.router import route
 from ream_lite.engine.store import HiddenStateStore
 from ream_lite.engine.streamer import LayerStreamer, StreamOptions
 from ream_lite.methods import METHODS, MethodInput, MethodOptions
-from ream_lite.methods.apply import alignment_pairs, build_merged_experts, needs_activation_pass
-from ream_lite.methods.stats import AlignmentCollector, StatsCollector
-from ream_lite.pipeline import CompressConfig, calibration_sequences, compressed_loader
+from ream_lite.pipeline import CompressConfig, calibration_sequences, collect_stats, compressed_loader, merge_plan
 
 
 def routed_output(streamer: LayerStreamer, block, moe_in: HiddenStateStore, experts=None) -> HiddenStateStore:
@@ -97,20 +95,14 @@ def main() -> None:
             h, nxt = nxt, h
             continue
         rc = block.router_cfg
-        col = StatsCollector(rc.num_experts, h.hidden, block.act, rc.kind, dense=True)
-        s.run_moe(block, h, None, observer=col)
-        stats = col.result()
+        stats = collect_stats(s, block, h, METHODS["ream"], MethodOptions())
         y = routed_output(s, block, h)
         x = h.buf.float()
         routing = route(x, block.router_weight.float(), rc, block.router_bias)
         for name, opts in variants:
             method = METHODS["reap" if name == "reap" else "ream"]
             plan = method.plan(MethodInput(stats, args.keep, rc.n_group, opts, 0))
-            acts = None
-            if needs_activation_pass(plan):
-                acts = AlignmentCollector(alignment_pairs(plan), block.act)
-                s.run_moe(block, h, None, observer=acts, chunks=list(plan.merged_groups().values()))
-            merged = build_merged_experts(layout, plan, acts, "cpu")
+            merged = merge_plan(s, block, h, plan)
             y_hat = routed_output(s, block.restricted(plan.kept), h, compressed_loader(s, plan, merged))
             errors[name].append(relative_error(y, y_hat))
             if name != "reap":

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from ream_lite.arch.layout import ModelLayout
-from ream_lite.calib.text import domain_windows, load_tokenizer, read_documents
+from ream_lite.calib.text import check_vocab, domain_windows, load_tokenizer, read_documents
 from ream_lite.engine.store import HiddenStateStore
 from ream_lite.engine.streamer import LayerStreamer, StreamOptions
 from ream_lite.errors import ReamLiteError
@@ -90,11 +90,10 @@ class Evaluator:
             self.ref_streamer.make_plan(self.tokens, stores=self.n_stores, seq_len=seq_len)
             self.ref_states = _final_states(self.ref_streamer, self.seqs, "reference")
 
-    def run(self, model: str) -> EvalResult:
-        layout = ModelLayout(model)
+    def run(self, model: str | ModelLayout) -> EvalResult:
+        layout = model if isinstance(model, ModelLayout) else ModelLayout(model)
         vocab = int(layout.config["vocab_size"])
-        if max(int(s.max()) for s in self.seqs) >= vocab:
-            raise ReamLiteError(f"tokenizer produces ids beyond the model's vocabulary ({vocab})")
+        check_vocab(self.seqs, vocab)
         if self.reference and vocab != self.vocab:
             raise ReamLiteError("the reference model has a different vocabulary size; cannot compare")
         head_tokens = max(self.seq_len, min(self.opts.tokens_per_batch, HEAD_BYTES // (vocab * 4 * 3)))
@@ -149,10 +148,10 @@ def evaluate(
     options: StreamOptions | None = None,
     tokenizer: str | None = None,
 ) -> EvalResult:
-    source = str(ModelLayout(model).path)  # fails early, with a clear message, on a bad model
-    ev = Evaluator(data, source, reference, seq_len, max_tokens_per_domain, options, tokenizer)
+    layout = ModelLayout(model)  # fails early, with a clear message, on a bad model
+    ev = Evaluator(data, str(layout.path), reference, seq_len, max_tokens_per_domain, options, tokenizer)
     try:
-        return ev.run(model)
+        return ev.run(layout)
     finally:
         ev.close()
 

@@ -75,7 +75,7 @@ def format_description(d: dict) -> str:
         f"intermediate {d['expert_intermediate_size']}, stored {'/'.join(d['expert_storage'])}",
         f"router       {router}",
         f"shared       {'yes' if d['shared_experts'] else 'no'}",
-        f"stored as    " + ", ".join(f"{k} {g(v)}" for k, v in d["stored_dtypes"].items())
+        "stored as    " + ", ".join(f"{k} {g(v)}" for k, v in d["stored_dtypes"].items())
         + (f" (quantization: {d['quantization']})" if d["quantization"] else ""),
         f"total        {g(d['total_bytes'])}, routed experts {g(d['expert_bytes'])} "
         f"({100 * d['expert_bytes'] / max(d['total_bytes'], 1):.1f}%)",

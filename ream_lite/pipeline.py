@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from ream_lite import __version__
 from ream_lite.arch.layout import ModelLayout
 from ream_lite.calib.builtin import builtin_documents
-from ream_lite.calib.text import domain_windows, load_tokenizer, read_documents
+from ream_lite.calib.text import check_vocab, domain_windows, load_tokenizer, read_documents
 from ream_lite.checkpoint.writer import DEFAULT_MAX_SHARD_BYTES, CheckpointWriter
 from ream_lite.engine.experts import ExpertWeights, load_experts
 from ream_lite.engine.streamer import LayerStreamer, MoEBlock, StreamOptions
@@ -32,7 +32,7 @@ from ream_lite.errors import ReamLiteError
 from ream_lite.methods import METHODS, LayerPlan, MethodInput, MethodOptions
 from ream_lite.methods.apply import alignment_pairs, build_merged_experts, needs_activation_pass
 from ream_lite.methods.grouping import auto_group_size
-from ream_lite.methods.stats import AlignmentCollector, StatsCollector
+from ream_lite.methods.stats import AlignmentCollector, LayerStats, StatsCollector
 
 log = logging.getLogger(__name__)
 PLAN_NAME = "ream_plan.json"
@@ -122,9 +122,7 @@ def calibration_sequences(layout: ModelLayout, cfg: CompressConfig) -> tuple[lis
         pick = rng.sample(range(len(windows[d])), min(n, len(windows[d])))
         seqs += [windows[d][i] for i in sorted(pick)]
         summary[d] = len(pick) * cfg.seq_len
-    vocab = int(layout.config["vocab_size"])
-    if max(int(s.max()) for s in seqs) >= vocab:
-        raise ReamLiteError(f"the tokenizer produces ids beyond the model's vocabulary ({vocab})")
+    check_vocab(seqs, int(layout.config["vocab_size"]))
     return seqs, summary
 
 
@@ -217,7 +215,6 @@ def compress(cfg: CompressConfig) -> Path:
     for line in plan_mem.lines():
         log.info("plan: %s", line)
     rc = layout.router_config
-    hidden = int(layout.config["hidden_size"])
     writer = CheckpointWriter(cfg.output, cfg.max_shard_bytes, overwrite=cfg.overwrite)
     plans: list[dict] = []
     t0 = time.perf_counter()
@@ -231,16 +228,20 @@ def compress(cfg: CompressConfig) -> Path:
         out = streamer.new_store(h.lengths)
         bar = tqdm(total=len(layout.decoder_layers) + len(mtp_layers), desc=f"{cfg.method} {rc.num_experts}->{n_keep}",
                    disable=not cfg.stream.progress)
-        for info in layout.decoder_layers:
-            block = streamer.attention_phase(info.index, h, out)
+
+        def layer(index: int, h, out) -> None:
+            """Layer `index` from h into out, compressed if MoE, written; its merged experts freed after."""
+            block = streamer.attention_phase(index, h, out)
             plan, merged = None, {}
             if block is not None:
-                plan, merged = compress_moe_layer(streamer, block, h, out, method, n_keep, cfg, hidden)
+                plan, merged = compress_moe_layer(streamer, block, h, out, method, n_keep, cfg)
                 plans.append(plan.to_json())
-            write_layer(writer, layout, info.index, plan, merged)
-            del plan, merged
-            h, out = out, h
+            write_layer(writer, layout, index, plan, merged)
             bar.update()
+
+        for info in layout.decoder_layers:
+            layer(info.index, h, out)
+            h, out = out, h
         out.close()
         # MTP layers: one more MoE layer each, fed as the model feeds them at inference (see ArchSpec)
         prev_norm, mtp_seqs = layout.spec.final_norm_key, seqs
@@ -249,14 +250,10 @@ def compress(cfg: CompressConfig) -> Path:
             mtp_seqs = [s[1:] for s in mtp_seqs]  # MTP layer k sees token t + k + 1 at position t
             h.close()
             h, out = x, streamer.new_store(x.lengths)
-            block = streamer.attention_phase(info.index, h, out)
-            plan, merged = compress_moe_layer(streamer, block, h, out, method, n_keep, cfg, hidden)
-            plans.append(plan.to_json())
-            write_layer(writer, layout, info.index, plan, merged)
+            layer(info.index, h, out)
             h.close()
             h = out
             prev_norm = f"{info.prefix}.{layout.spec.mtp_head_norm}"
-            bar.update()
         bar.close()
         h.close()
         config = output_config(layout, n_keep, cfg)
@@ -283,26 +280,37 @@ def compress(cfg: CompressConfig) -> Path:
         layout.close()
 
 
-def compress_moe_layer(
-    streamer: LayerStreamer, block: MoEBlock, h, out, method, n_keep: int, cfg: CompressConfig, hidden: int
-) -> tuple[LayerPlan, dict]:
-    """Statistics -> plan -> merged experts for one MoE layer; adds the (compressed, in sequential mode) MoE output
-    into `out`."""
+def collect_stats(
+    streamer: LayerStreamer, block: MoEBlock, h, method, opts: MethodOptions, out=None
+) -> LayerStats:
+    """One pass of the MoE block over its cached inputs with the statistics `method` needs (adding the original
+    MoE output into `out` when given, for non-sequential compression)."""
     rc = block.router_cfg
-    opts = cfg.options
-    gate = {"twice": "model"}.get(opts.saliency_gate, opts.saliency_gate)
-    collector = StatsCollector(rc.num_experts, hidden, block.act, rc.kind, dense=method.needs_dense(opts),
+    gate = {"twice": "model"}.get(opts.saliency_gate, opts.saliency_gate)  # "twice" reads reap2_sum instead
+    collector = StatsCollector(rc.num_experts, h.hidden, block.act, rc.kind, dense=method.needs_dense(opts),
                                gate=gate, gram=method.needs_gram(opts))
-    streamer.run_moe(block, h, None if cfg.sequential else out, observer=collector)
-    stats = collector.result()
-    plan = method.plan(MethodInput(stats, n_keep, rc.n_group, opts, cfg.seed))
-    plan.validate()
+    streamer.run_moe(block, h, out, observer=collector)
+    return collector.result()
+
+
+def merge_plan(streamer: LayerStreamer, block: MoEBlock, h, plan: LayerPlan) -> dict:
+    """Merged experts of `plan` (host memory, float32), after the activation pass its alignment needs."""
     acts = None
     if needs_activation_pass(plan):
         acts = AlignmentCollector(alignment_pairs(plan), block.act)
-        chunks = [members for members in plan.merged_groups().values()]
-        streamer.run_moe(block, h, None, observer=acts, chunks=chunks)
-    merged = build_merged_experts(streamer.layout, plan, acts, streamer.device)
+        streamer.run_moe(block, h, None, observer=acts, chunks=list(plan.merged_groups().values()))
+    return build_merged_experts(streamer.layout, plan, acts, streamer.device)
+
+
+def compress_moe_layer(
+    streamer: LayerStreamer, block: MoEBlock, h, out, method, n_keep: int, cfg: CompressConfig
+) -> tuple[LayerPlan, dict]:
+    """Statistics -> plan -> merged experts for one MoE layer; adds the (compressed, in sequential mode) MoE output
+    into `out`."""
+    stats = collect_stats(streamer, block, h, method, cfg.options, None if cfg.sequential else out)
+    plan = method.plan(MethodInput(stats, n_keep, block.router_cfg.n_group, cfg.options, cfg.seed))
+    plan.validate()
+    merged = merge_plan(streamer, block, h, plan)
     if cfg.sequential:
         streamer.run_moe(block.restricted(plan.kept), h, out, experts=compressed_loader(streamer, plan, merged))
     return plan, merged

@@ -5,9 +5,7 @@ import subprocess
 import sys
 
 import pytest
-import torch
 from click.testing import CliRunner
-from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from ream_lite.cli import main

@@ -64,6 +64,11 @@ def separator_id(tok) -> int | None:
     return tok.eos_token_id if tok.eos_token_id is not None else None
 
 
+def check_vocab(sequences: list[torch.Tensor], vocab_size: int) -> None:
+    if max(int(s.max()) for s in sequences) >= vocab_size:
+        raise ReamLiteError(f"the tokenizer produces ids beyond the model's vocabulary ({vocab_size})")
+
+
 def domain_windows(
     docs: list[Document], tok, seq_len: int, max_tokens_per_domain: int | None = None
 ) -> dict[str, list[torch.Tensor]]:
