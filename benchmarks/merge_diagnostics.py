@@ -27,7 +27,8 @@ from ream_lite.engine.router import route
 from ream_lite.engine.store import HiddenStateStore
 from ream_lite.engine.streamer import LayerStreamer, StreamOptions
 from ream_lite.methods import METHODS, MethodInput, MethodOptions
-from ream_lite.pipeline import CompressConfig, calibration_sequences, collect_stats, compressed_loader, merge_plan
+from ream_lite.passes import collect_stats, compressed_loader, merge_plan
+from ream_lite.pipeline import CompressConfig, calibration_sequences
 
 
 def routed_output(streamer: LayerStreamer, block, moe_in: HiddenStateStore, experts=None) -> HiddenStateStore:
@@ -77,10 +78,10 @@ def main() -> None:
     tb = Path(args.testbed)
     model = args.model or str(tb / "tiny-qwen3-moe")
     calib = args.calib or str(tb / "data" / "calib.jsonl")
-    cfg = CompressConfig(model=model, output="unused", experts=args.keep, calib=calib,
+    cfg = CompressConfig(model=model, output="unused", experts=args.keep, calib=calib, guard="off",
                          num_sequences=args.num_sequences, seq_len=256, stream=StreamOptions(progress=False))
     layout = ModelLayout(model)
-    seqs, _ = calibration_sequences(layout, cfg)
+    seqs, _, _ = calibration_sequences(layout, cfg)
     s = LayerStreamer(layout, cfg.stream)
     s.make_plan(sum(len(q) for q in seqs))
     h = s.embed(seqs)

@@ -160,6 +160,12 @@ def eval_cmd(model, data, reference, seq_len, max_tokens, tokenizer, as_json, **
 @click.option("--no-gated-sim", is_flag=True, help="REAM similarity without the gated-output term")
 @click.option("--align", type=click.Choice(["act+weight", "act", "weight", "none"]), default="act+weight",
               show_default=True, help="neuron alignment cost before merging")
+@click.option("--guard", type=click.Choice(["group", "layer", "off"]), default=None,
+              help="REAM only (default 'group'): judge plans per layer on held-out calibration sequences and write "
+              "the one with the lowest output error: REAP pruning or REAM at a ladder of group sizes ('layer'), then "
+              "undo single merged groups where that helps ('group'); 'off' = the paper's algorithm exactly")
+@click.option("--holdout", default=0.1, show_default=True,
+              help="share of calibration sequences the guard holds out of the statistics to judge plans on")
 @click.option("--no-sequential", is_flag=True,
               help="statistics of every layer from the original model (default: from the already compressed layers)")
 @click.option("--drop-mtp", is_flag=True, help="write the model without its MTP (next-token prediction) layers")
@@ -169,7 +175,7 @@ def eval_cmd(model, data, reference, seq_len, max_tokens, tokenizer, as_json, **
 @_stream_options
 @_user_errors
 def compress(model, output, experts, method, calib, num_sequences, seq_len, seed, saliency, saliency_gate, grouping,
-             group_size, no_gate_logit_sim, no_gated_sim, align, no_sequential, drop_mtp, max_shard_size, tokenizer,
+             group_size, no_gate_logit_sim, no_gated_sim, align, guard, holdout, no_sequential, drop_mtp, max_shard_size, tokenizer,
              overwrite, **stream) -> None:
     """Compress MODEL into OUTPUT with fewer routed experts per MoE layer, one layer at a time.
 
@@ -191,7 +197,7 @@ def compress(model, output, experts, method, calib, num_sequences, seq_len, seed
         model=model, output=output, experts=experts, method=method, options=method_opts, calib=calib,
         num_sequences=num_sequences, seq_len=seq_len, seed=seed, sequential=not no_sequential, overwrite=overwrite,
         drop_mtp=drop_mtp, max_shard_bytes=_bytes_option("--max-shard-size", max_shard_size), tokenizer=tokenizer,
-        stream=opts,
+        guard=guard, holdout=holdout, stream=opts,
     )
     out = run(cfg)
     click.echo(f"wrote {out}")

@@ -26,13 +26,13 @@ from ream_lite.arch.layout import ModelLayout
 from ream_lite.calib.builtin import builtin_documents
 from ream_lite.calib.text import check_vocab, domain_windows, load_tokenizer, read_documents
 from ream_lite.checkpoint.writer import DEFAULT_MAX_SHARD_BYTES, CheckpointWriter
-from ream_lite.engine.experts import ExpertWeights, load_experts
+from ream_lite.engine.store import HiddenStateStore
 from ream_lite.engine.streamer import LayerStreamer, MoEBlock, StreamOptions
 from ream_lite.errors import ReamLiteError
+from ream_lite.guard import GUARD_MODES, HeldOutJudge, guarded_plan
 from ream_lite.methods import METHODS, LayerPlan, MethodInput, MethodOptions
-from ream_lite.methods.apply import alignment_pairs, build_merged_experts, needs_activation_pass
 from ream_lite.methods.grouping import auto_group_size
-from ream_lite.methods.stats import AlignmentCollector, LayerStats, StatsCollector
+from ream_lite.passes import collect_stats, compressed_loader, merge_plan
 
 log = logging.getLogger(__name__)
 PLAN_NAME = "ream_plan.json"
@@ -54,7 +54,13 @@ class CompressConfig:
     drop_mtp: bool = False
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
     tokenizer: str | None = None
+    guard: str | None = None  # group | layer | off; None = "group" for REAM, "off" for every other method
+    holdout: float = 0.1  # share of calibration sequences the guard judges plans on (never used for statistics)
     stream: StreamOptions = field(default_factory=StreamOptions)
+
+    @property
+    def guard_mode(self) -> str:
+        return self.guard or ("group" if self.method == "ream" else "off")
 
 
 def resolve_keep(layout: ModelLayout, experts: float) -> int:
@@ -103,10 +109,22 @@ def validate(layout: ModelLayout, n_keep: int, cfg: CompressConfig) -> None:
         raise ReamLiteError("--no-gate-logit-sim and --no-gated-sim together leave REAM no similarity")
     if cfg.num_sequences < 1 or cfg.seq_len < 2:
         raise ReamLiteError("--num-sequences must be at least 1 and --seq-len at least 2")
+    if cfg.guard_mode not in GUARD_MODES:
+        raise ReamLiteError(f"--guard {cfg.guard_mode}: choose from {', '.join(GUARD_MODES)}")
+    if cfg.guard_mode != "off":
+        if cfg.method != "ream":
+            raise ReamLiteError(f"--guard {cfg.guard_mode} chooses between REAM and REAP plans; it needs --method ream")
+        if not 0 < cfg.holdout < 1:
+            raise ReamLiteError(f"--holdout {cfg.holdout}: the held-out share must be between 0 and 1")
+        if cfg.num_sequences < 2:
+            raise ReamLiteError("the guard needs at least 2 calibration sequences (one held out); "
+                                "raise --num-sequences or pass --guard off")
 
 
-def calibration_sequences(layout: ModelLayout, cfg: CompressConfig) -> tuple[list[torch.Tensor], dict[str, int]]:
-    """`num_sequences` windows of `seq_len` tokens, shared equally between the domains of the source, seeded."""
+def calibration_sequences(layout: ModelLayout, cfg: CompressConfig) -> tuple[list[torch.Tensor], dict[str, int], int]:
+    """`num_sequences` windows of `seq_len` tokens, shared equally between the domains of the source, seeded.
+    Returns (sequences, tokens per domain, n_holdout): with the guard on, the last n_holdout sequences are the
+    held-out slice, the same share of every domain, chosen by the seed."""
     docs = builtin_documents(cfg.seed) if cfg.calib == "builtin" else read_documents(cfg.calib)
     tok = load_tokenizer(layout.path, cfg.tokenizer)
     windows = domain_windows(docs, tok, cfg.seq_len)
@@ -117,32 +135,29 @@ def calibration_sequences(layout: ModelLayout, cfg: CompressConfig) -> tuple[lis
     rng = random.Random(cfg.seed)
     domains = sorted(windows)
     share = [cfg.num_sequences // len(domains) + (i < cfg.num_sequences % len(domains)) for i in range(len(domains))]
-    seqs, summary = [], {}
+    picked, summary = {}, {}
     for d, n in zip(domains, share):
         pick = rng.sample(range(len(windows[d])), min(n, len(windows[d])))
-        seqs += [windows[d][i] for i in sorted(pick)]
+        picked[d] = [windows[d][i] for i in sorted(pick)]
         summary[d] = len(pick) * cfg.seq_len
+    held = holdout_split({d: len(p) for d, p in picked.items()}, cfg.holdout if cfg.guard_mode != "off" else 0.0, rng)
+    seqs = [w for d in domains for i, w in enumerate(picked[d]) if i not in held[d]]
+    seqs += [w for d in domains for i, w in enumerate(picked[d]) if i in held[d]]
     check_vocab(seqs, int(layout.config["vocab_size"]))
-    return seqs, summary
+    return seqs, summary, sum(len(v) for v in held.values())
 
 
-def compressed_loader(streamer: LayerStreamer, plan: LayerPlan, merged: dict):
-    """Load experts of the compressed layer by position (0..N'-1): merged ones from memory, others from disk."""
-    kept = plan.kept
-
-    def load(positions: list[int]) -> ExpertWeights:
-        ids = [kept[p] for p in positions]
-        w = load_experts(streamer.layout, plan.layer, ids, streamer.dtype, streamer.device)
-        for j, e in enumerate(ids):
-            if e in merged:
-                g, u, d = merged[e]
-                w.gate[j].copy_(g)
-                w.up[j].copy_(u)
-                w.down[j].copy_(d)
-        w.ids = list(positions)
-        return w
-
-    return load
+def holdout_split(counts: dict[str, int], share: float, rng: random.Random) -> dict[str, set[int]]:
+    """Which sequences of each domain are held out: round(share * n) of every domain, at least one in all (from
+    the largest domain) when share > 0, and never every sequence."""
+    want = {d: int(share * n + 0.5) for d, n in counts.items()}
+    total = sum(counts.values())
+    if share > 0 and total >= 2 and not any(want.values()):
+        want[max(counts, key=lambda d: (counts[d], d))] = 1
+    while sum(want.values()) >= total and total:
+        d = max(want, key=lambda k: (want[k], k))
+        want[d] -= 1
+    return {d: set(rng.sample(range(counts[d]), want[d])) for d in counts}
 
 
 def write_layer(writer: CheckpointWriter, layout: ModelLayout, layer: int, plan: LayerPlan | None, merged: dict) -> None:
@@ -207,11 +222,14 @@ def compress(cfg: CompressConfig) -> Path:
     n_keep = resolve_keep(layout, cfg.experts)
     validate(layout, n_keep, cfg)
     method = METHODS[cfg.method]
-    seqs, calib_summary = calibration_sequences(layout, cfg)
+    seqs, calib_summary, n_holdout = calibration_sequences(layout, cfg)
     if cfg.stream.work_dir is None:
         cfg.stream.work_dir = str(Path(cfg.output).resolve().parent)
     streamer = LayerStreamer(layout, cfg.stream)
-    plan_mem = streamer.make_plan(sum(len(s) for s in seqs), seq_len=cfg.seq_len)
+    # the guard's held-out buffers: y, y_hat and the best y_hat, float32, held-out tokens only
+    elt = torch.empty(0, dtype=streamer.dtype).element_size()
+    guard_stores = 3 * (4 / elt) * n_holdout / len(seqs)
+    plan_mem = streamer.make_plan(sum(len(s) for s in seqs), stores=2 + guard_stores, seq_len=cfg.seq_len)
     for line in plan_mem.lines():
         log.info("plan: %s", line)
     rc = layout.router_config
@@ -234,7 +252,7 @@ def compress(cfg: CompressConfig) -> Path:
             block = streamer.attention_phase(index, h, out)
             plan, merged = None, {}
             if block is not None:
-                plan, merged = compress_moe_layer(streamer, block, h, out, method, n_keep, cfg)
+                plan, merged = compress_moe_layer(streamer, block, h, out, method, n_keep, cfg, n_holdout)
                 plans.append(plan.to_json())
             write_layer(writer, layout, index, plan, merged)
             bar.update()
@@ -266,8 +284,9 @@ def compress(cfg: CompressConfig) -> Path:
             "options": asdict(cfg.options),
             "sequential": cfg.sequential,
             "seed": cfg.seed,
+            "guard": cfg.guard_mode,
             "calibration": {"source": cfg.calib, "sequences": len(seqs), "seq_len": cfg.seq_len,
-                            "tokens_per_domain": calib_summary},
+                            "tokens_per_domain": calib_summary, "holdout_sequences": n_holdout},
             "seconds": round(time.perf_counter() - t0, 2),
             "layers": plans,
         }
@@ -280,37 +299,31 @@ def compress(cfg: CompressConfig) -> Path:
         layout.close()
 
 
-def collect_stats(
-    streamer: LayerStreamer, block: MoEBlock, h, method, opts: MethodOptions, out=None
-) -> LayerStats:
-    """One pass of the MoE block over its cached inputs with the statistics `method` needs (adding the original
-    MoE output into `out` when given, for non-sequential compression)."""
-    rc = block.router_cfg
-    gate = {"twice": "model"}.get(opts.saliency_gate, opts.saliency_gate)  # "twice" reads reap2_sum instead
-    collector = StatsCollector(rc.num_experts, h.hidden, block.act, rc.kind, dense=method.needs_dense(opts),
-                               gate=gate, gram=method.needs_gram(opts))
-    streamer.run_moe(block, h, out, observer=collector)
-    return collector.result()
-
-
-def merge_plan(streamer: LayerStreamer, block: MoEBlock, h, plan: LayerPlan) -> dict:
-    """Merged experts of `plan` (host memory, float32), after the activation pass its alignment needs."""
-    acts = None
-    if needs_activation_pass(plan):
-        acts = AlignmentCollector(alignment_pairs(plan), block.act)
-        streamer.run_moe(block, h, None, observer=acts, chunks=list(plan.merged_groups().values()))
-    return build_merged_experts(streamer.layout, plan, acts, streamer.device)
-
-
 def compress_moe_layer(
-    streamer: LayerStreamer, block: MoEBlock, h, out, method, n_keep: int, cfg: CompressConfig
+    streamer: LayerStreamer, block: MoEBlock, h: HiddenStateStore, out: HiddenStateStore, method, n_keep: int,
+    cfg: CompressConfig, n_holdout: int = 0,
 ) -> tuple[LayerPlan, dict]:
-    """Statistics -> plan -> merged experts for one MoE layer; adds the (compressed, in sequential mode) MoE output
-    into `out`."""
-    stats = collect_stats(streamer, block, h, method, cfg.options, None if cfg.sequential else out)
-    plan = method.plan(MethodInput(stats, n_keep, block.router_cfg.n_group, cfg.options, cfg.seed))
-    plan.validate()
-    merged = merge_plan(streamer, block, h, plan)
+    """Statistics -> plan (guarded: judged on the last `n_holdout` sequences) -> merged experts for one MoE layer;
+    adds the (compressed, in sequential mode) MoE output into `out`."""
+    n = len(h.lengths)
+    split = n - n_holdout
+    h_stats = h.view(0, split) if n_holdout else h
+    out_stats = None if cfg.sequential else (out.view(0, split) if n_holdout else out)
+    stats = collect_stats(streamer, block, h_stats, method, cfg.options, out_stats)
+    if cfg.guard_mode == "off":
+        plan = method.plan(MethodInput(stats, n_keep, block.router_cfg.n_group, cfg.options, cfg.seed))
+        plan.validate()
+        merged = merge_plan(streamer, block, h_stats, plan)
+    else:
+        h_hold = h.view(split, n)
+        if not cfg.sequential:  # the original output of the held-out sequences too
+            streamer.run_moe(block, h_hold, out.view(split, n))
+        judge = HeldOutJudge(streamer, block, h_hold)
+        try:
+            plan, merged = guarded_plan(streamer, block, h_stats, judge, stats, n_keep, cfg.options, cfg.seed,
+                                        cfg.guard_mode)
+        finally:
+            judge.close()
     if cfg.sequential:
         streamer.run_moe(block.restricted(plan.kept), h, out, experts=compressed_loader(streamer, plan, merged))
     return plan, merged

@@ -83,7 +83,8 @@ def test_pruning_oracle(model_dirs, calib_file, tmp_path, family, method):
 def test_merging_methods_write_loadable_models(model_dirs, calib_file, tmp_path, family, method):
     model, src = model_dirs[family]
     n = ModelLayout(str(src)).router_config.num_experts
-    compress(src, tmp_path / "out", "--experts", str(n // 2), "--method", method, "--calib", str(calib_file))
+    paper = ["--guard", "off"] if method == "ream" else []  # the paper's REAM merges in every layer
+    compress(src, tmp_path / "out", "--experts", str(n // 2), "--method", method, "--calib", str(calib_file), *paper)
     layout = ModelLayout(str(tmp_path / "out"))
     assert {x.num_experts for x in layout.moe_layers} == {n // 2}
     plan = json.loads((tmp_path / "out" / "ream_plan.json").read_text())
@@ -99,7 +100,7 @@ def test_unchanged_tensors_are_byte_copies_and_merges_are_where_planned(model_di
 
     _, src = model_dirs["qwen3_moe"]
     compress(src, tmp_path / "out", "--experts", "6", "--method", "ream", "--group-size", "2", "--calib",
-             str(calib_file))
+             str(calib_file), "--guard", "off")
     a, b = CheckpointReader(src), CheckpointReader(tmp_path / "out")
     plan = json.loads((tmp_path / "out" / "ream_plan.json").read_text())
     for L in plan["layers"]:
@@ -177,7 +178,7 @@ def test_mtp_layer_is_compressed_with_the_same_method(calib_file, tmp_path):
     cfg["num_nextn_predict_layers"] = 1
     (d / "config.json").write_text(json.dumps(cfg))
 
-    compress(d, tmp_path / "out", "--experts", "8", "--method", "ream", "--calib", str(calib_file))
+    compress(d, tmp_path / "out", "--experts", "8", "--method", "ream", "--calib", str(calib_file), "--guard", "off")
     plan = json.loads((tmp_path / "out" / "ream_plan.json").read_text())
     assert [L["layer"] for L in plan["layers"]] == [1, 2, 3]
     mtp = plan["layers"][-1]
@@ -218,6 +219,9 @@ def test_recompressing_writes_its_own_plan(model_dirs, calib_file, tmp_path):
     (["--no-gate-logit-sim", "--no-gated-sim"], "no similarity"),
     (["--max-shard-size", "5XB"], "--max-shard-size"),
     (["--num-sequences", "0"], "--num-sequences"),
+    (["--method", "reap", "--guard", "group"], "--method ream"),
+    (["--holdout", "1.5"], "--holdout"),
+    (["--num-sequences", "1"], "at least 2 calibration sequences"),
 ])
 def test_option_mistakes_are_one_line_errors(model_dirs, tmp_path, args, message):
     _, src = model_dirs["qwen3_moe"]

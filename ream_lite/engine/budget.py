@@ -51,7 +51,8 @@ class MemoryPlan:
     dtype: str
     store_tier: Tier
     store_bytes: int  # one hidden-state buffer
-    stores: int  # buffers alive at once (layer input + output, + a kept reference for eval)
+    stores: float  # buffers alive at once, in units of one buffer (layer input + output, + a kept reference for
+    # eval, + the guard's held-out outputs)
     tokens: int
     tokens_per_batch: int
     max_layer_dense_bytes: int  # largest non-expert part of a decoder layer, decoded
@@ -63,27 +64,31 @@ class MemoryPlan:
     activation_bytes: int
 
     @property
+    def all_stores_bytes(self) -> int:
+        return int(self.stores * self.store_bytes)
+
+    @property
     def peak_device_bytes(self) -> int:
         chunk = self.experts_per_chunk * self.expert_bytes
-        store = self.stores * self.store_bytes if self.store_tier == "device" else 0
+        store = self.all_stores_bytes if self.store_tier == "device" else 0
         return self.max_layer_dense_bytes + chunk + store + self.activation_bytes
 
     @property
     def peak_host_bytes(self) -> int:
-        store = self.stores * self.store_bytes if self.store_tier == "host" else 0
+        store = self.all_stores_bytes if self.store_tier == "host" else 0
         if self.device == "cpu":
             return self.peak_device_bytes + store
         return store + self.max_layer_dense_bytes  # staging of weights on their way to the device
 
     @property
     def disk_bytes(self) -> int:
-        return self.stores * self.store_bytes if self.store_tier == "disk" else 0
+        return self.all_stores_bytes if self.store_tier == "disk" else 0
 
     def lines(self) -> list[str]:
         g = lambda b: f"{b / GiB:.2f} GiB"  # noqa: E731
         return [
             f"device {self.device}, compute dtype {self.dtype}",
-            f"hidden states: {self.tokens:,} tokens, {g(self.store_bytes)} per buffer x{self.stores}, tier '{self.store_tier}'",
+            f"hidden states: {self.tokens:,} tokens, {g(self.store_bytes)} per buffer x{self.stores:g}, tier '{self.store_tier}'",
             f"largest decoder layer without routed experts: {g(self.max_layer_dense_bytes)}",
             f"routed experts: {g(self.expert_bytes)} each, {self.experts_per_chunk} of {self.max_experts} per chunk",
             f"batches of up to {self.tokens_per_batch:,} tokens; activations ~{g(self.activation_bytes)}",
@@ -102,7 +107,7 @@ def plan_memory(
     tokens_per_batch: int = 4096,
     store_tier: str = "auto",
     extra_activation_bytes: int = 0,
-    stores: int = 2,
+    stores: float = 2,
     seq_len: int = 4096,
 ) -> MemoryPlan:
     elt = torch.empty(0, dtype=dtype).element_size()
@@ -139,7 +144,7 @@ def plan_memory(
     device_free = device_budget - dense - act - e_bytes * min(max_n, 8)
     tier = choose_tier(store_bytes, stores, device, device_free, host_budget, store_tier)
     on_device = tier == "device" or (device.type == "cpu" and tier == "host")
-    left = device_budget - dense - act - (stores * store_bytes if on_device else 0)
+    left = device_budget - dense - act - (int(stores * store_bytes) if on_device else 0)
     chunk = max(1, min(max_n, left // max(e_bytes, 1)))
     return MemoryPlan(
         device=str(device),

@@ -81,6 +81,18 @@ class HiddenStateStore:
         else:
             raise ValueError(f"unknown tier {tier}")
 
+    def view(self, first: int, last: int) -> HiddenStateStore:
+        """Sequences first..last-1 as a store of their own that shares this one's buffer (no copy): batches of
+        the view index only those rows. Closing the view leaves this store open."""
+        v = object.__new__(HiddenStateStore)
+        v.lengths = self.lengths[first:last]
+        v.offsets = self.offsets[first : last + 1] - self.offsets[first]
+        v.total_tokens = int(v.offsets[-1])
+        v.hidden, v.dtype, v.tier, v.device = self.hidden, self.dtype, self.tier, self.device
+        v._mm = None
+        v.buf = self.buf[int(self.offsets[first]) : int(self.offsets[last])]
+        return v
+
     @property
     def nbytes(self) -> int:
         return self.total_tokens * self.hidden * self.buf.element_size()

@@ -129,7 +129,7 @@ class LayerStreamer:
 
     # -- planning -----------------------------------------------------------------------------------------------
     def make_plan(
-        self, tokens: int, extra_activation_bytes: int = 0, stores: int = 2, seq_len: int = 4096
+        self, tokens: int, extra_activation_bytes: int = 0, stores: float = 2, seq_len: int = 4096
     ) -> MemoryPlan:
         self.plan = plan_memory(
             self.layout,
@@ -146,10 +146,12 @@ class LayerStreamer:
         )
         return self.plan
 
-    def new_store(self, lengths: list[int]) -> HiddenStateStore:
+    def new_store(self, lengths: list[int], dtype: torch.dtype | None = None) -> HiddenStateStore:
+        """A hidden-state buffer for sequences of `lengths`, in the planned tier (compute dtype by default)."""
         assert self.plan is not None
         return HiddenStateStore(
-            lengths, int(self.hf_config.hidden_size), self.dtype, self.plan.store_tier, self.device, self.opts.work_dir
+            lengths, int(self.hf_config.hidden_size), dtype or self.dtype, self.plan.store_tier, self.device,
+            self.opts.work_dir,
         )
 
     # -- weights ------------------------------------------------------------------------------------------------

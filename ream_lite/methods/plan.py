@@ -17,6 +17,7 @@ class LayerPlan:
     weights: dict[int, list[float]]
     align: str = "none"
     scores: dict[str, list[float]] = field(default_factory=dict)
+    guard: dict | None = None  # the merge guard's record: every candidate's held-out error and the choice
 
     @property
     def kept(self) -> list[int]:
@@ -42,6 +43,7 @@ class LayerPlan:
             "groups": {str(c): {"members": m, "weights": self.weights[c]} for c, m in sorted(self.merged_groups().items())},
             "align": self.align,
             "scores": self.scores,
+            **({"guard": self.guard} if self.guard is not None else {}),
         }
 
 

@@ -1,0 +1,241 @@
+"""The merge guard: choose, per MoE layer, between pruning and merging plans by their error on held-out tokens.
+
+Paper-faithful REAM can lose to plain pruning: merging a member into its centroid moves the centroid, and when
+experts were trained independently the merged expert is worse than the centroid alone. When experts are
+near-copies, merging keeps what pruning throws away. Which case a model is in is measured here, per layer, on
+calibration sequences that the statistics never saw (the held-out slice, the last sequences of the hidden-state
+cache):
+
+    e(plan) = sum ||y(x) - y_hat(x)||^2 / sum ||y(x)||^2   over held-out tokens x,
+
+y the original routed-experts output, y_hat the compressed block's (router restricted to the kept rows, with the
+family's own top-k, normalisation, bias and scaling). Shared experts are identical in both and left out.
+
+Candidates: REAP pruning, REAM at a ladder of group sizes (plus the `auto` rule), and REAM with nearest-centroid
+grouping. In `group` mode the best
+merging candidate is then refined greedily: each merged group in turn is undone (the centroid kept as it was, the
+members dropped) when that lowers e. An undo changes y_hat only on the tokens routed to that centroid, so its
+effect is measured on those tokens alone, against the current y_hat, which is kept in the store. The plan with the
+lowest recorded error is chosen; ties go to the earlier candidate (REAP first).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from ream_lite.engine.experts import ExpertWeights, expert_output, load_experts
+from ream_lite.engine.router import route
+from ream_lite.engine.store import HiddenStateStore
+from ream_lite.engine.streamer import LayerStreamer, MoEBlock
+from ream_lite.methods import METHODS, LayerPlan, MethodInput, MethodOptions
+from ream_lite.methods.grouping import auto_group_size
+from ream_lite.methods.stats import LayerStats
+from ream_lite.passes import alignment_stats, compressed_loader, merge_plan
+
+log = logging.getLogger(__name__)
+GUARD_MODES = ("group", "layer", "off")
+
+
+@dataclass
+class Candidate:
+    name: str
+    plan: LayerPlan
+    error: float = float("nan")
+    undone: list[int] = field(default_factory=list)  # greedy pass: centroids whose merge was undone
+
+    def to_json(self) -> dict:
+        d = {"name": self.name, "method": self.plan.method, "error": self.error,
+             "merged_groups": len(self.plan.merged_groups())}
+        if self.undone:
+            d["undone"] = self.undone
+        return d
+
+
+def group_size_ladder(num_experts: int, n_keep: int, n_group: int = 1) -> list[int]:
+    """REAM group sizes to try: powers of two from 2 up to N - N' + 1 (one group takes every removed expert),
+    never below ceil(N / N') (every expert must fit in a group), plus the `auto` rule's size; per routing group
+    when routing is group-limited."""
+    n, k = num_experts // n_group, n_keep // n_group
+    lower, cap = -(-n // k), n - k + 1
+    sizes = {cap, auto_group_size(n, k)}
+    c = 2
+    while c < cap:
+        sizes.add(max(c, lower))
+        c *= 2
+    return sorted(s for s in sizes if lower <= s <= cap)
+
+
+def candidate_plans(stats: LayerStats, n_keep: int, n_group: int, options: MethodOptions, seed: int
+                    ) -> list[Candidate]:
+    """REAP first, then REAM at every group size of the ladder, then REAM with every removed expert merged into
+    its most similar centroid (pseudo-pruning hands removed experts to the most salient centroids first, whatever
+    their similarity; near-copies of each other are only merged together this way when neither is the most
+    salient)."""
+    def plan(method: str, opts: MethodOptions) -> LayerPlan:
+        p = METHODS[method].plan(MethodInput(stats, n_keep, n_group, opts, seed))
+        p.validate()
+        return p
+
+    out = [Candidate("reap", plan("reap", options))]
+    if options.grouping != "pseudo-prune":
+        return out + [Candidate("ream", plan("ream", options))]
+    auto = auto_group_size(stats.num_experts // n_group, n_keep // n_group)
+    for c in group_size_ladder(stats.num_experts, n_keep, n_group):
+        name = f"ream-C{c}" + (" (auto)" if c == auto and options.group_size is None else "")
+        out.append(Candidate(name, plan("ream", replace(options, group_size=c))))
+    return out + [Candidate("ream-nearest", plan("ream", replace(options, grouping="nearest-centroid")))]
+
+
+def undo_group(plan: LayerPlan, centroid: int) -> LayerPlan:
+    """The plan with `centroid`'s merge undone: the centroid kept as it is, its members dropped."""
+    groups = {c: list(m) for c, m in plan.groups.items()}
+    weights = {c: list(w) for c, w in plan.weights.items()}
+    groups[centroid], weights[centroid] = [centroid], [1.0]
+    return replace(plan, groups=groups, weights=weights)
+
+
+class HeldOutJudge:
+    """The held-out slice of one MoE layer: its cached MoE inputs, the original routed output on them, and the
+    output of the candidate being judged (float32 buffers in the planned store tier)."""
+
+    def __init__(self, streamer: LayerStreamer, block: MoEBlock, x: HiddenStateStore):
+        self.s, self.x = streamer, x
+        self.block = replace(block, shared=None, shared_gate=None)  # routed experts only
+        self.y = self._zeros()
+        streamer.run_moe(self.block, x, self.y)
+        self.y_sq = self._sum(lambda b: self.y.read(b, streamer.device).double().pow(2).sum())
+        self.current = self._zeros()  # y_hat of the candidate judged last
+        self.best = self._zeros()  # y_hat of the best merging candidate so far (start of the greedy pass)
+        self.best_error = float("inf")
+
+    def _zeros(self) -> HiddenStateStore:
+        st = self.s.new_store(self.x.lengths, torch.float32)
+        st.buf.zero_()
+        return st
+
+    def _batches(self):
+        return self.x.batches(self.s.opts.tokens_per_batch)
+
+    def _sum(self, fn) -> float:
+        total = torch.zeros((), dtype=torch.float64, device=self.s.device)
+        for b in self._batches():
+            total += fn(b)
+        return float(total)
+
+    def error_of(self, y_hat: HiddenStateStore) -> float:
+        dev = self.s.device
+        num = self._sum(lambda b: (self.y.read(b, dev) - y_hat.read(b, dev)).double().pow(2).sum())
+        return num / max(self.y_sq, 1e-300)
+
+    def judge(self, plan: LayerPlan, loader, keep_as_start: bool) -> float:
+        """e(plan) on the held-out tokens; with keep_as_start, remember y_hat when it is the best so far."""
+        self.current.buf.zero_()
+        self.s.run_moe(self.block.restricted(plan.kept), self.x, self.current, experts=loader)
+        e = self.error_of(self.current)
+        if keep_as_start and e < self.best_error:
+            self.best_error = e
+            self.current, self.best = self.best, self.current
+        return e
+
+    def greedy_undo(self, plan: LayerPlan, merged: dict, order: list[int]) -> tuple[LayerPlan, list[int], float]:
+        """Starting from `plan` (whose y_hat is in self.best), undo each merged group in `order` when that lowers
+        the error. Returns the final plan, the undone centroids and its error."""
+        s, dev = self.s, self.s.device
+        block = self.block.restricted(plan.kept)
+        position = {e: p for p, e in enumerate(plan.kept)}
+        undone: list[int] = []
+        err_num = self.best_error * self.y_sq
+        for c in order:
+            original = load_experts(s.layout, plan.layer, [c], s.dtype, dev)
+            m = merged[c]
+            merged_w = ExpertWeights([c], *(t[None].to(dev, s.dtype) for t in m))
+            deltas = _UndoDelta(self, block, position[c], original, merged_w)
+            change = torch.zeros((), dtype=torch.float64, device=dev)
+            for b in self._batches():
+                tok, d = deltas(b)
+                if d is None:
+                    continue
+                res = (self.y.read(b, dev).reshape(-1, self.x.hidden)[tok]
+                       - self.best.read(b, dev).reshape(-1, self.x.hidden)[tok])
+                change += ((res - d).double().pow(2).sum() - res.double().pow(2).sum())
+            if float(change) < 0:
+                for b in self._batches():
+                    tok, d = deltas(b)
+                    if d is None:
+                        continue
+                    y_hat = self.best.read(b, dev).reshape(-1, self.x.hidden)
+                    y_hat.index_add_(0, tok, d)
+                    self.best.write(b, y_hat)
+                err_num += float(change)
+                plan = undo_group(plan, c)
+                undone.append(c)
+        # the running sum drifts by rounding only; recompute the recorded error exactly
+        return plan, undone, (self.error_of(self.best) if undone else err_num / max(self.y_sq, 1e-300))
+
+    def close(self) -> None:
+        for st in (self.y, self.current, self.best):
+            st.close()
+
+
+class _UndoDelta:
+    """For one batch of held-out tokens: the rows routed to kept position `p`, and how y_hat changes there when the
+    merged expert at p is replaced by the original centroid: w(x) * (E_c(x) - M_c(x))."""
+
+    def __init__(self, judge: HeldOutJudge, block: MoEBlock, p: int, original: ExpertWeights, merged: ExpertWeights):
+        self.j, self.block, self.p, self.original, self.merged = judge, block, p, original, merged
+
+    def __call__(self, b):
+        s, x_store = self.j.s, self.j.x
+        x = x_store.read(b, s.device).reshape(-1, x_store.hidden)
+        r = route(x, self.block.router_weight, self.block.router_cfg, self.block.router_bias)
+        tok, slot = torch.where(r.indices == self.p)
+        if tok.numel() == 0:
+            return tok, None
+        d = expert_output(self.original, 0, x[tok], s.act).float() - expert_output(self.merged, 0, x[tok], s.act).float()
+        return tok, d * r.weights[tok, slot, None].float()
+
+
+def guarded_plan(
+    streamer: LayerStreamer, block: MoEBlock, h_stats: HiddenStateStore, judge: HeldOutJudge, stats: LayerStats,
+    n_keep: int, options: MethodOptions, seed: int, mode: str,
+) -> tuple[LayerPlan, dict]:
+    """Judge every candidate on the held-out slice and return the chosen plan (with its record in `plan.guard`)
+    and its merged experts. Only the chosen and the best merging candidate's merged experts are kept at once."""
+    cands = candidate_plans(stats, n_keep, block.router_cfg.n_group, options, seed)
+    acts = alignment_stats(streamer, block, h_stats, [c.plan for c in cands])  # one pass for every candidate
+    chosen: tuple[Candidate, dict] | None = None
+    start: tuple[Candidate, dict] | None = None  # the best merging candidate
+    for cand in cands:
+        merging = bool(cand.plan.merged_groups())
+        merged = merge_plan(streamer, block, h_stats, cand.plan, acts) if merging else {}
+        cand.error = judge.judge(cand.plan, compressed_loader(streamer, cand.plan, merged), keep_as_start=merging)
+        log.info("layer %d: %s e=%.5f", stats.layer, cand.name, cand.error)
+        if merging and (start is None or cand.error < start[0].error):
+            start = (cand, merged)
+        if chosen is None or cand.error < chosen[0].error:
+            chosen = (cand, merged)
+        del merged
+    assert chosen is not None
+    if mode == "group" and start is not None:
+        first, merged = start
+        saliency = first.plan.scores.get("saliency") or first.plan.scores["reap"]
+        order = sorted(first.plan.merged_groups(), key=lambda c: (-saliency[c], c))
+        plan, undone, e = judge.greedy_undo(first.plan, merged, order)
+        if undone:
+            refined = Candidate(f"{first.name} +undo {len(undone)}/{len(order)}", plan, e, undone)
+            cands.append(refined)
+            log.info("layer %d: %s e=%.5f", stats.layer, refined.name, e)
+            if e < chosen[0].error:
+                chosen = (refined, {c: merged[c] for c in plan.merged_groups()})
+    cand, merged = chosen
+    cand.plan.guard = {
+        "mode": mode,
+        "holdout_sequences": len(judge.x.lengths),
+        "holdout_tokens": judge.x.total_tokens,
+        "candidates": [c.to_json() for c in cands],
+        "chosen": cand.name,
+    }
+    return cand.plan, merged

@@ -1,0 +1,72 @@
+"""The passes a compression makes over one MoE layer's cached inputs, shared by `compress`, the guard and the
+benchmarks: statistics, the alignment Grams of merged groups, and loading the compressed layer's experts."""
+
+from __future__ import annotations
+
+from ream_lite.engine.experts import ExpertWeights, load_experts
+from ream_lite.engine.store import HiddenStateStore
+from ream_lite.engine.streamer import LayerStreamer, MoEBlock
+from ream_lite.methods import LayerPlan, MethodOptions
+from ream_lite.methods.apply import alignment_pairs, build_merged_experts, needs_activation_pass
+from ream_lite.methods.stats import AlignmentCollector, LayerStats, StatsCollector
+
+
+def collect_stats(
+    streamer: LayerStreamer, block: MoEBlock, h: HiddenStateStore, method, opts: MethodOptions,
+    out: HiddenStateStore | None = None,
+) -> LayerStats:
+    """One pass of the MoE block over its cached inputs with the statistics `method` needs (adding the original
+    MoE output into `out` when given, for non-sequential compression)."""
+    rc = block.router_cfg
+    gate = {"twice": "model"}.get(opts.saliency_gate, opts.saliency_gate)  # "twice" reads reap2_sum instead
+    collector = StatsCollector(rc.num_experts, h.hidden, block.act, rc.kind, dense=method.needs_dense(opts),
+                               gate=gate, gram=method.needs_gram(opts))
+    streamer.run_moe(block, h, out, observer=collector)
+    return collector.result()
+
+
+def alignment_stats(
+    streamer: LayerStreamer, block: MoEBlock, h: HiddenStateStore, plans: list[LayerPlan]
+) -> AlignmentCollector | None:
+    """One activation pass for the neuron alignment of every merged group of every plan in `plans` (the guard's
+    candidates share their centroids, so each expert chunk is a centroid with all the members any plan gives it)."""
+    pairs = sorted({p for plan in plans if needs_activation_pass(plan) for p in alignment_pairs(plan)})
+    if not pairs:
+        return None
+    members: dict[int, list[int]] = {}
+    for c, m in pairs:
+        members.setdefault(c, []).append(m)
+    acts = AlignmentCollector(pairs, block.act)
+    streamer.run_moe(block, h, None, observer=acts, chunks=[[c, *ms] for c, ms in sorted(members.items())])
+    return acts
+
+
+def merge_plan(
+    streamer: LayerStreamer, block: MoEBlock, h: HiddenStateStore, plan: LayerPlan,
+    acts: AlignmentCollector | None = None,
+) -> dict:
+    """Merged experts of `plan` (host memory, float32), after the activation pass its alignment needs (unless
+    `acts` already holds it)."""
+    if acts is None and needs_activation_pass(plan):
+        acts = alignment_stats(streamer, block, h, [plan])
+    return build_merged_experts(streamer.layout, plan, acts, streamer.device)
+
+
+def compressed_loader(streamer: LayerStreamer, plan: LayerPlan, merged: dict):
+    """Load experts of the compressed layer by position (0..N'-1): merged ones from memory, others from disk."""
+    kept = plan.kept
+
+    def load(positions: list[int]) -> ExpertWeights:
+        ids = [kept[p] for p in positions]
+        w = load_experts(streamer.layout, plan.layer, ids, streamer.dtype, streamer.device)
+        for j, e in enumerate(ids):
+            if e in merged and len(plan.groups[e]) > 1:
+                g, u, d = merged[e]
+                w.gate[j].copy_(g)
+                w.up[j].copy_(u)
+                w.down[j].copy_(d)
+        w.ids = list(positions)
+        return w
+
+    return load
+
