@@ -1,12 +1,16 @@
 """Compression quality on the trained testbed: every method at 25% and 50% expert reduction, several seeds.
 
     python benchmarks/quality.py [--testbed ../shared/testbed] [--seeds 0 1 2] [--ratios 0.25 0.5]
-                                 [--methods reap frequency ...] [--json results.json]
+                                 [--methods reap frequency ...] [--json results.json] [--model DIR]
 
 Calibrates on data/calib.jsonl (default 96 x 256 tokens, 32 sequences per domain, as the testbed's reference
 figures), evaluates on all of data/eval.jsonl against the original model: perplexity, KL(original || compressed)
 per predicted token and top-1 agreement, overall and per domain. The seed picks the calibration sample (and the
 experts, for `random`). The reference is streamed once; each compressed model is streamed against it.
+`ream*` variants without "guard" in their name are the paper's algorithm (`--guard off`); `ream-guard` is the
+default of `ream-lite compress` (guard `group`), `ream-guard-layer` chooses among whole candidates only. For guarded
+runs the table below the figures says which candidate each layer chose. `--model` points at another model with the
+testbed's tokenizer (e.g. an upcycled one trained with the testbed's scripts).
 """
 
 from __future__ import annotations
@@ -33,10 +37,12 @@ VARIANTS = {
     "random": ("random", {}, {"sequential": False}),
     "hc-smoe": ("hc-smoe", {}, {}),
     "m-smoe": ("m-smoe", {}, {}),
-    "ream": ("ream", {}, {}),
-    "ream-C2": ("ream", {"group_size": 2}, {}),
-    "ream-C4": ("ream", {"group_size": 4}, {}),
-    "ream-C8": ("ream", {"group_size": 8}, {}),
+    "ream": ("ream", {}, {"guard": "off"}),
+    "ream-C2": ("ream", {"group_size": 2}, {"guard": "off"}),
+    "ream-C4": ("ream", {"group_size": 4}, {"guard": "off"}),
+    "ream-C8": ("ream", {"group_size": 8}, {"guard": "off"}),
+    "ream-guard": ("ream", {}, {"guard": "group"}),
+    "ream-guard-layer": ("ream", {}, {"guard": "layer"}),
 }
 
 
@@ -49,16 +55,19 @@ def main() -> None:
     ap.add_argument("--num-sequences", type=int, default=96)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--json", default=None, help="write every run's figures here")
+    ap.add_argument("--model", default=None, help="model directory (default: the testbed's tiny-qwen3-moe)")
     args = ap.parse_args()
     tb = Path(args.testbed)
     model, calib, data = tb / "tiny-qwen3-moe", tb / "data" / "calib.jsonl", tb / "data" / "eval.jsonl"
+    model = Path(args.model) if args.model else model
     if not model.exists():
         sys.exit(f"no testbed at {tb}")
     opts = StreamOptions(device="cpu", progress=False)
     t = time.perf_counter()
     ev = Evaluator(str(data), str(model), reference=str(model), seq_len=256, options=opts)
     print(f"reference streamed in {time.perf_counter() - t:.0f} s; {ev.tokens:,} eval tokens", flush=True)
-    n = json.loads((model / "config.json").read_text())["num_experts"]
+    config = json.loads((model / "config.json").read_text())
+    n = config.get("num_experts") or config["num_local_experts"]
     work = Path(tempfile.mkdtemp(prefix="ream-quality-"))
     runs = []
     for ratio in args.ratios:
@@ -75,9 +84,11 @@ def main() -> None:
                 ))
                 secs = time.perf_counter() - t
                 r = ev.run(str(out))
+                plan = json.loads((out / "ream_plan.json").read_text())
                 shutil.rmtree(out)
                 row = {"method": label, "keep": keep, "seed": seed, "compress_s": round(secs, 1),
-                       "overall": r.overall, "domains": r.domains}
+                       "overall": r.overall, "domains": r.domains,
+                       "guard": [L["guard"] for L in plan["layers"] if "guard" in L]}
                 runs.append(row)
                 o = r.overall
                 print(f"{label:<10} {n}->{keep} seed {seed}: KL {o['kl']:.4f} top-1 {o['top1_agreement']:.3f} "
@@ -87,6 +98,7 @@ def main() -> None:
     if args.json:
         Path(args.json).write_text(json.dumps(runs, indent=1))
     report(runs, ev.domains)
+    report_guard(runs)
 
 
 def _ms(values: list[float]) -> str:
@@ -109,6 +121,22 @@ def report(runs: list[dict], domains: list[str]) -> None:
             cells = [_ms([r["overall"][k] for r in rs]) for k in ("kl", "top1_agreement", "perplexity")]
             cells += [_ms([r["domains"][d]["kl"] for r in rs]) for d in domains]
             print(f"| {label} | " + " | ".join(cells) + " |")
+
+
+def report_guard(runs: list[dict]) -> None:
+    """Per guarded run: the candidate each layer chose, its held-out error, REAP's, and the compress time."""
+    guarded = [r for r in runs if r["guard"]]
+    if not guarded:
+        return
+    print("\n### guard choices per layer (held-out error e of the chosen plan / of REAP)\n")
+    print("| variant | kept | seed | " + " | ".join(f"L{i}" for i in range(len(guarded[0]["guard"]))) + " | time |")
+    print("|---|---|---|" + "---|" * len(guarded[0]["guard"]) + "---|")
+    for r in guarded:
+        cells = []
+        for g in r["guard"]:
+            e = {c["name"]: c["error"] for c in g["candidates"]}
+            cells.append(f"{g['chosen']} {e[g['chosen']]:.3f}/{e['reap']:.3f}")
+        print(f"| {r['method']} | {r['keep']} | {r['seed']} | " + " | ".join(cells) + f" | {r['compress_s']} s |")
 
 
 if __name__ == "__main__":

@@ -206,11 +206,12 @@ def guarded_plan(
     and its merged experts. Only the chosen and the best merging candidate's merged experts are kept at once."""
     cands = candidate_plans(stats, n_keep, block.router_cfg.n_group, options, seed)
     acts = alignment_stats(streamer, block, h_stats, [c.plan for c in cands])  # one pass for every candidate
+    perms: dict = {}  # (centroid, member) -> alignment, solved once for all candidates
     chosen: tuple[Candidate, dict] | None = None
     start: tuple[Candidate, dict] | None = None  # the best merging candidate
     for cand in cands:
         merging = bool(cand.plan.merged_groups())
-        merged = merge_plan(streamer, block, h_stats, cand.plan, acts) if merging else {}
+        merged = merge_plan(streamer, block, h_stats, cand.plan, acts, perms) if merging else {}
         cand.error = judge.judge(cand.plan, compressed_loader(streamer, cand.plan, merged), keep_as_start=merging)
         log.info("layer %d: %s e=%.5f", stats.layer, cand.name, cand.error)
         if merging and (start is None or cand.error < start[0].error):

@@ -43,13 +43,13 @@ def alignment_stats(
 
 def merge_plan(
     streamer: LayerStreamer, block: MoEBlock, h: HiddenStateStore, plan: LayerPlan,
-    acts: AlignmentCollector | None = None,
+    acts: AlignmentCollector | None = None, perm_cache: dict | None = None,
 ) -> dict:
     """Merged experts of `plan` (host memory, float32), after the activation pass its alignment needs (unless
-    `acts` already holds it)."""
+    `acts` already holds it; `perm_cache` shares solved alignments between plans)."""
     if acts is None and needs_activation_pass(plan):
         acts = alignment_stats(streamer, block, h, [plan])
-    return build_merged_experts(streamer.layout, plan, acts, streamer.device)
+    return build_merged_experts(streamer.layout, plan, acts, streamer.device, perm_cache)
 
 
 def compressed_loader(streamer: LayerStreamer, plan: LayerPlan, merged: dict):

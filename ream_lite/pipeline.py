@@ -32,6 +32,7 @@ from ream_lite.errors import ReamLiteError
 from ream_lite.guard import GUARD_MODES, HeldOutJudge, guarded_plan
 from ream_lite.methods import METHODS, LayerPlan, MethodInput, MethodOptions
 from ream_lite.methods.grouping import auto_group_size
+from ream_lite.model_card import model_card
 from ream_lite.passes import collect_stats, compressed_loader, merge_plan
 
 log = logging.getLogger(__name__)
@@ -291,6 +292,8 @@ def compress(cfg: CompressConfig) -> Path:
             "layers": plans,
         }
         (writer_dir / PLAN_NAME).write_text(json.dumps(report, indent=1) + "\n")
+        card = model_card(report, layout.reader.total_bytes(), writer.tensor_bytes, Path(cfg.output).name)
+        (writer_dir / "README.md").write_text(card)
         return writer.finish(config, source_dir=layout.path)
     except BaseException:
         writer.abort()

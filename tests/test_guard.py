@@ -101,6 +101,8 @@ def test_independent_experts_guard_never_worse_than_pruning(model_dirs, tmp_path
         errors = chosen_is_lowest(L)
         assert errors[L["guard"]["chosen"]] <= errors["reap"]
         assert len(L["guard"]["candidates"]) >= 4  # reap, ream-C2 / C4 (auto), ream-nearest at least
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "guarded REAM" in card and "--guard off" in card and "| routed experts per MoE layer | 8 | 5 |" in card
 
 
 @pytest.mark.parametrize("mode", ["layer", "group"])

@@ -28,7 +28,9 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgp
 
 
 # files every output gets fresh (never carried over from the input, e.g. the plan of an earlier compression)
-OWN_FILES = (INDEX_NAME, "config.json", "pytorch_model.bin.index.json", "ream_plan.json", "ream_report.json")
+# written by ream-lite, never carried over from the input (README.md: the base model's card describes the base model)
+OWN_FILES = (INDEX_NAME, "config.json", "pytorch_model.bin.index.json", "ream_plan.json", "ream_report.json",
+             "README.md")
 
 
 def partial_dir(out_dir: Path) -> Path:
@@ -126,6 +128,11 @@ class CheckpointWriter:
         self.bytes_written += e.nbytes
 
     # -- finish -------------------------------------------------------------------------------------------------
+    @property
+    def tensor_bytes(self) -> int:
+        """Bytes of tensor data written so far."""
+        return sum(s.data_bytes for s in self._shards)
+
     def finish(self, config: dict, source_dir: str | os.PathLike | None = None) -> Path:
         """Close shards, name them, write the index, config and side files, then rename into place."""
         if self._current is not None:

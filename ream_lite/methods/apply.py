@@ -24,21 +24,27 @@ def merge_group(
     coefs: list[float],
     align: str,
     act_cost: list[torch.Tensor | None],
+    known_perms: list[torch.Tensor | None] | None = None,
 ) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], list[torch.Tensor]]:
     """Merge experts (centroid first): member j is permuted onto the centroid by the Hungarian algorithm on
-    C_act + C_wt (as `align` says), then sum_j coef_j * P_j(W_j) in float32. Returns merged weights and perms."""
+    C_act + C_wt (as `align` says), then sum_j coef_j * P_j(W_j) in float32. Returns merged weights and perms.
+    `known_perms[j]`, when given, is member j's permutation already computed for the same (centroid, member)."""
     centroid = weights[0]
     aligned, perms = [centroid], []
-    fc = weight_features(*centroid) if "weight" in align else None
-    for w, ca in zip(weights[1:], act_cost[1:]):
+    fc = None
+    known = known_perms or [None] * len(weights)
+    for w, ca, kp in zip(weights[1:], act_cost[1:], known[1:]):
         inter = w[0].shape[0]
-        if align == "none":
+        if kp is not None:
+            perm = kp
+        elif align == "none":
             perm = torch.arange(inter)
         else:
             cost = torch.zeros(inter, inter, dtype=torch.float64)
             if "act" in align:
                 cost += ca.double().cpu()
             if "weight" in align:
+                fc = weight_features(*centroid) if fc is None else fc
                 cost += weight_cost(fc, weight_features(*w)).cpu()
             perm = hungarian(cost)
         perms.append(perm)
@@ -47,21 +53,26 @@ def merge_group(
 
 
 def build_merged_experts(
-    layout: ModelLayout, plan: LayerPlan, acts: AlignmentCollector | None, device: torch.device | str
+    layout: ModelLayout, plan: LayerPlan, acts: AlignmentCollector | None, device: torch.device | str,
+    perm_cache: dict[tuple[int, int], torch.Tensor] | None = None,
 ) -> dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """centroid id -> merged (gate, up, down) in float32 in host memory, for every non-singleton group (the
-    alignment and the merge itself run on `device`)."""
+    alignment and the merge itself run on `device`). `perm_cache` ((centroid, member) -> permutation) is read and
+    filled: the alignment of a pair depends only on the pair, so plans sharing pairs solve each once."""
+    cache = perm_cache if perm_cache is not None else {}
     out = {}
     for c, members in plan.merged_groups().items():
         w = load_experts(layout, plan.layer, members, torch.float32, device)
         weights = [(w.gate[j], w.up[j], w.down[j]) for j in range(len(members))]
         costs: list[torch.Tensor | None] = [None]
         for m in members[1:]:
-            if "act" in plan.align:
+            if "act" in plan.align and (c, m) not in cache:
                 costs.append(activation_cost(acts.cross[(c, m)], acts.sq[c], acts.sq[m]))
             else:
                 costs.append(None)
-        merged, _ = merge_group(weights, plan.weights[c], plan.align, costs)
+        known = [None] + [cache.get((c, m)) for m in members[1:]]
+        merged, perms = merge_group(weights, plan.weights[c], plan.align, costs, known)
+        cache.update({(c, m): p for m, p in zip(members[1:], perms)})
         out[c] = tuple(t.cpu() for t in merged)  # on the host: N' merged experts may not fit next to a chunk
         del w, weights
     return out
