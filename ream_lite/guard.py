@@ -12,11 +12,16 @@ y the original routed-experts output, y_hat the compressed block's (router restr
 family's own top-k, normalisation, bias and scaling). Shared experts are identical in both and left out.
 
 Candidates: REAP pruning, REAM at a ladder of group sizes (plus the `auto` rule), and REAM with nearest-centroid
-grouping. In `group` mode the best
-merging candidate is then refined greedily: each merged group in turn is undone (the centroid kept as it was, the
-members dropped) when that lowers e. An undo changes y_hat only on the tokens routed to that centroid, so its
-effect is measured on those tokens alone, against the current y_hat, which is kept in the store. The plan with the
-lowest recorded error is chosen; ties go to the earlier candidate (REAP first).
+grouping. In `group` mode the best merging candidate is then refined greedily: each merged group in turn is undone
+(the centroid kept as it was, the members dropped) when that lowers e. An undo changes y_hat only on the tokens
+routed to that centroid, so its effect is measured on those tokens alone, against the current y_hat, which is kept
+in the store; the refined plan is then judged afresh like every other candidate.
+
+The choice: the lowest score = e + 2 standard errors of (e - e_REAP), the standard error taken from the held-out
+sequences' paired differences. Pruning is the default and a merge must beat it by more than the noise of the
+held-out slice: on the testbed, merges that lowered e by 2-5% without that margin raised the final KL by ~1%
+(docs/quality.md). Ties go to the earlier candidate (REAP first). Every candidate's e, standard error and score
+are recorded.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from ream_lite.passes import alignment_stats, compressed_loader, merge_plan
 
 log = logging.getLogger(__name__)
 GUARD_MODES = ("group", "layer", "off")
+Z_MARGIN = 2.0
 
 
 @dataclass
@@ -45,10 +51,18 @@ class Candidate:
     plan: LayerPlan
     error: float = float("nan")
     undone: list[int] = field(default_factory=list)  # greedy pass: centroids whose merge was undone
+    per_sequence: torch.Tensor | None = None  # each held-out sequence's share of `error`
+    stderr: float = 0.0  # standard error of (error - REAP's error), from the per-sequence differences
+
+    @property
+    def score(self) -> float:
+        """What the choice minimises: the error, plus Z_MARGIN standard errors of its difference to REAP's, so a
+        merge is chosen only when its advantage over pruning is larger than the held-out slice's noise."""
+        return self.error + Z_MARGIN * self.stderr
 
     def to_json(self) -> dict:
-        d = {"name": self.name, "method": self.plan.method, "error": self.error,
-             "merged_groups": len(self.plan.merged_groups())}
+        d = {"name": self.name, "method": self.plan.method, "error": self.error, "stderr": self.stderr,
+             "score": self.score, "merged_groups": len(self.plan.merged_groups())}
         if self.undone:
             d["undone"] = self.undone
         return d
@@ -125,29 +139,31 @@ class HeldOutJudge:
             total += fn(b)
         return float(total)
 
-    def error_of(self, y_hat: HiddenStateStore) -> float:
+    def error_of(self, y_hat: HiddenStateStore) -> torch.Tensor:
+        """Each held-out sequence's sum ||y - y_hat||^2 / sum over all held-out tokens of ||y||^2 (float64);
+        their sum is e."""
         dev = self.s.device
-        num = self._sum(lambda b: (self.y.read(b, dev) - y_hat.read(b, dev)).double().pow(2).sum())
-        return num / max(self.y_sq, 1e-300)
+        parts = [(self.y.read(b, dev) - y_hat.read(b, dev)).double().pow(2).sum(dim=(1, 2)) for b in self._batches()]
+        return torch.cat(parts).cpu() / max(self.y_sq, 1e-300)
 
-    def judge(self, plan: LayerPlan, loader, keep_as_start: bool) -> float:
-        """e(plan) on the held-out tokens; with keep_as_start, remember y_hat when it is the best so far."""
+    def judge(self, cand: Candidate, loader, keep_as_start: bool) -> None:
+        """Sets cand.error (e on the held-out tokens) and its per-sequence parts; with keep_as_start, remembers
+        y_hat when it is the best so far."""
         self.current.buf.zero_()
-        self.s.run_moe(self.block.restricted(plan.kept), self.x, self.current, experts=loader)
-        e = self.error_of(self.current)
-        if keep_as_start and e < self.best_error:
-            self.best_error = e
+        self.s.run_moe(self.block.restricted(cand.plan.kept), self.x, self.current, experts=loader)
+        cand.per_sequence = self.error_of(self.current)
+        cand.error = float(cand.per_sequence.sum())
+        if keep_as_start and cand.error < self.best_error:
+            self.best_error = cand.error
             self.current, self.best = self.best, self.current
-        return e
 
-    def greedy_undo(self, plan: LayerPlan, merged: dict, order: list[int]) -> tuple[LayerPlan, list[int], float]:
+    def greedy_undo(self, plan: LayerPlan, merged: dict, order: list[int]) -> tuple[LayerPlan, list[int]]:
         """Starting from `plan` (whose y_hat is in self.best), undo each merged group in `order` when that lowers
-        the error. Returns the final plan, the undone centroids and its error."""
+        the error. Returns the final plan and the undone centroids."""
         s, dev = self.s, self.s.device
         block = self.block.restricted(plan.kept)
         position = {e: p for p, e in enumerate(plan.kept)}
         undone: list[int] = []
-        err_num = self.best_error * self.y_sq
         for c in order:
             original = load_experts(s.layout, plan.layer, [c], s.dtype, dev)
             m = merged[c]
@@ -169,11 +185,9 @@ class HeldOutJudge:
                     y_hat = self.best.read(b, dev).reshape(-1, self.x.hidden)
                     y_hat.index_add_(0, tok, d)
                     self.best.write(b, y_hat)
-                err_num += float(change)
                 plan = undo_group(plan, c)
                 undone.append(c)
-        # the running sum drifts by rounding only; recompute the recorded error exactly
-        return plan, undone, (self.error_of(self.best) if undone else err_num / max(self.y_sq, 1e-300))
+        return plan, undone
 
     def close(self) -> None:
         for st in (self.y, self.current, self.best):
@@ -207,30 +221,38 @@ def guarded_plan(
     cands = candidate_plans(stats, n_keep, block.router_cfg.n_group, options, seed)
     acts = alignment_stats(streamer, block, h_stats, [c.plan for c in cands])  # one pass for every candidate
     perms: dict = {}  # (centroid, member) -> alignment, solved once for all candidates
-    chosen: tuple[Candidate, dict] | None = None
-    start: tuple[Candidate, dict] | None = None  # the best merging candidate
-    for cand in cands:
+    start: tuple[Candidate, dict] | None = None  # the best merging candidate: where the greedy pass starts
+    chosen: tuple[Candidate, dict] | None = None  # lowest score so far (only these two keep merged experts)
+
+    def consider(cand: Candidate, merged: dict) -> None:
+        nonlocal chosen
+        reap = cands[0]  # judged first
+        diff = cand.per_sequence - reap.per_sequence
+        cand.stderr = float(diff.std() * diff.numel() ** 0.5) if diff.numel() > 1 and cand is not reap else 0.0
+        log.info("layer %d: %s e=%.5f (+- %.5f vs REAP)", stats.layer, cand.name, cand.error, cand.stderr)
+        if chosen is None or cand.score < chosen[0].score:  # ties: the earlier, REAP before any merge
+            chosen = (cand, merged)
+
+    for cand in list(cands):
         merging = bool(cand.plan.merged_groups())
         merged = merge_plan(streamer, block, h_stats, cand.plan, acts, perms) if merging else {}
-        cand.error = judge.judge(cand.plan, compressed_loader(streamer, cand.plan, merged), keep_as_start=merging)
-        log.info("layer %d: %s e=%.5f", stats.layer, cand.name, cand.error)
+        judge.judge(cand, compressed_loader(streamer, cand.plan, merged), keep_as_start=merging)
+        consider(cand, merged)
         if merging and (start is None or cand.error < start[0].error):
             start = (cand, merged)
-        if chosen is None or cand.error < chosen[0].error:
-            chosen = (cand, merged)
         del merged
-    assert chosen is not None
     if mode == "group" and start is not None:
         first, merged = start
         saliency = first.plan.scores.get("saliency") or first.plan.scores["reap"]
         order = sorted(first.plan.merged_groups(), key=lambda c: (-saliency[c], c))
-        plan, undone, e = judge.greedy_undo(first.plan, merged, order)
-        if undone:
-            refined = Candidate(f"{first.name} +undo {len(undone)}/{len(order)}", plan, e, undone)
+        plan, undone = judge.greedy_undo(first.plan, merged, order)
+        if plan.merged_groups() and undone:  # (every merge undone: the plan is REAP's, already judged)
+            refined = Candidate(f"{first.name} +undo {len(undone)}/{len(order)}", plan, undone=undone)
+            refined_merged = {c: merged[c] for c in plan.merged_groups()}
+            judge.judge(refined, compressed_loader(streamer, plan, refined_merged), keep_as_start=False)
             cands.append(refined)
-            log.info("layer %d: %s e=%.5f", stats.layer, refined.name, e)
-            if e < chosen[0].error:
-                chosen = (refined, {c: merged[c] for c in plan.merged_groups()})
+            consider(refined, refined_merged)
+    assert chosen is not None
     cand, merged = chosen
     cand.plan.guard = {
         "mode": mode,

@@ -71,10 +71,15 @@ def test_ladder_and_holdout_split():
 
 
 def chosen_is_lowest(layer: dict) -> dict:
+    """The chosen candidate has the lowest recorded score (error + 2 standard errors of its difference to REAP's
+    error; REAP's score is its error). Returns name -> error."""
     g = layer["guard"]
-    errors = {c["name"]: c["error"] for c in g["candidates"]}
-    assert errors[g["chosen"]] == min(errors.values())
-    return errors
+    scores = {c["name"]: c["score"] for c in g["candidates"]}
+    for c in g["candidates"]:
+        assert c["score"] == pytest.approx(c["error"] + 2 * c["stderr"])
+    assert scores[g["chosen"]] == min(scores.values())
+    assert g["candidates"][0]["name"] == "reap" and g["candidates"][0]["stderr"] == 0
+    return {c["name"]: c["error"] for c in g["candidates"]}
 
 
 def test_merging_oracle_guard_merges_the_near_copies(tmp_path, calib):
