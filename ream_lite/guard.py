@@ -97,7 +97,10 @@ def candidate_plans(stats: LayerStats, n_keep: int, n_group: int, options: Metho
     if options.grouping != "pseudo-prune":
         return out + [Candidate("ream", plan("ream", options))]
     auto = auto_group_size(stats.num_experts // n_group, n_keep // n_group)
-    for c in group_size_ladder(stats.num_experts, n_keep, n_group):
+    sizes = set(group_size_ladder(stats.num_experts, n_keep, n_group))
+    if options.group_size:  # the user's --group-size is always among the candidates
+        sizes.add(options.group_size)
+    for c in sorted(sizes):
         name = f"ream-C{c}" + (" (auto)" if c == auto and options.group_size is None else "")
         out.append(Candidate(name, plan("ream", replace(options, group_size=c))))
     return out + [Candidate("ream-nearest", plan("ream", replace(options, grouping="nearest-centroid")))]
