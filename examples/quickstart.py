@@ -7,7 +7,8 @@ some text to WORKDIR/text.jsonl, then runs, as a user would:
     ream-lite inspect  WORKDIR/tiny-qwen3-moe
     ream-lite compress WORKDIR/tiny-qwen3-moe WORKDIR/tiny-qwen3-moe-12 --experts 12   (built-in calibration text)
     ream-lite eval     WORKDIR/tiny-qwen3-moe-12 --data WORKDIR/text.jsonl --reference WORKDIR/tiny-qwen3-moe
-The model's weights are random, so the figures only show that everything runs end to end.
+and prints what the merge guard chose in each layer. The model's weights are random, so the figures only show that
+everything runs end to end.
 """
 
 import json
@@ -51,6 +52,11 @@ def main() -> None:
     print()
     subprocess.run([*cli, "compress", str(model), str(small), "--experts", "12", "--num-sequences", "48",
                     "--seq-len", "128", "--overwrite"], check=True)
+    plan = json.loads((small / "ream_plan.json").read_text())
+    for layer in plan["layers"]:  # what the merge guard chose in each layer, judged on held-out calibration text
+        g = layer["guard"]
+        errors = ", ".join(f"{c['name']} {c['error']:.3f}" for c in g["candidates"])
+        print(f"layer {layer['layer']}: chose {g['chosen']} (held-out error: {errors})")
     print()
     subprocess.run([*cli, "eval", str(small), "--data", str(data), "--reference", str(model), "--seq-len", "128"],
                    check=True)
