@@ -45,7 +45,7 @@ def merge_plan(
     streamer: LayerStreamer, block: MoEBlock, h: HiddenStateStore, plan: LayerPlan,
     acts: AlignmentCollector | None = None, perm_cache: dict | None = None,
 ) -> dict:
-    """Merged experts of `plan` (host memory, float32), after the activation pass its alignment needs (unless
+    """Merged experts of `plan` (host memory, stored dtype), after the activation pass its alignment needs (unless
     `acts` already holds it; `perm_cache` shares solved alignments between plans)."""
     if acts is None and needs_activation_pass(plan):
         acts = alignment_stats(streamer, block, h, [plan])

@@ -56,10 +56,11 @@ def build_merged_experts(
     layout: ModelLayout, plan: LayerPlan, acts: AlignmentCollector | None, device: torch.device | str,
     perm_cache: dict[tuple[int, int], torch.Tensor] | None = None,
 ) -> dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """centroid id -> merged (gate, up, down) in float32 in host memory, for every non-singleton group (the
-    alignment and the merge itself run on `device`). `perm_cache` ((centroid, member) -> permutation) is read and
+    """centroid id -> merged (gate, up, down) in the checkpoint's stored dtype in host memory, for every
+    non-singleton group (the alignment and the merge itself run on `device`, in float32). `perm_cache` ((centroid, member) -> permutation) is read and
     filled: the alignment of a pair depends only on the pair, so plans sharing pairs solve each once."""
     cache = perm_cache if perm_cache is not None else {}
+    stored = layout.reader.entry(layout.expert_keys(plan.layer)[0]).torch_dtype
     out = {}
     for c, members in plan.merged_groups().items():
         w = load_experts(layout, plan.layer, members, torch.float32, device)
@@ -73,6 +74,8 @@ def build_merged_experts(
         known = [None] + [cache.get((c, m)) for m in members[1:]]
         merged, perms = merge_group(weights, plan.weights[c], plan.align, costs, known)
         cache.update({(c, m): p for m, p in zip(members[1:], perms)})
-        out[c] = tuple(t.cpu() for t in merged)  # on the host: N' merged experts may not fit next to a chunk
+        # on the host (N' merged experts may not fit next to a chunk), rounded once to the stored dtype: what is
+        # written, and what the sequential pass and the guard then run, are the same numbers
+        out[c] = tuple(t.to("cpu", stored) for t in merged)
         del w, weights
     return out
