@@ -161,9 +161,10 @@ def eval_cmd(model, data, reference, seq_len, max_tokens, tokenizer, as_json, **
 @click.option("--align", type=click.Choice(["act+weight", "act", "weight", "none"]), default="act+weight",
               show_default=True, help="neuron alignment cost before merging")
 @click.option("--guard", type=click.Choice(["group", "layer", "off"]), default=None,
-              help="REAM only (default 'group'): judge plans per layer on held-out calibration sequences and write "
-              "the one with the lowest output error: REAP pruning or REAM at a ladder of group sizes ('layer'), then "
-              "undo single merged groups where that helps ('group'); 'off' = the paper's algorithm exactly")
+              help="REAM only (default 'group'): judge plans per layer on held-out calibration sequences by the "
+              "error of the layer's output, and write REAP pruning unless a REAM plan (a ladder of group sizes, "
+              "nearest-centroid grouping) beats it by more than 2 standard errors ('layer'); 'group' also tries "
+              "undoing single merged groups; 'off' = the paper's algorithm exactly")
 @click.option("--holdout", default=0.1, show_default=True,
               help="share of calibration sequences the guard holds out of the statistics to judge plans on")
 @click.option("--no-sequential", is_flag=True,
