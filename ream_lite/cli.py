@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import shlex
 import sys
 
 import click
@@ -82,6 +83,12 @@ def _bytes_option(name: str, text: str) -> int:
         return parse_bytes(text)
     except ValueError:
         raise ReamLiteError(f"{name} {text}: expected a size like 5GB, 512MB or a number of bytes") from None
+
+
+def _command_line() -> str:
+    """This invocation as `ream-lite ...`, without the flags that do not change the output."""
+    args = [a for a in sys.argv[1:] if a not in ("--resume", "--overwrite")]
+    return shlex.join(["ream-lite", *args])
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -172,12 +179,16 @@ def eval_cmd(model, data, reference, seq_len, max_tokens, tokenizer, as_json, **
 @click.option("--drop-mtp", is_flag=True, help="write the model without its MTP (next-token prediction) layers")
 @click.option("--max-shard-size", default="5GB", show_default=True, help="largest output shard")
 @click.option("--tokenizer", default=None, help="tokenizer directory or id (default: MODEL's)")
-@click.option("--overwrite", is_flag=True, help="replace OUTPUT if it exists")
+@click.option("--overwrite", is_flag=True, help="replace OUTPUT (or an interrupted OUTPUT.partial) if it exists")
+@click.option("--resume", is_flag=True,
+              help="continue the interrupted run recorded in OUTPUT.partial from its first unfinished layer (refused "
+              "if the settings, the calibration or the input model changed); the result is byte for byte what an "
+              "uninterrupted run writes")
 @_stream_options
 @_user_errors
 def compress(model, output, experts, method, calib, num_sequences, seq_len, seed, saliency, saliency_gate, grouping,
              group_size, no_gate_logit_sim, no_gated_sim, align, guard, holdout, no_sequential, drop_mtp, max_shard_size, tokenizer,
-             overwrite, **stream) -> None:
+             overwrite, resume, **stream) -> None:
     """Compress MODEL into OUTPUT with fewer routed experts per MoE layer, one layer at a time.
 
     Writes a checkpoint in MODEL's own layout and key names (loads with transformers'
@@ -198,7 +209,7 @@ def compress(model, output, experts, method, calib, num_sequences, seq_len, seed
         model=model, output=output, experts=experts, method=method, options=method_opts, calib=calib,
         num_sequences=num_sequences, seq_len=seq_len, seed=seed, sequential=not no_sequential, overwrite=overwrite,
         drop_mtp=drop_mtp, max_shard_bytes=_bytes_option("--max-shard-size", max_shard_size), tokenizer=tokenizer,
-        guard=guard, holdout=holdout, stream=opts,
+        guard=guard, holdout=holdout, stream=opts, resume=resume, command=_command_line(),
     )
     out = run(cfg)
     click.echo(f"wrote {out}")

@@ -3,8 +3,12 @@ benchmarks: statistics, the alignment Grams of merged groups, and loading the co
 
 from __future__ import annotations
 
+import torch
+
 from ream_lite.engine.experts import ExpertWeights, load_experts
-from ream_lite.engine.store import HiddenStateStore
+from ream_lite.engine.router import Routing, route
+from ream_lite.engine.store import Batch, HiddenStateStore
+from ream_lite.errors import ReamLiteError
 from ream_lite.engine.streamer import LayerStreamer, MoEBlock
 from ream_lite.methods import LayerPlan, MethodOptions
 from ream_lite.methods.apply import alignment_pairs, build_merged_experts, needs_activation_pass
@@ -23,6 +27,56 @@ def collect_stats(
                                gate=gate, gram=method.needs_gram(opts))
     streamer.run_moe(block, h, out, observer=collector)
     return collector.result()
+
+
+STAT_FIELDS = {"reap_sum": "REAP saliency", "ean_sum": "expert output norm", "gated_out_sum": "gated output",
+               "out_sum": "expert output", "logit_gram": "router logits"}
+
+
+def check_finite(stats: LayerStats) -> None:
+    """Refuse NaN / Inf statistics, naming the layer and the first expert affected: a plan built on them would be
+    silently arbitrary."""
+    for name, what in STAT_FIELDS.items():
+        t = getattr(stats, name)
+        if t is None:
+            continue
+        bad = ~torch.isfinite(t.reshape(t.shape[0], -1)).all(dim=1)
+        if bool(bad.any()):
+            e = int(bad.nonzero()[0, 0])
+            raise ReamLiteError(
+                f"layer {stats.layer}, expert {e}: non-finite {what} statistics (NaN or Inf); the weights or the "
+                "activations overflow in the compute dtype (try --dtype float32) or the checkpoint is corrupt"
+            )
+
+
+class RoutingCounter:
+    """Observer counting the tokens routed to each expert, over the first `tokens` rows of the store only (the
+    statistics sequences, not the held-out ones)."""
+
+    def __init__(self, num_experts: int, tokens: int):
+        self.counts = torch.zeros(num_experts, dtype=torch.int64)
+        self.tokens = tokens
+
+    def on_routing(self, layer: int, batch: Batch, x: torch.Tensor, routing: Routing) -> None:
+        rows = min(batch.end, self.tokens) - batch.start
+        if rows > 0:
+            idx = routing.indices[:rows].reshape(-1)
+            self.counts += torch.bincount(idx, minlength=len(self.counts)).cpu()
+
+    def on_experts(self, *args) -> None:
+        pass
+
+
+def routing_counts(streamer: LayerStreamer, block: MoEBlock, h: HiddenStateStore, tokens: int) -> list[int]:
+    """Tokens routed to each of `block`'s experts over the first `tokens` rows of `h`: the router alone."""
+    counter = RoutingCounter(block.router_cfg.num_experts, tokens)
+    with torch.inference_mode():
+        for b in h.batches(streamer.opts.tokens_per_batch):
+            if b.start >= tokens:
+                break
+            x = h.read(b, streamer.device).reshape(-1, h.hidden)
+            counter.on_routing(block.layer, b, x, route(x, block.router_weight, block.router_cfg, block.router_bias))
+    return counter.counts.tolist()
 
 
 def alignment_stats(

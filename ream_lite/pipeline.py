@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -25,7 +26,7 @@ from ream_lite import __version__
 from ream_lite.arch.layout import ModelLayout
 from ream_lite.calib.builtin import builtin_documents
 from ream_lite.calib.text import check_vocab, domain_windows, load_tokenizer, read_documents
-from ream_lite.checkpoint.writer import DEFAULT_MAX_SHARD_BYTES, CheckpointWriter
+from ream_lite.checkpoint.writer import DEFAULT_MAX_SHARD_BYTES, CheckpointWriter, partial_dir
 from ream_lite.engine.store import HiddenStateStore
 from ream_lite.engine.streamer import LayerStreamer, MoEBlock, StreamOptions
 from ream_lite.errors import ReamLiteError
@@ -33,10 +34,12 @@ from ream_lite.guard import GUARD_MODES, HeldOutJudge, guarded_plan
 from ream_lite.methods import METHODS, LayerPlan, MethodInput, MethodOptions
 from ream_lite.methods.grouping import auto_group_size
 from ream_lite.model_card import model_card
-from ream_lite.passes import collect_stats, compressed_loader, merge_plan
+from ream_lite.passes import RoutingCounter, check_finite, collect_stats, compressed_loader, merge_plan, routing_counts
+from ream_lite.resume import ResumeLog, RunIdentity, input_fingerprint, tokens_hash
 
 log = logging.getLogger(__name__)
 PLAN_NAME = "ream_plan.json"
+_TEST_DELAY = float(os.environ.get("REAM_LITE_TEST_LAYER_DELAY", "0") or 0)
 
 
 @dataclass
@@ -58,10 +61,23 @@ class CompressConfig:
     guard: str | None = None  # group | layer | off; None = "group" for REAM, "off" for every other method
     holdout: float = 0.1  # share of calibration sequences the guard judges plans on (never used for statistics)
     stream: StreamOptions = field(default_factory=StreamOptions)
+    resume: bool = False  # continue the interrupted run recorded in OUT.partial
+    command: str | None = None  # the command line, for the model card (without --resume / --overwrite)
 
     @property
     def guard_mode(self) -> str:
         return self.guard or ("group" if self.method == "ream" else "off")
+
+
+def peak_rss_bytes() -> int | None:
+    """Peak resident memory of this process so far (VmHWM), or None where /proc is not available."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def resolve_keep(layout: ModelLayout, experts: float) -> int:
@@ -220,8 +236,51 @@ def output_config(layout: ModelLayout, n_keep: int, cfg: CompressConfig) -> dict
 
 def compress(cfg: CompressConfig) -> Path:
     layout = ModelLayout(cfg.model)
+    try:
+        return _compress(layout, cfg)
+    finally:
+        layout.close()
+
+
+def run_identity(layout: ModelLayout, cfg: CompressConfig, streamer: LayerStreamer, seqs: list[torch.Tensor]) -> RunIdentity:
+    """The settings that decide the output's bytes: the compression settings, and how the numbers are computed
+    (device type, dtype, expert chunking and token batching change float rounding). Budgets, tiers, the work dir
+    and progress bars do not."""
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ("model", "output", "overwrite", "resume", "stream",
+                                                                  "command")}
+    settings.update(device_type=streamer.device.type, dtype=str(streamer.dtype),
+                    experts_per_chunk=streamer.plan.experts_per_chunk, tokens_per_batch=cfg.stream.tokens_per_batch)
+    return RunIdentity(json.loads(json.dumps(settings, default=str)), input_fingerprint(layout), tokens_hash(seqs))
+
+
+def open_output(cfg: CompressConfig, identity: RunIdentity) -> tuple[CheckpointWriter, dict | None]:
+    """The writer for OUT: fresh, or continuing the interrupted run recorded in OUT.partial (with --resume)."""
+    out = Path(cfg.output)
+    log_ = ResumeLog(partial_dir(out))
+    manifest = None if cfg.overwrite else log_.load()
+    if manifest is not None and not cfg.resume:
+        raise ReamLiteError(
+            f"{partial_dir(out)} holds an interrupted run ({manifest['steps_done']} of {manifest['total_steps']} "
+            "layers done); pass --resume to continue it or --overwrite to start over"
+        )
+    if manifest is not None:
+        why = identity.mismatch(manifest)
+        if why:
+            raise ReamLiteError(f"cannot resume {partial_dir(out)}: {why}; rerun with the original settings, "
+                                "or pass --overwrite to start over")
+        log.warning("resuming after %d of %d layers", manifest["steps_done"], manifest["total_steps"])
+        return CheckpointWriter(out, cfg.max_shard_bytes, overwrite=cfg.overwrite, resume=manifest["writer"]), manifest
+    if cfg.resume:
+        log.warning("%s: no interrupted run to resume; starting from the first layer", out)
+    return CheckpointWriter(out, cfg.max_shard_bytes, overwrite=cfg.overwrite), None
+
+
+def _compress(layout: ModelLayout, cfg: CompressConfig) -> Path:
     n_keep = resolve_keep(layout, cfg.experts)
     validate(layout, n_keep, cfg)
+    if cfg.resume and not cfg.overwrite and Path(cfg.output).exists() and not partial_dir(Path(cfg.output)).exists():
+        log.warning("%s is complete; nothing to resume", cfg.output)
+        return Path(cfg.output)
     method = METHODS[cfg.method]
     seqs, calib_summary, n_holdout = calibration_sequences(layout, cfg)
     if cfg.stream.work_dir is None:
@@ -234,49 +293,55 @@ def compress(cfg: CompressConfig) -> Path:
     for line in plan_mem.lines():
         log.info("plan: %s", line)
     rc = layout.router_config
-    writer = CheckpointWriter(cfg.output, cfg.max_shard_bytes, overwrite=cfg.overwrite)
-    plans: list[dict] = []
+    identity = run_identity(layout, cfg, streamer, seqs)
+    writer, manifest = open_output(cfg, identity)
+    resume_log = ResumeLog(writer.tmp_dir)
+    mtp_layers = [] if cfg.drop_mtp else [x for x in layout.layers if x.is_mtp]
+    steps = layout.decoder_layers + mtp_layers  # decoder layers, then MTP layers, each one committed when done
+    n_dec = len(layout.decoder_layers)
+    layers: list[dict] = [] if manifest is None else manifest["layers"]
+    done = 0 if manifest is None else manifest["steps_done"]
     t0 = time.perf_counter()
+    h = out = None
     try:
-        layer_prefix = f"{layout.spec.layers_prefix}."
-        for k in layout.reader.keys():  # embeddings, final norm, lm_head, ...: unchanged
-            if not k.startswith(layer_prefix):
-                writer.copy_from(layout.reader, k)
-        mtp_layers = [] if cfg.drop_mtp else [x for x in layout.layers if x.is_mtp]
-        h = streamer.embed(seqs)
-        out = streamer.new_store(h.lengths)
-        bar = tqdm(total=len(layout.decoder_layers) + len(mtp_layers), desc=f"{cfg.method} {rc.num_experts}->{n_keep}",
+        if manifest is None:
+            layer_prefix = f"{layout.spec.layers_prefix}."
+            for k in layout.reader.keys():  # embeddings, final norm, lm_head, ...: unchanged
+                if not k.startswith(layer_prefix):
+                    writer.copy_from(layout.reader, k)
+            h = streamer.embed(seqs)
+        else:
+            h = streamer.new_store(manifest["hidden"]["lengths"])
+            h.load(resume_log.hidden_path(manifest))
+        bar = tqdm(total=len(steps), initial=done, desc=f"{cfg.method} {rc.num_experts}->{n_keep}",
                    disable=not cfg.stream.progress)
-
-        def layer(index: int, h, out) -> None:
-            """Layer `index` from h into out, compressed if MoE, written; its merged experts freed after."""
-            block = streamer.attention_phase(index, h, out)
-            plan, merged = None, {}
-            if block is not None:
-                plan, merged = compress_moe_layer(streamer, block, h, out, method, n_keep, cfg, n_holdout)
-                plans.append(plan.to_json())
-            write_layer(writer, layout, index, plan, merged)
-            bar.update()
-
-        for info in layout.decoder_layers:
-            layer(info.index, h, out)
+        for step in range(done, len(steps)):
+            info = steps[step]
+            if step >= n_dec:  # an MTP layer: fed as the model feeds it at inference (see ArchSpec)
+                j = step - n_dec  # MTP layer j sees token t + j + 1 at position t
+                prev_norm = layout.spec.final_norm_key if j == 0 else \
+                    f"{steps[step - 1].prefix}.{layout.spec.mtp_head_norm}"
+                x = streamer.mtp_inputs(info.index, [s[j:] for s in seqs], h, prev_norm)
+                h.close()
+                h = x
+                if out is not None:
+                    out.close()
+                out = None
+            if out is None or out.lengths != h.lengths:
+                out = streamer.new_store(h.lengths)
+            record = compress_layer(streamer, writer, info.index, h, out, method, n_keep, cfg, n_holdout)
+            if record is not None:
+                layers.append(record)
+            if _TEST_DELAY:  # tests: widen the window in which a kill lands between writing and recording a layer
+                time.sleep(_TEST_DELAY)
             h, out = out, h
-        out.close()
-        # MTP layers: one more MoE layer each, fed as the model feeds them at inference (see ArchSpec)
-        prev_norm, mtp_seqs = layout.spec.final_norm_key, seqs
-        for info in mtp_layers:
-            x = streamer.mtp_inputs(info.index, mtp_seqs, h, prev_norm)
-            mtp_seqs = [s[1:] for s in mtp_seqs]  # MTP layer k sees token t + k + 1 at position t
-            h.close()
-            h, out = x, streamer.new_store(x.lengths)
-            layer(info.index, h, out)
-            h.close()
-            h = out
-            prev_norm = f"{info.prefix}.{layout.spec.mtp_head_norm}"
+            resume_log.commit(identity, step + 1, len(steps), writer.state(), layers, h)
+            bar.update()
         bar.close()
         h.close()
+        if out is not None:
+            out.close()
         config = output_config(layout, n_keep, cfg)
-        writer_dir = writer.tmp_dir
         report = {
             "ream_lite_version": __version__,
             "model": str(layout.path),
@@ -289,17 +354,52 @@ def compress(cfg: CompressConfig) -> Path:
             "calibration": {"source": cfg.calib, "sequences": len(seqs), "seq_len": cfg.seq_len,
                             "tokens_per_domain": calib_summary, "holdout_sequences": n_holdout},
             "seconds": round(time.perf_counter() - t0, 2),
-            "layers": plans,
+            "layers": layers,
         }
-        (writer_dir / PLAN_NAME).write_text(json.dumps(report, indent=1) + "\n")
+        resume_log.remove()
+        (writer.tmp_dir / PLAN_NAME).write_text(json.dumps(report, indent=1) + "\n")
         card = model_card(report, layout.reader.total_bytes(), writer.tensor_bytes, Path(cfg.output).name)
-        (writer_dir / "README.md").write_text(card)
+        (writer.tmp_dir / "README.md").write_text(card)
         return writer.finish(config, source_dir=layout.path)
-    except BaseException:
-        writer.abort()
+    except BaseException as e:
+        for store in (h, out):
+            if store is not None:
+                store.close()
+        if resume_log.load() is None:  # nothing recorded yet: nothing worth keeping
+            writer.abort()
+            raise
+        writer.close_files()
+        m = resume_log.load()
+        how = f"{m['steps_done']} of {m['total_steps']} layers are done in {writer.tmp_dir}; " \
+              "run the same command with --resume to continue"
+        if isinstance(e, KeyboardInterrupt):
+            raise ReamLiteError(f"interrupted: {how}") from None
+        if isinstance(e, ReamLiteError):
+            raise ReamLiteError(f"{e} ({how})") from None
+        log.error("stopped: %s", how)
         raise
-    finally:
-        layout.close()
+
+
+def compress_layer(
+    streamer: LayerStreamer, writer: CheckpointWriter, index: int, h: HiddenStateStore, out: HiddenStateStore,
+    method, n_keep: int, cfg: CompressConfig, n_holdout: int,
+) -> dict | None:
+    """Layer `index` from h into out, compressed if MoE, and written; returns the MoE layer's record."""
+    t0 = time.perf_counter()
+    if streamer.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(streamer.device)
+    block = streamer.attention_phase(index, h, out)
+    plan, merged = None, {}
+    if block is not None:
+        plan, merged = compress_moe_layer(streamer, block, h, out, method, n_keep, cfg, n_holdout)
+    write_layer(writer, streamer.layout, index, plan, merged)
+    if plan is None:
+        return None
+    record = plan.to_json()
+    record["seconds"] = round(time.perf_counter() - t0, 3)
+    record["peak_device_bytes"] = torch.cuda.max_memory_allocated(streamer.device) if streamer.device.type == "cuda" else None
+    record["peak_host_bytes"] = peak_rss_bytes()
+    return record
 
 
 def compress_moe_layer(
@@ -313,6 +413,7 @@ def compress_moe_layer(
     h_stats = h.view(0, split) if n_holdout else h
     out_stats = None if cfg.sequential else (out.view(0, split) if n_holdout else out)
     stats = collect_stats(streamer, block, h_stats, method, cfg.options, out_stats)
+    check_finite(stats)
     if cfg.guard_mode == "off":
         plan = method.plan(MethodInput(stats, n_keep, block.router_cfg.n_group, cfg.options, cfg.seed))
         plan.validate()
@@ -327,6 +428,12 @@ def compress_moe_layer(
                                         cfg.guard_mode)
         finally:
             judge.close()
-    if cfg.sequential:
-        streamer.run_moe(block.restricted(plan.kept), h, out, experts=compressed_loader(streamer, plan, merged))
+    compressed = block.restricted(plan.kept)
+    stats_tokens = h_stats.total_tokens
+    if cfg.sequential:  # the compressed block makes the next layer's input; its routing is counted on the way
+        counter = RoutingCounter(len(plan.kept), stats_tokens)
+        streamer.run_moe(compressed, h, out, observer=counter, experts=compressed_loader(streamer, plan, merged))
+        plan.frequency_after = counter.counts.tolist()
+    else:
+        plan.frequency_after = routing_counts(streamer, compressed, h, stats_tokens)
     return plan, merged

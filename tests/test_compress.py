@@ -159,25 +159,9 @@ def test_output_inside_input_and_existing_output_refused(model_dirs, calib_file,
 
 def test_mtp_layer_is_compressed_with_the_same_method(calib_file, tmp_path):
     """DeepSeek-V3 layout with an MTP layer stored after the last decoder layer, as released checkpoints have it."""
-    from safetensors.torch import load_file, save_file
-    from tiny_models import build_model, save_model
+    from tiny_models import save_mtp_model
 
-    d = save_model(build_model("deepseek_v3"), tmp_path / "ds")
-    sd = load_file(str(d / "model.safetensors"))
-    g = torch.Generator().manual_seed(0)
-    for k, v in list(sd.items()):
-        if k.startswith("model.layers.2."):
-            sd[k.replace("model.layers.2.", "model.layers.3.")] = v + 0.01 * torch.randn(v.shape, generator=g)
-    sd["model.layers.3.embed_tokens.weight"] = sd["model.embed_tokens.weight"].clone()
-    for name in ("enorm", "hnorm", "shared_head.norm"):
-        sd[f"model.layers.3.{name}.weight"] = torch.ones(32)
-    sd["model.layers.3.eh_proj.weight"] = 0.2 * torch.randn(32, 64, generator=g)
-    sd["model.layers.3.shared_head.head.weight"] = sd["lm_head.weight"].clone()
-    save_file(sd, str(d / "model.safetensors"), metadata={"format": "pt"})
-    cfg = json.loads((d / "config.json").read_text())
-    cfg["num_nextn_predict_layers"] = 1
-    (d / "config.json").write_text(json.dumps(cfg))
-
+    d = save_mtp_model(tmp_path / "ds")
     compress(d, tmp_path / "out", "--experts", "8", "--method", "ream", "--calib", str(calib_file), "--guard", "off")
     plan = json.loads((tmp_path / "out" / "ream_plan.json").read_text())
     assert [L["layer"] for L in plan["layers"]] == [1, 2, 3]

@@ -52,11 +52,14 @@ def family_config(family: str):
 FAMILIES = ["qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "deepseek_v3", "glm4_moe"]
 
 
-def build_model(family: str, seed: int = 0):
+def build_model(family: str, seed: int = 0, **config_overrides):
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(family_config(family), dtype=torch.float32).eval()
+    config = family_config(family)
+    for k, v in config_overrides.items():
+        setattr(config, k, v)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "e_score_correction_bias" in name:
@@ -83,6 +86,31 @@ def save_model(model, directory: Path, layout: str = "per_expert", max_shard_siz
         raise ValueError(layout)
     save_char_tokenizer(directory, VOCAB)
     return directory
+
+
+def save_mtp_model(directory: Path) -> Path:
+    """The tiny DeepSeek-V3 with one MTP layer stored after the last decoder layer, as released checkpoints have it
+    (transformers' save_pretrained drops MTP layers, so they are added to the file by hand)."""
+    import json
+
+    from safetensors.torch import load_file
+
+    d = save_model(build_model("deepseek_v3"), directory)
+    sd = load_file(str(d / "model.safetensors"))
+    g = torch.Generator().manual_seed(0)
+    for k, v in list(sd.items()):
+        if k.startswith("model.layers.2."):
+            sd[k.replace("model.layers.2.", "model.layers.3.")] = v + 0.01 * torch.randn(v.shape, generator=g)
+    sd["model.layers.3.embed_tokens.weight"] = sd["model.embed_tokens.weight"].clone()
+    for name in ("enorm", "hnorm", "shared_head.norm"):
+        sd[f"model.layers.3.{name}.weight"] = torch.ones(32)
+    sd["model.layers.3.eh_proj.weight"] = 0.2 * torch.randn(32, 64, generator=g)
+    sd["model.layers.3.shared_head.head.weight"] = sd["lm_head.weight"].clone()
+    save_file(sd, str(d / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["num_nextn_predict_layers"] = 1
+    (d / "config.json").write_text(json.dumps(cfg))
+    return d
 
 
 def reference_logits(model, ids: torch.Tensor) -> torch.Tensor:

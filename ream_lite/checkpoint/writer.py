@@ -5,6 +5,11 @@ safetensors format allows the JSON header to be padded with spaces), so a shard 
 bounded memory and no copy: when the header fills up or the shard reaches its size limit, the header is written
 into its slot and the next shard begins. Everything is written into `<out>.partial/`, which is renamed to `<out>`
 only when complete, so a half-written output never looks finished.
+
+Resume: `state()` flushes and syncs what was written and returns a small JSON-able record (shard files, their
+entries and data length so far). A writer built with `resume=state` truncates the open shard back to that length,
+deletes shards begun after it, and carries on appending: the shards it finally closes are byte for byte those of a
+writer that was never interrupted, because a shard's header is only written when it is closed.
 """
 
 from __future__ import annotations
@@ -40,15 +45,24 @@ def partial_dir(out_dir: Path) -> Path:
 class _Shard:
     METADATA = {"format": "pt"}
 
-    def __init__(self, path: Path, reserve: int):
+    def __init__(self, path: Path, reserve: int, resume: dict | None = None):
         self.path = path
         self.reserve = reserve
-        self.file = open(path, "wb")
-        self.file.seek(8 + reserve)
         self.entries: dict[str, dict] = {}
         self.data_bytes = 0
         # exact length of the compact JSON header so far: {"__metadata__":{...}} plus ',"name":{...}' per tensor
         self.header_bytes = len(encode_header({}, self.METADATA))
+        if resume is None:
+            self.file = open(path, "wb")
+        else:  # reopen, drop whatever was appended after the recorded state, and replay the entries
+            self.file = open(path, "r+b")
+            for name, e in resume["entries"].items():
+                nbytes = e["data_offsets"][1] - e["data_offsets"][0]
+                self.add(name, e["dtype"], e["shape"], nbytes)
+            if self.data_bytes != resume["data_bytes"]:
+                raise ReamLiteError(f"{path}: resume record is inconsistent; start over with --overwrite")
+            self.file.truncate(8 + reserve + self.data_bytes)
+        self.file.seek(8 + reserve + self.data_bytes)
 
     def entry_json_bytes(self, name: str, dtype: str, shape: list[int], nbytes: int) -> int:
         entry = {name: {"dtype": dtype, "shape": shape, "data_offsets": [self.data_bytes, self.data_bytes + nbytes]}}
@@ -59,6 +73,13 @@ class _Shard:
         self.entries[name] = {"dtype": dtype, "shape": shape, "data_offsets": [self.data_bytes, self.data_bytes + nbytes]}
         self.data_bytes += nbytes
 
+    def state(self) -> dict:
+        if not self.file.closed:
+            self.file.flush()
+            os.fsync(self.file.fileno())
+        return {"file": self.path.name, "entries": self.entries, "data_bytes": self.data_bytes,
+                "closed": self.file.closed}
+
     def close(self) -> None:
         header = encode_header(self.entries, self.METADATA, reserve=self.reserve)
         if len(header) != self.reserve:  # cannot happen: shards are rolled over before the header overflows
@@ -66,26 +87,66 @@ class _Shard:
         self.file.seek(0)
         self.file.write(len(header).to_bytes(8, "little"))
         self.file.write(header)
+        self.file.flush()
+        os.fsync(self.file.fileno())
         self.file.close()
+
+
+class _Closed:
+    """Stands in for the file of a shard that was closed before a resume."""
+
+    closed = True
+
+    def close(self) -> None:
+        pass
 
 
 class CheckpointWriter:
     """Write tensors in the order given into size-bounded safetensors shards under `<out>.partial/`."""
 
-    def __init__(self, out_dir: str | os.PathLike, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, overwrite: bool = False):
+    def __init__(
+        self, out_dir: str | os.PathLike, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, overwrite: bool = False,
+        resume: dict | None = None,
+    ):
+        """A new output under `<out>.partial/` (any earlier partial output is removed), or, with `resume` (a
+        `state()` record), the partial output continued from that state."""
         self.out_dir = Path(out_dir)
         self.tmp_dir = partial_dir(self.out_dir)
         self.max_shard_bytes = max_shard_bytes
         if self.out_dir.exists() and not overwrite:
             raise ReamLiteError(f"{self.out_dir} already exists; pass --overwrite to replace it")
-        if self.tmp_dir.exists():
-            shutil.rmtree(self.tmp_dir)
-        self.tmp_dir.mkdir(parents=True)
         self.overwrite = overwrite
         self._shards: list[_Shard] = []
         self._current: _Shard | None = None
         self._names: set[str] = set()
         self.bytes_written = 0
+        if resume is None:
+            if self.tmp_dir.exists():
+                shutil.rmtree(self.tmp_dir)
+            self.tmp_dir.mkdir(parents=True)
+            return
+        keep = {rec["file"] for rec in resume["shards"]}
+        for p in self.tmp_dir.glob("shard-*.tmp"):  # begun after the recorded state
+            if p.name not in keep:
+                p.unlink()
+        for rec in resume["shards"]:
+            path = self.tmp_dir / rec["file"]
+            if not path.exists():
+                raise ReamLiteError(f"{path}: missing from the partial output; start over with --overwrite")
+            if rec["closed"]:  # complete on disk (header written): only its bookkeeping is needed
+                shard = _Shard.__new__(_Shard)
+                shard.path, shard.reserve, shard.entries = path, HEADER_RESERVE, rec["entries"]
+                shard.data_bytes, shard.file = rec["data_bytes"], _Closed()
+            else:
+                shard = _Shard(path, HEADER_RESERVE, resume=rec)
+                self._current = shard
+            self._shards.append(shard)
+            self._names.update(rec["entries"])
+        self.bytes_written = resume["bytes_written"]
+
+    def state(self) -> dict:
+        """What has been written so far, flushed and synced to disk: the record a resumed writer starts from."""
+        return {"shards": [s.state() for s in self._shards], "bytes_written": self.bytes_written}
 
     # -- shards -------------------------------------------------------------------------------------------------
     def _shard_for(self, name: str, dtype: str, shape: list[int], nbytes: int) -> _Shard:
@@ -160,10 +221,14 @@ class CheckpointWriter:
         os.replace(self.tmp_dir, self.out_dir)
         return self.out_dir
 
-    def abort(self) -> None:
+    def close_files(self) -> None:
+        """Close open shard files and keep the partial output (to resume from its last recorded state)."""
         for s in self._shards:
             if not s.file.closed:
                 s.file.close()
+
+    def abort(self) -> None:
+        self.close_files()
         shutil.rmtree(self.tmp_dir, ignore_errors=True)
 
 

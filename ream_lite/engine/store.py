@@ -122,6 +122,32 @@ class HiddenStateStore:
         dst = self.buf[b.start : b.end]
         dst.copy_((dst.to(value.device, torch.float32) + value.reshape(dst.shape).float()).to(self.dtype))
 
+    def _row_chunks(self, max_bytes: int = 64 * 1024**2) -> range:
+        return range(0, self.total_tokens, max(1, max_bytes // max(1, self.hidden * self.buf.element_size())))
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the buffer's raw bytes to `path` in bounded chunks and sync it (the resume snapshot)."""
+        step = self._row_chunks().step
+        with open(path, "wb") as f:
+            for a in self._row_chunks():
+                rows = self.buf[a : a + step].to("cpu").contiguous()
+                f.write(rows.view(torch.uint8).numpy().data)
+            f.flush()
+            os.fsync(f.fileno())
+
+    def load(self, path: str | os.PathLike) -> None:
+        """Fill the buffer from a file written by `save` for the same sequence lengths, hidden size and dtype."""
+        elt = self.buf.element_size()
+        if Path(path).stat().st_size != self.total_tokens * self.hidden * elt:
+            raise ReamLiteError(f"{path}: saved hidden states do not match this run; start over with --overwrite")
+        step = self._row_chunks().step
+        with open(path, "rb") as f:
+            for a in self._row_chunks():
+                n = min(step, self.total_tokens - a)
+                raw = bytearray(f.read(n * self.hidden * elt))
+                rows = torch.frombuffer(raw, dtype=torch.uint8).view(self.dtype).view(n, self.hidden)
+                self.buf[a : a + n].copy_(rows)
+
     def close(self) -> None:
         self.buf = None  # type: ignore[assignment]
         self._mm = None  # unmaps the (already unlinked) disk-tier file

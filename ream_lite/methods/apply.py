@@ -60,6 +60,8 @@ def build_merged_experts(
     non-singleton group (the alignment and the merge itself run on `device`, in float32). `perm_cache` ((centroid, member) -> permutation) is read and
     filled: the alignment of a pair depends only on the pair, so plans sharing pairs solve each once."""
     cache = perm_cache if perm_cache is not None else {}
+    for pair, perm in plan.perms.items():  # a plan read back from ream_plan.json brings its own alignments
+        cache.setdefault(pair, perm)
     stored = layout.reader.entry(layout.expert_keys(plan.layer)[0]).torch_dtype
     out = {}
     for c, members in plan.merged_groups().items():
@@ -74,6 +76,7 @@ def build_merged_experts(
         known = [None] + [cache.get((c, m)) for m in members[1:]]
         merged, perms = merge_group(weights, plan.weights[c], plan.align, costs, known)
         cache.update({(c, m): p for m, p in zip(members[1:], perms)})
+        plan.perms.update({(c, m): p for m, p in zip(members[1:], perms)})
         # on the host (N' merged experts may not fit next to a chunk), rounded once to the stored dtype: what is
         # written, and what the sequential pass and the guard then run, are the same numbers
         out[c] = tuple(t.to("cpu", stored) for t in merged)

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import base64
 from dataclasses import dataclass, field
+
+import numpy as np
+import torch
 
 
 @dataclass
@@ -18,6 +22,9 @@ class LayerPlan:
     align: str = "none"
     scores: dict[str, list[float]] = field(default_factory=dict)
     guard: dict | None = None  # the merge guard's record: every candidate's held-out error and the choice
+    # (centroid, member) -> the permutation of the member's neurons aligned onto the centroid, set when merged
+    perms: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
+    frequency_after: list[int] | None = None  # tokens routed to each kept expert by the compressed layer
 
     @property
     def kept(self) -> list[int]:
@@ -44,7 +51,35 @@ class LayerPlan:
             "align": self.align,
             "scores": self.scores,
             **({"guard": self.guard} if self.guard is not None else {}),
+            **({"frequency_after": self.frequency_after} if self.frequency_after is not None else {}),
+            **({"permutations": self.perms_json()} if self.align != "none" and self.merged_groups() else {}),
         }
+
+    def perms_json(self) -> dict[str, str]:
+        """'centroid-member' -> the member's neuron permutation as base64 of little-endian int32: what `apply`
+        needs to merge exactly as this plan did, without calibration data."""
+        out = {}
+        for c, members in sorted(self.merged_groups().items()):
+            for m in members[1:]:
+                perm = np.asarray(self.perms[(c, m)].cpu(), dtype="<i4")
+                out[f"{c}-{m}"] = base64.b64encode(perm.tobytes()).decode("ascii")
+        return out
+
+    @classmethod
+    def from_json(cls, d: dict) -> LayerPlan:
+        """A plan read back from ream_plan.json (every kept expert's group; permutations decoded)."""
+        groups = {e: [e] for e in d["kept"]}
+        weights = {e: [1.0] for e in d["kept"]}
+        for c, g in d.get("groups", {}).items():
+            groups[int(c)], weights[int(c)] = [int(m) for m in g["members"]], [float(w) for w in g["weights"]]
+        perms = {}
+        for pair, b64 in d.get("permutations", {}).items():
+            c, m = (int(x) for x in pair.split("-"))
+            perms[(c, m)] = torch.from_numpy(np.frombuffer(base64.b64decode(b64), dtype="<i4").astype(np.int64))
+        plan = cls(int(d["layer"]), int(d["num_experts"]), d["method"], groups, weights, d.get("align", "none"),
+                   d.get("scores", {}), d.get("guard"), perms)
+        plan.validate()
+        return plan
 
 
 def pruning_plan(layer: int, num_experts: int, method: str, kept: list[int], scores: dict) -> LayerPlan:

@@ -1,0 +1,152 @@
+"""Resume after a kill: the output of an interrupted-then-resumed compression is byte for byte an uninterrupted one's."""
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from tiny_models import build_model, save_model, save_mtp_model
+
+from ream_lite.cli import main
+
+TEXT = "the quick brown fox jumps over the lazy dog. 12 + 30 = 42. def f(x): return x * 2\n" * 40
+# ream_report.json holds wall times and peak memory: the only file that may differ between two runs
+VARYING = {"ream_report.json"}
+
+
+@pytest.fixture(scope="module")
+def calib_file(tmp_path_factory):
+    p = tmp_path_factory.mktemp("calib") / "calib.jsonl"
+    p.write_text("\n".join(json.dumps({"text": TEXT[i:], "domain": d}) for i, d in ((0, "a"), (7, "b"))) + "\n")
+    return p
+
+
+@pytest.fixture(scope="module")
+def five_layers(tmp_path_factory):
+    return save_model(build_model("qwen3_moe", num_hidden_layers=5), tmp_path_factory.mktemp("five"))
+
+
+def digests(d: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.iterdir()) if p.name not in VARYING}
+
+
+def args(src, out, calib, *extra):
+    return ["compress", str(src), str(out), "--experts", "5", "--calib", str(calib), "--seq-len", "32",
+            "--num-sequences", "12", "--device", "cpu", *extra]
+
+
+def run(*a):
+    return CliRunner().invoke(main, list(a))
+
+
+def manifest_steps(out: Path) -> int:
+    try:
+        return json.loads((out.with_name(out.name + ".partial") / "resume" / "manifest.json").read_text())["steps_done"]
+    except (OSError, json.JSONDecodeError, KeyError):
+        return 0
+
+
+def test_sigkill_then_resume_is_byte_identical(five_layers, calib_file, tmp_path):
+    ref = tmp_path / "uninterrupted" / "out"  # the same name: the model card names the output directory
+    assert run(*args(five_layers, ref, calib_file)).exit_code == 0
+
+    out = tmp_path / "out"
+    env = {**os.environ, "REAM_LITE_TEST_LAYER_DELAY": "0.5"}
+    proc = subprocess.Popen([sys.executable, "-m", "ream_lite", *args(five_layers, out, calib_file)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while manifest_steps(out) < 2 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.25)  # into the next layer: its tensors are (being) written, not yet recorded
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not out.exists(), "a killed run must not leave a complete-looking output"
+    done = manifest_steps(out)
+    assert 2 <= done < 5
+
+    r = run(*args(five_layers, out, calib_file))  # without --resume: refused, the partial output kept
+    assert r.exit_code == 2 and "--resume" in r.output and "interrupted run" in r.output
+    r = run(*args(five_layers, out, calib_file, "--seed", "1", "--resume"))
+    assert r.exit_code == 2 and "settings differ: seed" in r.output
+    assert manifest_steps(out) == done
+
+    r = run(*args(five_layers, out, calib_file, "--resume"))
+    assert r.exit_code == 0, r.output
+    assert digests(out) == digests(ref)
+    assert not (out / "resume").exists() and not out.with_name("out.partial").exists()
+    report = json.loads((out / "ream_report.json").read_text())
+    assert [L["layer"] for L in report["layers"]] == [0, 1, 2, 3, 4]
+
+
+def test_ctrl_c_keeps_the_partial_output_and_says_how_to_resume(calib_file, tmp_path, monkeypatch):
+    """DeepSeek-V3 with an MTP layer: interrupted in the MTP layer (after the decoder layers), resumed there."""
+    import ream_lite.pipeline as pipeline
+
+    src = save_mtp_model(tmp_path / "ds")
+    a = ["compress", str(src), "", "--experts", "8", "--calib", str(calib_file), "--seq-len", "32",
+         "--num-sequences", "12", "--device", "cpu"]
+    ref, out = tmp_path / "uninterrupted" / "out", tmp_path / "out"
+    assert run(*[x or str(ref) for x in a]).exit_code == 0
+
+    real = pipeline.compress_layer
+    calls = []
+
+    def interrupted(*args, **kwargs):
+        calls.append(args[2])
+        if args[2] == 3:  # the MTP layer
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "compress_layer", interrupted)
+    r = run(*[x or str(out) for x in a])
+    assert r.exit_code == 2 and "interrupted: 3 of 4 layers are done" in r.output and "--resume" in r.output
+    assert not out.exists() and out.with_name("out.partial").exists()
+    monkeypatch.setattr(pipeline, "compress_layer", real)
+
+    calls.clear()
+    r = run(*[x or str(out) for x in a], "--resume")
+    assert r.exit_code == 0, r.output
+    assert digests(out) == digests(ref)
+
+
+def test_resume_refuses_a_changed_input(five_layers, calib_file, tmp_path, monkeypatch):
+    import shutil
+
+    import ream_lite.pipeline as pipeline
+
+    src = tmp_path / "src"
+    shutil.copytree(five_layers, src)
+    out = tmp_path / "out"
+    real = pipeline.compress_layer
+
+    def stop_at_two(*args, **kwargs):
+        if args[2] == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "compress_layer", stop_at_two)
+    assert run(*args(src, out, calib_file)).exit_code == 2
+    monkeypatch.setattr(pipeline, "compress_layer", real)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["rms_norm_eps"] = 1e-5
+    (src / "config.json").write_text(json.dumps(cfg))
+    r = run(*args(src, out, calib_file, "--resume"))
+    assert r.exit_code == 2 and "the input model changed (config.json)" in r.output
+    # --overwrite starts over
+    assert run(*args(src, out, calib_file, "--overwrite")).exit_code == 0
+    assert (out / "model.safetensors").exists()
+
+
+def test_resume_of_a_complete_output_does_nothing(five_layers, calib_file, tmp_path):
+    out = tmp_path / "out"
+    assert run(*args(five_layers, out, calib_file)).exit_code == 0
+    before = digests(out)
+    r = run(*args(five_layers, out, calib_file, "--resume"))
+    assert r.exit_code == 0 and digests(out) == before
