@@ -215,5 +215,26 @@ def compress(model, output, experts, method, calib, num_sequences, seq_len, seed
     click.echo(f"wrote {out}")
 
 
+@main.command(name="apply")
+@click.argument("plan", type=click.Path())
+@click.argument("model")
+@click.argument("output", type=click.Path(file_okay=False))
+@click.option("--device", default="cpu", show_default=True, help="where experts are merged (cpu, cuda, cuda:1, ...)")
+@click.option("--max-shard-size", default="5GB", show_default=True, help="largest output shard")
+@click.option("--overwrite", is_flag=True, help="replace OUTPUT if it exists")
+@_user_errors
+def apply_cmd(plan, model, output, device, max_shard_size, overwrite) -> None:
+    """Re-apply the compression recorded in PLAN (a ream_plan.json, or a compressed model's directory) to MODEL,
+    writing OUTPUT, without calibration: the kept experts, merge groups, weights and neuron permutations come from
+    the plan. On the same device type the result is byte for byte what `compress` wrote."""
+    from ream_lite.apply_plan import apply_plan
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ReamLiteError("--device cuda requested but no CUDA device is available")
+    out = apply_plan(plan, model, output, overwrite=overwrite, device=device,
+                     max_shard_bytes=_bytes_option("--max-shard-size", max_shard_size), progress=sys.stderr.isatty())
+    click.echo(f"wrote {out}")
+
+
 if __name__ == "__main__":
     main()

@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ream_lite import __version__
-from ream_lite.arch.layout import ModelLayout
+from ream_lite.arch.layout import LayerLayout, ModelLayout
 from ream_lite.calib.builtin import builtin_documents
 from ream_lite.calib.text import check_vocab, domain_windows, load_tokenizer, read_documents
 from ream_lite.checkpoint.writer import DEFAULT_MAX_SHARD_BYTES, CheckpointWriter, partial_dir
@@ -88,6 +88,13 @@ def resolve_keep(layout: ModelLayout, experts: float) -> int:
     return keep
 
 
+def validate_output_path(layout: ModelLayout, output: str) -> None:
+    """The input directory is never written: the output must be neither it, inside it, nor around it."""
+    out, src = Path(output).resolve(), layout.path.resolve()
+    if out == src or src in out.parents or out in src.parents:
+        raise ReamLiteError("the output directory must not be the input directory, inside it, or contain it")
+
+
 def validate(layout: ModelLayout, n_keep: int, cfg: CompressConfig) -> None:
     """Everything that can be checked before the first expensive pass."""
     layout.require_plain_weights()
@@ -119,9 +126,7 @@ def validate(layout: ModelLayout, n_keep: int, cfg: CompressConfig) -> None:
     for x in layout.layers:
         if x.is_mtp and not x.is_moe and not cfg.drop_mtp:
             raise ReamLiteError(f"MTP layer {x.index} has no routed experts; pass --drop-mtp")
-    out, src = Path(cfg.output).resolve(), layout.path.resolve()
-    if out == src or src in out.parents or out in src.parents:
-        raise ReamLiteError("the output directory must not be the input directory, inside it, or contain it")
+    validate_output_path(layout, cfg.output)
     if not (cfg.options.gate_logit_sim or cfg.options.gated_sim) and cfg.method == "ream":
         raise ReamLiteError("--no-gate-logit-sim and --no-gated-sim together leave REAM no similarity")
     if cfg.num_sequences < 1 or cfg.seq_len < 2:
@@ -177,6 +182,19 @@ def holdout_split(counts: dict[str, int], share: float, rng: random.Random) -> d
     return {d: set(rng.sample(range(counts[d]), want[d])) for d in counts}
 
 
+def compression_steps(layout: ModelLayout, drop_mtp: bool) -> list[LayerLayout]:
+    """The layers in the order they are compressed and written: decoder layers, then MTP layers (unless dropped)."""
+    return layout.decoder_layers + ([] if drop_mtp else [x for x in layout.layers if x.is_mtp])
+
+
+def copy_non_layer_tensors(writer: CheckpointWriter, layout: ModelLayout) -> None:
+    """Embeddings, final norm, lm_head, ...: unchanged, copied first (the order every output is written in)."""
+    layer_prefix = f"{layout.spec.layers_prefix}."
+    for k in layout.reader.keys():
+        if not k.startswith(layer_prefix):
+            writer.copy_from(layout.reader, k)
+
+
 def write_layer(writer: CheckpointWriter, layout: ModelLayout, layer: int, plan: LayerPlan | None, merged: dict) -> None:
     """Write one decoder layer: unchanged tensors copied as stored; router rows and experts of the kept experts."""
     r, spec = layout.reader, layout.spec
@@ -224,12 +242,12 @@ def write_layer(writer: CheckpointWriter, layout: ModelLayout, layer: int, plan:
     writer.add(down_key, down_out)
 
 
-def output_config(layout: ModelLayout, n_keep: int, cfg: CompressConfig) -> dict:
+def output_config(layout: ModelLayout, n_keep: int, drop_mtp: bool) -> dict:
     out = dict(layout.config)
     for key in layout.spec.num_experts_keys:
         if key in out:
             out[key] = n_keep
-    if cfg.drop_mtp and layout.spec.mtp_layers_key:
+    if drop_mtp and layout.spec.mtp_layers_key:
         out[layout.spec.mtp_layers_key] = 0
     return out
 
@@ -296,8 +314,7 @@ def _compress(layout: ModelLayout, cfg: CompressConfig) -> Path:
     identity = run_identity(layout, cfg, streamer, seqs)
     writer, manifest = open_output(cfg, identity)
     resume_log = ResumeLog(writer.tmp_dir)
-    mtp_layers = [] if cfg.drop_mtp else [x for x in layout.layers if x.is_mtp]
-    steps = layout.decoder_layers + mtp_layers  # decoder layers, then MTP layers, each one committed when done
+    steps = compression_steps(layout, cfg.drop_mtp)
     n_dec = len(layout.decoder_layers)
     layers: list[dict] = [] if manifest is None else manifest["layers"]
     done = 0 if manifest is None else manifest["steps_done"]
@@ -305,10 +322,7 @@ def _compress(layout: ModelLayout, cfg: CompressConfig) -> Path:
     h = out = None
     try:
         if manifest is None:
-            layer_prefix = f"{layout.spec.layers_prefix}."
-            for k in layout.reader.keys():  # embeddings, final norm, lm_head, ...: unchanged
-                if not k.startswith(layer_prefix):
-                    writer.copy_from(layout.reader, k)
+            copy_non_layer_tensors(writer, layout)
             h = streamer.embed(seqs)
         else:
             h = streamer.new_store(manifest["hidden"]["lengths"])
@@ -341,7 +355,7 @@ def _compress(layout: ModelLayout, cfg: CompressConfig) -> Path:
         h.close()
         if out is not None:
             out.close()
-        config = output_config(layout, n_keep, cfg)
+        config = output_config(layout, n_keep, cfg.drop_mtp)
         report = {
             "ream_lite_version": __version__,
             "model": str(layout.path),
@@ -349,6 +363,7 @@ def _compress(layout: ModelLayout, cfg: CompressConfig) -> Path:
             "experts": {"before": rc.num_experts, "after": n_keep},
             "options": asdict(cfg.options),
             "sequential": cfg.sequential,
+            "drop_mtp": cfg.drop_mtp,
             "seed": cfg.seed,
             "guard": cfg.guard_mode,
             "calibration": {"source": cfg.calib, "sequences": len(seqs), "seq_len": cfg.seq_len,

@@ -1,0 +1,90 @@
+"""`ream-lite apply PLAN MODEL OUT`: re-apply a recorded compression (ream_plan.json) without calibrating again.
+
+The plan holds, per MoE layer, the kept experts, each merged group with its weights, and the neuron permutation
+of every merged member, so the merged experts are recomputed from the weights alone, by the same code path
+`compress` uses: on the same device type the output is byte for byte the one `compress` wrote.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ream_lite.arch.layout import ModelLayout
+from ream_lite.checkpoint.writer import DEFAULT_MAX_SHARD_BYTES, CheckpointWriter
+from ream_lite.errors import ReamLiteError
+from ream_lite.methods.apply import build_merged_experts
+from ream_lite.methods.plan import LayerPlan
+from ream_lite.pipeline import (
+    PLAN_NAME, compression_steps, copy_non_layer_tensors, output_config, validate_output_path, write_layer,
+)
+
+
+def read_plan(path: str | Path) -> dict:
+    p = Path(path)
+    if p.is_dir():
+        p = p / PLAN_NAME
+    try:
+        plan = json.loads(p.read_text())
+        plan["layers"], plan["experts"]["after"]  # noqa: B018  (the keys apply needs)
+    except FileNotFoundError:
+        raise ReamLiteError(f"{path}: no such plan (expected a ream_plan.json or a directory holding one)") from None
+    except (OSError, json.JSONDecodeError, KeyError, TypeError):
+        raise ReamLiteError(f"{p}: not a ream-lite plan (ream_plan.json)") from None
+    return plan
+
+
+def layer_plans(plan: dict, layout: ModelLayout) -> dict[int, LayerPlan]:
+    """The plan's layers, checked against MODEL: the same MoE layers, expert counts and expert sizes."""
+    drop_mtp = bool(plan.get("drop_mtp", False))
+    try:
+        plans = {int(L["layer"]): LayerPlan.from_json(L) for L in plan["layers"]}
+    except (KeyError, ValueError, TypeError) as e:
+        raise ReamLiteError(f"malformed layer in the plan ({e})") from None
+    moe = [x for x in compression_steps(layout, drop_mtp) if x.is_moe]
+    if sorted(plans) != [x.index for x in moe]:
+        raise ReamLiteError(f"the plan covers MoE layers {sorted(plans)}, the model has {[x.index for x in moe]}; "
+                            "was it made for another model?")
+    for x in moe:
+        p = plans[x.index]
+        if p.num_experts != x.num_experts:
+            raise ReamLiteError(f"layer {x.index}: the plan is for {p.num_experts} experts, the model has "
+                                f"{x.num_experts}")
+        for (c, m) in (pair for c, g in p.merged_groups().items() for pair in ((c, e) for e in g[1:])):
+            if p.align != "none" and (c, m) not in p.perms:
+                raise ReamLiteError(f"layer {x.index}: the plan lacks the alignment of expert {m} onto {c} "
+                                    "(written by an older ream-lite?); compress again")
+    return plans
+
+
+def apply_plan(plan_path: str, model: str, output: str, overwrite: bool = False, device: str = "cpu",
+               max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, progress: bool = True) -> Path:
+    plan = read_plan(plan_path)
+    layout = ModelLayout(model)
+    try:
+        layout.require_plain_weights()
+        validate_output_path(layout, output)
+        if plan["experts"]["before"] != layout.router_config.num_experts:
+            raise ReamLiteError(f"the plan compresses {plan['experts']['before']} experts per layer, the model has "
+                                f"{layout.router_config.num_experts}")
+        plans = layer_plans(plan, layout)
+        dev = torch.device(device)
+        writer = CheckpointWriter(output, max_shard_bytes, overwrite=overwrite)
+        try:
+            copy_non_layer_tensors(writer, layout)
+            steps = compression_steps(layout, bool(plan.get("drop_mtp", False)))
+            for info in tqdm(steps, desc="apply", disable=not progress):
+                p = plans.get(info.index)
+                merged = build_merged_experts(layout, p, None, dev) if p is not None else {}
+                write_layer(writer, layout, info.index, p, merged)
+            config = output_config(layout, int(plan["experts"]["after"]), bool(plan.get("drop_mtp", False)))
+            (writer.tmp_dir / PLAN_NAME).write_text(json.dumps(plan, indent=1) + "\n")
+            return writer.finish(config, source_dir=layout.path)
+        except BaseException:
+            writer.abort()
+            raise
+    finally:
+        layout.close()
