@@ -11,16 +11,12 @@ import json
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from ream_lite.arch.layout import ModelLayout
 from ream_lite.checkpoint.writer import DEFAULT_MAX_SHARD_BYTES, CheckpointWriter
 from ream_lite.errors import ReamLiteError
-from ream_lite.methods.apply import build_merged_experts
 from ream_lite.methods.plan import LayerPlan
-from ream_lite.pipeline import (
-    PLAN_NAME, compression_steps, copy_non_layer_tensors, output_config, validate_output_path, write_layer,
-)
+from ream_lite.write_output import PLAN_NAME, compression_steps, validate_output_path, write_planned
 
 
 def read_plan(path: str | Path) -> dict:
@@ -71,20 +67,12 @@ def apply_plan(plan_path: str, model: str, output: str, overwrite: bool = False,
             raise ReamLiteError(f"the plan compresses {plan['experts']['before']} experts per layer, the model has "
                                 f"{layout.router_config.num_experts}")
         plans = layer_plans(plan, layout)
-        dev = torch.device(device)
         writer = CheckpointWriter(output, max_shard_bytes, overwrite=overwrite)
-        try:
-            copy_non_layer_tensors(writer, layout)
-            steps = compression_steps(layout, bool(plan.get("drop_mtp", False)))
-            for info in tqdm(steps, desc="apply", disable=not progress):
-                p = plans.get(info.index)
-                merged = build_merged_experts(layout, p, None, dev) if p is not None else {}
-                write_layer(writer, layout, info.index, p, merged)
-            config = output_config(layout, int(plan["experts"]["after"]), bool(plan.get("drop_mtp", False)))
-            (writer.tmp_dir / PLAN_NAME).write_text(json.dumps(plan, indent=1) + "\n")
-            return writer.finish(config, source_dir=layout.path)
-        except BaseException:
-            writer.abort()
-            raise
+
+        def side_files(d: Path) -> None:
+            (d / PLAN_NAME).write_text(json.dumps(plan, indent=1) + "\n")
+
+        return write_planned(layout, plans, int(plan["experts"]["after"]), bool(plan.get("drop_mtp", False)), writer,
+                             torch.device(device), progress, side_files)
     finally:
         layout.close()

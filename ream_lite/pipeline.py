@@ -23,22 +23,54 @@ import torch
 from tqdm.auto import tqdm
 
 from ream_lite import __version__
-from ream_lite.arch.layout import LayerLayout, ModelLayout
+from ream_lite.arch.layout import ModelLayout
 from ream_lite.calib.builtin import builtin_documents
-from ream_lite.calib.text import check_vocab, domain_windows, load_tokenizer, read_documents
-from ream_lite.checkpoint.writer import DEFAULT_MAX_SHARD_BYTES, CheckpointWriter, partial_dir
+from ream_lite.calib.text import (
+    check_vocab,
+    domain_windows,
+    load_tokenizer,
+    read_documents,
+)
+from ream_lite.checkpoint.writer import (
+    DEFAULT_MAX_SHARD_BYTES,
+    CheckpointWriter,
+    partial_dir,
+)
 from ream_lite.engine.store import HiddenStateStore
 from ream_lite.engine.streamer import LayerStreamer, MoEBlock, StreamOptions
 from ream_lite.errors import ReamLiteError
 from ream_lite.guard import GUARD_MODES, HeldOutJudge, guarded_plan
 from ream_lite.methods import METHODS, LayerPlan, MethodInput, MethodOptions
+from ream_lite.methods.apply import needs_activation_pass
 from ream_lite.methods.grouping import auto_group_size
 from ream_lite.model_card import model_card
-from ream_lite.passes import RoutingCounter, check_finite, collect_stats, compressed_loader, merge_plan, routing_counts
+from ream_lite.passes import (
+    RoutingCounter,
+    check_finite,
+    collect_stats,
+    compressed_loader,
+    merge_plan,
+    routing_counts,
+)
 from ream_lite.resume import ResumeLog, RunIdentity, input_fingerprint, tokens_hash
+from ream_lite.stats_io import (
+    check_reusable,
+    load_layer_stats,
+    read_stats_info,
+    save_layer_stats,
+    write_stats_info,
+)
+from ream_lite.write_output import (
+    PLAN_NAME,
+    compression_steps,
+    copy_non_layer_tensors,
+    output_config,
+    validate_output_path,
+    write_layer,
+    write_planned,
+)
 
 log = logging.getLogger(__name__)
-PLAN_NAME = "ream_plan.json"
 _TEST_DELAY = float(os.environ.get("REAM_LITE_TEST_LAYER_DELAY", "0") or 0)
 
 
@@ -62,6 +94,8 @@ class CompressConfig:
     holdout: float = 0.1  # share of calibration sequences the guard judges plans on (never used for statistics)
     stream: StreamOptions = field(default_factory=StreamOptions)
     resume: bool = False  # continue the interrupted run recorded in OUT.partial
+    save_stats: str | None = None  # directory: save every MoE layer's statistics there
+    from_stats: str | None = None  # directory: plan from saved statistics instead of calibrating
     command: str | None = None  # the command line, for the model card (without --resume / --overwrite)
 
     @property
@@ -86,13 +120,6 @@ def resolve_keep(layout: ModelLayout, experts: float) -> int:
     if experts >= 1 and experts != int(experts):
         raise ReamLiteError(f"--experts {experts}: give an integer count or a fraction between 0 and 1")
     return keep
-
-
-def validate_output_path(layout: ModelLayout, output: str) -> None:
-    """The input directory is never written: the output must be neither it, inside it, nor around it."""
-    out, src = Path(output).resolve(), layout.path.resolve()
-    if out == src or src in out.parents or out in src.parents:
-        raise ReamLiteError("the output directory must not be the input directory, inside it, or contain it")
 
 
 def validate(layout: ModelLayout, n_keep: int, cfg: CompressConfig) -> None:
@@ -182,76 +209,6 @@ def holdout_split(counts: dict[str, int], share: float, rng: random.Random) -> d
     return {d: set(rng.sample(range(counts[d]), want[d])) for d in counts}
 
 
-def compression_steps(layout: ModelLayout, drop_mtp: bool) -> list[LayerLayout]:
-    """The layers in the order they are compressed and written: decoder layers, then MTP layers (unless dropped)."""
-    return layout.decoder_layers + ([] if drop_mtp else [x for x in layout.layers if x.is_mtp])
-
-
-def copy_non_layer_tensors(writer: CheckpointWriter, layout: ModelLayout) -> None:
-    """Embeddings, final norm, lm_head, ...: unchanged, copied first (the order every output is written in)."""
-    layer_prefix = f"{layout.spec.layers_prefix}."
-    for k in layout.reader.keys():
-        if not k.startswith(layer_prefix):
-            writer.copy_from(layout.reader, k)
-
-
-def write_layer(writer: CheckpointWriter, layout: ModelLayout, layer: int, plan: LayerPlan | None, merged: dict) -> None:
-    """Write one decoder layer: unchanged tensors copied as stored; router rows and experts of the kept experts."""
-    r, spec = layout.reader, layout.spec
-    keys = layout.layer_keys(layer)
-    if plan is None:
-        for k in keys:
-            writer.copy_from(r, k)
-        return
-    kept = plan.kept
-    idx = torch.tensor(kept)
-    router_keys = {layout.moe_key(layer, spec.router_weight)}
-    if spec.router_bias:
-        router_keys.add(layout.moe_key(layer, spec.router_bias))
-    expert_keys = set(layout.expert_keys(layer))
-    for k in keys:
-        if k in router_keys:
-            writer.add(k, r.get(k)[idx].contiguous())
-        elif k not in expert_keys:
-            writer.copy_from(r, k)
-    info = layout.layers[layer]
-    if info.expert_storage == "per_expert":
-        for pos, e in enumerate(kept):
-            old, new = layout.per_expert_keys(layer, e), layout.per_expert_keys(layer, pos)
-            if e in merged:
-                for name, o, t in zip(new, old, merged[e]):
-                    writer.add(name, t.to(r.entry(o).torch_dtype).cpu())
-            else:
-                for o, n in zip(old, new):
-                    writer.copy_from(r, o, n)
-        return
-    gu_key, down_key = layout.fused_keys(layer)
-    gu_dtype, down_dtype = r.entry(gu_key).torch_dtype, r.entry(down_key).torch_dtype
-    gu_out = torch.empty((len(kept), *r.shape(gu_key)[1:]), dtype=gu_dtype)
-    down_out = torch.empty((len(kept), *r.shape(down_key)[1:]), dtype=down_dtype)
-    for pos, e in enumerate(kept):
-        if e in merged:
-            g, u, d = merged[e]
-            gu_out[pos].copy_(torch.cat([g, u]))
-            down_out[pos].copy_(d)
-        else:
-            gu_out[pos].copy_(r.get(gu_key, rows=(e, e + 1))[0])
-            down_out[pos].copy_(r.get(down_key, rows=(e, e + 1))[0])
-    writer.add(gu_key, gu_out)
-    del gu_out
-    writer.add(down_key, down_out)
-
-
-def output_config(layout: ModelLayout, n_keep: int, drop_mtp: bool) -> dict:
-    out = dict(layout.config)
-    for key in layout.spec.num_experts_keys:
-        if key in out:
-            out[key] = n_keep
-    if drop_mtp and layout.spec.mtp_layers_key:
-        out[layout.spec.mtp_layers_key] = 0
-    return out
-
-
 def compress(cfg: CompressConfig) -> Path:
     layout = ModelLayout(cfg.model)
     try:
@@ -299,6 +256,8 @@ def _compress(layout: ModelLayout, cfg: CompressConfig) -> Path:
     if cfg.resume and not cfg.overwrite and Path(cfg.output).exists() and not partial_dir(Path(cfg.output)).exists():
         log.warning("%s is complete; nothing to resume", cfg.output)
         return Path(cfg.output)
+    if cfg.from_stats:
+        return compress_from_stats(layout, cfg, n_keep)
     method = METHODS[cfg.method]
     seqs, calib_summary, n_holdout = calibration_sequences(layout, cfg)
     if cfg.stream.work_dir is None:
@@ -313,6 +272,13 @@ def _compress(layout: ModelLayout, cfg: CompressConfig) -> Path:
     rc = layout.router_config
     identity = run_identity(layout, cfg, streamer, seqs)
     writer, manifest = open_output(cfg, identity)
+    if cfg.save_stats:
+        write_stats_info(cfg.save_stats, {
+            "inputs": identity.inputs, "sequential": cfg.sequential, "saliency_gate": {"twice": "model"}.get(
+            cfg.options.saliency_gate, cfg.options.saliency_gate), "dense": method.needs_dense(cfg.options),
+            "gram": method.needs_gram(cfg.options), "seed": cfg.seed, "calibration": {
+                "source": cfg.calib, "sequences": len(seqs), "seq_len": cfg.seq_len,
+                "tokens_per_domain": calib_summary, "holdout_sequences": n_holdout}})
     resume_log = ResumeLog(writer.tmp_dir)
     steps = compression_steps(layout, cfg.drop_mtp)
     n_dec = len(layout.decoder_layers)
@@ -355,27 +321,11 @@ def _compress(layout: ModelLayout, cfg: CompressConfig) -> Path:
         h.close()
         if out is not None:
             out.close()
-        config = output_config(layout, n_keep, cfg.drop_mtp)
-        report = {
-            "ream_lite_version": __version__,
-            "model": str(layout.path),
-            "method": cfg.method,
-            "experts": {"before": rc.num_experts, "after": n_keep},
-            "options": asdict(cfg.options),
-            "sequential": cfg.sequential,
-            "drop_mtp": cfg.drop_mtp,
-            "seed": cfg.seed,
-            "guard": cfg.guard_mode,
-            "calibration": {"source": cfg.calib, "sequences": len(seqs), "seq_len": cfg.seq_len,
-                            "tokens_per_domain": calib_summary, "holdout_sequences": n_holdout},
-            "seconds": round(time.perf_counter() - t0, 2),
-            "layers": layers,
-        }
+        calibration = {"source": cfg.calib, "sequences": len(seqs), "seq_len": cfg.seq_len,
+                       "tokens_per_domain": calib_summary, "holdout_sequences": n_holdout}
         resume_log.remove()
-        (writer.tmp_dir / PLAN_NAME).write_text(json.dumps(report, indent=1) + "\n")
-        card = model_card(report, layout.reader.total_bytes(), writer.tensor_bytes, Path(cfg.output).name)
-        (writer.tmp_dir / "README.md").write_text(card)
-        return writer.finish(config, source_dir=layout.path)
+        write_side_files(writer.tmp_dir, layout, cfg, n_keep, calibration, layers, t0, writer)
+        return writer.finish(output_config(layout, n_keep, cfg.drop_mtp), source_dir=layout.path)
     except BaseException as e:
         for store in (h, out):
             if store is not None:
@@ -393,6 +343,68 @@ def _compress(layout: ModelLayout, cfg: CompressConfig) -> Path:
             raise ReamLiteError(f"{e} ({how})") from None
         log.error("stopped: %s", how)
         raise
+
+
+def build_report(layout: ModelLayout, cfg: CompressConfig, n_keep: int, calibration: dict, layers: list[dict],
+                 t0: float) -> dict:
+    return {
+        "ream_lite_version": __version__,
+        "model": str(layout.path),
+        "method": cfg.method,
+        "experts": {"before": layout.router_config.num_experts, "after": n_keep},
+        "options": asdict(cfg.options),
+        "sequential": cfg.sequential,
+        "drop_mtp": cfg.drop_mtp,
+        "seed": cfg.seed,
+        "guard": cfg.guard_mode,
+        "calibration": calibration,
+        "seconds": round(time.perf_counter() - t0, 2),
+        "layers": layers,
+    }
+
+
+def write_side_files(d: Path, layout: ModelLayout, cfg: CompressConfig, n_keep: int, calibration: dict,
+                     layers: list[dict], t0: float, writer: CheckpointWriter) -> None:
+    """ream_plan.json, the report and the model card, into the partial output directory `d`."""
+    report = build_report(layout, cfg, n_keep, calibration, layers, t0)
+    (d / PLAN_NAME).write_text(json.dumps(report, indent=1) + "\n")
+    card = model_card(report, layout.reader.total_bytes(), writer.tensor_bytes, Path(cfg.output).name)
+    (d / "README.md").write_text(card)
+
+
+def compress_from_stats(layout: ModelLayout, cfg: CompressConfig, n_keep: int) -> Path:
+    """Plans from statistics saved by an earlier `--no-sequential --save-stats` run: no calibration pass at all.
+    Only plans whose merges need no activations are possible (pruning, or merging aligned on weights)."""
+    t0 = time.perf_counter()
+    method = METHODS[cfg.method]
+    info = read_stats_info(cfg.from_stats)
+    check_reusable(info, input_fingerprint(layout), cfg.options.saliency_gate, method.needs_dense(cfg.options),
+                   method.needs_gram(cfg.options))
+    if cfg.guard_mode != "off":
+        raise ReamLiteError("the guard judges plans on held-out calibration tokens, which saved statistics do not "
+                            "hold; pass --guard off with --from-stats")
+    n_group = layout.router_config.n_group
+    plans: dict[int, LayerPlan] = {}
+    for x in compression_steps(layout, cfg.drop_mtp):
+        if not x.is_moe:
+            continue
+        stats = load_layer_stats(cfg.from_stats, x.index, x.num_experts)
+        check_finite(stats)
+        plan = method.plan(MethodInput(stats, n_keep, n_group, cfg.options, cfg.seed))
+        plan.validate()
+        if needs_activation_pass(plan):
+            raise ReamLiteError(f"--method {cfg.method} --align {plan.align} aligns neurons on activations, which "
+                                "saved statistics do not hold; pass --align weight or --align none")
+        plans[x.index] = plan
+    writer = CheckpointWriter(cfg.output, cfg.max_shard_bytes, overwrite=cfg.overwrite)
+    calibration = {**info.get("calibration", {}), "from_stats": str(cfg.from_stats)}
+
+    def side_files(d: Path) -> None:
+        write_side_files(d, layout, cfg, n_keep, calibration, [p.to_json() for _, p in sorted(plans.items())], t0,
+                         writer)
+
+    return write_planned(layout, plans, n_keep, cfg.drop_mtp, writer, torch.device(cfg.stream.device),
+                         cfg.stream.progress, side_files)
 
 
 def compress_layer(
@@ -429,6 +441,8 @@ def compress_moe_layer(
     out_stats = None if cfg.sequential else (out.view(0, split) if n_holdout else out)
     stats = collect_stats(streamer, block, h_stats, method, cfg.options, out_stats)
     check_finite(stats)
+    if cfg.save_stats:
+        save_layer_stats(cfg.save_stats, stats)
     if cfg.guard_mode == "off":
         plan = method.plan(MethodInput(stats, n_keep, block.router_cfg.n_group, cfg.options, cfg.seed))
         plan.validate()

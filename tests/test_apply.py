@@ -53,3 +53,43 @@ def test_apply_refuses_a_plan_for_another_model(model_dirs, calib_file, tmp_path
     assert not (tmp_path / "x").exists()
     r = run("apply", tmp_path / "nothing.json", model_dirs["qwen3_moe"][1], tmp_path / "x")
     assert r.exit_code == 2 and "no such plan" in r.output
+
+
+def test_saved_statistics_replan_at_another_ratio(model_dirs, calib_file, tmp_path):
+    """--no-sequential statistics saved once; REAP at another ratio from them equals REAP calibrated afresh."""
+    _, src = model_dirs["qwen3_moe"]
+    common = ["--calib", calib_file, "--seq-len", 32, "--num-sequences", 12, "--no-sequential", "--method", "reap"]
+    r = run("compress", src, tmp_path / "six", "--experts", 6, *common, "--save-stats", tmp_path / "stats")
+    assert r.exit_code == 0, r.output
+    r = run("compress", src, tmp_path / "a" / "four", "--experts", 4, *common)
+    assert r.exit_code == 0, r.output
+    r = run("compress", src, tmp_path / "b" / "four", "--experts", 4, "--method", "reap", "--from-stats",
+            tmp_path / "stats")
+    assert r.exit_code == 0, r.output
+    a, b = tmp_path / "a" / "four", tmp_path / "b" / "four"
+    assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
+    kept = lambda d: [L["kept"] for L in json.loads((d / "ream_plan.json").read_text())["layers"]]  # noqa: E731
+    assert kept(a) == kept(b)
+    # merging on weights alone works from statistics; on activations it cannot, and says so
+    r = run("compress", src, tmp_path / "m", "--experts", 4, "--method", "ream", "--align", "act", "--guard", "off",
+            "--from-stats", tmp_path / "stats")
+    assert r.exit_code == 2 and "every expert's output" in r.output  # REAP statistics are not dense
+    r = run("compress", src, tmp_path / "seq", "--experts", 6, "--calib", calib_file, "--seq-len", 32,
+            "--num-sequences", 12, "--method", "reap", "--save-stats", tmp_path / "seqstats")
+    assert r.exit_code == 0, r.output
+    r = run("compress", src, tmp_path / "x", "--experts", 4, "--method", "reap", "--from-stats", tmp_path / "seqstats")
+    assert r.exit_code == 2 and "sequentially" in r.output and not (tmp_path / "x").exists()
+
+
+def test_dense_statistics_allow_weight_aligned_merging(model_dirs, calib_file, tmp_path):
+    _, src = model_dirs["qwen3_moe"]
+    r = run("compress", src, tmp_path / "six", "--experts", 6, "--calib", calib_file, "--seq-len", 32,
+            "--num-sequences", 12, "--no-sequential", "--method", "ream", "--guard", "off", "--save-stats",
+            tmp_path / "stats")
+    assert r.exit_code == 0, r.output
+    r = run("compress", src, tmp_path / "four", "--experts", 4, "--method", "ream", "--guard", "off", "--align",
+            "weight", "--from-stats", tmp_path / "stats")
+    assert r.exit_code == 0, r.output
+    r = run("compress", src, tmp_path / "act", "--experts", 4, "--method", "ream", "--guard", "off",
+            "--from-stats", tmp_path / "stats")
+    assert r.exit_code == 2 and "--align weight" in r.output
