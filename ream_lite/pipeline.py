@@ -114,12 +114,23 @@ def peak_rss_bytes() -> int | None:
     return None
 
 
+def parse_experts(text: str | float) -> float:
+    """--experts as given: a positive count (96) or a fraction of the current count in (0, 1) (0.75)."""
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        value = float("nan")
+    if not value > 0 or value == float("inf") or (value >= 1 and value != int(value)):
+        raise ReamLiteError(f"--experts {text}: give an integer count of experts to keep (e.g. 96) or a fraction "
+                            "of the current count between 0 and 1 (e.g. 0.75)")
+    return value
+
+
 def resolve_keep(layout: ModelLayout, experts: float) -> int:
+    """Experts to keep per MoE layer (range checks against top-k and the routing groups are in `validate`)."""
     n = layout.router_config.num_experts
-    keep = int(round(n * experts)) if 0 < experts < 1 else int(experts)
-    if experts >= 1 and experts != int(experts):
-        raise ReamLiteError(f"--experts {experts}: give an integer count or a fraction between 0 and 1")
-    return keep
+    experts = parse_experts(experts)
+    return int(round(n * experts)) if experts < 1 else int(experts)
 
 
 def validate(layout: ModelLayout, n_keep: int, cfg: CompressConfig) -> None:
