@@ -16,7 +16,8 @@ from ream_lite.arch.layout import ModelLayout
 from ream_lite.checkpoint.writer import DEFAULT_MAX_SHARD_BYTES, CheckpointWriter
 from ream_lite.errors import ReamLiteError
 from ream_lite.methods.plan import LayerPlan
-from ream_lite.write_output import PLAN_NAME, compression_steps, validate_output_path, write_planned
+from ream_lite.report import PLAN_NAME, dumps
+from ream_lite.write_output import compression_steps, validate_output_path, write_planned
 
 
 def read_plan(path: str | Path) -> dict:
@@ -70,7 +71,7 @@ def apply_plan(plan_path: str, model: str, output: str, overwrite: bool = False,
         writer = CheckpointWriter(output, max_shard_bytes, overwrite=overwrite)
 
         def side_files(d: Path) -> None:
-            (d / PLAN_NAME).write_text(json.dumps(plan, indent=1) + "\n")
+            (d / PLAN_NAME).write_text(dumps(plan))
 
         return write_planned(layout, plans, int(plan["experts"]["after"]), bool(plan.get("drop_mtp", False)), writer,
                              torch.device(device), progress, side_files)

@@ -22,7 +22,6 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ream_lite import __version__
 from ream_lite.arch.layout import ModelLayout
 from ream_lite.calib.builtin import builtin_documents
 from ream_lite.calib.text import (
@@ -52,6 +51,7 @@ from ream_lite.passes import (
     merge_plan,
     routing_counts,
 )
+from ream_lite.report import Meter, versions, write_report
 from ream_lite.resume import ResumeLog, RunIdentity, input_fingerprint, tokens_hash
 from ream_lite.stats_io import (
     check_reusable,
@@ -61,7 +61,6 @@ from ream_lite.stats_io import (
     write_stats_info,
 )
 from ream_lite.write_output import (
-    PLAN_NAME,
     compression_steps,
     copy_non_layer_tensors,
     output_config,
@@ -101,17 +100,6 @@ class CompressConfig:
     @property
     def guard_mode(self) -> str:
         return self.guard or ("group" if self.method == "ream" else "off")
-
-
-def peak_rss_bytes() -> int | None:
-    """Peak resident memory of this process so far (VmHWM), or None where /proc is not available."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
 
 
 def parse_experts(text: str | float) -> float:
@@ -295,7 +283,7 @@ def _compress(layout: ModelLayout, cfg: CompressConfig) -> Path:
     n_dec = len(layout.decoder_layers)
     layers: list[dict] = [] if manifest is None else manifest["layers"]
     done = 0 if manifest is None else manifest["steps_done"]
-    t0 = time.perf_counter()
+    run = Meter()  # (its device peak is the max of the layers': each layer's Meter resets it)
     h = out = None
     try:
         if manifest is None:
@@ -335,7 +323,7 @@ def _compress(layout: ModelLayout, cfg: CompressConfig) -> Path:
         calibration = {"source": cfg.calib, "sequences": len(seqs), "seq_len": cfg.seq_len,
                        "tokens_per_domain": calib_summary, "holdout_sequences": n_holdout}
         resume_log.remove()
-        write_side_files(writer.tmp_dir, layout, cfg, n_keep, calibration, layers, t0, writer)
+        write_side_files(writer.tmp_dir, layout, cfg, n_keep, calibration, layers, run, writer)
         return writer.finish(output_config(layout, n_keep, cfg.drop_mtp), source_dir=layout.path)
     except BaseException as e:
         for store in (h, out):
@@ -357,9 +345,16 @@ def _compress(layout: ModelLayout, cfg: CompressConfig) -> Path:
 
 
 def build_report(layout: ModelLayout, cfg: CompressConfig, n_keep: int, calibration: dict, layers: list[dict],
-                 t0: float) -> dict:
+                 run: Meter, writer: CheckpointWriter) -> dict:
+    """Everything about the run (see ream_lite.report); ream_plan.json is its deterministic part."""
+    totals = run.read()
+    peaks = [L["peak_device_bytes"] for L in layers if L.get("peak_device_bytes") is not None]
+    totals["peak_device_bytes"] = max(peaks) if peaks else None  # each layer's Meter resets the CUDA peak
+    totals.update(size_before_bytes=layout.reader.total_bytes(), size_after_bytes=writer.tensor_bytes,
+                  bytes_read=layout.reader.bytes_read, bytes_written=writer.bytes_written)
     return {
-        "ream_lite_version": __version__,
+        **versions(),
+        **({"command": cfg.command} if cfg.command else {}),
         "model": str(layout.path),
         "method": cfg.method,
         "experts": {"before": layout.router_config.num_experts, "after": n_keep},
@@ -369,24 +364,24 @@ def build_report(layout: ModelLayout, cfg: CompressConfig, n_keep: int, calibrat
         "seed": cfg.seed,
         "guard": cfg.guard_mode,
         "calibration": calibration,
-        "seconds": round(time.perf_counter() - t0, 2),
+        "totals": totals,
         "layers": layers,
     }
 
 
 def write_side_files(d: Path, layout: ModelLayout, cfg: CompressConfig, n_keep: int, calibration: dict,
-                     layers: list[dict], t0: float, writer: CheckpointWriter) -> None:
-    """ream_plan.json, the report and the model card, into the partial output directory `d`."""
-    report = build_report(layout, cfg, n_keep, calibration, layers, t0)
-    (d / PLAN_NAME).write_text(json.dumps(report, indent=1) + "\n")
-    card = model_card(report, layout.reader.total_bytes(), writer.tensor_bytes, Path(cfg.output).name)
-    (d / "README.md").write_text(card)
+                     layers: list[dict], run: Meter, writer: CheckpointWriter) -> None:
+    """ream_report.json, ream_plan.json, the plots and the model card, into the partial output directory `d`."""
+    report = build_report(layout, cfg, n_keep, calibration, layers, run, writer)
+    for note in write_report(d, report):
+        log.warning("%s", note)
+    (d / "README.md").write_text(model_card(report, output_name=Path(cfg.output).name))
 
 
 def compress_from_stats(layout: ModelLayout, cfg: CompressConfig, n_keep: int) -> Path:
     """Plans from statistics saved by an earlier `--no-sequential --save-stats` run: no calibration pass at all.
     Only plans whose merges need no activations are possible (pruning, or merging aligned on weights)."""
-    t0 = time.perf_counter()
+    run = Meter()
     method = METHODS[cfg.method]
     info = read_stats_info(cfg.from_stats)
     check_reusable(info, input_fingerprint(layout), cfg.options.saliency_gate, method.needs_dense(cfg.options),
@@ -411,7 +406,7 @@ def compress_from_stats(layout: ModelLayout, cfg: CompressConfig, n_keep: int) -
     calibration = {**info.get("calibration", {}), "from_stats": str(cfg.from_stats)}
 
     def side_files(d: Path) -> None:
-        write_side_files(d, layout, cfg, n_keep, calibration, [p.to_json() for _, p in sorted(plans.items())], t0,
+        write_side_files(d, layout, cfg, n_keep, calibration, [p.to_json() for _, p in sorted(plans.items())], run,
                          writer)
 
     return write_planned(layout, plans, n_keep, cfg.drop_mtp, writer, torch.device(cfg.stream.device),
@@ -423,9 +418,7 @@ def compress_layer(
     method, n_keep: int, cfg: CompressConfig, n_holdout: int,
 ) -> dict | None:
     """Layer `index` from h into out, compressed if MoE, and written; returns the MoE layer's record."""
-    t0 = time.perf_counter()
-    if streamer.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(streamer.device)
+    meter = Meter(streamer.device)
     block = streamer.attention_phase(index, h, out)
     plan, merged = None, {}
     if block is not None:
@@ -433,11 +426,7 @@ def compress_layer(
     write_layer(writer, streamer.layout, index, plan, merged)
     if plan is None:
         return None
-    record = plan.to_json()
-    record["seconds"] = round(time.perf_counter() - t0, 3)
-    record["peak_device_bytes"] = torch.cuda.max_memory_allocated(streamer.device) if streamer.device.type == "cuda" else None
-    record["peak_host_bytes"] = peak_rss_bytes()
-    return record
+    return {**plan.to_json(), **meter.read(), "tokens": plan.tokens}
 
 
 def compress_moe_layer(
@@ -470,6 +459,7 @@ def compress_moe_layer(
             judge.close()
     compressed = block.restricted(plan.kept)
     stats_tokens = h_stats.total_tokens
+    plan.tokens = stats_tokens
     if cfg.sequential:  # the compressed block makes the next layer's input; its routing is counted on the way
         counter = RoutingCounter(len(plan.kept), stats_tokens)
         streamer.run_moe(compressed, h, out, observer=counter, experts=compressed_loader(streamer, plan, merged))

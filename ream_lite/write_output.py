@@ -18,8 +18,6 @@ from ream_lite.errors import ReamLiteError
 from ream_lite.methods.apply import build_merged_experts
 from ream_lite.methods.plan import LayerPlan
 
-PLAN_NAME = "ream_plan.json"
-
 
 def validate_output_path(layout: ModelLayout, output: str) -> None:
     """The input directory is never written: the output must be neither it, inside it, nor around it."""

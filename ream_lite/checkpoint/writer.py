@@ -24,6 +24,7 @@ import torch
 from ream_lite.checkpoint.format import DTYPE_NAMES, encode_header
 from ream_lite.checkpoint.reader import INDEX_NAME, SINGLE_NAME, CheckpointReader
 from ream_lite.errors import ReamLiteError
+from ream_lite.report import REPORT_FILES
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 1000**3
 HEADER_RESERVE = 256 * 1024  # ~2000 tensor entries per shard
@@ -34,8 +35,7 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgp
 
 # files every output gets fresh (never carried over from the input, e.g. the plan of an earlier compression)
 # written by ream-lite, never carried over from the input (README.md: the base model's card describes the base model)
-OWN_FILES = (INDEX_NAME, "config.json", "pytorch_model.bin.index.json", "ream_plan.json", "ream_report.json",
-             "README.md")
+OWN_FILES = (INDEX_NAME, "config.json", "pytorch_model.bin.index.json", "README.md", *REPORT_FILES)
 
 
 def partial_dir(out_dir: Path) -> Path:

@@ -222,7 +222,10 @@ class LayerStreamer:
         return store
 
     def _mask_and_positions(self, x: torch.Tensor):
-        from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+        from transformers.masking_utils import (
+            create_causal_mask,
+            create_sliding_window_causal_mask,
+        )
 
         bsz, t, _ = x.shape
         pos = torch.arange(t, device=x.device).unsqueeze(0).expand(bsz, -1)

@@ -6,7 +6,14 @@ import torch
 
 from ream_lite.arch.layout import ModelLayout
 from ream_lite.engine.experts import load_experts
-from ream_lite.methods.align import activation_cost, hungarian, merge, permute, weight_cost, weight_features
+from ream_lite.methods.align import (
+    activation_cost,
+    hungarian,
+    merge,
+    permute,
+    weight_cost,
+    weight_features,
+)
 from ream_lite.methods.plan import LayerPlan
 from ream_lite.methods.stats import AlignmentCollector
 

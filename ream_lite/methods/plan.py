@@ -25,6 +25,7 @@ class LayerPlan:
     # (centroid, member) -> the permutation of the member's neurons aligned onto the centroid, set when merged
     perms: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
     frequency_after: list[int] | None = None  # tokens routed to each kept expert by the compressed layer
+    tokens: int | None = None  # calibration tokens the statistics saw
 
     @property
     def kept(self) -> list[int]:
