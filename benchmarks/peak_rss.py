@@ -7,12 +7,11 @@ high-water mark over at exec. VmHWM of the process itself is exact.
 import atexit
 import sys
 
+from ream_lite.report import peak_host_bytes
+
 
 def _report() -> None:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                print(f"PEAK_RSS_BYTES {int(line.split()[1]) * 1024}", file=sys.stderr)
+    print(f"PEAK_RSS_BYTES {peak_host_bytes()}", file=sys.stderr)
 
 
 atexit.register(_report)
