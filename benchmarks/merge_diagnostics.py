@@ -28,7 +28,7 @@ from ream_lite.engine.store import HiddenStateStore
 from ream_lite.engine.streamer import LayerStreamer, StreamOptions
 from ream_lite.methods import METHODS, MethodInput, MethodOptions
 from ream_lite.passes import collect_stats, compressed_loader, merge_plan
-from ream_lite.pipeline import CompressConfig, calibration_sequences
+from ream_lite.pipeline import CompressConfig, calibration
 
 
 def routed_output(streamer: LayerStreamer, block, moe_in: HiddenStateStore, experts=None) -> HiddenStateStore:
@@ -81,7 +81,7 @@ def main() -> None:
     cfg = CompressConfig(model=model, output="unused", experts=args.keep, calib=calib, guard="off",
                          num_sequences=args.num_sequences, seq_len=256, stream=StreamOptions(progress=False))
     layout = ModelLayout(model)
-    seqs, _, _ = calibration_sequences(layout, cfg)
+    seqs = calibration(layout, cfg).sequences
     s = LayerStreamer(layout, cfg.stream)
     s.make_plan(sum(len(q) for q in seqs))
     h = s.embed(seqs)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,13 +22,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ream_lite.arch.layout import ModelLayout
-from ream_lite.calib.builtin import builtin_documents
-from ream_lite.calib.text import (
-    check_vocab,
-    domain_windows,
-    load_tokenizer,
-    read_documents,
-)
+from ream_lite.calib import CalibrationSet, build_calibration
+from ream_lite.calib.text import load_tokenizer
 from ream_lite.checkpoint.writer import (
     DEFAULT_MAX_SHARD_BYTES,
     CheckpointWriter,
@@ -80,7 +74,10 @@ class CompressConfig:
     experts: float  # experts to keep per MoE layer: an integer, or a fraction of N in (0, 1)
     method: str = "ream"
     options: MethodOptions = field(default_factory=MethodOptions)
-    calib: str = "builtin"
+    calib: list[str] = field(default_factory=lambda: ["builtin"])  # source specs (see ream_lite.calib.sources)
+    mix: str | None = None  # domain ratios, "0:0.3:0.7" or "general=0,math=0.3,code=0.7"; None = equal shares
+    packing: str = "pack"  # pack | truncate (never padded)
+    chat_template: bool = False
     num_sequences: int = 256
     seq_len: int = 512
     seed: int = 0
@@ -169,43 +166,21 @@ def validate(layout: ModelLayout, n_keep: int, cfg: CompressConfig) -> None:
                                 "raise --num-sequences or pass --guard off")
 
 
-def calibration_sequences(layout: ModelLayout, cfg: CompressConfig) -> tuple[list[torch.Tensor], dict[str, int], int]:
-    """`num_sequences` windows of `seq_len` tokens, shared equally between the domains of the source, seeded.
-    Returns (sequences, tokens per domain, n_holdout): with the guard on, the last n_holdout sequences are the
-    held-out slice, the same share of every domain, chosen by the seed."""
-    docs = builtin_documents(cfg.seed) if cfg.calib == "builtin" else read_documents(cfg.calib)
-    tok = load_tokenizer(layout.path, cfg.tokenizer)
-    windows = domain_windows(docs, tok, cfg.seq_len)
-    windows = {d: [w for w in ws if len(w) == cfg.seq_len] for d, ws in windows.items()}
-    windows = {d: ws for d, ws in windows.items() if ws}
-    if not windows:
-        raise ReamLiteError(f"calibration text is shorter than one window of {cfg.seq_len} tokens")
-    rng = random.Random(cfg.seed)
-    domains = sorted(windows)
-    share = [cfg.num_sequences // len(domains) + (i < cfg.num_sequences % len(domains)) for i in range(len(domains))]
-    picked, summary = {}, {}
-    for d, n in zip(domains, share):
-        pick = rng.sample(range(len(windows[d])), min(n, len(windows[d])))
-        picked[d] = [windows[d][i] for i in sorted(pick)]
-        summary[d] = len(pick) * cfg.seq_len
-    held = holdout_split({d: len(p) for d, p in picked.items()}, cfg.holdout if cfg.guard_mode != "off" else 0.0, rng)
-    seqs = [w for d in domains for i, w in enumerate(picked[d]) if i not in held[d]]
-    seqs += [w for d in domains for i, w in enumerate(picked[d]) if i in held[d]]
-    check_vocab(seqs, int(layout.config["vocab_size"]))
-    return seqs, summary, sum(len(v) for v in held.values())
+def calibration(layout: ModelLayout, cfg: CompressConfig) -> CalibrationSet:
+    """The calibration sequences of this run: statistics sequences first, then the guard's held-out ones (the same
+    share of every domain, chosen by the seed)."""
+    return build_calibration(
+        cfg.calib, load_tokenizer(layout.path, cfg.tokenizer), num_sequences=cfg.num_sequences, seq_len=cfg.seq_len,
+        seed=cfg.seed, mix=cfg.mix, holdout=cfg.holdout if cfg.guard_mode != "off" else 0.0, packing=cfg.packing,
+        chat_template=cfg.chat_template, vocab_size=int(layout.config["vocab_size"]),
+    )
 
 
-def holdout_split(counts: dict[str, int], share: float, rng: random.Random) -> dict[str, set[int]]:
-    """Which sequences of each domain are held out: round(share * n) of every domain, at least one in all (from
-    the largest domain) when share > 0, and never every sequence."""
-    want = {d: int(share * n + 0.5) for d, n in counts.items()}
-    total = sum(counts.values())
-    if share > 0 and total >= 2 and not any(want.values()):
-        want[max(counts, key=lambda d: (counts[d], d))] = 1
-    while sum(want.values()) >= total and total:
-        d = max(want, key=lambda k: (want[k], k))
-        want[d] -= 1
-    return {d: set(rng.sample(range(counts[d]), want[d])) for d in counts}
+def calibration_record(cfg: CompressConfig, cal: CalibrationSet) -> dict:
+    """What the report and the model card say about the calibration data."""
+    return {"sources": cal.sources, "mix": cal.mix, "packing": cfg.packing, "chat_template": cfg.chat_template,
+            "sequences": len(cal.sequences), "seq_len": cfg.seq_len, "tokens_per_domain": cal.tokens_per_domain,
+            "sequences_per_domain": cal.sequences_per_domain, "holdout_sequences": cal.n_holdout}
 
 
 def compress(cfg: CompressConfig) -> Path:
@@ -258,7 +233,8 @@ def _compress(layout: ModelLayout, cfg: CompressConfig) -> Path:
     if cfg.from_stats:
         return compress_from_stats(layout, cfg, n_keep)
     method = METHODS[cfg.method]
-    seqs, calib_summary, n_holdout = calibration_sequences(layout, cfg)
+    cal = calibration(layout, cfg)
+    seqs, n_holdout = cal.sequences, cal.n_holdout
     if cfg.stream.work_dir is None:
         cfg.stream.work_dir = str(Path(cfg.output).resolve().parent)
     streamer = LayerStreamer(layout, cfg.stream)
@@ -275,9 +251,7 @@ def _compress(layout: ModelLayout, cfg: CompressConfig) -> Path:
         write_stats_info(cfg.save_stats, {
             "inputs": identity.inputs, "sequential": cfg.sequential, "saliency_gate": {"twice": "model"}.get(
             cfg.options.saliency_gate, cfg.options.saliency_gate), "dense": method.needs_dense(cfg.options),
-            "gram": method.needs_gram(cfg.options), "seed": cfg.seed, "calibration": {
-                "source": cfg.calib, "sequences": len(seqs), "seq_len": cfg.seq_len,
-                "tokens_per_domain": calib_summary, "holdout_sequences": n_holdout}})
+            "gram": method.needs_gram(cfg.options), "seed": cfg.seed, "calibration": calibration_record(cfg, cal)})
     resume_log = ResumeLog(writer.tmp_dir)
     steps = compression_steps(layout, cfg.drop_mtp)
     n_dec = len(layout.decoder_layers)
@@ -320,10 +294,8 @@ def _compress(layout: ModelLayout, cfg: CompressConfig) -> Path:
         h.close()
         if out is not None:
             out.close()
-        calibration = {"source": cfg.calib, "sequences": len(seqs), "seq_len": cfg.seq_len,
-                       "tokens_per_domain": calib_summary, "holdout_sequences": n_holdout}
         resume_log.remove()
-        write_side_files(writer.tmp_dir, layout, cfg, n_keep, calibration, layers, run, writer)
+        write_side_files(writer.tmp_dir, layout, cfg, n_keep, calibration_record(cfg, cal), layers, run, writer)
         return writer.finish(output_config(layout, n_keep, cfg.drop_mtp), source_dir=layout.path)
     except BaseException as e:
         for store in (h, out):

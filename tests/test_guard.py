@@ -2,7 +2,6 @@
 own MoE block, and the bookkeeping (ladder, held-out split, choice = lowest recorded error)."""
 
 import json
-import random
 
 import pytest
 import torch
@@ -13,7 +12,7 @@ from transformers import AutoModelForCausalLM
 from ream_lite.arch import ModelLayout
 from ream_lite.cli import main
 from ream_lite.guard import group_size_ladder
-from ream_lite.pipeline import CompressConfig, calibration_sequences, holdout_split
+from ream_lite.pipeline import CompressConfig, calibration
 
 TEXT = ("the quick brown fox jumps over the lazy dog. 12 + 30 = 42. def f(x): return x * 2\n" * 60)
 J, K = 2, 5  # the near-copies in the merge-right oracle
@@ -57,17 +56,13 @@ def near_copies_model(seed: int = 0):
     return m
 
 
-def test_ladder_and_holdout_split():
+def test_group_size_ladder():
     assert group_size_ladder(16, 12) == [2, 4, 5]
     assert group_size_ladder(16, 8) == [2, 4, 8, 9]
     assert group_size_ladder(128, 96) == [2, 4, 8, 16, 32, 33]
     assert group_size_ladder(8, 7) == [2]
     assert group_size_ladder(16, 8, n_group=4) == [2, 3]  # per routing group: 4 -> 2
-    held = holdout_split({"a": 20, "b": 10, "c": 1}, 0.1, random.Random(0))
-    assert [len(held[d]) for d in "abc"] == [2, 1, 0] and held["a"] <= set(range(20))
-    assert sum(map(len, holdout_split({"a": 3}, 0.1, random.Random(0)).values())) == 1  # at least one
-    assert sum(map(len, holdout_split({"a": 2}, 0.9, random.Random(0)).values())) == 1  # never all
-    assert not any(holdout_split({"a": 9}, 0.0, random.Random(0)).values())
+    # (the held-out split itself: tests/test_calib.py)
 
 
 def chosen_is_lowest(layer: dict) -> dict:
@@ -125,7 +120,8 @@ def test_recorded_error_equals_transformers_block_on_held_out_tokens(model_dirs,
     plan = run(src, out, calib, "--experts", "5", "--no-sequential", "--guard", mode)
     cfg = CompressConfig(model=str(src), output=str(out), experts=5, calib=str(calib), num_sequences=40, seq_len=32,
                          guard=mode)
-    seqs, _, n_hold = calibration_sequences(ModelLayout(str(src)), cfg)
+    cal = calibration(ModelLayout(str(src)), cfg)
+    seqs, n_hold = cal.sequences, cal.n_holdout
     ids = torch.stack(seqs[-n_hold:])
     captured = {}
     block = model.model.layers[0].mlp

@@ -1,61 +1,50 @@
-"""A small built-in calibration source that needs no network: Python standard-library code (PSF licence) and its
-module docstrings (English prose), and generated math problems with worked solutions. Deterministic for a seed.
+"""The built-in offline calibration corpus: three domains, `general`, `math` and `code`.
 
-This is the stopgap default of `compress`; the curated offline corpus with mixing ratios is tracked in the
-product issue.
+`general` (public-domain prose: US State of the Union addresses, CIA World Factbook profiles) and `code`
+(CPython standard library, lodash, type-fest) are shipped in the package as `data/*.jsonl.gz`, built by
+`make_corpus.py`; `data/LICENSES.md` names every source and licence. `math` is generated (`mathgen.py`). Nothing
+depends on the installed Python or the network, so a seed gives the same documents on every machine.
 """
 
 from __future__ import annotations
 
-import ast
+import functools
+import itertools
 import random
-import sysconfig
-from pathlib import Path
+from collections.abc import Iterator
+from importlib import resources
 
-from ream_lite.calib.text import Document
+from ream_lite.calib.mathgen import math_documents
+from ream_lite.calib.text import Document, read_documents
+from ream_lite.errors import ReamLiteError
 
-
-def _stdlib_files() -> list[Path]:
-    root = Path(sysconfig.get_paths()["stdlib"])
-    files = [p for p in sorted(root.glob("*.py")) if not p.name.startswith("_")]
-    files += [p for p in sorted(root.glob("*/*.py")) if "test" not in p.parts[-2] and not p.name.startswith("_")]
-    return files
+BUILTIN_DOMAINS = ("general", "math", "code")  # the order positional --mix ratios refer to
+SHIPPED_DOMAINS = ("general", "code")
 
 
-def _math_problem(rng: random.Random) -> str:
-    kind = rng.randrange(3)
-    if kind == 0:
-        a, b, x = rng.randint(2, 12), rng.randint(1, 50), rng.randint(-20, 20)
-        c = a * x + b
-        return (f"Solve for x: {a}x + {b} = {c}.\nSubtract {b} from both sides: {a}x = {c - b}.\n"
-                f"Divide both sides by {a}: x = {x}.\nAnswer: x = {x}.")
-    if kind == 1:
-        price, pct = rng.randint(10, 500), rng.choice([5, 10, 15, 20, 25, 30, 40, 50])
-        off = price * pct / 100
-        return (f"A jacket costs ${price}. It is on sale for {pct}% off. What is the sale price?\n"
-                f"The discount is {pct}% of {price} = {off:g}.\nThe sale price is {price} - {off:g} = {price - off:g}.\n"
-                f"Answer: ${price - off:g}.")
-    n, m = rng.randint(2, 30), rng.randint(2, 30)
-    return (f"A box holds {n} rows of {m} apples. {n} apples are eaten. How many are left?\n"
-            f"Total apples: {n} x {m} = {n * m}.\nLeft: {n * m} - {n} = {n * m - n}.\nAnswer: {n * m - n}.")
+@functools.cache
+def shipped_texts(domain: str) -> tuple[str, ...]:
+    """The documents of a shipped domain, in file order (read once per process)."""
+    ref = resources.files("ream_lite.calib").joinpath("data", f"{domain}.jsonl.gz")
+    if not ref.is_file():
+        raise ReamLiteError(f"the built-in corpus file data/{domain}.jsonl.gz is missing; reinstall ream-lite")
+    with resources.as_file(ref) as path:
+        return tuple(d.text for d in read_documents(path, domain))
 
 
-def builtin_documents(seed: int = 0, max_files: int = 400, math_docs: int = 3000) -> list[Document]:
-    rng = random.Random(seed)
-    files = _stdlib_files()
-    rng.shuffle(files)
-    docs: list[Document] = []
-    for p in files[:max_files]:
-        try:
-            src = p.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError):
-            continue
-        docs.append(Document(src, "code"))
-        try:
-            doc = ast.get_docstring(ast.parse(src))
-        except (SyntaxError, ValueError):
-            doc = None
-        if doc and len(doc) > 200:
-            docs.append(Document(doc, "prose"))
-    docs += [Document(_math_problem(rng), "math") for _ in range(math_docs)]
-    return docs
+def builtin_texts(domain: str, seed: int) -> Iterator[str]:
+    """The documents of one built-in domain in an order drawn by the seed (math: endless, generated)."""
+    if domain == "math":
+        return math_documents(seed)
+    if domain not in SHIPPED_DOMAINS:
+        raise ReamLiteError(f"the built-in corpus has no domain '{domain}' ({', '.join(BUILTIN_DOMAINS)})")
+    texts = list(shipped_texts(domain))
+    random.Random(f"ream-lite builtin {seed} {domain}").shuffle(texts)
+    return iter(texts)
+
+
+def builtin_documents(seed: int = 0, math_docs: int = 3000) -> list[Document]:
+    """Every shipped document of `general` and `code` plus `math_docs` generated problems, in seeded order.
+    (For callers that want a list; `build_calibration` reads the domains lazily instead.)"""
+    return [Document(t, d) for d in BUILTIN_DOMAINS
+            for t in itertools.islice(builtin_texts(d, seed), math_docs if d == "math" else None)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 from collections import defaultdict
 from dataclasses import dataclass
@@ -18,21 +19,33 @@ class Document:
     domain: str
 
 
+TEXT_SUFFIXES = (".jsonl", ".json", ".txt")
+
+
+def text_suffix(path: str | Path) -> str | None:
+    """The suffix that says how a file is read (".jsonl", ".json", ".txt", or one of them + ".gz"), or None."""
+    name = Path(path).name
+    plain = name.removesuffix(".gz")
+    return next((s + name[len(plain):] for s in TEXT_SUFFIXES if plain.endswith(s) and len(plain) > len(s)), None)
+
+
 def read_documents(path: str | Path, default_domain: str = "all") -> list[Document]:
-    """JSONL lines {"text": ..., "domain": ...} or a plain text file (one document); a directory of either."""
+    """JSONL lines {"text": ..., "domain": ...} or a plain text file (one document), either optionally gzipped
+    (`.jsonl.gz`, `.txt.gz`); a directory of them. Documents without a domain get `default_domain`."""
     p = Path(path)
     if not p.exists():
         raise ReamLiteError(f"{path}: no such file or directory")
     if p.is_dir():
-        files = sorted(q for q in p.rglob("*") if q.suffix in (".jsonl", ".txt", ".json") and q.is_file())
+        files = sorted(q for q in p.rglob("*") if text_suffix(q) and q.is_file())
         if not files:
             raise ReamLiteError(f"{path}: directory holds no .jsonl or .txt files")
         return [d for f in files for d in read_documents(f, default_domain)]
+    suffix = text_suffix(p) or p.suffix
     try:
-        raw = p.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
+        raw = gzip.decompress(p.read_bytes()).decode("utf-8") if suffix.endswith(".gz") else p.read_text("utf-8")
+    except (OSError, EOFError, UnicodeDecodeError) as e:
         raise ReamLiteError(f"{path}: cannot read as UTF-8 text ({e})") from None
-    if p.suffix in (".jsonl", ".json"):
+    if suffix.startswith((".jsonl", ".json")):
         docs = []
         for n, line in enumerate(raw.splitlines(), 1):
             if not line.strip():
@@ -47,6 +60,12 @@ def read_documents(path: str | Path, default_domain: str = "all") -> list[Docume
             raise ReamLiteError(f"{path}: no documents")
         return docs
     return [Document(raw, default_domain)]
+
+
+def one_line(e: BaseException) -> str:
+    """An exception as "Type: first line of its message", for one-line errors from other libraries."""
+    msg = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {msg[0]}" if msg else type(e).__name__
 
 
 def load_tokenizer(model_dir: str | Path, tokenizer: str | None = None):
