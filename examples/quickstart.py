@@ -7,7 +7,8 @@ some text to WORKDIR/text.jsonl, then runs, as a user would:
     ream-lite inspect  WORKDIR/tiny-qwen3-moe
     ream-lite compress WORKDIR/tiny-qwen3-moe WORKDIR/tiny-qwen3-moe-12 --experts 12   (built-in calibration text)
     ream-lite eval     WORKDIR/tiny-qwen3-moe-12 --data WORKDIR/text.jsonl --reference WORKDIR/tiny-qwen3-moe
-and prints what the merge guard chose in each layer. The model's weights are random, so the figures only show that
+and prints the size before and after, what the merge guard chose in each layer, and the quality of the compressed
+model against the original (perplexity, KL, top-1 agreement). The model's weights are random, so the figures only show that
 everything runs end to end.
 """
 
@@ -52,8 +53,14 @@ def main() -> None:
     print()
     subprocess.run([*cli, "compress", str(model), str(small), "--experts", "12", "--num-sequences", "48",
                     "--seq-len", "128", "--overwrite"], check=True)
-    plan = json.loads((small / "ream_plan.json").read_text())
-    for layer in plan["layers"]:  # what the merge guard chose in each layer, judged on held-out calibration text
+    report = json.loads((small / "ream_report.json").read_text())
+    t, cal = report["totals"], report["calibration"]
+    print(f"calibration: {cal['sequences']} sequences of {cal['seq_len']} tokens, "
+          + ", ".join(f"{d} {n:,} tokens" for d, n in cal["tokens_per_domain"].items()))
+    print(f"size: {t['size_before_bytes'] / 2**20:.2f} MiB -> {t['size_after_bytes'] / 2**20:.2f} MiB "
+          f"(routed experts per layer {report['experts']['before']} -> {report['experts']['after']}), "
+          f"{t['seconds']:.1f} s, peak RSS {t['peak_host_bytes'] / 2**30:.2f} GiB")
+    for layer in report["layers"]:  # what the merge guard chose in each layer, judged on held-out calibration text
         g = layer["guard"]
         errors = ", ".join(f"{c['name']} {c['error']:.3f}" for c in g["candidates"])
         print(f"layer {layer['layer']}: chose {g['chosen']} (held-out error: {errors})")

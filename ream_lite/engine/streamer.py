@@ -222,10 +222,9 @@ class LayerStreamer:
         return store
 
     def _mask_and_positions(self, x: torch.Tensor):
-        from transformers.masking_utils import (
-            create_causal_mask,
-            create_sliding_window_causal_mask,
-        )
+        import inspect
+
+        from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
         bsz, t, _ = x.shape
         pos = torch.arange(t, device=x.device).unsqueeze(0).expand(bsz, -1)
@@ -233,7 +232,9 @@ class LayerStreamer:
             self.hf_config, "use_sliding_window", True
         ) is not False
         fn = create_sliding_window_causal_mask if sliding else create_causal_mask
-        mask = fn(config=self.hf_config, inputs_embeds=x, attention_mask=None, past_key_values=None, position_ids=pos)
+        # no KV cache: the keyword is `cache` in newer transformers, `past_key_values` (deprecated) before
+        no_cache = "cache" if "cache" in inspect.signature(fn).parameters else "past_key_values"
+        mask = fn(config=self.hf_config, inputs_embeds=x, attention_mask=None, position_ids=pos, **{no_cache: None})
         return mask, pos, self.rotary(x, pos)
 
     def attention_phase(self, i: int, h: HiddenStateStore, out: HiddenStateStore) -> MoEBlock | None:
