@@ -56,10 +56,15 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--json", default=None, help="write every run's figures here")
     ap.add_argument("--model", default=None, help="model directory (default: the testbed's tiny-qwen3-moe)")
+    ap.add_argument("--calib", action="append", default=None,
+                    help="calibration source, repeatable (default: the testbed's data/calib.jsonl; 'builtin' = the "
+                    "corpus shipped with ream-lite)")
+    ap.add_argument("--mix", default=None, help="domain ratios, as compress --mix")
     args = ap.parse_args()
     tb = Path(args.testbed)
     model, calib, data = tb / "tiny-qwen3-moe", tb / "data" / "calib.jsonl", tb / "data" / "eval.jsonl"
     model = Path(args.model) if args.model else model
+    calib = args.calib or [str(calib)]
     if not model.exists():
         sys.exit(f"no testbed at {tb}")
     opts = StreamOptions(device="cpu", progress=False)
@@ -79,7 +84,7 @@ def main() -> None:
                 t = time.perf_counter()
                 compress(CompressConfig(
                     model=str(model), output=str(out), experts=keep, method=method,
-                    options=MethodOptions(**mopts), calib=str(calib), num_sequences=args.num_sequences,
+                    options=MethodOptions(**mopts), calib=calib, mix=args.mix, num_sequences=args.num_sequences,
                     seq_len=args.seq_len, seed=seed, stream=opts, **kw,
                 ))
                 secs = time.perf_counter() - t

@@ -46,7 +46,7 @@ def _stream_options(fn):
         click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, ... ('auto': cuda if available)"),
         click.option("--dtype", type=click.Choice(list(DTYPES)), default="auto", show_default=True,
                      help="compute dtype ('auto': the checkpoint's own)"),
-        click.option("--max-gpu-memory", default=None, help="device memory budget, e.g. 20GB (default: 90% of the card)"),
+        click.option("--max-gpu-memory", default=None, help="device memory budget, e.g. 20GB (default: 90% of the card, at most what is free less 0.5 GiB)"),
         click.option("--max-cpu-memory", default=None,
                      help="host RAM for cached hidden states, e.g. 16GB (default: 40% of RAM, at most 16 GiB)"),
         click.option("--work-dir", default=None, type=click.Path(file_okay=False),
@@ -91,7 +91,27 @@ def _command_line() -> str:
     return shlex.join(["ream-lite", *args])
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def _calibration_options(fn):
+    """What the calibration data is: shared by `compress` and `plan` (the plan's token counts follow from it)."""
+    opts = [
+        click.option("--calib", "calib", multiple=True, default=["builtin"], show_default=True, metavar="SPEC",
+                     help="calibration source, repeatable: 'builtin' (offline, shipped: public-domain prose as "
+                     "'general', permissively licensed code as 'code', generated worked math as 'math'), a JSONL "
+                     "({'text', 'domain'}) / .txt file or a directory of them, or hf:PATH[:CONFIG[:SPLIT[:FIELD]]] "
+                     "(needs `datasets` and a network); DOMAIN=SPEC puts a whole source in one domain"),
+        click.option("--mix", default=None, metavar="RATIOS",
+                     help="share of the sequences per domain: '0:0.3:0.7' (domains in order of appearance; builtin: "
+                     "general:math:code, the paper's choice for large models) or 'general=0,math=0.3,code=0.7' "
+                     "(default: equal shares)"),
+        click.option("--num-sequences", default=256, show_default=True, help="calibration sequences (paper: 3072)"),
+        click.option("--seq-len", default=512, show_default=True, help="tokens per calibration sequence (paper: 512)"),
+    ]
+    for o in reversed(opts):
+        fn = o(fn)
+    return fn
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120})
 @click.version_option(__version__, prog_name="ream-lite")
 @click.option("-v", "--verbose", is_flag=True, help="log progress details")
 def main(verbose: bool) -> None:
@@ -101,7 +121,7 @@ def main(verbose: bool) -> None:
     MODEL arguments are a local Hugging Face checkpoint directory (safetensors) or a hub id.
     """
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("transformers", "huggingface_hub"):
+    for noisy in ("transformers", "huggingface_hub", "matplotlib", "datasets"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
 
 
@@ -141,16 +161,17 @@ def eval_cmd(model, data, reference, seq_len, max_tokens, tokenizer, as_json, **
 @main.command()
 @click.argument("model")
 @click.argument("output", type=click.Path(file_okay=False))
-@click.option("--experts", required=True, type=float,
+@click.option("--experts", required=True,
               help="experts to keep per MoE layer: a count (96) or a fraction of the current count (0.75)")
 @click.option("--method", type=click.Choice(sorted(METHOD_NAMES)), default="ream", show_default=True,
               help="ream (merge, the paper), reap / frequency / ean (prune by score), random (control), "
               "hc-smoe, m-smoe (merging baselines)")
-@click.option("--calib", default="builtin", show_default=True,
-              help="calibration text: 'builtin' (offline: stdlib code, its docstrings, generated math) or a "
-              "JSONL/.txt file or directory")
-@click.option("--num-sequences", default=256, show_default=True, help="calibration sequences (paper: 3072)")
-@click.option("--seq-len", default=512, show_default=True, help="tokens per calibration sequence (paper: 512)")
+@click.option("--packing", type=click.Choice(["pack", "truncate"]), default="pack", show_default=True,
+              help="pack: documents joined with EOS and cut into full windows; truncate: the first --seq-len tokens of "
+              "each document (shorter ones kept as they are). Never padded")
+@click.option("--chat-template", is_flag=True,
+              help="wrap each document in the tokenizer's chat template (a user turn and an assistant turn)")
+@_calibration_options
 @click.option("--seed", default=0, show_default=True)
 @click.option("--saliency", type=click.Choice(["reap", "frequency"]), default="reap", show_default=True,
               help="REAM centroid choice and merge weights")
@@ -179,6 +200,12 @@ def eval_cmd(model, data, reference, seq_len, max_tokens, tokenizer, as_json, **
 @click.option("--drop-mtp", is_flag=True, help="write the model without its MTP (next-token prediction) layers")
 @click.option("--max-shard-size", default="5GB", show_default=True, help="largest output shard")
 @click.option("--tokenizer", default=None, help="tokenizer directory or id (default: MODEL's)")
+@click.option("--save-stats", default=None, type=click.Path(file_okay=False),
+              help="also save every MoE layer's statistics in this directory (with --no-sequential they can be "
+              "re-planned at other ratios by --from-stats)")
+@click.option("--from-stats", default=None, type=click.Path(file_okay=False),
+              help="plan from statistics saved by an earlier --no-sequential --save-stats run of the same model, "
+              "with no calibration pass (pruning methods, or merging with --align weight/none and --guard off)")
 @click.option("--overwrite", is_flag=True, help="replace OUTPUT (or an interrupted OUTPUT.partial) if it exists")
 @click.option("--resume", is_flag=True,
               help="continue the interrupted run recorded in OUTPUT.partial from its first unfinished layer (refused "
@@ -186,9 +213,9 @@ def eval_cmd(model, data, reference, seq_len, max_tokens, tokenizer, as_json, **
               "uninterrupted run writes")
 @_stream_options
 @_user_errors
-def compress(model, output, experts, method, calib, num_sequences, seq_len, seed, saliency, saliency_gate, grouping,
+def compress(model, output, experts, method, calib, mix, packing, chat_template, num_sequences, seq_len, seed, saliency, saliency_gate, grouping,
              group_size, no_gate_logit_sim, no_gated_sim, align, guard, holdout, no_sequential, drop_mtp, max_shard_size, tokenizer,
-             overwrite, resume, **stream) -> None:
+             save_stats, from_stats, overwrite, resume, **stream) -> None:
     """Compress MODEL into OUTPUT with fewer routed experts per MoE layer, one layer at a time.
 
     Writes a checkpoint in MODEL's own layout and key names (loads with transformers'
@@ -206,12 +233,14 @@ def compress(model, output, experts, method, calib, num_sequences, seq_len, seed
         gate_logit_sim=not no_gate_logit_sim, gated_sim=not no_gated_sim, align=align,
     )
     cfg = CompressConfig(
-        model=model, output=output, experts=experts, method=method, options=method_opts, calib=calib,
+        model=model, output=output, experts=experts, method=method, options=method_opts, calib=list(calib),
+        mix=mix, packing=packing, chat_template=chat_template,
         num_sequences=num_sequences, seq_len=seq_len, seed=seed, sequential=not no_sequential, overwrite=overwrite,
         drop_mtp=drop_mtp, max_shard_bytes=_bytes_option("--max-shard-size", max_shard_size), tokenizer=tokenizer,
         guard=guard, holdout=holdout, stream=opts, resume=resume, command=_command_line(),
+        save_stats=save_stats, from_stats=from_stats,
     )
-    out = run(cfg)
+    out = run(cfg, echo=lambda line: click.echo(line, err=True))
     click.echo(f"wrote {out}")
 
 
@@ -234,6 +263,84 @@ def apply_cmd(plan, model, output, device, max_shard_size, overwrite) -> None:
     out = apply_plan(plan, model, output, overwrite=overwrite, device=device,
                      max_shard_bytes=_bytes_option("--max-shard-size", max_shard_size), progress=sys.stderr.isatty())
     click.echo(f"wrote {out}")
+
+
+@main.command(name="plan")
+@click.argument("model")
+@click.argument("output", required=False, type=click.Path(file_okay=False))
+@click.option("--experts", required=True,
+              help="experts to keep per MoE layer: a count (96) or a fraction of the current count (0.75)")
+@click.option("--method", type=click.Choice(sorted(METHOD_NAMES)), default="ream", show_default=True)
+@click.option("--guard", type=click.Choice(["group", "layer", "off"]), default=None,
+              help="as for compress (default 'group' for ream, else 'off')")
+@_calibration_options
+@click.option("--holdout", default=0.1, show_default=True, help="share of sequences the guard holds out")
+@click.option("--no-sequential", is_flag=True, help="as for compress: no re-run of the compressed layers")
+@click.option("--drop-mtp", is_flag=True, help="as for compress: MTP layers are not written")
+@click.option("--no-measure", is_flag=True, help="skip the read and compute measurements; assume slow-end rates")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object")
+@_stream_options
+@_user_errors
+def plan_cmd(model, output, experts, method, guard, calib, mix, num_sequences, seq_len, holdout, no_sequential, drop_mtp,
+             no_measure, as_json, **stream) -> None:
+    """What `compress MODEL OUTPUT` with the same options will need, from MODEL's headers only, before any work.
+
+    \b
+    table      per decoder layer (runs of equal layers on one row): kind (moe, dense, mtp), bytes of the
+               tensors other than routed experts (attention, norms, router, shared experts) and of the
+               routed experts as stored, experts before -> after, expert chunks x experts per chunk (a
+               chunk is decoded onto the device at once), bytes written to OUTPUT
+    memory     hidden states: one [tokens x hidden] buffer in the compute dtype, times the buffers alive
+               at once (layer input and output, + the guard's float32 held-out buffers), and the tier
+               they fit: device, host RAM, or files in the work dir; peak device: the largest phase of
+               an MoE layer (expert chunks, the alignment pass's centroid-with-members chunk and Grams,
+               a merged group in float32) with the layer's weights, activations and device-tier
+               hidden states; peak host: host-tier hidden states, weight staging, merged experts kept
+               for the guard, and the runtime itself (page cache not counted)
+    disk       output: tensors + shard headers + side files + ream_plan.json; resume: the hidden-state
+               snapshot kept in OUTPUT.partial/ while it runs (two for a moment after each layer); work
+               dir: hidden-state files (disk tier only); reads: bytes read from MODEL, re-reads included
+               (each pass over a layer reads its experts again)
+    time       the work of every pass (statistics, alignment and its Hungarian assignments, the guard's
+               candidates on held-out tokens, the sequential re-run, attention and the rest of each layer)
+               over rates measured here: a read of the largest shard from the disk (the page cache may
+               inflate it) and again from the page cache (a layer's re-reads, where it fits in RAM), and
+               the engine's own expert, statistics and alignment code timed at the model's shape in the
+               compute dtype on the device; writing the output at the read rate; floor: each byte read once
+
+    With OUTPUT (and --work-dir), also checks that their filesystems have the space. The token count
+    assumes the calibration text yields --num-sequences windows.
+    """
+    from pathlib import Path
+
+    from ream_lite.arch.layout import ModelLayout
+    from ream_lite.diskspace import disk_shortfall
+    from ream_lite.engine.budget import require_device
+    from ream_lite.estimate import estimate_compression
+    from ream_lite.pipeline import CompressConfig, resolve_keep, validate
+
+    opts = _make_options(**stream)
+    require_device(torch.device(opts.device))
+    layout = ModelLayout(model)
+    # validate() wants an output path; without one, a sibling of MODEL stands in (never inside it)
+    target = output or str(layout.path.resolve().with_name(layout.path.resolve().name + "-compressed"))
+    cfg = CompressConfig(model=model, output=target, experts=experts, method=method, calib=list(calib), mix=mix,
+                         num_sequences=num_sequences,
+                         seq_len=seq_len, sequential=not no_sequential, drop_mtp=drop_mtp, guard=guard,
+                         holdout=holdout, stream=opts)
+    n_keep = resolve_keep(layout, experts)
+    validate(layout, n_keep, cfg)
+    est = estimate_compression(layout, cfg, n_keep, measure=not no_measure)
+    shortfall = None
+    if output:
+        work_dir = opts.work_dir or str(Path(output).resolve().parent)  # compress's default
+        shortfall = disk_shortfall(output, est.output_disk_bytes + est.resume_bytes, work_dir, est.work_dir_bytes)
+    if as_json:
+        click.echo(json.dumps({**est.to_dict(), "disk_shortfall": shortfall}, indent=2))
+        return
+    click.echo("\n".join(est.lines()))
+    if output:
+        click.echo(f"disk space: {shortfall}" if shortfall else "disk space: enough for the output and work dir")
 
 
 if __name__ == "__main__":

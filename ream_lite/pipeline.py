@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -31,7 +32,9 @@ from ream_lite.checkpoint.writer import (
 )
 from ream_lite.engine.store import HiddenStateStore
 from ream_lite.engine.streamer import LayerStreamer, MoEBlock, StreamOptions
+from ream_lite.diskspace import check_disk_space
 from ream_lite.errors import ReamLiteError
+from ream_lite.estimate import estimate_compression
 from ream_lite.guard import GUARD_MODES, HeldOutJudge, guarded_plan
 from ream_lite.methods import METHODS, LayerPlan, MethodInput, MethodOptions
 from ream_lite.methods.apply import needs_activation_pass
@@ -183,10 +186,11 @@ def calibration_record(cfg: CompressConfig, cal: CalibrationSet) -> dict:
             "sequences_per_domain": cal.sequences_per_domain, "holdout_sequences": cal.n_holdout}
 
 
-def compress(cfg: CompressConfig) -> Path:
+def compress(cfg: CompressConfig, echo: Callable[[str], None] | None = None) -> Path:
+    """Compress `cfg.model` into `cfg.output`; `echo` receives the plan's lines before any work (default: logged)."""
     layout = ModelLayout(cfg.model)
     try:
-        return _compress(layout, cfg)
+        return _compress(layout, cfg, echo or (lambda line: log.info("plan: %s", line)))
     finally:
         layout.close()
 
@@ -202,11 +206,11 @@ def run_identity(layout: ModelLayout, cfg: CompressConfig, streamer: LayerStream
     return RunIdentity(json.loads(json.dumps(settings, default=str)), input_fingerprint(layout), tokens_hash(seqs))
 
 
-def open_output(cfg: CompressConfig, identity: RunIdentity) -> tuple[CheckpointWriter, dict | None]:
-    """The writer for OUT: fresh, or continuing the interrupted run recorded in OUT.partial (with --resume)."""
+def resumable_run(cfg: CompressConfig, identity: RunIdentity) -> dict | None:
+    """The manifest of the interrupted run in OUT.partial that this run continues (--resume), or None to start
+    afresh; refuses to silently discard an interrupted run, or to continue one made with other settings."""
     out = Path(cfg.output)
-    log_ = ResumeLog(partial_dir(out))
-    manifest = None if cfg.overwrite else log_.load()
+    manifest = None if cfg.overwrite else ResumeLog(partial_dir(out)).load()
     if manifest is not None and not cfg.resume:
         raise ReamLiteError(
             f"{partial_dir(out)} holds an interrupted run ({manifest['steps_done']} of {manifest['total_steps']} "
@@ -218,35 +222,39 @@ def open_output(cfg: CompressConfig, identity: RunIdentity) -> tuple[CheckpointW
             raise ReamLiteError(f"cannot resume {partial_dir(out)}: {why}; rerun with the original settings, "
                                 "or pass --overwrite to start over")
         log.warning("resuming after %d of %d layers", manifest["steps_done"], manifest["total_steps"])
-        return CheckpointWriter(out, cfg.max_shard_bytes, overwrite=cfg.overwrite, resume=manifest["writer"]), manifest
-    if cfg.resume:
+    elif cfg.resume:
         log.warning("%s: no interrupted run to resume; starting from the first layer", out)
-    return CheckpointWriter(out, cfg.max_shard_bytes, overwrite=cfg.overwrite), None
+    return manifest
 
 
-def _compress(layout: ModelLayout, cfg: CompressConfig) -> Path:
+def _compress(layout: ModelLayout, cfg: CompressConfig, echo: Callable[[str], None]) -> Path:
     n_keep = resolve_keep(layout, cfg.experts)
     validate(layout, n_keep, cfg)
     if cfg.resume and not cfg.overwrite and Path(cfg.output).exists() and not partial_dir(Path(cfg.output)).exists():
         log.warning("%s is complete; nothing to resume", cfg.output)
         return Path(cfg.output)
+    if cfg.stream.work_dir is None:
+        cfg.stream.work_dir = str(Path(cfg.output).resolve().parent)
     if cfg.from_stats:
         return compress_from_stats(layout, cfg, n_keep)
     method = METHODS[cfg.method]
     cal = calibration(layout, cfg)
     seqs, n_holdout = cal.sequences, cal.n_holdout
-    if cfg.stream.work_dir is None:
-        cfg.stream.work_dir = str(Path(cfg.output).resolve().parent)
+    # the plan, printed before any work; its memory plan is the one the streamer follows
+    est = estimate_compression(layout, cfg, n_keep, sequences=len(seqs), holdout_sequences=n_holdout,
+                               tokens=sum(len(s) for s in seqs), measure=False)
+    for line in est.lines():
+        echo(line)
     streamer = LayerStreamer(layout, cfg.stream)
-    # the guard's held-out buffers: y, y_hat and the best y_hat, float32, held-out tokens only
-    elt = torch.empty(0, dtype=streamer.dtype).element_size()
-    guard_stores = 3 * (4 / elt) * n_holdout / len(seqs)
-    plan_mem = streamer.make_plan(sum(len(s) for s in seqs), stores=2 + guard_stores, seq_len=cfg.seq_len)
-    for line in plan_mem.lines():
-        log.info("plan: %s", line)
+    streamer.plan = est.memory
     rc = layout.router_config
     identity = run_identity(layout, cfg, streamer, seqs)
-    writer, manifest = open_output(cfg, identity)
+    manifest = resumable_run(cfg, identity)
+    written = manifest["writer"]["bytes_written"] if manifest else 0  # (a resumed run needs only the rest)
+    check_disk_space(cfg.output, max(0, est.output_disk_bytes - written) + est.resume_bytes, cfg.stream.work_dir,
+                     est.work_dir_bytes)
+    writer = CheckpointWriter(cfg.output, cfg.max_shard_bytes, overwrite=cfg.overwrite,
+                              resume=manifest["writer"] if manifest else None)
     if cfg.save_stats:
         write_stats_info(cfg.save_stats, {
             "inputs": identity.inputs, "sequential": cfg.sequential, "saliency_gate": {"twice": "model"}.get(
@@ -374,6 +382,8 @@ def compress_from_stats(layout: ModelLayout, cfg: CompressConfig, n_keep: int) -
             raise ReamLiteError(f"--method {cfg.method} --align {plan.align} aligns neurons on activations, which "
                                 "saved statistics do not hold; pass --align weight or --align none")
         plans[x.index] = plan
+    est = estimate_compression(layout, cfg, n_keep, measure=False)
+    check_disk_space(cfg.output, est.output_disk_bytes)
     writer = CheckpointWriter(cfg.output, cfg.max_shard_bytes, overwrite=cfg.overwrite)
     calibration = {**info.get("calibration", {}), "from_stats": str(cfg.from_stats)}
 

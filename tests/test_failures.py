@@ -30,10 +30,12 @@ def compress(src, out, *args):
 
 
 def one_line_error(result) -> str:
+    """The run ends with exactly one `error: ...` line (the plan may be printed before it), no traceback."""
     assert result.exit_code == 2, result.output
     lines = [x for x in result.output.strip().splitlines() if x.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
-    return lines[0]
+    assert lines[-1].startswith("error: ") and sum(x.startswith("error") for x in lines) == 1, result.output
+    assert "Traceback" not in result.output
+    return lines[-1]
 
 
 def nothing_complete(out: Path) -> bool:
@@ -123,13 +125,23 @@ def test_corrupt_shard_header(qwen, tmp_path, calib_file):
 
 
 def test_work_dir_without_space(model_dirs, tmp_path, calib_file, monkeypatch):
-    import ream_lite.engine.store as store
-
+    """Checked before any work (the plan knows the hidden states' size), not hours later."""
     real = shutil.disk_usage
-    monkeypatch.setattr(store.shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=1000) if Path(p) == work else real(p))
     msg = one_line_error(compress(model_dirs["qwen3_moe"][1], tmp_path / "out", "--experts", 4, "--calib",
-                                  calib_file, "--store", "disk", "--work-dir", tmp_path / "work"))
+                                  calib_file, "--store", "disk", "--work-dir", work))
     assert "needed for hidden states" in msg and "free" in msg and nothing_complete(tmp_path / "out")
+
+
+def test_output_disk_without_space(model_dirs, tmp_path, calib_file, monkeypatch):
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
+    msg = one_line_error(compress(model_dirs["qwen3_moe"][1], tmp_path / "out", "--experts", 4, "--calib",
+                                  calib_file))
+    assert "needed for the output" in msg and "free" in msg and nothing_complete(tmp_path / "out")
+    assert not (tmp_path / "out.partial").exists()
 
 
 def test_nan_statistics_name_the_layer_and_expert(tmp_path, calib_file):
@@ -148,3 +160,30 @@ def test_input_directory_is_never_written(model_dirs, tmp_path, calib_file):
     assert compress(src, tmp_path / "out", "--experts", 4, "--calib", calib_file).exit_code == 0
     assert compress(src, tmp_path / "out", "--experts", 4, "--calib", calib_file, "--overwrite").exit_code == 0
     assert tree_digest(src) == before
+
+
+@pytest.mark.parametrize("content,message", [
+    (b"", "no documents"),
+    (b"\xff\xfe\x00binary", "cannot read as UTF-8"),
+    (b'{"txt": "wrong field"}\n', "expected a JSON object with a 'text' field"),
+])
+def test_empty_or_unreadable_calibration(model_dirs, tmp_path, content, message):
+    bad = tmp_path / "calib.jsonl"
+    bad.write_bytes(content)
+    msg = one_line_error(compress(model_dirs["qwen3_moe"][1], tmp_path / "out", "--experts", 4, "--calib", bad))
+    assert message in msg and nothing_complete(tmp_path / "out")
+    msg = one_line_error(compress(model_dirs["qwen3_moe"][1], tmp_path / "out", "--experts", 4, "--calib",
+                                  tmp_path / "missing.jsonl"))
+    assert "no such file" in msg
+
+
+@pytest.mark.parametrize("mix,message", [
+    ("1:x:1", "'x' is not a number"),
+    ("-1:1:1", "must be a finite number >= 0"),
+    ("0:0:0", "sum to 0"),
+    ("1:1", "3 domains"),
+    ("poetry=1", "poetry"),
+])
+def test_bad_mix(model_dirs, tmp_path, mix, message):
+    msg = one_line_error(compress(model_dirs["qwen3_moe"][1], tmp_path / "out", "--experts", 4, "--mix", mix))
+    assert msg.startswith(f"error: --mix {mix}") and message in msg and nothing_complete(tmp_path / "out")

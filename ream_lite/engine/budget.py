@@ -10,6 +10,7 @@ import torch
 from ream_lite.arch.layout import ModelLayout
 from ream_lite.engine.experts import expert_bytes
 from ream_lite.engine.store import Tier, choose_tier
+from ream_lite.errors import ReamLiteError
 
 GiB = 1024**3
 
@@ -38,11 +39,24 @@ def default_cpu_budget() -> int:
     return min(16 * GiB, int(0.4 * physical_ram()))
 
 
+# Left out of the default device budget on top of what other processes hold: the CUDA context of this process
+# is already counted in `free`, this is for allocator fragmentation and kernels' workspaces.
+GPU_HEADROOM = 512 * 1024**2
+
+
 def default_gpu_budget(device: torch.device) -> int:
+    """90% of the card, but never more than what is free now less a little headroom: a 24 GB card that also
+    drives a display has 1-2 GiB taken by other processes, and 90% of its total would overcommit it."""
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
-        return int(0.9 * total)
+        return max(0, min(int(0.9 * total), free - GPU_HEADROOM))
     return 0
+
+
+def require_device(device: torch.device) -> None:
+    """Refuse a CUDA device on a machine without one, before any work."""
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ReamLiteError("--device cuda requested but no CUDA device is available")
 
 
 @dataclass

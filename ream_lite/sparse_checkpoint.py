@@ -1,0 +1,46 @@
+"""Checkpoints of any size that take no disk space: real safetensors headers over sparse (all-zero) data.
+
+For what reads headers only — `ream-lite inspect`, `ream-lite plan`, their tests — at the size of released models
+(a 61-layer DeepSeek-V3 has 1.3 TB of weights). Names, shapes and dtypes are those `testing.write_random_checkpoint`
+writes; every tensor reads as zeros, so such a checkpoint is not for running.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ream_lite.checkpoint.format import DTYPE_NAMES, encode_header
+from ream_lite.checkpoint.reader import SINGLE_NAME
+from ream_lite.testing import _disk_names
+
+
+def write_sparse_checkpoint(config, out: str | Path, dtype: torch.dtype = torch.bfloat16) -> Path:
+    """One sparse `model.safetensors` + config.json for a transformers `config` (no tokenizer)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    entries, offset = {}, 0
+    for name, t in skeleton.state_dict().items():
+        if name == "lm_head.weight" and getattr(config, "tie_word_embeddings", False):
+            continue
+        for disk_name, shape, _ in _disk_names(config.model_type, name, tuple(t.shape)):
+            # as write_random_checkpoint: DeepSeek-style selection biases stay float32
+            d = torch.float32 if "e_score_correction_bias" in disk_name else dtype
+            nbytes = d.itemsize * int(torch.Size(shape).numel())
+            entries[disk_name] = {"dtype": DTYPE_NAMES[d], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    header = encode_header(entries, {"format": "pt"})
+    with open(out / SINGLE_NAME, "wb") as f:
+        f.write(len(header).to_bytes(8, "little"))
+        f.write(header)
+        f.truncate(8 + len(header) + offset)  # a hole: no blocks are allocated for the data
+    cfg = config.to_dict()
+    cfg["dtype"] = str(dtype).replace("torch.", "")
+    (out / "config.json").write_text(json.dumps(cfg, indent=2, default=str) + "\n")
+    return out

@@ -1,0 +1,269 @@
+"""`ream-lite plan` and the estimate behind it: output bytes and checkpoint reads equal what `compress` really
+writes and reads; the command prints a short table and valid JSON; real model shapes (headers only, sparse data)
+plan inside a 24 GB card; the disk-space check refuses before any work."""
+
+import json
+import shutil
+import sys
+from collections import namedtuple
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from tiny_models import build_model, save_model
+from transformers import DeepseekV3Config
+
+from ream_lite.arch import ModelLayout
+from ream_lite.checkpoint.reader import CheckpointReader
+from ream_lite.cli import main
+from ream_lite.diskspace import check_disk_space, disk_shortfall
+from ream_lite.engine.budget import GiB
+from ream_lite.engine.streamer import StreamOptions
+from ream_lite.errors import ReamLiteError
+from ream_lite.estimate import estimate_compression
+from ream_lite.pipeline import CompressConfig, compress, resolve_keep, validate
+from ream_lite.sparse_checkpoint import write_sparse_checkpoint
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def estimate(path, experts, measure=False, **kw):
+    stream = StreamOptions(**{"device": "cpu", "progress": False, **kw.pop("stream", {})})
+    layout = ModelLayout(str(path))
+    cfg = CompressConfig(model=str(path), output=str(path) + "-out", experts=experts, stream=stream, **kw)
+    n_keep = resolve_keep(layout, experts)
+    validate(layout, n_keep, cfg)
+    return estimate_compression(layout, cfg, n_keep, measure=measure)
+
+
+def tensor_bytes(directory) -> int:
+    with CheckpointReader(directory) as r:
+        return r.total_bytes()
+
+
+def reads_of(src, monkeypatch) -> list[int]:
+    """Bytes each reader of checkpoint `src` read, recorded when it is closed."""
+    read: list[int] = []
+    close = CheckpointReader.close
+
+    def record(self):
+        if self.dir.resolve() == src.resolve():
+            read.append(self.bytes_read)
+        close(self)
+
+    monkeypatch.setattr(CheckpointReader, "close", record)
+    return read
+
+
+@pytest.mark.parametrize("family,experts", [("qwen3_moe", 6), ("deepseek_v3", 12)])
+def test_predicted_output_bytes_equal_the_real_output(model_dirs, tmp_path, family, experts):
+    src = model_dirs[family][1]
+    out = tmp_path / "out"
+    r = run("compress", src, out, "--experts", experts, "--method", "reap", "--num-sequences", 8, "--seq-len", 32,
+            "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    est = estimate(src, experts, method="reap", num_sequences=8, seq_len=32)
+    assert est.output_bytes == tensor_bytes(out)
+    assert est.output_bytes < est.input_bytes
+
+
+def test_output_bytes_of_a_fused_layout(tmp_path):
+    src = save_model(build_model("qwen3_moe", seed=1), tmp_path / "fused", layout="fused")
+    assert {x.expert_storage for x in ModelLayout(str(src)).moe_layers} == {"fused"}
+    r = run("compress", src, tmp_path / "out", "--experts", 5, "--method", "reap", "--num-sequences", 8,
+            "--seq-len", 32, "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    assert estimate(src, 5, method="reap", num_sequences=8, seq_len=32).output_bytes == tensor_bytes(tmp_path / "out")
+
+
+@pytest.mark.parametrize("drop_mtp", [False, True])
+def test_mtp_layers_are_counted_unless_dropped(tmp_path, monkeypatch, drop_mtp):
+    from tiny_models import save_mtp_model
+
+    src = save_mtp_model(tmp_path / "ds")
+    read = reads_of(src, monkeypatch)
+    settings = {"method": "reap", "num_sequences": 8, "seq_len": 32, "drop_mtp": drop_mtp}
+    compress(CompressConfig(model=str(src), output=str(tmp_path / "out"), experts=8,
+                            stream=StreamOptions(device="cpu", progress=False), **settings))
+    est = estimate(src, 8, **settings)
+    assert est.output_bytes == tensor_bytes(tmp_path / "out")
+    assert est.read_bytes == max(read)
+    mtp = [x for x in est.layers if x.kind == "mtp"]
+    assert len(mtp) == 1 and (mtp[0].output_bytes == 0) == drop_mtp
+    assert ("dropped" in "\n".join(est.lines())) == drop_mtp
+
+
+@pytest.mark.parametrize("method,guard,sequential,exact", [
+    ("reap", None, True, True), ("reap", None, False, True), ("ream", "off", True, True), ("ream", "group", True, False),
+])
+def test_predicted_reads_match_what_compress_reads(model_dirs, tmp_path, monkeypatch, method, guard, sequential, exact):
+    """Every checkpoint byte compress reads is counted: exactly where the passes are fixed; with the guard, an upper
+    bound (it may choose pruning, and then writes no merged expert), within 15%."""
+    src = model_dirs["deepseek_v3"][1]
+    read = reads_of(src, monkeypatch)
+    settings = {"method": method, "guard": guard, "num_sequences": 8, "seq_len": 32, "sequential": sequential}
+    compress(CompressConfig(model=str(src), output=str(tmp_path / "out"), experts=12,
+                            stream=StreamOptions(device="cpu", progress=False), **settings))
+    actual = max(read)
+    predicted = estimate(src, 12, **settings).read_bytes
+    if exact:
+        assert predicted == actual
+    else:
+        assert actual <= predicted <= 1.15 * actual
+
+
+def test_guard_candidates_and_buffers_match_a_real_run(model_dirs, tmp_path):
+    src = model_dirs["qwen3_moe"][1]
+    settings = {"method": "ream", "guard": "layer", "num_sequences": 20, "seq_len": 32}
+    out = compress(CompressConfig(model=str(src), output=str(tmp_path / "out"), experts=6,
+                                  stream=StreamOptions(device="cpu", progress=False), **settings))
+    record = json.loads((out / "ream_plan.json").read_text())
+    est = estimate(src, 6, **settings)
+    assert {len(x["guard"]["candidates"]) for x in record["layers"]} == {est.merge.judged}
+    held = record["calibration"]["holdout_sequences"]
+    assert est.holdout_sequences == held > 0
+    assert est.memory.stores == pytest.approx(2 + 3 * held / 20)  # float32 guard buffers in a float32 model
+    assert est.merge.alignment_pairs > 0 and "merge" in est.phases and est.merged_host_bytes > 0
+    pruned = estimate(src, 6, method="reap")
+    assert pruned.merge.judged == 0 and pruned.merged_host_bytes == 0 and set(pruned.phases) == {"expert chunks"}
+
+
+def test_plan_command_prints_a_table_and_json(model_dirs, tmp_path):
+    src = model_dirs["deepseek_v3"][1]
+    r = run("plan", src, "--experts", 12, "--device", "cpu", "--no-measure")
+    assert r.exit_code == 0, r.output
+    lines = r.output.splitlines()
+    table = lines[lines.index(next(x for x in lines if x.startswith("layers"))) + 1:]
+    assert table[0].split()[:2] == ["0", "dense"] and table[1].split()[:2] == ["1-2", "moe"]
+    assert "16 -> 12" in table[1]
+    for word in ("peak memory", "output", "resume", "work dir", "reads", "FLOPs", "estimate", "floor"):
+        assert word in r.output
+    r = run("plan", src, tmp_path / "out", "--experts", 0.75, "--method", "reap", "--device", "cpu", "--no-measure",
+            "--json")
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.output)
+    assert d["kept"] == 12 and d["guard"] == "off" and d["memory"]["store_tier"] == "host"
+    assert d["disk_shortfall"] is None and d["output_bytes"] > 0 and d["seconds"] > 0
+    assert [x["kind"] for x in d["layers"]] == ["dense", "moe", "moe"]
+
+
+def test_plan_command_measures(model_dirs):
+    r = run("plan", model_dirs["qwen3_moe"][1], "--experts", 6, "--method", "reap", "--device", "cpu", "--json")
+    assert r.exit_code == 0, r.output
+    rates = json.loads(r.output)["rates"]
+    assert rates["measured"] and min(v for k, v in rates.items() if k not in ("measured", "note")) > 0
+
+
+def test_plan_command_refuses_like_compress(model_dirs):
+    src = model_dirs["deepseek_v3"][1]
+    r = run("plan", src, "--experts", 13, "--device", "cpu")
+    assert r.exit_code == 2 and "multiple of n_group" in r.output
+    r = run("plan", src, src / "inside", "--experts", 12, "--device", "cpu")
+    assert r.exit_code == 2 and "must not be the input directory" in r.output
+    if not torch.cuda.is_available():
+        r = run("plan", src, "--experts", 12, "--device", "cuda")
+        assert r.exit_code == 2 and "no CUDA device" in r.output
+
+
+@pytest.fixture(scope="module")
+def qwen3_30b_shape(tmp_path_factory):
+    """Qwen3-30B-A3B layer shapes (benchmarks/shapes.py), 4 layers, headers only: 5.6 GiB that take no disk."""
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    from shapes import qwen3_30b_a3b
+
+    return write_sparse_checkpoint(qwen3_30b_a3b(4), tmp_path_factory.mktemp("qwen3-30b-a3b"))
+
+
+@pytest.fixture
+def no_cuda(monkeypatch):
+    """A planning run for a CUDA device with its budget given must not touch CUDA at all."""
+    def refuse(*a, **k):
+        raise AssertionError("CUDA API called")
+
+    for name in ("mem_get_info", "is_available", "synchronize", "get_device_properties"):
+        monkeypatch.setattr(torch.cuda, name, refuse)
+
+
+def test_qwen3_30b_at_paper_calibration_fits_a_24gb_card(qwen3_30b_shape, no_cuda):
+    paper = {"num_sequences": 3072, "seq_len": 512}
+    est = estimate(qwen3_30b_shape, 96, **paper, stream={"device": "cuda", "max_gpu_memory": 24 * GiB,
+                                                             "max_cpu_memory": int(12.8 * GiB)})
+    m = est.memory
+    assert m.tokens == 3072 * 512 and m.dtype == "bfloat16"
+    assert est.peak_device_bytes <= 20 * GiB
+    # the two working buffers + the guard's float32 held-out buffers (6 GiB each in bf16) fit beside the experts
+    assert m.store_tier == "device" and m.all_stores_bytes == pytest.approx(2.6 * 6 * GiB, rel=0.01)
+    assert m.experts_per_chunk == 128 and all(x.chunks == 1 for x in est.layers)
+    assert est.output_bytes == est.input_bytes - 4 * 32 * (3 * 768 * 2048 + 2048) * 2  # experts and router rows
+    assert est.work_dir_bytes == 0 and est.resume_bytes == 2 * 6 * GiB
+    assert any(line.startswith("0-3 ") for line in est.lines())
+
+    # a 16 GB card: the buffers go to host RAM where it is allowed, else to files in the work dir
+    small = {"device": "cuda", "max_gpu_memory": 16 * GiB}
+    host = estimate(qwen3_30b_shape, 96, **paper, stream={**small, "max_cpu_memory": 24 * GiB})
+    assert host.memory.store_tier == "host" and host.peak_device_bytes <= 16 * GiB
+    assert host.host_peak_bytes >= host.memory.all_stores_bytes
+    disk = estimate(qwen3_30b_shape, 96, **paper, stream={**small, "max_cpu_memory": 8 * GiB})
+    assert disk.memory.store_tier == "disk" and disk.work_dir_bytes == disk.memory.all_stores_bytes
+
+
+def test_deepseek_v3_layer_is_chunked_within_the_budget(tmp_path, no_cuda):
+    """A DeepSeek-V3 MoE layer holds 21 GiB of bf16 experts: on a 24 GB card they run in chunks, and the guard's
+    alignment Grams are reserved beside the chunk."""
+    cfg = DeepseekV3Config(num_hidden_layers=2, first_k_dense_replace=1, vocab_size=1024)
+    src = write_sparse_checkpoint(cfg, tmp_path / "dsv3")
+    budget = 24 * GiB
+    est = estimate(src, 192, stream={"device": "cuda", "max_gpu_memory": budget})
+    moe = [x for x in est.layers if x.kind == "moe"]
+    assert len(moe) == 1 and moe[0].expert_bytes > 20 * GiB
+    assert moe[0].chunks > 1 and moe[0].experts_per_chunk * moe[0].chunks >= 256
+    assert est.gram_bytes > GiB and est.peak_device_bytes <= budget
+    assert est.merge.largest_group <= 9  # groups never cross DeepSeek's 8 routing groups of 32
+    assert est.output_bytes == pytest.approx(est.input_bytes - 64 * moe[0].expert_bytes / 256, rel=1e-3)
+
+
+def test_sparse_checkpoint_takes_no_space(qwen3_30b_shape):
+    layout = ModelLayout(str(qwen3_30b_shape))
+    size = (qwen3_30b_shape / "model.safetensors").stat()
+    assert layout.reader.total_bytes() > 4 * GiB and size.st_blocks * 512 < 16 * 1024**2
+
+
+DiskUsage = namedtuple("DiskUsage", "total used free")
+
+
+def test_check_disk_space_refuses_before_any_work(tmp_path, monkeypatch):
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: DiskUsage(100 * GiB, 88 * GiB, 12 * GiB))
+    out = tmp_path / "not" / "yet" / "out"  # judged by its nearest existing parent
+    with pytest.raises(ReamLiteError) as e:
+        check_disk_space(out, int(61.2 * GiB))
+    msg = str(e.value)
+    assert msg.startswith(f"{out}: 61.2 GiB needed for the output, 12.0 GiB free on ")
+    assert msg.endswith("; free space or choose another output directory") and "\n" not in msg
+    check_disk_space(out, 11 * GiB)  # fits
+    # the output and the work dir on one filesystem: their needs add up
+    work = tmp_path / "work"
+    assert disk_shortfall(out, 6 * GiB, work, 5 * GiB) is None
+    msg = disk_shortfall(out, 7 * GiB, work, 6 * GiB)
+    assert msg.startswith(f"{out}: 7.0 GiB needed for the output and 6.0 GiB for hidden states in {work}, 12.0 GiB")
+    assert "--work-dir" in msg
+    assert disk_shortfall(out, 1 * GiB, work, 0) is None  # no disk tier: the work dir needs nothing
+
+
+@pytest.mark.parametrize("sequences", [256, 3072])
+def test_default_budgets_fit_a_24gb_card_on_a_32gb_host(qwen3_30b_shape, monkeypatch, sequences):
+    """No budget given: a 24 GB card (23.99 GiB, 23.5 free after this process's CUDA context) and 32 GB of RAM."""
+    from ream_lite.engine import budget
+
+    card, free, ram = 23.99 * GiB, 23.5 * GiB, 32 * GiB
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (int(free), int(card)))
+    monkeypatch.setattr(budget, "physical_ram", lambda: ram)
+    est = estimate(qwen3_30b_shape, 96, num_sequences=sequences, seq_len=512, stream={"device": "cuda"})
+    assert est.memory.device_budget == int(0.9 * card) and est.memory.host_budget == int(0.4 * ram)
+    assert est.peak_device_bytes <= est.memory.device_budget and est.host_peak_bytes <= 0.6 * ram
+    # a display holding 2 GiB: the budget shrinks to what is free, less the headroom
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (int(free - 2 * GiB), int(card)))
+    assert budget.default_gpu_budget(torch.device("cuda")) == int(free - 2 * GiB) - budget.GPU_HEADROOM
