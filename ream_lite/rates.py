@@ -56,7 +56,7 @@ def default_rates(device: torch.device, inter: int) -> Rates:
     layers, dense, routed, alignment, f64 = DEFAULT_FLOPS.get(device.type, DEFAULT_FLOPS["cpu"])
     assignment = 1e-10 * inter**3  # scipy's solver on an expert's neurons: ~0.05 s at 768, ~1 s at 2048
     return Rates(DEFAULT_READ, DEFAULT_CACHED_READ, layers, dense, routed, alignment, f64, assignment,
-                 measured=False, note="assumed, not measured (--no-measure)")
+                 measured=False, note="assumed slow-end rates, not measured (`ream-lite plan` measures them here)")
 
 
 def measure_read_speed(layout: ModelLayout, max_bytes: int = READ_SAMPLE_BYTES) -> tuple[float, float]:
