@@ -35,7 +35,7 @@ def read_plan(path: str | Path) -> dict:
 
 
 def layer_plans(plan: dict, layout: ModelLayout) -> dict[int, LayerPlan]:
-    """The plan's layers, checked against MODEL: the same MoE layers, expert counts and expert sizes."""
+    """The plan's layers, checked against MODEL: the same MoE layers, expert counts, expert ids and neuron counts."""
     drop_mtp = bool(plan.get("drop_mtp", False))
     try:
         plans = {int(L["layer"]): LayerPlan.from_json(L) for L in plan["layers"]}
@@ -45,16 +45,34 @@ def layer_plans(plan: dict, layout: ModelLayout) -> dict[int, LayerPlan]:
     if sorted(plans) != [x.index for x in moe]:
         raise ReamLiteError(f"the plan covers MoE layers {sorted(plans)}, the model has {[x.index for x in moe]}; "
                             "was it made for another model?")
+    after = int(plan["experts"]["after"])
     for x in moe:
         p = plans[x.index]
         if p.num_experts != x.num_experts:
             raise ReamLiteError(f"layer {x.index}: the plan is for {p.num_experts} experts, the model has "
                                 f"{x.num_experts}")
-        for (c, m) in (pair for c, g in p.merged_groups().items() for pair in ((c, e) for e in g[1:])):
-            if p.align != "none" and (c, m) not in p.perms:
-                raise ReamLiteError(f"layer {x.index}: the plan lacks the alignment of expert {m} onto {c} "
-                                    "(written by an older ream-lite?); compress again")
+        members = [e for g in p.groups.values() for e in g]
+        if len(p.kept) != after or not all(0 <= e < x.num_experts for e in members):
+            raise ReamLiteError(f"layer {x.index}: malformed plan (keeps {len(p.kept)} of {after} experts, or names "
+                                f"an expert beyond {x.num_experts - 1})")
+        inter = expert_intermediate_size(layout, x.index)
+        for c, g in p.merged_groups().items():
+            for m in g[1:]:
+                perm = p.perms.get((c, m))
+                if p.align != "none" and perm is None:
+                    raise ReamLiteError(f"layer {x.index}: the plan lacks the alignment of expert {m} onto {c} "
+                                        "(written by an older ream-lite?); compress again")
+                if perm is not None and sorted(perm.tolist()) != list(range(inter)):
+                    raise ReamLiteError(f"layer {x.index}: the plan's permutation of expert {m} is not one of the "
+                                        f"model's {inter} expert neurons; was it made for another model?")
     return plans
+
+
+def expert_intermediate_size(layout: ModelLayout, layer: int) -> int:
+    """Neurons per routed expert, from the stored tensors (gate rows; the fused gate_up holds gate and up)."""
+    if layout.layers[layer].expert_storage == "fused":
+        return layout.reader.shape(layout.fused_keys(layer)[0])[1] // 2
+    return layout.reader.shape(layout.per_expert_keys(layer, 0)[0])[0]
 
 
 def apply_plan(plan_path: str, model: str, output: str, overwrite: bool = False, device: str = "cpu",

@@ -12,7 +12,7 @@ import click
 import torch
 
 from ream_lite import __version__
-from ream_lite.engine.budget import parse_bytes
+from ream_lite.engine.budget import parse_bytes, require_device
 from ream_lite.engine.streamer import StreamOptions
 from ream_lite.errors import ReamLiteError
 
@@ -50,7 +50,7 @@ def _stream_options(fn):
         click.option("--max-cpu-memory", default=None,
                      help="host RAM for cached hidden states, e.g. 16GB (default: 40% of RAM, at most 16 GiB)"),
         click.option("--work-dir", default=None, type=click.Path(file_okay=False),
-                     help="where hidden states spill to disk when they fit neither budget (default: system temp)"),
+                     help="where hidden states spill to disk when they fit neither budget (default: beside OUTPUT for compress, the system temp dir for eval)"),
         click.option("--store", "store_tier", type=click.Choice(["auto", "device", "host", "disk"]), default="auto",
                      show_default=True, help="force the hidden-state store tier"),
         click.option("--batch-tokens", default=4096, show_default=True, help="tokens per forward batch"),
@@ -86,9 +86,26 @@ def _bytes_option(name: str, text: str) -> int:
 
 
 def _command_line() -> str:
-    """This invocation as `ream-lite ...`, without the flags that do not change the output."""
-    args = [a for a in sys.argv[1:] if a not in ("--resume", "--overwrite")]
-    return shlex.join(["ream-lite", *args])
+    """This invocation as `ream-lite CMD ...`, rebuilt from the parsed options (arguments, then every option not
+    at its default, in declaration order), without the flags that do not change the output: the same settings
+    give the same line however they were typed."""
+    ctx = click.get_current_context()
+    parts = ["ream-lite", ctx.info_name]
+    for p in ctx.command.params:
+        v = ctx.params.get(p.name)
+        if p.name in ("resume", "overwrite") or v is None:
+            continue
+        default = p.get_default(ctx, call=True)
+        if isinstance(p, click.Argument):
+            parts.append(str(v))
+        elif getattr(p, "is_flag", False):
+            parts += [p.opts[0]] if v else []
+        elif p.multiple:
+            if tuple(v) != tuple(default or ()):
+                parts += [x for item in v for x in (p.opts[0], str(item))]
+        elif v != default:
+            parts += [p.opts[0], str(v)]
+    return shlex.join(parts)
 
 
 def _calibration_options(fn):
@@ -258,8 +275,7 @@ def apply_cmd(plan, model, output, device, max_shard_size, overwrite) -> None:
     the plan. On the same device type the result is byte for byte what `compress` wrote."""
     from ream_lite.apply_plan import apply_plan
 
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ReamLiteError("--device cuda requested but no CUDA device is available")
+    require_device(torch.device(device))
     out = apply_plan(plan, model, output, overwrite=overwrite, device=device,
                      max_shard_bytes=_bytes_option("--max-shard-size", max_shard_size), progress=sys.stderr.isatty())
     click.echo(f"wrote {out}")
@@ -315,7 +331,6 @@ def plan_cmd(model, output, experts, method, guard, calib, mix, num_sequences, s
 
     from ream_lite.arch.layout import ModelLayout
     from ream_lite.diskspace import disk_shortfall
-    from ream_lite.engine.budget import require_device
     from ream_lite.estimate import estimate_compression
     from ream_lite.pipeline import CompressConfig, resolve_keep, validate
 

@@ -16,7 +16,7 @@ from ream_lite.methods.apply import (
     build_merged_experts,
     needs_activation_pass,
 )
-from ream_lite.methods.stats import AlignmentCollector, LayerStats, StatsCollector
+from ream_lite.methods.stats import AlignmentCollector, LayerStats, StatsCollector, collected_gate
 
 
 def collect_stats(
@@ -26,7 +26,7 @@ def collect_stats(
     """One pass of the MoE block over its cached inputs with the statistics `method` needs (adding the original
     MoE output into `out` when given, for non-sequential compression)."""
     rc = block.router_cfg
-    gate = {"twice": "model"}.get(opts.saliency_gate, opts.saliency_gate)  # "twice" reads reap2_sum instead
+    gate = collected_gate(opts.saliency_gate)
     collector = StatsCollector(rc.num_experts, h.hidden, block.act, rc.kind, dense=method.needs_dense(opts),
                                gate=gate, gram=method.needs_gram(opts))
     streamer.run_moe(block, h, out, observer=collector)

@@ -16,7 +16,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -39,6 +39,7 @@ from ream_lite.guard import GUARD_MODES, HeldOutJudge, guarded_plan
 from ream_lite.methods import METHODS, LayerPlan, MethodInput, MethodOptions
 from ream_lite.methods.apply import needs_activation_pass
 from ream_lite.methods.grouping import auto_group_size
+from ream_lite.methods.stats import LayerStats, collected_gate
 from ream_lite.model_card import model_card
 from ream_lite.passes import (
     RoutingCounter,
@@ -55,7 +56,7 @@ from ream_lite.stats_io import (
     load_layer_stats,
     read_stats_info,
     save_layer_stats,
-    write_stats_info,
+    start_stats_dir,
 )
 from ream_lite.write_output import (
     compression_steps,
@@ -153,6 +154,15 @@ def validate(layout: ModelLayout, n_keep: int, cfg: CompressConfig) -> None:
         if x.is_mtp and not x.is_moe and not cfg.drop_mtp:
             raise ReamLiteError(f"MTP layer {x.index} has no routed experts; pass --drop-mtp")
     validate_output_path(layout, cfg.output)
+    out = Path(cfg.output).resolve()
+    for flag, d in (("--save-stats", cfg.save_stats), ("--work-dir", cfg.stream.work_dir)):
+        if d is None:
+            continue
+        p = Path(d).resolve()
+        for what, place in (("the output directory", out), ("its partial output", partial_dir(out)),
+                            ("the input directory", layout.path.resolve())):
+            if p == place or place in p.parents:
+                raise ReamLiteError(f"{flag} {d}: must not be inside {what} ({place}); choose a directory beside it")
     if not (cfg.options.gate_logit_sim or cfg.options.gated_sim) and cfg.method == "ream":
         raise ReamLiteError("--no-gate-logit-sim and --no-gated-sim together leave REAM no similarity")
     if cfg.num_sequences < 1 or cfg.seq_len < 2:
@@ -202,21 +212,33 @@ def run_identity(layout: ModelLayout, cfg: CompressConfig, streamer: LayerStream
     settings = {k: v for k, v in asdict(cfg).items() if k not in ("model", "output", "overwrite", "resume", "stream",
                                                                   "command")}
     settings.update(device_type=streamer.device.type, dtype=str(streamer.dtype),
-                    experts_per_chunk=streamer.plan.experts_per_chunk, tokens_per_batch=cfg.stream.tokens_per_batch)
+                    experts_per_chunk=streamer.plan.experts_per_chunk, tokens_per_batch=cfg.stream.tokens_per_batch,
+                    **{k: v for k, v in versions().items() if k != "python_version"})
     return RunIdentity(json.loads(json.dumps(settings, default=str)), input_fingerprint(layout), tokens_hash(seqs))
 
 
-def resumable_run(cfg: CompressConfig, identity: RunIdentity) -> dict | None:
+def resumable_run(cfg: CompressConfig, identity: RunIdentity, streamer: LayerStreamer) -> dict | None:
     """The manifest of the interrupted run in OUT.partial that this run continues (--resume), or None to start
-    afresh; refuses to silently discard an interrupted run, or to continue one made with other settings."""
+    afresh; refuses to silently discard an interrupted run, or to continue one made with other settings.
+    The expert chunk size changes rounding, so a resumed run takes the interrupted run's when its budget allows
+    (the default GPU budget follows the memory free at start, which the user does not choose)."""
     out = Path(cfg.output)
-    manifest = None if cfg.overwrite else ResumeLog(partial_dir(out)).load()
+    manifest = ResumeLog(partial_dir(out)).load() if cfg.resume or not cfg.overwrite else None
     if manifest is not None and not cfg.resume:
         raise ReamLiteError(
             f"{partial_dir(out)} holds an interrupted run ({manifest['steps_done']} of {manifest['total_steps']} "
             "layers done); pass --resume to continue it or --overwrite to start over"
         )
     if manifest is not None:
+        chunk = manifest.get("settings", {}).get("experts_per_chunk")
+        if isinstance(chunk, int) and chunk != streamer.plan.experts_per_chunk:
+            if chunk > streamer.plan.experts_per_chunk:
+                raise ReamLiteError(
+                    f"cannot resume {partial_dir(out)}: the interrupted run ran experts in chunks of {chunk}, this "
+                    f"run's memory budget allows {streamer.plan.experts_per_chunk}; give --max-gpu-memory (or "
+                    "--batch-tokens) as the first run had it")
+            streamer.plan.experts_per_chunk = chunk
+            identity.settings["experts_per_chunk"] = chunk
         why = identity.mismatch(manifest)
         if why:
             raise ReamLiteError(f"cannot resume {partial_dir(out)}: {why}; rerun with the original settings, "
@@ -249,17 +271,22 @@ def _compress(layout: ModelLayout, cfg: CompressConfig, echo: Callable[[str], No
     streamer.plan = est.memory
     rc = layout.router_config
     identity = run_identity(layout, cfg, streamer, seqs)
-    manifest = resumable_run(cfg, identity)
+    manifest = resumable_run(cfg, identity, streamer)
+    # what the report and the card name: the first run's (a resume may spell the model path or flags otherwise)
+    first_run = manifest["first_run"] if manifest else {"command": cfg.command, "model": str(layout.path)}
     written = manifest["writer"]["bytes_written"] if manifest else 0  # (a resumed run needs only the rest)
     check_disk_space(cfg.output, max(0, est.output_disk_bytes - written) + est.resume_bytes, cfg.stream.work_dir,
                      est.work_dir_bytes)
     writer = CheckpointWriter(cfg.output, cfg.max_shard_bytes, overwrite=cfg.overwrite,
                               resume=manifest["writer"] if manifest else None)
+    on_stats = None  # called with every MoE layer's statistics (--save-stats)
     if cfg.save_stats:
-        write_stats_info(cfg.save_stats, {
-            "inputs": identity.inputs, "sequential": cfg.sequential, "saliency_gate": {"twice": "model"}.get(
-            cfg.options.saliency_gate, cfg.options.saliency_gate), "dense": method.needs_dense(cfg.options),
-            "gram": method.needs_gram(cfg.options), "seed": cfg.seed, "calibration": calibration_record(cfg, cal)})
+        stats_run = start_stats_dir(cfg.save_stats, {
+            "inputs": identity.inputs, "calibration_tokens": identity.calibration, "sequential": cfg.sequential,
+            "saliency_gate": collected_gate(cfg.options.saliency_gate), "dense": method.needs_dense(cfg.options),
+            "gram": method.needs_gram(cfg.options), "seed": cfg.seed, "calibration": calibration_record(cfg, cal)},
+            resume=manifest is not None)
+        on_stats = lambda stats: save_layer_stats(cfg.save_stats, stats, stats_run)  # noqa: E731
     resume_log = ResumeLog(writer.tmp_dir)
     steps = compression_steps(layout, cfg.drop_mtp)
     n_dec = len(layout.decoder_layers)
@@ -290,21 +317,24 @@ def _compress(layout: ModelLayout, cfg: CompressConfig, echo: Callable[[str], No
                 out = None
             if out is None or out.lengths != h.lengths:
                 out = streamer.new_store(h.lengths)
-            record = compress_layer(streamer, writer, info.index, h, out, method, n_keep, cfg, n_holdout)
+            record = compress_layer(streamer, writer, info.index, h, out, method, n_keep, cfg, n_holdout,
+                                    on_stats=on_stats)
             if record is not None:
                 layers.append(record)
             if _TEST_DELAY:  # tests: widen the window in which a kill lands between writing and recording a layer
                 time.sleep(_TEST_DELAY)
             h, out = out, h
-            resume_log.commit(identity, step + 1, len(steps), writer.state(), layers, h)
+            resume_log.commit(identity, step + 1, len(steps), writer.state(), layers, h, first_run)
             bar.update()
         bar.close()
         h.close()
         if out is not None:
             out.close()
-        resume_log.remove()
-        write_side_files(writer.tmp_dir, layout, cfg, n_keep, calibration_record(cfg, cal), layers, run, writer)
-        return writer.finish(output_config(layout, n_keep, cfg.drop_mtp), source_dir=layout.path)
+        write_side_files(writer.tmp_dir, layout, cfg, n_keep, calibration_record(cfg, cal), layers, run, writer,
+                         first_run)
+        # the resume record goes last: a kill or an error before the output is in place can still be resumed
+        return writer.finish(output_config(layout, n_keep, cfg.drop_mtp), source_dir=layout.path,
+                             before_publish=resume_log.remove)
     except BaseException as e:
         for store in (h, out):
             if store is not None:
@@ -325,7 +355,7 @@ def _compress(layout: ModelLayout, cfg: CompressConfig, echo: Callable[[str], No
 
 
 def build_report(layout: ModelLayout, cfg: CompressConfig, n_keep: int, calibration: dict, layers: list[dict],
-                 run: Meter, writer: CheckpointWriter) -> dict:
+                 run: Meter, writer: CheckpointWriter, first_run: dict) -> dict:
     """Everything about the run (see ream_lite.report); ream_plan.json is its deterministic part."""
     totals = run.read()
     peaks = [L["peak_device_bytes"] for L in layers if L.get("peak_device_bytes") is not None]
@@ -334,8 +364,8 @@ def build_report(layout: ModelLayout, cfg: CompressConfig, n_keep: int, calibrat
                   bytes_read=layout.reader.bytes_read, bytes_written=writer.bytes_written)
     return {
         **versions(),
-        **({"command": cfg.command} if cfg.command else {}),
-        "model": str(layout.path),
+        **({"command": first_run["command"]} if first_run.get("command") else {}),
+        "model": first_run["model"],
         "method": cfg.method,
         "experts": {"before": layout.router_config.num_experts, "after": n_keep},
         "options": asdict(cfg.options),
@@ -350,9 +380,9 @@ def build_report(layout: ModelLayout, cfg: CompressConfig, n_keep: int, calibrat
 
 
 def write_side_files(d: Path, layout: ModelLayout, cfg: CompressConfig, n_keep: int, calibration: dict,
-                     layers: list[dict], run: Meter, writer: CheckpointWriter) -> None:
+                     layers: list[dict], run: Meter, writer: CheckpointWriter, first_run: dict) -> None:
     """ream_report.json, ream_plan.json, the plots and the model card, into the partial output directory `d`."""
-    report = build_report(layout, cfg, n_keep, calibration, layers, run, writer)
+    report = build_report(layout, cfg, n_keep, calibration, layers, run, writer, first_run)
     for note in write_report(d, report):
         log.warning("%s", note)
     (d / "README.md").write_text(model_card(report, output_name=Path(cfg.output).name))
@@ -364,6 +394,7 @@ def compress_from_stats(layout: ModelLayout, cfg: CompressConfig, n_keep: int) -
     run = Meter()
     method = METHODS[cfg.method]
     info = read_stats_info(cfg.from_stats)
+    cfg = replace(cfg, sequential=bool(info.get("sequential", True)))  # what the statistics were, for the report
     check_reusable(info, input_fingerprint(layout), cfg.options.saliency_gate, method.needs_dense(cfg.options),
                    method.needs_gram(cfg.options))
     if cfg.guard_mode != "off":
@@ -374,7 +405,7 @@ def compress_from_stats(layout: ModelLayout, cfg: CompressConfig, n_keep: int) -
     for x in compression_steps(layout, cfg.drop_mtp):
         if not x.is_moe:
             continue
-        stats = load_layer_stats(cfg.from_stats, x.index, x.num_experts)
+        stats = load_layer_stats(cfg.from_stats, x.index, x.num_experts, info["run"])
         check_finite(stats)
         plan = method.plan(MethodInput(stats, n_keep, n_group, cfg.options, cfg.seed))
         plan.validate()
@@ -389,7 +420,7 @@ def compress_from_stats(layout: ModelLayout, cfg: CompressConfig, n_keep: int) -
 
     def side_files(d: Path) -> None:
         write_side_files(d, layout, cfg, n_keep, calibration, [p.to_json() for _, p in sorted(plans.items())], run,
-                         writer)
+                         writer, {"command": cfg.command, "model": str(layout.path)})
 
     return write_planned(layout, plans, n_keep, cfg.drop_mtp, writer, torch.device(cfg.stream.device),
                          cfg.stream.progress, side_files)
@@ -397,14 +428,14 @@ def compress_from_stats(layout: ModelLayout, cfg: CompressConfig, n_keep: int) -
 
 def compress_layer(
     streamer: LayerStreamer, writer: CheckpointWriter, index: int, h: HiddenStateStore, out: HiddenStateStore,
-    method, n_keep: int, cfg: CompressConfig, n_holdout: int,
+    method, n_keep: int, cfg: CompressConfig, n_holdout: int, on_stats: Callable[[LayerStats], None] | None = None,
 ) -> dict | None:
     """Layer `index` from h into out, compressed if MoE, and written; returns the MoE layer's record."""
     meter = Meter(streamer.device)
     block = streamer.attention_phase(index, h, out)
     plan, merged = None, {}
     if block is not None:
-        plan, merged = compress_moe_layer(streamer, block, h, out, method, n_keep, cfg, n_holdout)
+        plan, merged = compress_moe_layer(streamer, block, h, out, method, n_keep, cfg, n_holdout, on_stats)
     write_layer(writer, streamer.layout, index, plan, merged)
     if plan is None:
         return None
@@ -413,7 +444,7 @@ def compress_layer(
 
 def compress_moe_layer(
     streamer: LayerStreamer, block: MoEBlock, h: HiddenStateStore, out: HiddenStateStore, method, n_keep: int,
-    cfg: CompressConfig, n_holdout: int = 0,
+    cfg: CompressConfig, n_holdout: int = 0, on_stats: Callable[[LayerStats], None] | None = None,
 ) -> tuple[LayerPlan, dict]:
     """Statistics -> plan (guarded: judged on the last `n_holdout` sequences) -> merged experts for one MoE layer;
     adds the (compressed, in sequential mode) MoE output into `out`."""
@@ -423,8 +454,8 @@ def compress_moe_layer(
     out_stats = None if cfg.sequential else (out.view(0, split) if n_holdout else out)
     stats = collect_stats(streamer, block, h_stats, method, cfg.options, out_stats)
     check_finite(stats)
-    if cfg.save_stats:
-        save_layer_stats(cfg.save_stats, stats)
+    if on_stats is not None:
+        on_stats(stats)
     if cfg.guard_mode == "off":
         plan = method.plan(MethodInput(stats, n_keep, block.router_cfg.n_group, cfg.options, cfg.seed))
         plan.validate()

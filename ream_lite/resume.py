@@ -21,11 +21,10 @@ from pathlib import Path
 import torch
 
 from ream_lite.arch.layout import ModelLayout
+from ream_lite.checkpoint.writer import RESUME_MANIFEST, RESUME_SUBDIR
 from ream_lite.engine.store import HiddenStateStore
 from ream_lite.errors import ReamLiteError
 
-RESUME_DIR = "resume"
-MANIFEST = "manifest.json"
 FORMAT = 1
 
 
@@ -83,8 +82,9 @@ class ResumeLog:
     """The resume records inside one partial output directory."""
 
     def __init__(self, partial_dir: Path):
-        self.dir = Path(partial_dir) / RESUME_DIR
-        self.path = self.dir / MANIFEST
+        self.partial = Path(partial_dir)
+        self.dir = self.partial / RESUME_SUBDIR
+        self.path = self.dir / RESUME_MANIFEST
 
     def load(self) -> dict | None:
         if not self.path.exists():
@@ -95,7 +95,7 @@ class ResumeLog:
             raise ReamLiteError(f"{self.path}: unreadable resume record; start over with --overwrite") from None
 
     def commit(self, identity: RunIdentity, steps_done: int, total_steps: int, writer_state: dict, layers: list,
-               hidden: HiddenStateStore) -> None:
+               hidden: HiddenStateStore, first_run: dict) -> None:
         """Record that `steps_done` steps are finished: hidden states first, then the manifest that points to them."""
         self.dir.mkdir(parents=True, exist_ok=True)
         name = f"hidden-{steps_done:05d}.bin"
@@ -104,14 +104,16 @@ class ResumeLog:
             "format": FORMAT, "settings": identity.settings, "inputs": identity.inputs,
             "calibration": identity.calibration, "steps_done": steps_done, "total_steps": total_steps,
             "hidden": {"file": name, "lengths": hidden.lengths}, "writer": writer_state, "layers": layers,
+            "first_run": first_run,
         }
-        tmp = self.dir / (MANIFEST + ".tmp")
+        tmp = self.dir / (RESUME_MANIFEST + ".tmp")
         with open(tmp, "w") as f:
             f.write(json.dumps(manifest) + "\n")
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.path)
         _sync_dir(self.dir)
+        _sync_dir(self.partial)  # the shard files' own directory entries, for power loss
         for p in self.dir.glob("hidden-*.bin"):  # older snapshots: no manifest points to them any more
             if p.name != name:
                 p.unlink()

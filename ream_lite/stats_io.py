@@ -8,6 +8,7 @@ with `--no-sequential`: sequential statistics depend on how the earlier layers w
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ream_lite.errors import ReamLiteError
-from ream_lite.methods.stats import LayerStats
+from ream_lite.methods.stats import LayerStats, collected_gate
 
 INFO_NAME = "stats.json"
 TENSOR_FIELDS = ("count", "reap_sum", "reap2_sum", "ean_sum", "logit_gram", "gated_out_sum", "out_sum")
@@ -25,32 +26,49 @@ def layer_file(directory: Path, layer: int) -> Path:
     return Path(directory) / f"layer-{layer:05d}.safetensors"
 
 
-def save_layer_stats(directory: str | Path, stats: LayerStats) -> None:
+def save_layer_stats(directory: str | Path, stats: LayerStats, run_id: str) -> None:
+    """One layer's accumulators, stamped with the run that collected them (see `start_stats_dir`)."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     tensors = {f: getattr(stats, f).contiguous() for f in TENSOR_FIELDS if getattr(stats, f) is not None}
-    meta = {"layer": str(stats.layer), "num_experts": str(stats.num_experts), "tokens": str(stats.tokens)}
+    meta = {"layer": str(stats.layer), "num_experts": str(stats.num_experts), "tokens": str(stats.tokens),
+            "run": run_id}
     tmp = layer_file(d, stats.layer).with_suffix(".tmp")
     save_file(tensors, str(tmp), metadata=meta)
     tmp.replace(layer_file(d, stats.layer))
 
 
-def load_layer_stats(directory: str | Path, layer: int, num_experts: int) -> LayerStats:
+def load_layer_stats(directory: str | Path, layer: int, num_experts: int, run_id: str) -> LayerStats:
     path = layer_file(Path(directory), layer)
     if not path.exists():
-        raise ReamLiteError(f"{directory}: no statistics for layer {layer} ({path.name})")
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata() or {}
-        t = {k: f.get_tensor(k) for k in f.keys()}
+        raise ReamLiteError(f"{directory}: no statistics for layer {layer} ({path.name}); was the run that saved "
+                            "them interrupted?")
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+            t = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # truncated or not safetensors
+        raise ReamLiteError(f"{path}: unreadable statistics ({type(e).__name__}); save them again") from None
+    if meta.get("run") != run_id:
+        raise ReamLiteError(f"{path}: statistics of another run than {INFO_NAME} describes; save them again into an "
+                            "empty directory")
     if t["count"].shape[0] != num_experts:
         raise ReamLiteError(f"{path}: statistics of {t['count'].shape[0]} experts, the model has {num_experts}")
     return LayerStats(layer, num_experts, int(meta["tokens"]), *(t.get(f) for f in TENSOR_FIELDS))
 
 
-def write_stats_info(directory: str | Path, info: dict) -> None:
+def start_stats_dir(directory: str | Path, info: dict, resume: bool) -> str:
+    """Write `stats.json` for this run and return the run id every layer file is stamped with. A fresh run clears
+    the layer files of any earlier run there (a directory mixing two runs' layers must never be re-planned from);
+    a resumed run keeps them: its id is the same."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    (d / INFO_NAME).write_text(json.dumps(info, indent=1, sort_keys=True) + "\n")
+    run_id = hashlib.sha256(json.dumps(info, sort_keys=True).encode()).hexdigest()[:16]
+    if not resume:
+        for p in d.glob("layer-*.safetensors"):
+            p.unlink()
+    (d / INFO_NAME).write_text(json.dumps({**info, "run": run_id}, indent=1, sort_keys=True) + "\n")
+    return run_id
 
 
 def read_stats_info(directory: str | Path) -> dict:
@@ -70,7 +88,7 @@ def check_reusable(info: dict, inputs: dict, saliency_gate: str, needs_dense: bo
     if info.get("sequential", True):
         raise ReamLiteError("the statistics were collected sequentially (they depend on how earlier layers were "
                             "compressed); collect reusable ones with --no-sequential --save-stats")
-    gate = {"twice": "model"}.get(saliency_gate, saliency_gate)
+    gate = collected_gate(saliency_gate)
     if info.get("saliency_gate") != gate:
         raise ReamLiteError(f"the statistics' REAP gate is '{info.get('saliency_gate')}', this run asks for "
                             f"'{saliency_gate}'")

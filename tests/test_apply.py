@@ -93,3 +93,24 @@ def test_dense_statistics_allow_weight_aligned_merging(model_dirs, calib_file, t
     r = run("compress", src, tmp_path / "act", "--experts", 4, "--method", "ream", "--guard", "off",
             "--from-stats", tmp_path / "stats")
     assert r.exit_code == 2 and "--align weight" in r.output
+
+
+def test_statistics_of_two_runs_are_never_mixed(model_dirs, calib_file, tmp_path):
+    _, src = model_dirs["qwen3_moe"]
+    common = ["--calib", calib_file, "--seq-len", 32, "--num-sequences", 12, "--no-sequential", "--method", "reap"]
+    stats = tmp_path / "stats"
+    assert run("compress", src, tmp_path / "a", "--experts", 6, *common, "--save-stats", stats).exit_code == 0
+    stale = stats / "layer-00099.safetensors"
+    stale.write_bytes(b"from an older run")
+    assert run("compress", src, tmp_path / "b", "--experts", 6, *common, "--seed", 1, "--save-stats",
+               stats).exit_code == 0
+    assert not stale.exists()  # a fresh run clears the layer files of an earlier one
+    good = (stats / "stats.json").read_text()
+    (stats / "stats.json").write_text(json.dumps({**json.loads(good), "run": "something else"}))
+    r = run("compress", src, tmp_path / "c", "--experts", 4, "--method", "reap", "--from-stats", stats)
+    assert r.exit_code == 2 and "another run" in r.output and "Traceback" not in r.output
+    (stats / "stats.json").write_text(good)
+    (stats / "layer-00001.safetensors").write_bytes(b"truncated")
+    r = run("compress", src, tmp_path / "c", "--experts", 4, "--method", "reap", "--from-stats", stats)
+    assert r.exit_code == 2 and "layer-00001.safetensors: unreadable statistics" in r.output
+    assert not (tmp_path / "c").exists()

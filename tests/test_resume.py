@@ -53,10 +53,11 @@ def manifest_steps(out: Path) -> int:
 
 
 def test_sigkill_then_resume_is_byte_identical(five_layers, calib_file, tmp_path):
-    ref = tmp_path / "uninterrupted" / "out"  # the same name: the model card names the output directory
-    assert run(*args(five_layers, ref, calib_file)).exit_code == 0
+    out, ref = tmp_path / "out", tmp_path / "uninterrupted"
+    # at the same path: the model card and the plan record the command, which names the output directory
+    assert run(*args(five_layers, out, calib_file)).exit_code == 0
+    out.rename(ref)
 
-    out = tmp_path / "out"
     env = {**os.environ, "REAM_LITE_TEST_LAYER_DELAY": "0.5"}
     proc = subprocess.Popen([sys.executable, "-m", "ream_lite", *args(five_layers, out, calib_file)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -92,8 +93,9 @@ def test_ctrl_c_keeps_the_partial_output_and_says_how_to_resume(calib_file, tmp_
     src = save_mtp_model(tmp_path / "ds")
     a = ["compress", str(src), "", "--experts", "8", "--calib", str(calib_file), "--seq-len", "32",
          "--num-sequences", "12", "--device", "cpu"]
-    ref, out = tmp_path / "uninterrupted" / "out", tmp_path / "out"
-    assert run(*[x or str(ref) for x in a]).exit_code == 0
+    ref, out = tmp_path / "uninterrupted", tmp_path / "out"
+    assert run(*[x or str(out) for x in a]).exit_code == 0
+    out.rename(ref)
 
     real = pipeline.compress_layer
     calls = []
@@ -150,3 +152,66 @@ def test_resume_of_a_complete_output_does_nothing(five_layers, calib_file, tmp_p
     before = digests(out)
     r = run(*args(five_layers, out, calib_file, "--resume"))
     assert r.exit_code == 0 and digests(out) == before
+
+
+def test_interrupted_while_finishing_is_resumed(five_layers, calib_file, tmp_path, monkeypatch):
+    """Killed after every layer is recorded and the shards got their final names, before the output is in place:
+    the resume takes the shards back and finishes; never starts over, never loses the layers."""
+    import ream_lite.resume as resume
+
+    out, ref = tmp_path / "out", tmp_path / "uninterrupted"
+    a = args(five_layers, out, calib_file, "--max-shard-size", "60KB")  # several shards: renamed in finish()
+    assert run(*a).exit_code == 0
+    out.rename(ref)
+    assert len(list(ref.glob("model-*.safetensors"))) > 1
+
+    real = resume.ResumeLog.remove
+    monkeypatch.setattr(resume.ResumeLog, "remove", lambda self: (_ for _ in ()).throw(KeyboardInterrupt))
+    r = run(*a)
+    assert r.exit_code == 2 and "interrupted: 5 of 5 layers are done" in r.output
+    partial = out.with_name("out.partial")
+    assert not out.exists() and list(partial.glob("model-*.safetensors"))  # renamed, not yet published
+    monkeypatch.setattr(resume.ResumeLog, "remove", real)
+    r = run(*a, "--resume")
+    assert r.exit_code == 0, r.output
+    assert digests(out) == digests(ref)
+
+
+def test_resume_with_overwrite_replaces_an_existing_output(five_layers, calib_file, tmp_path, monkeypatch):
+    import ream_lite.pipeline as pipeline
+
+    out = tmp_path / "out"
+    assert run(*args(five_layers, out, calib_file)).exit_code == 0
+    before = digests(out)
+    real = pipeline.compress_layer
+
+    def stop_at_three(*a, **k):
+        if a[2] == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(pipeline, "compress_layer", stop_at_three)
+    assert run(*args(five_layers, out, calib_file, "--overwrite")).exit_code == 2
+    monkeypatch.setattr(pipeline, "compress_layer", real)
+    assert out.exists()  # the old output stays until the new one is complete
+    r = run(*args(five_layers, out, calib_file, "--overwrite", "--resume"))
+    assert r.exit_code == 0, r.output
+    assert digests(out) == before and not out.with_name("out.partial").exists()
+
+
+def test_other_commands_never_discard_an_interrupted_run(five_layers, calib_file, tmp_path, monkeypatch):
+    import ream_lite.pipeline as pipeline
+
+    out = tmp_path / "out"
+    real = pipeline.compress_layer
+    monkeypatch.setattr(pipeline, "compress_layer",
+                        lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt) if a[2] == 2 else real(*a, **k))
+    assert run(*args(five_layers, out, calib_file)).exit_code == 2
+    monkeypatch.setattr(pipeline, "compress_layer", real)
+    done = tmp_path / "done"
+    assert run(*args(five_layers, done, calib_file)).exit_code == 0
+    r = run("apply", str(done), str(five_layers), str(out))
+    assert r.exit_code == 2 and "interrupted compression" in r.output and manifest_steps(out) == 2
+    r = run(*args(five_layers, out, calib_file, "--save-stats", str(out / "stats")))
+    assert r.exit_code == 2 and "--save-stats" in r.output and "must not be inside" in r.output
+    assert manifest_steps(out) == 2

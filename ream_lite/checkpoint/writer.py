@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -33,9 +34,13 @@ COPY_CHUNK = 64 * 1024 * 1024
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".ckpt")
 
 
-# files every output gets fresh (never carried over from the input, e.g. the plan of an earlier compression)
 # written by ream-lite, never carried over from the input (README.md: the base model's card describes the base model)
 OWN_FILES = (INDEX_NAME, "config.json", "pytorch_model.bin.index.json", "README.md", *REPORT_FILES)
+
+
+# inside <out>.partial/: the record of an interrupted compression that `compress --resume` continues
+RESUME_SUBDIR = "resume"
+RESUME_MANIFEST = "manifest.json"
 
 
 def partial_dir(out_dir: Path) -> Path:
@@ -121,6 +126,9 @@ class CheckpointWriter:
         self._names: set[str] = set()
         self.bytes_written = 0
         if resume is None:
+            if (self.tmp_dir / RESUME_SUBDIR / RESUME_MANIFEST).exists() and not overwrite:
+                raise ReamLiteError(f"{self.tmp_dir} holds an interrupted compression; continue it with the same "
+                                    "`ream-lite compress ... --resume`, or pass --overwrite to discard it")
             if self.tmp_dir.exists():
                 shutil.rmtree(self.tmp_dir)
             self.tmp_dir.mkdir(parents=True)
@@ -129,8 +137,13 @@ class CheckpointWriter:
         for p in self.tmp_dir.glob("shard-*.tmp"):  # begun after the recorded state
             if p.name not in keep:
                 p.unlink()
-        for rec in resume["shards"]:
+        for i, rec in enumerate(resume["shards"]):
             path = self.tmp_dir / rec["file"]
+            if not path.exists():  # killed inside finish(), after it gave this shard its final name: take it back
+                named = sorted(self.tmp_dir.glob(f"model-{i + 1:05d}-of-*.safetensors"))
+                named += [self.tmp_dir / SINGLE_NAME] if i == 0 and (self.tmp_dir / SINGLE_NAME).exists() else []
+                if named:
+                    os.replace(named[0], path)
             if not path.exists():
                 raise ReamLiteError(f"{path}: missing from the partial output; start over with --overwrite")
             if rec["closed"]:  # complete on disk (header written): only its bookkeeping is needed
@@ -194,8 +207,10 @@ class CheckpointWriter:
         """Bytes of tensor data written so far."""
         return sum(s.data_bytes for s in self._shards)
 
-    def finish(self, config: dict, source_dir: str | os.PathLike | None = None) -> Path:
-        """Close shards, name them, write the index, config and side files, then rename into place."""
+    def finish(self, config: dict, source_dir: str | os.PathLike | None = None,
+               before_publish: Callable[[], None] | None = None) -> Path:
+        """Close shards, name them, write the index, config and side files, then rename into place
+        (`before_publish` runs just before: the resume record is removed only when nothing else can fail)."""
         if self._current is not None:
             self._current.close()
             self._current = None
@@ -214,9 +229,11 @@ class CheckpointWriter:
         if source_dir is not None:
             copy_side_files(Path(source_dir), self.tmp_dir)
         (self.tmp_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        if self.out_dir.exists() and not self.overwrite:
+            raise ReamLiteError(f"{self.out_dir} appeared while writing; not overwriting it")
+        if before_publish is not None:
+            before_publish()
         if self.out_dir.exists():
-            if not self.overwrite:
-                raise ReamLiteError(f"{self.out_dir} appeared while writing; not overwriting it")
             shutil.rmtree(self.out_dir)
         os.replace(self.tmp_dir, self.out_dir)
         return self.out_dir

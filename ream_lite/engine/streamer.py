@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from ream_lite.arch.layout import ModelLayout
 from ream_lite.arch.spec import RouterConfig
-from ream_lite.engine.budget import MemoryPlan, plan_memory
+from ream_lite.engine.budget import MemoryPlan, plan_memory, require_device
 from ream_lite.engine.experts import ExpertWeights, add_routed_output, load_experts
 from ream_lite.engine.router import Routing, route
 from ream_lite.engine.store import Batch, HiddenStateStore
@@ -112,8 +112,7 @@ class LayerStreamer:
         self.opts = options or StreamOptions()
         layout.require_plain_weights()
         self.device = torch.device(self.opts.device)
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise ReamLiteError("--device cuda requested but no CUDA device is available")
+        require_device(self.device)
         self.dtype = self.opts.dtype or checkpoint_dtype(layout.config)
         self.hf_config = layout.hf_config(self.opts.attn_implementation)
         with torch.device("meta"):

@@ -32,6 +32,12 @@ from ream_lite.engine.router import Routing
 from ream_lite.engine.store import Batch
 
 
+def collected_gate(saliency_gate: str) -> str:
+    """The gate `StatsCollector` accumulates with for a --saliency-gate choice: 'twice' is the 'model' gate's
+    squared sum (reap2_sum), collected in the same pass."""
+    return {"twice": "model"}.get(saliency_gate, saliency_gate)
+
+
 @dataclass
 class LayerStats:
     layer: int
