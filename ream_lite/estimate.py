@@ -257,9 +257,15 @@ class CompressionEstimate:
     def compute_seconds(self) -> float:
         return self.work.seconds(self.rates)
 
+    @property
+    def snapshot_write_bytes(self) -> int:
+        """The resume snapshots: one hidden-state buffer written and synced after every layer."""
+        return len(self.layers) * self.memory.store_bytes
+
     def write_seconds(self) -> float:
-        """Writing the output, at the disk's measured read rate (writes are not measured)."""
-        return self.output_bytes / self.rates.read
+        """Writing the output and the resume snapshots, at the disk's measured read rate (writes are not
+        measured)."""
+        return (self.output_bytes + self.snapshot_write_bytes) / self.rates.read
 
     @property
     def work(self) -> Work:
@@ -338,7 +344,7 @@ class CompressionEstimate:
             f"  output         {_size(self.output_disk_bytes)} ({_size(self.output_bytes)} of tensors, "
             f"{100 * self.output_bytes / max(self.input_bytes, 1):.1f}% of the input's {_size(self.input_bytes)})",
             f"  resume         {_size(self.resume_bytes)} in <OUT>.partial/ while it runs (a hidden-state snapshot; "
-            f"two for a moment after each layer)",
+            f"two for a moment after each layer); {_size(self.snapshot_write_bytes)} written over the run",
             "  work dir       " + (f"{_size(self.work_dir_bytes)} of hidden-state files" if self.work_dir_bytes
                                     else "nothing (hidden states stay in memory)"),
             f"  reads          {_size(self.read_bytes)} from the checkpoint ({self.read_bytes / max(self.input_bytes, 1):.1f}x"
