@@ -7,14 +7,7 @@ from click.testing import CliRunner
 
 from ream_lite.cli import main
 
-TEXT = "the quick brown fox jumps over the lazy dog. 12 + 30 = 42. def f(x): return x * 2\n" * 40
 
-
-@pytest.fixture(scope="module")
-def calib_file(tmp_path_factory):
-    p = tmp_path_factory.mktemp("calib") / "calib.jsonl"
-    p.write_text("\n".join(json.dumps({"text": TEXT[i:], "domain": d}) for i, d in ((0, "a"), (7, "b"))) + "\n")
-    return p
 
 
 def run(*a):

@@ -15,16 +15,9 @@ from tiny_models import build_model, save_model, save_mtp_model
 
 from ream_lite.cli import main
 
-TEXT = "the quick brown fox jumps over the lazy dog. 12 + 30 = 42. def f(x): return x * 2\n" * 40
 # ream_report.json holds wall times and peak memory: the only file that may differ between two runs
 VARYING = {"ream_report.json"}
 
-
-@pytest.fixture(scope="module")
-def calib_file(tmp_path_factory):
-    p = tmp_path_factory.mktemp("calib") / "calib.jsonl"
-    p.write_text("\n".join(json.dumps({"text": TEXT[i:], "domain": d}) for i, d in ((0, "a"), (7, "b"))) + "\n")
-    return p
 
 
 @pytest.fixture(scope="module")
