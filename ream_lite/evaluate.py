@@ -170,6 +170,7 @@ def format_result(r: EvalResult) -> str:
     for name, s in [*r.domains.items(), ("overall", r.overall)]:
         line = f"{name:<12}{s['tokens']:>10,}{s['perplexity']:>11.3f}"
         if ref:
-            line += f"{s['reference_perplexity']:>11.3f}{s['kl']:>10.4f}{s['top1_agreement']:>8.3f}"
+            kl = f"{s['kl']:.4f}" if s["kl"] >= 1e-3 or s["kl"] == 0 else f"{s['kl']:.1e}"  # small KL: significant
+            line += f"{s['reference_perplexity']:>11.3f}{kl:>10}{s['top1_agreement']:>8.3f}"
         lines.append(line)
     return "\n".join(lines)
