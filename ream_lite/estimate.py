@@ -35,12 +35,7 @@ import torch
 from ream_lite.arch.layout import LayerLayout, ModelLayout
 from ream_lite.calib import planned_counts
 from ream_lite.checkpoint.writer import HEADER_RESERVE, OWN_FILES, WEIGHT_SUFFIXES
-from ream_lite.engine.budget import (
-    MemoryPlan,
-    physical_ram,
-    plan_memory,
-    require_device,
-)
+from ream_lite.engine.budget import MemoryPlan, physical_ram, plan_memory, require_device
 from ream_lite.engine.experts import expert_bytes
 from ream_lite.engine.streamer import checkpoint_dtype
 from ream_lite.guard import candidate_plans

@@ -13,12 +13,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from ream_lite.arch.layout import ModelLayout
-from ream_lite.calib.text import (
-    check_vocab,
-    domain_windows,
-    load_tokenizer,
-    read_documents,
-)
+from ream_lite.calib.text import check_vocab, domain_windows, load_tokenizer, read_documents
 from ream_lite.engine.store import HiddenStateStore
 from ream_lite.engine.streamer import LayerStreamer, StreamOptions
 from ream_lite.errors import ReamLiteError

@@ -11,11 +11,7 @@ from ream_lite.engine.store import Batch, HiddenStateStore
 from ream_lite.engine.streamer import LayerStreamer, MoEBlock
 from ream_lite.errors import ReamLiteError
 from ream_lite.methods import LayerPlan, MethodOptions
-from ream_lite.methods.apply import (
-    alignment_pairs,
-    build_merged_experts,
-    needs_activation_pass,
-)
+from ream_lite.methods.apply import alignment_pairs, build_merged_experts, needs_activation_pass
 from ream_lite.methods.stats import AlignmentCollector, LayerStats, StatsCollector, collected_gate
 
 

@@ -25,14 +25,10 @@ from tqdm.auto import tqdm
 from ream_lite.arch.layout import ModelLayout
 from ream_lite.calib import CalibrationSet, build_calibration
 from ream_lite.calib.text import load_tokenizer
-from ream_lite.checkpoint.writer import (
-    DEFAULT_MAX_SHARD_BYTES,
-    CheckpointWriter,
-    partial_dir,
-)
+from ream_lite.checkpoint.writer import DEFAULT_MAX_SHARD_BYTES, CheckpointWriter, partial_dir
+from ream_lite.diskspace import check_disk_space
 from ream_lite.engine.store import HiddenStateStore
 from ream_lite.engine.streamer import LayerStreamer, MoEBlock, StreamOptions
-from ream_lite.diskspace import check_disk_space
 from ream_lite.errors import ReamLiteError
 from ream_lite.estimate import estimate_compression
 from ream_lite.guard import GUARD_MODES, HeldOutJudge, guarded_plan
@@ -41,23 +37,10 @@ from ream_lite.methods.apply import needs_activation_pass
 from ream_lite.methods.grouping import auto_group_size
 from ream_lite.methods.stats import LayerStats, collected_gate
 from ream_lite.model_card import model_card
-from ream_lite.passes import (
-    RoutingCounter,
-    check_finite,
-    collect_stats,
-    compressed_loader,
-    merge_plan,
-    routing_counts,
-)
+from ream_lite.passes import RoutingCounter, check_finite, collect_stats, compressed_loader, merge_plan, routing_counts
 from ream_lite.report import Meter, versions, write_report
 from ream_lite.resume import ResumeLog, RunIdentity, input_fingerprint, tokens_hash
-from ream_lite.stats_io import (
-    check_reusable,
-    load_layer_stats,
-    read_stats_info,
-    save_layer_stats,
-    start_stats_dir,
-)
+from ream_lite.stats_io import check_reusable, load_layer_stats, read_stats_info, save_layer_stats, start_stats_dir
 from ream_lite.write_output import (
     compression_steps,
     copy_non_layer_tensors,

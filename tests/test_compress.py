@@ -14,8 +14,6 @@ from ream_lite.arch import ModelLayout
 from ream_lite.cli import main
 
 
-
-
 def compress(src, out, *args, expect_ok=True):
     r = CliRunner().invoke(main, ["compress", str(src), str(out), "--seq-len", "32", "--num-sequences", "12", *args])
     if expect_ok:

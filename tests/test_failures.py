@@ -15,8 +15,6 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 from ream_lite.cli import main
 
 
-
-
 def compress(src, out, *args):
     return CliRunner().invoke(main, ["compress", str(src), str(out), "--seq-len", "32", "--num-sequences", "12",
                                      "--device", "cpu", *map(str, args)])

@@ -9,11 +9,7 @@ from typing import Literal
 
 from ream_lite.arch.families import FAMILIES
 from ream_lite.arch.spec import ArchSpec, RouterConfig
-from ream_lite.checkpoint.reader import (
-    CheckpointReader,
-    load_config_dict,
-    resolve_model_path,
-)
+from ream_lite.checkpoint.reader import CheckpointReader, load_config_dict, resolve_model_path
 from ream_lite.errors import ReamLiteError
 
 # model types that are known dense (no routed experts), for a clearer message than "unsupported"

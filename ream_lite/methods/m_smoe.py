@@ -6,11 +6,7 @@ from __future__ import annotations
 import torch
 
 from ream_lite.methods.base import Method, MethodInput, register
-from ream_lite.methods.grouping import (
-    nearest_centroid_groups,
-    routing_groups,
-    select_top,
-)
+from ream_lite.methods.grouping import nearest_centroid_groups, routing_groups, select_top
 from ream_lite.methods.plan import LayerPlan
 from ream_lite.methods.prune import _scores
 from ream_lite.methods.similarity import logit_cosine

@@ -6,13 +6,7 @@ from __future__ import annotations
 import torch
 
 from ream_lite.methods.base import Method, MethodInput, register
-from ream_lite.methods.grouping import (
-    auto_group_size,
-    nearest_centroid_groups,
-    pseudo_prune_groups,
-    routing_groups,
-    select_top,
-)
+from ream_lite.methods.grouping import auto_group_size, nearest_centroid_groups, pseudo_prune_groups, routing_groups, select_top
 from ream_lite.methods.plan import LayerPlan
 from ream_lite.methods.prune import _scores, saliency
 from ream_lite.methods.similarity import gate_logit_similarity, output_similarity
