@@ -8,8 +8,6 @@ from click.testing import CliRunner
 from ream_lite.cli import main
 
 
-
-
 def run(*a):
     return CliRunner().invoke(main, [str(x) for x in a])
 

@@ -6,14 +6,7 @@ import torch
 
 from ream_lite.arch.layout import ModelLayout
 from ream_lite.engine.experts import load_experts
-from ream_lite.methods.align import (
-    activation_cost,
-    hungarian,
-    merge,
-    permute,
-    weight_cost,
-    weight_features,
-)
+from ream_lite.methods.align import activation_cost, hungarian, merge, permute, weight_cost, weight_features
 from ream_lite.methods.plan import LayerPlan
 from ream_lite.methods.stats import AlignmentCollector
 
@@ -82,8 +75,9 @@ def build_merged_experts(
                 costs.append(None)
         known = [None] + [cache.get((c, m)) for m in members[1:]]
         merged, perms = merge_group(weights, plan.weights[c], plan.align, costs, known)
-        cache.update({(c, m): p for m, p in zip(members[1:], perms)})
-        plan.perms.update({(c, m): p for m, p in zip(members[1:], perms)})
+        solved = {(c, m): p for m, p in zip(members[1:], perms)}
+        cache.update(solved)
+        plan.perms.update(solved)
         # on the host (N' merged experts may not fit next to a chunk), rounded once to the stored dtype: what is
         # written, and what the sequential pass and the guard then run, are the same numbers
         out[c] = tuple(t.to("cpu", stored) for t in merged)
