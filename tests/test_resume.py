@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -36,6 +37,25 @@ def args(src, out, calib, *extra):
 
 def run(*a):
     return CliRunner().invoke(main, list(a))
+
+
+@contextmanager
+def ctrl_c_at_layer(layer: int):
+    """Within the block, `compress` gets a KeyboardInterrupt as it starts layer `layer` (as Ctrl-C would)."""
+    import ream_lite.pipeline as pipeline
+
+    real = pipeline.compress_layer
+
+    def interrupted(*a, **k):
+        if a[2] == layer:  # compress_layer(streamer, writer, index, ...)
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    pipeline.compress_layer = interrupted
+    try:
+        yield
+    finally:
+        pipeline.compress_layer = real
 
 
 def manifest_steps(out: Path) -> int:
@@ -79,10 +99,8 @@ def test_sigkill_then_resume_is_byte_identical(five_layers, calib_file, tmp_path
     assert [L["layer"] for L in report["layers"]] == [0, 1, 2, 3, 4]
 
 
-def test_ctrl_c_keeps_the_partial_output_and_says_how_to_resume(calib_file, tmp_path, monkeypatch):
+def test_ctrl_c_keeps_the_partial_output_and_says_how_to_resume(calib_file, tmp_path):
     """DeepSeek-V3 with an MTP layer: interrupted in the MTP layer (after the decoder layers), resumed there."""
-    import ream_lite.pipeline as pipeline
-
     src = save_mtp_model(tmp_path / "ds")
     a = ["compress", str(src), "", "--experts", "8", "--calib", str(calib_file), "--seq-len", "32",
          "--num-sequences", "12", "--device", "cpu"]
@@ -90,45 +108,24 @@ def test_ctrl_c_keeps_the_partial_output_and_says_how_to_resume(calib_file, tmp_
     assert run(*[x or str(out) for x in a]).exit_code == 0
     out.rename(ref)
 
-    real = pipeline.compress_layer
-    calls = []
-
-    def interrupted(*args, **kwargs):
-        calls.append(args[2])
-        if args[2] == 3:  # the MTP layer
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(pipeline, "compress_layer", interrupted)
-    r = run(*[x or str(out) for x in a])
+    with ctrl_c_at_layer(3):  # the MTP layer
+        r = run(*[x or str(out) for x in a])
     assert r.exit_code == 2 and "interrupted: 3 of 4 layers are done" in r.output and "--resume" in r.output
     assert not out.exists() and out.with_name("out.partial").exists()
-    monkeypatch.setattr(pipeline, "compress_layer", real)
 
-    calls.clear()
     r = run(*[x or str(out) for x in a], "--resume")
     assert r.exit_code == 0, r.output
     assert digests(out) == digests(ref)
 
 
-def test_resume_refuses_a_changed_input(five_layers, calib_file, tmp_path, monkeypatch):
+def test_resume_refuses_a_changed_input(five_layers, calib_file, tmp_path):
     import shutil
-
-    import ream_lite.pipeline as pipeline
 
     src = tmp_path / "src"
     shutil.copytree(five_layers, src)
     out = tmp_path / "out"
-    real = pipeline.compress_layer
-
-    def stop_at_two(*args, **kwargs):
-        if args[2] == 2:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(pipeline, "compress_layer", stop_at_two)
-    assert run(*args(src, out, calib_file)).exit_code == 2
-    monkeypatch.setattr(pipeline, "compress_layer", real)
+    with ctrl_c_at_layer(2):
+        assert run(*args(src, out, calib_file)).exit_code == 2
     cfg = json.loads((src / "config.json").read_text())
     cfg["rms_norm_eps"] = 1e-5
     (src / "config.json").write_text(json.dumps(cfg))
@@ -170,37 +167,22 @@ def test_interrupted_while_finishing_is_resumed(five_layers, calib_file, tmp_pat
     assert digests(out) == digests(ref)
 
 
-def test_resume_with_overwrite_replaces_an_existing_output(five_layers, calib_file, tmp_path, monkeypatch):
-    import ream_lite.pipeline as pipeline
-
+def test_resume_with_overwrite_replaces_an_existing_output(five_layers, calib_file, tmp_path):
     out = tmp_path / "out"
     assert run(*args(five_layers, out, calib_file)).exit_code == 0
     before = digests(out)
-    real = pipeline.compress_layer
-
-    def stop_at_three(*a, **k):
-        if a[2] == 3:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(pipeline, "compress_layer", stop_at_three)
-    assert run(*args(five_layers, out, calib_file, "--overwrite")).exit_code == 2
-    monkeypatch.setattr(pipeline, "compress_layer", real)
+    with ctrl_c_at_layer(3):
+        assert run(*args(five_layers, out, calib_file, "--overwrite")).exit_code == 2
     assert out.exists()  # the old output stays until the new one is complete
     r = run(*args(five_layers, out, calib_file, "--overwrite", "--resume"))
     assert r.exit_code == 0, r.output
     assert digests(out) == before and not out.with_name("out.partial").exists()
 
 
-def test_other_commands_never_discard_an_interrupted_run(five_layers, calib_file, tmp_path, monkeypatch):
-    import ream_lite.pipeline as pipeline
-
+def test_other_commands_never_discard_an_interrupted_run(five_layers, calib_file, tmp_path):
     out = tmp_path / "out"
-    real = pipeline.compress_layer
-    monkeypatch.setattr(pipeline, "compress_layer",
-                        lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt) if a[2] == 2 else real(*a, **k))
-    assert run(*args(five_layers, out, calib_file)).exit_code == 2
-    monkeypatch.setattr(pipeline, "compress_layer", real)
+    with ctrl_c_at_layer(2):
+        assert run(*args(five_layers, out, calib_file)).exit_code == 2
     done = tmp_path / "done"
     assert run(*args(five_layers, done, calib_file)).exit_code == 0
     r = run("apply", str(done), str(five_layers), str(out))
