@@ -1,9 +1,14 @@
-"""Real layer shapes of released MoE models, as transformers configs with a chosen number of layers."""
+"""Real layer shapes of released MoE models, as transformers configs with a chosen number of layers.
+
+Each builder takes the number of decoder layers (and, where the model starts with dense layers, how many of them to
+keep: by default the released count, but always leaving at least one MoE layer). Shapes from the models' released
+config.json files.
+"""
 
 from __future__ import annotations
 
 
-def qwen3_30b_a3b(num_layers: int):
+def qwen3_30b_a3b(num_layers: int, dense_layers: int | None = None):
     """Qwen3-30B-A3B: hidden 2048, 128 experts x 768, top-8, 32 q / 4 kv heads of 128, vocab 151936."""
     from transformers import Qwen3MoeConfig
 
@@ -15,4 +20,66 @@ def qwen3_30b_a3b(num_layers: int):
     )
 
 
-SHAPES = {"qwen3-30b-a3b": qwen3_30b_a3b}
+def qwen3_next_80b(num_layers: int, dense_layers: int | None = None):
+    """Qwen3-Next-80B-A3B's MoE blocks: hidden 2048, 512 experts x 512, top-10, one shared expert of 512 behind a
+    sigmoid gate, vocab 151936. Its hybrid attention (Gated DeltaNet in 3 of 4 layers) is not a supported family
+    yet, so the layers are written in the Qwen2-MoE format, which has the same MoE block (router, 512 routed
+    experts, gated shared expert) with full attention (16 q / 2 kv heads of 128): the expert work, the bytes and
+    the memory of the MoE phase are the model's; the attention is a stand-in."""
+    from transformers import Qwen2MoeConfig
+
+    return Qwen2MoeConfig(
+        vocab_size=151936, hidden_size=2048, intermediate_size=5120, moe_intermediate_size=512,
+        shared_expert_intermediate_size=512, num_hidden_layers=num_layers, num_attention_heads=16,
+        num_key_value_heads=2, num_experts=512, num_experts_per_tok=10, norm_topk_prob=True,
+        max_position_embeddings=262144, rope_theta=10000000.0, rms_norm_eps=1e-6, tie_word_embeddings=False,
+        decoder_sparse_step=1, mlp_only_layers=[], qkv_bias=False, bos_token_id=1, eos_token_id=2,
+    )
+
+
+def _dense(released: int, num_layers: int, dense_layers: int | None) -> int:
+    k = released if dense_layers is None else dense_layers
+    return max(0, min(k, num_layers - 1))
+
+
+def deepseek_v3(num_layers: int, dense_layers: int | None = None):
+    """DeepSeek-V3 / R1 (Kimi-K2 has the same layer shapes with 384 experts): hidden 7168, MLA attention, 256
+    experts x 2048, top-8 of 8 groups (4 chosen), one shared expert, sigmoid router with correction bias, first 3
+    layers dense (18432), vocab 129280. Written in bf16 (the release is FP8 block-scaled: not supported yet)."""
+    from transformers import DeepseekV3Config
+
+    return DeepseekV3Config(
+        vocab_size=129280, hidden_size=7168, intermediate_size=18432, moe_intermediate_size=2048,
+        num_hidden_layers=num_layers, num_attention_heads=128, num_key_value_heads=128, n_shared_experts=1,
+        n_routed_experts=256, routed_scaling_factor=2.5, kv_lora_rank=512, q_lora_rank=1536, qk_rope_head_dim=64,
+        v_head_dim=128, qk_nope_head_dim=128, n_group=8, topk_group=4, num_experts_per_tok=8,
+        first_k_dense_replace=_dense(3, num_layers, dense_layers), norm_topk_prob=True,
+        max_position_embeddings=163840, rms_norm_eps=1e-6, tie_word_embeddings=False, bos_token_id=0,
+        eos_token_id=1,
+    )
+
+
+def glm_45_air(num_layers: int, dense_layers: int | None = None):
+    """GLM-4.5-Air: hidden 4096, 128 experts x 1408, top-8, one shared expert, sigmoid router with correction
+    bias (one group), first layer dense (10944), 96 q / 8 kv heads of 128 with biases, vocab 151552."""
+    from transformers import Glm4MoeConfig
+
+    return Glm4MoeConfig(
+        vocab_size=151552, hidden_size=4096, intermediate_size=10944, moe_intermediate_size=1408,
+        num_hidden_layers=num_layers, num_attention_heads=96, num_key_value_heads=8, head_dim=128,
+        n_shared_experts=1, n_routed_experts=128, routed_scaling_factor=1.0, n_group=1, topk_group=1,
+        num_experts_per_tok=8, first_k_dense_replace=_dense(1, num_layers, dense_layers), norm_topk_prob=True,
+        partial_rotary_factor=0.5, attention_bias=True, use_qk_norm=False, max_position_embeddings=131072,
+        rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=0, eos_token_id=1,
+    )
+
+
+SHAPES = {
+    "qwen3-30b-a3b": qwen3_30b_a3b,
+    "qwen3-next-80b": qwen3_next_80b,
+    "deepseek-v3": deepseek_v3,
+    "glm-4.5-air": glm_45_air,
+}
+
+# the released models' decoder layer counts, for projections to the full model
+FULL_LAYERS = {"qwen3-30b-a3b": 48, "qwen3-next-80b": 48, "deepseek-v3": 61, "glm-4.5-air": 46}

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from ream_lite import timing
 from ream_lite.checkpoint.format import TensorEntry, read_header
 from ream_lite.errors import ReamLiteError
 
@@ -103,6 +104,10 @@ class CheckpointReader:
 
     # -- data ---------------------------------------------------------------------------------------------------
     def _read(self, path: str, start: int, nbytes: int) -> bytearray:
+        with timing.phase("read"):
+            return self._pread(path, start, nbytes)
+
+    def _pread(self, path: str, start: int, nbytes: int) -> bytearray:
         f = self._files.get(path)
         if f is None:
             f = self._files[path] = open(path, "rb", buffering=0)
@@ -129,6 +134,10 @@ class CheckpointReader:
         device: torch.device | str | None = None,
     ) -> torch.Tensor:
         """Tensor `key` (optionally rows [a, b) of its first dimension), cast to `dtype`, on `device`."""
+        with timing.phase("read"):
+            return self._get(key, rows, dtype, device)
+
+    def _get(self, key, rows, dtype, device) -> torch.Tensor:
         e = self.entry(key)
         shape = list(e.shape)
         start, nbytes = e.start, e.nbytes

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from ream_lite import timing
 from ream_lite.checkpoint.format import DTYPE_NAMES, encode_header
 from ream_lite.checkpoint.reader import INDEX_NAME, SINGLE_NAME, CheckpointReader
 from ream_lite.errors import ReamLiteError
@@ -182,6 +183,10 @@ class CheckpointWriter:
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         """Write one tensor (any device; bytes as held, no conversion)."""
+        with timing.phase("write"):
+            self._add(name, tensor)
+
+    def _add(self, name: str, tensor: torch.Tensor) -> None:
         t = tensor.detach().contiguous().cpu()
         dtype = DTYPE_NAMES.get(t.dtype)
         if dtype is None:
@@ -198,7 +203,9 @@ class CheckpointWriter:
         shard = self._shard_for(name or key, e.dtype, list(e.shape), e.nbytes)
         for off in range(0, e.nbytes, COPY_CHUNK):
             n = min(COPY_CHUNK, e.nbytes - off)
-            shard.file.write(reader._read(e.path, e.start + off, n))
+            data = reader._read(e.path, e.start + off, n)
+            with timing.phase("write"):
+                shard.file.write(data)
         self.bytes_written += e.nbytes
 
     # -- finish -------------------------------------------------------------------------------------------------
@@ -211,6 +218,10 @@ class CheckpointWriter:
                before_publish: Callable[[], None] | None = None) -> Path:
         """Close shards, name them, write the index, config and side files, then rename into place
         (`before_publish` runs just before: the resume record is removed only when nothing else can fail)."""
+        with timing.phase("write"):
+            return self._finish(config, source_dir, before_publish)
+
+    def _finish(self, config: dict, source_dir, before_publish) -> Path:
         if self._current is not None:
             self._current.close()
             self._current = None

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ream_lite import timing
 from ream_lite.arch.layout import ModelLayout
 
 
@@ -33,6 +34,11 @@ def load_experts(
     The result tensors are allocated once and filled one stored tensor (or one bounded row range) at a time, so
     the peak is the chunk itself plus one read buffer, never two copies of the chunk.
     """
+    with timing.phase("read"):
+        return _load_experts(layout, layer, ids, dtype, device)
+
+
+def _load_experts(layout: ModelLayout, layer: int, ids: list[int], dtype: torch.dtype, device) -> ExpertWeights:
     info = layout.layers[layer]
     r = layout.reader
     n = len(ids)

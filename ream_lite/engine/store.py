@@ -20,6 +20,7 @@ from typing import Literal
 import numpy as np
 import torch
 
+from ream_lite import timing
 from ream_lite.errors import ReamLiteError
 
 Tier = Literal["device", "host", "disk"]
@@ -112,15 +113,27 @@ class HiddenStateStore:
 
     def read(self, b: Batch, device: torch.device | str) -> torch.Tensor:
         """Hidden states of a batch as [B, T, H] on `device` (a copy for host/disk tiers)."""
-        x = self.buf[b.start : b.end].to(device, copy=True)  # never a view: callers may write into it
+        with timing.phase("store"):
+            x = self.buf[b.start : b.end].to(device, copy=True)  # never a view: callers may write into it
+        self._count("work_dir_read", x)
         return x.view(len(b.seqs), b.length, self.hidden)
 
     def write(self, b: Batch, value: torch.Tensor) -> None:
-        self.buf[b.start : b.end].copy_(value.reshape(b.end - b.start, self.hidden))
+        with timing.phase("store"):
+            self.buf[b.start : b.end].copy_(value.reshape(b.end - b.start, self.hidden))
+        self._count("work_dir_written", value)
 
     def add_(self, b: Batch, value: torch.Tensor) -> None:
-        dst = self.buf[b.start : b.end]
-        dst.copy_((dst.to(value.device, torch.float32) + value.reshape(dst.shape).float()).to(self.dtype))
+        with timing.phase("store"):
+            dst = self.buf[b.start : b.end]
+            dst.copy_((dst.to(value.device, torch.float32) + value.reshape(dst.shape).float()).to(self.dtype))
+        self._count("work_dir_read", dst)
+        self._count("work_dir_written", dst)
+
+    def _count(self, name: str, t: torch.Tensor) -> None:
+        """Bytes moved through the disk tier's file (the benchmarks' work-dir traffic; page cache included)."""
+        if self.tier == "disk":
+            timing.count_bytes(name, t.numel() * self.buf.element_size())
 
     def _row_chunks(self, max_bytes: int = 64 * 1024**2) -> range:
         return range(0, self.total_tokens, max(1, max_bytes // max(1, self.hidden * self.buf.element_size())))
@@ -132,6 +145,7 @@ class HiddenStateStore:
             for a in self._row_chunks():
                 rows = self.buf[a : a + step].to("cpu").contiguous()
                 f.write(rows.view(torch.uint8).numpy().data)
+                timing.count_bytes("snapshot_written", rows.numel() * rows.element_size())
             f.flush()
             os.fsync(f.fileno())
 

@@ -1,0 +1,112 @@
+"""Measuring one run from inside its own process: peak host RSS, peak GPU memory as torch and as the driver see it,
+wall time; and the two floors a run is compared against (sequential read speed of a disk, matmul rate of a device).
+
+Used by scale.py (and its children scale_child.py and reference_style.py), so that ream-lite and the
+reference-style run are measured by the same code.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from ream_lite.report import peak_host_bytes
+
+
+class GpuSampler:
+    """The driver's view of used GPU memory (total - free, CUDA context and allocator cache included), sampled
+    every `period` seconds in a thread; torch's own peak counters are read at the end."""
+
+    def __init__(self, period: float = 0.01):
+        self.period = period
+        self.peak = 0
+        self.baseline = 0
+        self._stop = threading.Event()
+        self._thread = None
+        if torch.cuda.is_available():
+            torch.cuda.init()
+            free, total = torch.cuda.mem_get_info()
+            self.baseline = total - free  # before this process allocated anything but its context
+            self.peak = self.baseline
+            torch.cuda.reset_peak_memory_stats()
+            self._thread = threading.Thread(target=self._run, daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            free, total = torch.cuda.mem_get_info()
+            self.peak = max(self.peak, total - free)
+            time.sleep(self.period)
+
+    def stop(self) -> dict:
+        if self._thread is None:
+            return {}
+        self._stop.set()
+        self._thread.join()
+        return {"gpu_driver_peak_bytes": self.peak, "gpu_driver_baseline_bytes": self.baseline,
+                "gpu_torch_peak_allocated_bytes": torch.cuda.max_memory_allocated(),
+                "gpu_torch_peak_reserved_bytes": torch.cuda.max_memory_reserved()}
+
+
+def host_peak() -> int:
+    return peak_host_bytes() or 0
+
+
+# ---------------------------------------------------------------- floors
+
+
+def evict_from_page_cache(paths: list[Path]) -> None:
+    """Ask the kernel to drop these files' cached pages (clean pages go; needs no privileges), so the next read of
+    them comes from the disk."""
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def sequential_read_rate(paths: list[Path], block: int = 16 * 1024**2, limit: int | None = None) -> tuple[float, int]:
+    """Bytes per second of a cold sequential read of `paths` (evicted first), in `block`-sized reads, up to `limit`
+    bytes in all; returns (rate, bytes read). The files are evicted again afterwards."""
+    evict_from_page_cache(paths)
+    buf = bytearray(block)
+    view = memoryview(buf)
+    done = 0
+    t = time.perf_counter()
+    for p in paths:
+        with open(p, "rb", buffering=0) as f:
+            while limit is None or done < limit:
+                n = f.readinto(view)
+                if not n:
+                    break
+                done += n
+        if limit is not None and done >= limit:
+            break
+    secs = time.perf_counter() - t
+    evict_from_page_cache(paths)
+    return done / max(secs, 1e-9), done
+
+
+def matmul_rate(m: int, k: int, n: int, dtype: torch.dtype, device: str, seconds: float = 1.0) -> float:
+    """FLOP/s of x[m, k] @ w[n, k].T in `dtype` on `device` (F.linear, as the engine calls it), median of timed
+    repeats after a warm-up, on random data."""
+    x = torch.randn(m, k, device=device).to(dtype)
+    w = torch.randn(n, k, device=device).to(dtype)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    torch.nn.functional.linear(x, w)
+    sync()
+    times = []
+    start = time.perf_counter()
+    while time.perf_counter() - start < seconds or len(times) < 3:
+        t = time.perf_counter()
+        torch.nn.functional.linear(x, w)
+        sync()
+        times.append(time.perf_counter() - t)
+    times.sort()
+    return 2.0 * m * k * n / times[len(times) // 2]
