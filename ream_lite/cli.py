@@ -12,7 +12,7 @@ import click
 import torch
 
 from ream_lite import __version__
-from ream_lite.engine.budget import parse_bytes, require_device
+from ream_lite.engine.budget import EXPERT_CACHE_MODES, parse_bytes, require_device
 from ream_lite.engine.streamer import StreamOptions
 from ream_lite.errors import ReamLiteError
 
@@ -54,13 +54,21 @@ def _stream_options(fn):
         click.option("--store", "store_tier", type=click.Choice(["auto", "device", "host", "disk"]), default="auto",
                      show_default=True, help="force the hidden-state store tier"),
         click.option("--batch-tokens", default=4096, show_default=True, help="tokens per forward batch"),
+        click.option("--expert-cache", type=click.Choice(EXPERT_CACHE_MODES), default="auto", show_default=True,
+                     help="compress runs an MoE layer's routed experts in many passes (statistics, alignment, "
+                     "merging, each plan the guard judges, the next layer's inputs). 'auto': when all of a layer's "
+                     "experts, decoded, fit in the device budget beside everything else, read them once and keep "
+                     "them on the device until the layer is done (~1.1 GiB for Qwen3-30B-A3B in bf16); else each "
+                     "pass re-reads them from the checkpoint in chunks. 'off': always re-read (less memory, several "
+                     "times the disk reads). The output is the same either way; `plan` says which is used"),
     ]
     for o in reversed(opts):
         fn = o(fn)
     return fn
 
 
-def _make_options(device, dtype, max_gpu_memory, max_cpu_memory, work_dir, store_tier, batch_tokens) -> StreamOptions:
+def _make_options(device, dtype, max_gpu_memory, max_cpu_memory, work_dir, store_tier, batch_tokens,
+                  expert_cache="auto") -> StreamOptions:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
@@ -75,6 +83,7 @@ def _make_options(device, dtype, max_gpu_memory, max_cpu_memory, work_dir, store
         work_dir=work_dir,
         store_tier=store_tier,
         tokens_per_batch=batch_tokens,
+        expert_cache=expert_cache,
     )
 
 
@@ -93,7 +102,7 @@ def _command_line() -> str:
     parts = ["ream-lite", ctx.info_name]
     for p in ctx.command.params:
         v = ctx.params.get(p.name)
-        if p.name in ("resume", "overwrite") or v is None:
+        if p.name in ("resume", "overwrite", "snapshot_every", "expert_cache") or v is None:
             continue
         default = p.get_default(ctx, call=True)
         if isinstance(p, click.Argument):
@@ -199,7 +208,7 @@ def eval_cmd(model, data, reference, seq_len, max_tokens, tokenizer, as_json, **
 @click.option("--grouping", type=click.Choice(["pseudo-prune", "nearest-centroid"]), default="pseudo-prune",
               show_default=True)
 @click.option("--group-size", default=None, type=int,
-              help="REAM group size C, centroid included (default auto: 16, x2 when removing more than 25%%, "
+              help="REAM group size C, centroid included (default auto: 16, x2 when removing more than 25%, "
               "x2 per 256 experts beyond 256; clipped to [ceil(N/N'), N-N'+1])")
 @click.option("--no-gate-logit-sim", is_flag=True, help="REAM similarity without the gate-logit term")
 @click.option("--no-gated-sim", is_flag=True, help="REAM similarity without the gated-output term")
@@ -228,11 +237,18 @@ def eval_cmd(model, data, reference, seq_len, max_tokens, tokenizer, as_json, **
               help="continue the interrupted run recorded in OUTPUT.partial from its first unfinished layer (refused "
               "if the settings, the calibration or the input model changed); the result is byte for byte what an "
               "uninterrupted run writes")
+@click.option("--snapshot-every", default="auto", show_default=True, metavar="auto|N|layer|off",
+              help="when the resume record saves the next layer's input hidden states (one [tokens x hidden] buffer, "
+              "written and synced into OUTPUT.partial/: 6 GiB per snapshot for Qwen3-30B-A3B at the paper's 3072 x "
+              "512 tokens). More often = more disk writes, less work lost: --resume re-runs the layers after the last "
+              "snapshot. 'auto': when the time since the last one is 20x what that one took (snapshots cost at most "
+              "~5% of the run) or 30 min; N: every N layers; 'layer': after every layer; 'off': never (no writes; an "
+              "interrupted run starts over). Does not change the output, and a resume may use another value")
 @_stream_options
 @_user_errors
 def compress(model, output, experts, method, calib, mix, packing, chat_template, num_sequences, seq_len, seed, saliency, saliency_gate, grouping,
              group_size, no_gate_logit_sim, no_gated_sim, align, guard, holdout, no_sequential, drop_mtp, max_shard_size, tokenizer,
-             save_stats, from_stats, overwrite, resume, **stream) -> None:
+             save_stats, from_stats, overwrite, resume, snapshot_every, **stream) -> None:
     """Compress MODEL into OUTPUT with fewer routed experts per MoE layer, one layer at a time.
 
     Writes a checkpoint in MODEL's own layout and key names (loads with transformers'
@@ -254,7 +270,8 @@ def compress(model, output, experts, method, calib, mix, packing, chat_template,
         mix=mix, packing=packing, chat_template=chat_template,
         num_sequences=num_sequences, seq_len=seq_len, seed=seed, sequential=not no_sequential, overwrite=overwrite,
         drop_mtp=drop_mtp, max_shard_bytes=_bytes_option("--max-shard-size", max_shard_size), tokenizer=tokenizer,
-        guard=guard, holdout=holdout, stream=opts, resume=resume, command=_command_line(),
+        guard=guard, holdout=holdout, stream=opts, resume=resume, snapshot_every=snapshot_every,
+        command=_command_line(),
         save_stats=save_stats, from_stats=from_stats,
     )
     out = run(cfg, echo=lambda line: click.echo(line, err=True))

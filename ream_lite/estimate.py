@@ -4,15 +4,19 @@
 follow what `pipeline.compress` does, pass by pass (keep them in step with `pipeline.py`, `guard.py` and
 `passes.py`):
 
-- memory: the streamer's `MemoryPlan` (store tier, expert chunk) with the buffers `compress` allocates (two working
-  hidden-state stores + the guard's float32 held-out buffers), plus what the plan does not size: the guard's
-  alignment Grams (alive while candidates are judged, so they are reserved next to the expert chunk), the
-  alignment pass's centroid-with-members chunk, a merged group in float32, and merged experts kept in host memory;
+- memory: the streamer's `MemoryPlan` (store tier, expert chunk, expert cache) with the buffers `compress`
+  allocates (two working hidden-state stores + the guard's float32 held-out buffers), plus what the plan does not
+  size (but makes room for beside the expert cache): the guard's alignment Grams (alive while candidates are
+  judged, so they are reserved next to the expert chunk), the alignment pass's centroid-with-members chunk, a
+  merged group in float32, and merged experts kept in host memory;
 - disk: the output (non-expert tensors, router rows and experts of the kept experts, in their stored dtypes), the
-  resume snapshots of the hidden states in `<OUT>.partial/` (one buffer; two while the next replaces it), and the
-  hidden-state stores in the work dir when they fit neither memory budget;
-- reads: every byte `compress` reads from the checkpoint, re-reads included (an expert is read again by each pass
-  that runs it: statistics, alignment, merging, each judged candidate, the sequential pass and the copy);
+  resume snapshots of the hidden states in `<OUT>.partial/` (one buffer; two while the next replaces it; how many
+  are written follows `resume.SnapshotSchedule`), and the hidden-state stores in the work dir when they fit neither
+  memory budget;
+- reads: every byte `compress` reads from the checkpoint, re-reads included: an expert is read again by each pass
+  that runs it (statistics, alignment, merging, each judged candidate, the sequential pass), unless the memory plan
+  keeps the layer's experts on the device (`MemoryPlan.cache_experts`), when one read serves every pass; the kept
+  experts are read once more either way, copied as stored into the output;
 - FLOPs: expert matmuls per pass (every expert on every statistics token for methods that need dense statistics,
   else top-k), the alignment pass, the guard's candidates on held-out tokens, the sequential re-run, routers, and
   the rest of each layer (~2 x non-expert parameters per token, plus attention scores).
@@ -36,6 +40,7 @@ from ream_lite.arch.layout import LayerLayout, ModelLayout
 from ream_lite.calib import planned_counts
 from ream_lite.checkpoint.writer import HEADER_RESERVE, OWN_FILES, WEIGHT_SUFFIXES
 from ream_lite.engine.budget import MemoryPlan, physical_ram, plan_memory, require_device
+from ream_lite.engine.expert_cache import holds_exactly
 from ream_lite.engine.experts import expert_bytes
 from ream_lite.engine.streamer import checkpoint_dtype
 from ream_lite.guard import candidate_plans
@@ -43,6 +48,8 @@ from ream_lite.methods import METHODS, LayerPlan, MethodInput, MethodOptions
 from ream_lite.methods.apply import alignment_pairs, needs_activation_pass
 from ream_lite.methods.stats import LayerStats
 from ream_lite.rates import Rates, default_rates, measure_rates
+from ream_lite.resume import expected_snapshots, parse_snapshot_every
+from ream_lite.write_output import compression_steps
 
 if TYPE_CHECKING:  # pipeline imports this module
     from ream_lite.pipeline import CompressConfig
@@ -212,6 +219,8 @@ class CompressionEstimate:
     resume_bytes: int  # hidden-state snapshots in <OUT>.partial/ for resume (two at once, briefly)
     rates: Rates
     notes: list[str] = field(default_factory=list)
+    snapshot_every: str | int = "auto"  # --snapshot-every
+    steps: int = 0  # layers compressed, one after the other (MTP layers unless dropped)
 
     # -- totals -------------------------------------------------------------------------------------------------
     @property
@@ -253,14 +262,25 @@ class CompressionEstimate:
         return self.work.seconds(self.rates)
 
     @property
+    def snapshots(self) -> int:
+        """Resume snapshots over the run, one hidden-state buffer written and synced each: `resume.SnapshotSchedule`
+        run with this estimate's own seconds per layer (reads and compute) and per snapshot (a buffer at the
+        write rate); exact for --snapshot-every N / layer / off, an estimate for auto (which also snapshots at
+        least every 30 min)."""
+        step_seconds = (self.read_seconds() + self.compute_seconds()) / max(self.steps, 1)
+        return expected_snapshots(self.snapshot_every, self.steps, step_seconds, self._snapshot_seconds())
+
+    @property
     def snapshot_write_bytes(self) -> int:
-        """The resume snapshots: one hidden-state buffer written and synced after every layer."""
-        return len(self.layers) * self.memory.store_bytes
+        return self.snapshots * self.memory.store_bytes
+
+    def _snapshot_seconds(self) -> float:
+        return self.memory.store_bytes / self.rates.read
 
     def write_seconds(self) -> float:
         """Writing the output and the resume snapshots, at the disk's measured read rate (writes are not
         measured)."""
-        return (self.output_bytes + self.snapshot_write_bytes) / self.rates.read
+        return self.output_bytes / self.rates.read + self.snapshots * self._snapshot_seconds()
 
     @property
     def work(self) -> Work:
@@ -319,6 +339,7 @@ class CompressionEstimate:
             f"  hidden states  {_size(m.store_bytes)} per buffer x {m.stores:.2f} = {_size(m.all_stores_bytes)}, "
             f"{tiers[m.store_tier]}",
             f"  expert chunks  {m.experts_per_chunk} of {m.max_experts} experts, {_size(m.expert_bytes)} each decoded",
+            f"  experts        {m.expert_cache_line()}",
         ]
         if g.alignment_pairs:
             out.append(f"  alignment      {g.alignment_pairs} (centroid, member) pairs: {_size(self.gram_bytes)} of "
@@ -338,12 +359,12 @@ class CompressionEstimate:
             "disk",
             f"  output         {_size(self.output_disk_bytes)} ({_size(self.output_bytes)} of tensors, "
             f"{100 * self.output_bytes / max(self.input_bytes, 1):.1f}% of the input's {_size(self.input_bytes)})",
-            f"  resume         {_size(self.resume_bytes)} in <OUT>.partial/ while it runs (a hidden-state snapshot; "
-            f"two for a moment after each layer); {_size(self.snapshot_write_bytes)} written over the run",
+            self._resume_line(),
             "  work dir       " + (f"{_size(self.work_dir_bytes)} of hidden-state files" if self.work_dir_bytes
                                     else "nothing (hidden states stay in memory)"),
             f"  reads          {_size(self.read_bytes)} from the checkpoint ({self.read_bytes / max(self.input_bytes, 1):.1f}x"
-            f" its size: experts are read again by each pass that runs them)",
+            + (" its size: a layer's experts are read once for all its passes, the kept ones again for the output)"
+               if m.cache_experts else " its size: experts are read again by each pass that runs them)"),
             "",
             "time",
             f"  work           {_flops(w.flops)}: " + ", ".join(
@@ -362,6 +383,15 @@ class CompressionEstimate:
         out += [f"note: {n}" for n in self.notes]
         return out
 
+    def _resume_line(self) -> str:
+        every = self.snapshot_every
+        if every == "off":
+            return "  resume         nothing (--snapshot-every off: an interrupted run starts over)"
+        how = {"auto": "auto, estimated", 1: "after every layer"}.get(every, f"every {every} layers")
+        return (f"  resume         {_size(self.resume_bytes)} in <OUT>.partial/ while it runs (a hidden-state "
+                f"snapshot; two for a moment while the next replaces it); {self.snapshots} snapshots ({how}), "
+                f"{_size(self.snapshot_write_bytes)} written over the run")
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["memory"] = {**asdict(self.memory), "all_stores_bytes": self.memory.all_stores_bytes}
@@ -369,7 +399,8 @@ class CompressionEstimate:
             peak_device_bytes=self.peak_device_bytes, peak_phase=self.peak_phase,
             work_dir_bytes=self.work_dir_bytes, read_bytes=self.read_bytes, read_once_bytes=self.read_once_bytes,
             work={**asdict(self.work), "flops": self.work.flops},
-            page_cache_bytes=self.page_cache_bytes, read_seconds=self.read_seconds(),
+            page_cache_bytes=self.page_cache_bytes, snapshots=self.snapshots,
+            snapshot_write_bytes=self.snapshot_write_bytes, read_seconds=self.read_seconds(),
             compute_seconds=self.compute_seconds(), write_seconds=self.write_seconds(), seconds=self.seconds,
             floor_seconds=self.floor_seconds,
         )
@@ -437,19 +468,26 @@ def estimate_compression(
     # beside the chunk
     gram_bytes = 8 * (shape.alignment_pairs * inter * inter + shape.alignment_experts * inter)
     reserve = gram_bytes if cfg.guard_mode != "off" else 0
+    # what the alignment pass (a centroid and every member any candidate gives it, in one chunk) and a merge (a
+    # group in float32, its aligned copies and the merged expert) hold beside the layer: the expert cache must fit
+    # beside them too
+    align_bytes = shape.largest_alignment_chunk * e_decoded + gram_bytes if shape.alignment_pairs else 0
+    merge_bytes = gram_bytes + (2 * shape.largest_group + 1) * (e_decoded // elt * 4) if shape.largest_group else 0
     memory = plan_memory(
         layout, tokens, device, dtype, opts.max_gpu_memory, opts.max_cpu_memory, opts.tokens_per_batch,
-        opts.store_tier, reserve, compress_stores(dtype, held, n_seq), cfg.seq_len,
+        opts.store_tier, reserve, compress_stores(dtype, held, n_seq), cfg.seq_len, opts.expert_cache,
+        max(align_bytes, merge_bytes) - reserve,
     )
 
-    # device bytes per phase of an MoE layer, on top of the layer's weights, activations and device-tier stores
-    base = memory.max_layer_dense_bytes + memory.activation_bytes - reserve
+    # device bytes per phase of an MoE layer, on top of the layer's weights, activations, device-tier stores and
+    # expert cache
+    base = memory.max_layer_dense_bytes + memory.activation_bytes - reserve + memory.expert_cache_bytes
     base += memory.all_stores_bytes if memory.store_tier == "device" else 0
     phases = {"expert chunks": memory.peak_device_bytes}
-    if shape.alignment_pairs:  # a centroid and every member any candidate gives it, in one chunk
-        phases["alignment pass"] = base + shape.largest_alignment_chunk * e_decoded + gram_bytes
-    if shape.largest_group:  # a group in float32, its aligned copies and the merged expert
-        phases["merge"] = base + gram_bytes + (2 * shape.largest_group + 1) * (e_decoded // elt * 4)
+    if shape.alignment_pairs:
+        phases["alignment pass"] = base + align_bytes
+    if shape.largest_group:
+        phases["merge"] = base + merge_bytes
 
     layers = [_layer_cost(layout, info, cfg, n_keep, memory, shape, tokens, held, inter) for info in layout.layers]
     r, layer_prefix = layout.reader, f"{layout.spec.layers_prefix}."
@@ -477,11 +515,17 @@ def estimate_compression(
         gram_bytes=gram_bytes,
         host_peak_bytes=host_peak, merged_host_bytes=merged_host, input_bytes=r.total_bytes(), other_bytes=other,
         embed_bytes=r.entry(layout.spec.embed_key).nbytes,
-        # resume: the new snapshot is written and synced before the previous one is removed
-        output_bytes=output, output_disk_bytes=output_disk, resume_bytes=2 * memory.store_bytes, rates=rates,
+        output_bytes=output, output_disk_bytes=output_disk, resume_bytes=_resume_bytes(cfg, memory), rates=rates,
+        snapshot_every=parse_snapshot_every(cfg.snapshot_every), steps=len(compression_steps(layout, cfg.drop_mtp)),
     )
     est.notes = _notes(est, device)
     return est
+
+
+def _resume_bytes(cfg: CompressConfig, memory: MemoryPlan) -> int:
+    """Disk the resume snapshots need at once: a new snapshot is written and synced before the previous one is
+    removed (the layer and shard records beside them are small)."""
+    return 0 if parse_snapshot_every(cfg.snapshot_every) == "off" else 2 * memory.store_bytes
 
 
 def _notes(est: CompressionEstimate, device: torch.device) -> list[str]:
@@ -558,7 +602,8 @@ def _layer_cost(
     work = Work(layers=tokens * (2.0 * params + 2.0 * cfg.seq_len * heads * head_dim))
     reads = 2 * non_expert + _mtp_read_correction(layout, info)  # built to run the layer, then copied
     if info.is_moe:
-        moe_work, experts_read = _moe_work(layout, info, cfg, n_keep, chunk, shape, tokens, held, inter)
+        moe_work, experts_read = _moe_work(layout, info, cfg, n_keep, chunk, shape, tokens, held, inter,
+                                           _cached_dtypes(layout, info, memory))
         work = work + moe_work
         reads += experts_read * e_stored
     return LayerCost(**cost, output_bytes=_layer_output_bytes(layout, info, n_keep), read_bytes=reads,
@@ -579,11 +624,21 @@ def _mtp_read_correction(layout: ModelLayout, info: LayerLayout) -> int:
     return r.entry(prev_norm).nbytes - sum(r.entry(key).nbytes for key in own if key in r)
 
 
+def _cached_dtypes(layout: ModelLayout, info: LayerLayout, memory: MemoryPlan) -> str:
+    """Which expert loads of the layer `LayerStreamer.layer_experts` serves from its one read: 'none' (no cache),
+    'compute' (loads in the compute dtype; the merges' float32 loads are read from the checkpoint, since the cast to
+    the compute dtype lost precision) or 'all'."""
+    if not memory.cache_experts:
+        return "none"
+    return "all" if holds_exactly(layout, info.index, getattr(torch, memory.dtype)) else "compute"
+
+
 def _moe_work(
     layout: ModelLayout, info: LayerLayout, cfg: CompressConfig, n_keep: int, chunk: int, shape: MergeShape,
-    tokens: int, held: int, inter: int,
+    tokens: int, held: int, inter: int, cached: str = "none",
 ) -> tuple[Work, int]:
-    """What one MoE layer's passes in `pipeline.compress_moe_layer` compute, and how many experts they read."""
+    """What one MoE layer's passes in `pipeline.compress_moe_layer` compute, and how many experts they read
+    (`cached`: which loads the layer's expert cache serves, see `_cached_dtypes`)."""
     h, n, k = int(layout.config["hidden_size"]), info.num_experts, layout.router_config.top_k
     expert = 6.0 * h * inter  # gate, up and down matmuls, per token
     route = lambda experts, chunks: 2.0 * h * experts * chunks
@@ -617,7 +672,9 @@ def _moe_work(
         reads += n_keep
     else:  # the compressed router alone, to count its routing
         work = work + Work(layers=stats_tokens * route(n_keep, 1))
-    reads += n_keep - shape.written_merged  # kept experts copied into the output
+    if cached != "none":  # one read of every expert serves the passes (the merges' too, where that is exact)
+        reads = n + (shape.merge_reads if cached == "compute" else 0)
+    reads += n_keep - shape.written_merged  # kept experts copied into the output, as stored (never from the cache)
     return work, reads
 
 

@@ -31,14 +31,14 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from ream_lite.engine.experts import ExpertWeights, expert_output, load_experts
+from ream_lite.engine.experts import ExpertWeights, expert_output
 from ream_lite.engine.router import route
 from ream_lite.engine.store import HiddenStateStore
 from ream_lite.engine.streamer import LayerStreamer, MoEBlock
 from ream_lite.methods import METHODS, LayerPlan, MethodInput, MethodOptions
 from ream_lite.methods.grouping import auto_group_size
 from ream_lite.methods.stats import LayerStats
-from ream_lite.passes import alignment_stats, compressed_loader, merge_plan
+from ream_lite.passes import alignment_stats, compressed_loader, merge_plan, presolve_alignments
 
 log = logging.getLogger(__name__)
 GUARD_MODES = ("group", "layer", "off")
@@ -168,7 +168,7 @@ class HeldOutJudge:
         position = {e: p for p, e in enumerate(plan.kept)}
         undone: list[int] = []
         for c in order:
-            original = load_experts(s.layout, plan.layer, [c], s.dtype, dev)
+            original = s.experts(plan.layer, [c])
             m = merged[c]
             merged_w = ExpertWeights([c], *(t[None].to(dev, s.dtype) for t in m))
             deltas = _UndoDelta(self, block, position[c], original, merged_w)
@@ -224,6 +224,7 @@ def guarded_plan(
     cands = candidate_plans(stats, n_keep, block.router_cfg.n_group, options, seed)
     acts = alignment_stats(streamer, block, h_stats, [c.plan for c in cands])  # one pass for every candidate
     perms: dict = {}  # (centroid, member) -> alignment, solved once for all candidates
+    presolve_alignments(streamer, [c.plan for c in cands], acts, perms)  # (on all cores, where that is free)
     start: tuple[Candidate, dict] | None = None  # the best merging candidate: where the greedy pass starts
     chosen: tuple[Candidate, dict] | None = None  # lowest score so far (only these two keep merged experts)
 

@@ -1,17 +1,19 @@
 """The passes a compression makes over one MoE layer's cached inputs, shared by `compress`, the guard and the
-benchmarks: statistics, the alignment Grams of merged groups, and loading the compressed layer's experts."""
+benchmarks: statistics, the alignment Grams of merged groups, and loading the compressed layer's experts. Every
+expert load goes through `LayerStreamer.experts`, so inside `layer_experts` they all share one read of the layer."""
 
 from __future__ import annotations
 
 import torch
 
-from ream_lite.engine.experts import ExpertWeights, load_experts
+from ream_lite.engine.experts import ExpertWeights
 from ream_lite.engine.router import Routing, route
 from ream_lite.engine.store import Batch, HiddenStateStore
 from ream_lite.engine.streamer import LayerStreamer, MoEBlock
 from ream_lite.errors import ReamLiteError
+from ream_lite.lsap import shared_pool
 from ream_lite.methods import LayerPlan, MethodOptions
-from ream_lite.methods.apply import alignment_pairs, build_merged_experts, needs_activation_pass
+from ream_lite.methods.apply import alignment_pairs, build_merged_experts, needs_activation_pass, solve_alignments
 from ream_lite.methods.stats import AlignmentCollector, LayerStats, StatsCollector, collected_gate
 
 
@@ -95,6 +97,19 @@ def alignment_stats(
     return acts
 
 
+def presolve_alignments(streamer: LayerStreamer, plans: list[LayerPlan], acts: AlignmentCollector | None,
+                        perm_cache: dict) -> None:
+    """Solve the neuron alignments of `plans` all at once on every CPU core (ream_lite.lsap) instead of one by one
+    as the merges need them, where that reads nothing extra: the layer's experts cached on the device. Elsewhere
+    (one usable core, no cache) the merges solve each pair as they go."""
+    if not plans:
+        return
+    pool, layer = shared_pool(), plans[0].layer
+    if pool.workers < 2 or not streamer.holds_experts(layer, torch.float32):
+        return
+    solve_alignments(plans, acts, perm_cache, lambda ids: streamer.experts(layer, ids, torch.float32), pool)
+
+
 def merge_plan(
     streamer: LayerStreamer, block: MoEBlock, h: HiddenStateStore, plan: LayerPlan,
     acts: AlignmentCollector | None = None, perm_cache: dict | None = None,
@@ -103,16 +118,23 @@ def merge_plan(
     `acts` already holds it; `perm_cache` shares solved alignments between plans)."""
     if acts is None and needs_activation_pass(plan):
         acts = alignment_stats(streamer, block, h, [plan])
-    return build_merged_experts(streamer.layout, plan, acts, streamer.device, perm_cache)
+    perm_cache = {} if perm_cache is None else perm_cache
+    presolve_alignments(streamer, [plan], acts, perm_cache)
+
+    def load(ids: list[int]) -> ExpertWeights:  # the merges run in float32
+        return streamer.experts(plan.layer, ids, torch.float32)
+
+    return build_merged_experts(streamer.layout, plan, acts, streamer.device, perm_cache, load)
 
 
 def compressed_loader(streamer: LayerStreamer, plan: LayerPlan, merged: dict):
-    """Load experts of the compressed layer by position (0..N'-1): merged ones from memory, others from disk."""
+    """Load experts of the compressed layer by position (0..N'-1): merged ones from memory, the others as
+    `streamer.experts` gives them (the layer's expert cache, or the checkpoint)."""
     kept = plan.kept
 
     def load(positions: list[int]) -> ExpertWeights:
         ids = [kept[p] for p in positions]
-        w = load_experts(streamer.layout, plan.layer, ids, streamer.dtype, streamer.device)
+        w = streamer.experts(plan.layer, ids, copy=bool(merged))  # (merged experts are written into the chunk)
         for j, e in enumerate(ids):
             if e in merged and len(plan.groups[e]) > 1:
                 g, u, d = merged[e]

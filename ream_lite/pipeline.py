@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ream_lite import timing
 from ream_lite.arch.layout import ModelLayout
 from ream_lite.calib import CalibrationSet, build_calibration
 from ream_lite.calib.text import load_tokenizer
@@ -39,7 +40,7 @@ from ream_lite.methods.stats import LayerStats, collected_gate
 from ream_lite.model_card import model_card
 from ream_lite.passes import RoutingCounter, check_finite, collect_stats, compressed_loader, merge_plan, routing_counts
 from ream_lite.report import Meter, versions, write_report
-from ream_lite.resume import ResumeLog, RunIdentity, input_fingerprint, tokens_hash
+from ream_lite.resume import ResumeLog, RunIdentity, SnapshotSchedule, input_fingerprint, tokens_hash
 from ream_lite.stats_io import check_reusable, load_layer_stats, read_stats_info, save_layer_stats, start_stats_dir
 from ream_lite.write_output import (
     compression_steps,
@@ -77,9 +78,10 @@ class CompressConfig:
     holdout: float = 0.1  # share of calibration sequences the guard judges plans on (never used for statistics)
     stream: StreamOptions = field(default_factory=StreamOptions)
     resume: bool = False  # continue the interrupted run recorded in OUT.partial
+    snapshot_every: str | int = "auto"  # resume snapshots: auto | off | every N layers (resume.SnapshotSchedule)
     save_stats: str | None = None  # directory: save every MoE layer's statistics there
     from_stats: str | None = None  # directory: plan from saved statistics instead of calibrating
-    command: str | None = None  # the command line, for the model card (without --resume / --overwrite)
+    command: str | None = None  # the command line, for the model card (without --resume, --overwrite, --snapshot-every)
 
     @property
     def guard_mode(self) -> str:
@@ -190,10 +192,10 @@ def compress(cfg: CompressConfig, echo: Callable[[str], None] | None = None) -> 
 
 def run_identity(layout: ModelLayout, cfg: CompressConfig, streamer: LayerStreamer, seqs: list[torch.Tensor]) -> RunIdentity:
     """The settings that decide the output's bytes: the compression settings, and how the numbers are computed
-    (device type, dtype, expert chunking and token batching change float rounding). Budgets, tiers, the work dir
-    and progress bars do not."""
-    settings = {k: v for k, v in asdict(cfg).items() if k not in ("model", "output", "overwrite", "resume", "stream",
-                                                                  "command")}
+    (device type, dtype, expert chunking and token batching change float rounding). Budgets, tiers, the work dir,
+    progress bars and when resume snapshots are taken do not (a resume may choose another interval)."""
+    skip = ("model", "output", "overwrite", "resume", "stream", "command", "snapshot_every")
+    settings = {k: v for k, v in asdict(cfg).items() if k not in skip}
     settings.update(device_type=streamer.device.type, dtype=str(streamer.dtype),
                     experts_per_chunk=streamer.plan.experts_per_chunk, tokens_per_batch=cfg.stream.tokens_per_batch,
                     **{k: v for k, v in versions().items() if k != "python_version"})
@@ -235,6 +237,7 @@ def resumable_run(cfg: CompressConfig, identity: RunIdentity, streamer: LayerStr
 def _compress(layout: ModelLayout, cfg: CompressConfig, echo: Callable[[str], None]) -> Path:
     n_keep = resolve_keep(layout, cfg.experts)
     validate(layout, n_keep, cfg)
+    schedule = SnapshotSchedule(cfg.snapshot_every)  # (checks --snapshot-every before any work)
     if cfg.resume and not cfg.overwrite and Path(cfg.output).exists() and not partial_dir(Path(cfg.output)).exists():
         log.warning("%s is complete; nothing to resume", cfg.output)
         return Path(cfg.output)
@@ -243,7 +246,8 @@ def _compress(layout: ModelLayout, cfg: CompressConfig, echo: Callable[[str], No
     if cfg.from_stats:
         return compress_from_stats(layout, cfg, n_keep)
     method = METHODS[cfg.method]
-    cal = calibration(layout, cfg)
+    with timing.phase("calibration"):
+        cal = calibration(layout, cfg)
     seqs, n_holdout = cal.sequences, cal.n_holdout
     # the plan, printed before any work; its memory plan is the one the streamer follows
     est = estimate_compression(layout, cfg, n_keep, sequences=len(seqs), holdout_sequences=n_holdout,
@@ -270,7 +274,7 @@ def _compress(layout: ModelLayout, cfg: CompressConfig, echo: Callable[[str], No
             "gram": method.needs_gram(cfg.options), "seed": cfg.seed, "calibration": calibration_record(cfg, cal)},
             resume=manifest is not None)
         on_stats = lambda stats: save_layer_stats(cfg.save_stats, stats, stats_run)  # noqa: E731
-    resume_log = ResumeLog(writer.tmp_dir)
+    resume_log = ResumeLog(writer.tmp_dir, continues=manifest)
     steps = compression_steps(layout, cfg.drop_mtp)
     n_dec = len(layout.decoder_layers)
     layers: list[dict] = [] if manifest is None else manifest["layers"]
@@ -282,8 +286,7 @@ def _compress(layout: ModelLayout, cfg: CompressConfig, echo: Callable[[str], No
             copy_non_layer_tensors(writer, layout)
             h = streamer.embed(seqs)
         else:
-            h = streamer.new_store(manifest["hidden"]["lengths"])
-            h.load(resume_log.hidden_path(manifest))
+            h = resumed_hidden(streamer, resume_log, manifest)
         bar = tqdm(total=len(steps), initial=done, desc=f"{cfg.method} {rc.num_experts}->{n_keep}",
                    disable=not cfg.stream.progress)
         for step in range(done, len(steps)):
@@ -307,26 +310,30 @@ def _compress(layout: ModelLayout, cfg: CompressConfig, echo: Callable[[str], No
             if _TEST_DELAY:  # tests: widen the window in which a kill lands between writing and recording a layer
                 time.sleep(_TEST_DELAY)
             h, out = out, h
-            resume_log.commit(identity, step + 1, len(steps), writer.state(), layers, h, first_run)
+            if schedule.due(step + 1, len(steps)):
+                last = step + 1 == len(steps)  # then no layer reads the hidden states: the record is small
+                t0 = time.monotonic()
+                with timing.phase("snapshot"):
+                    resume_log.commit(identity, step + 1, len(steps), writer.state(), layers, None if last else h,
+                                      first_run)
+                schedule.took(time.monotonic() - t0)
             bar.update()
         bar.close()
-        h.close()
-        if out is not None:
-            out.close()
+        close_stores(h, out)
+        log.info("resume: %d hidden-state snapshots, %.1f MiB written to %s", resume_log.snapshots,
+                 resume_log.bytes_written / 2**20, resume_log.dir)
         write_side_files(writer.tmp_dir, layout, cfg, n_keep, calibration_record(cfg, cal), layers, run, writer,
                          first_run)
         # the resume record goes last: a kill or an error before the output is in place can still be resumed
         return writer.finish(output_config(layout, n_keep, cfg.drop_mtp), source_dir=layout.path,
                              before_publish=resume_log.remove)
     except BaseException as e:
-        for store in (h, out):
-            if store is not None:
-                store.close()
-        if resume_log.load() is None:  # nothing recorded yet: nothing worth keeping
+        close_stores(h, out)
+        m = resume_log.load()
+        if m is None:  # nothing recorded yet: nothing worth keeping
             writer.abort()
             raise
         writer.close_files()
-        m = resume_log.load()
         how = f"{m['steps_done']} of {m['total_steps']} layers are done in {writer.tmp_dir}; " \
               "run the same command with --resume to continue"
         if isinstance(e, KeyboardInterrupt):
@@ -335,6 +342,22 @@ def _compress(layout: ModelLayout, cfg: CompressConfig, echo: Callable[[str], No
             raise ReamLiteError(f"{e} ({how})") from None
         log.error("stopped: %s", how)
         raise
+
+
+def resumed_hidden(streamer: LayerStreamer, resume_log: ResumeLog, manifest: dict) -> HiddenStateStore | None:
+    """The hidden states of the snapshot a resumed run starts from; None when every step is done."""
+    path = resume_log.hidden_path(manifest)
+    if path is None:
+        return None
+    h = streamer.new_store(manifest["hidden"]["lengths"])
+    h.load(path)
+    return h
+
+
+def close_stores(*stores: HiddenStateStore | None) -> None:
+    for store in stores:
+        if store is not None:
+            store.close()
 
 
 def build_report(layout: ModelLayout, cfg: CompressConfig, n_keep: int, calibration: dict, layers: list[dict],
@@ -417,8 +440,9 @@ def compress_layer(
     meter = Meter(streamer.device)
     block = streamer.attention_phase(index, h, out)
     plan, merged = None, {}
-    if block is not None:
-        plan, merged = compress_moe_layer(streamer, block, h, out, method, n_keep, cfg, n_holdout, on_stats)
+    if block is not None:  # every pass over the layer's experts from one read of them, when they fit the plan
+        with streamer.layer_experts(index):
+            plan, merged = compress_moe_layer(streamer, block, h, out, method, n_keep, cfg, n_holdout, on_stats)
     write_layer(writer, streamer.layout, index, plan, merged)
     if plan is None:
         return None

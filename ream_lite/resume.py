@@ -1,13 +1,24 @@
-"""Resume: what `compress` records in its partial output after every finished layer, and the checks on resuming.
+"""Resume: what `compress` records in its partial output at snapshot points, and the checks on resuming.
 
-After each layer the partial output `<OUT>.partial/` gets, in this order:
-  1. the next layer's input hidden states, `resume/hidden-<step>.bin` (raw bytes of the store, synced),
-  2. `resume/manifest.json`, replaced atomically: the settings and input fingerprint of the run, how many steps
-     (decoder layers, then MTP layers) are done, the writer's state (shards, entries, bytes so far), the per-layer
-     records written so far, and which hidden-state file belongs to that state.
-A kill at any moment leaves the last manifest valid: everything written after it (tensor bytes appended to a shard,
-a newer hidden-state file) is discarded on resume. Since the saved hidden states are exactly those the next layer
-would have read, and every computation is seeded, the resumed run's output is byte for byte an uninterrupted one's.
+A snapshot after step s (decoder layers, then MTP layers) writes into `<OUT>.partial/resume/`, in this order:
+  1. the next layer's input hidden states, `hidden-<s>.bin` (raw bytes of the store, synced),
+  2. the records not yet on disk, in small files written once each: `layers/<i>.json`, the i-th MoE layer's
+     record, and `shards/<i>-<j>.json`, the j-th batch of shard i's tensor entries (those the writer added to it
+     since the previous snapshot),
+  3. `manifest.json`, replaced atomically: the settings and input fingerprint of the run, `steps_done` = s, how
+     many layer records and entry batches are valid, each shard's file and data length, and which hidden-state
+     file belongs to that state.
+So a snapshot writes the hidden states and what finished since the last one, never the whole history again: the
+manifest stays a few KB however long the run (only its list of shards grows, by one short line per output shard).
+A kill at any moment leaves the last manifest valid: everything written after it (tensor bytes appended to a
+shard, shards begun, record files, a newer hidden-state file) is discarded or overwritten on resume, which re-runs
+the steps after s. Since the saved hidden states are exactly those step s + 1 would have read, and every
+computation is seeded, the resumed run's output is byte for byte an uninterrupted one's.
+
+When snapshots are taken is `SnapshotSchedule`'s choice (`--snapshot-every`): the hidden states are one
+[tokens x hidden] buffer (6 GiB at the paper's calibration size of Qwen3-30B-A3B), so a snapshot after every layer
+can take a large share of the run. After the last step a record without hidden states is always committed (unless
+snapshots are off): it is small, and a kill while the output is being finished then re-runs no layer.
 """
 
 from __future__ import annotations
@@ -15,6 +26,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +39,16 @@ from ream_lite.checkpoint.writer import RESUME_MANIFEST, RESUME_SUBDIR
 from ream_lite.engine.store import HiddenStateStore
 from ream_lite.errors import ReamLiteError
 
-FORMAT = 1
+FORMAT = 2  # 2: records in files of their own, snapshots at intervals; 1: every record in the manifest, every layer
+LAYERS, SHARDS = "layers", "shards"  # subdirectories of the record files (see the module docstring)
+
+# --snapshot-every auto: a snapshot when the time since the last one reaches AUTO_COST_RATIO times what the last
+# one took, so snapshots take at most 1 / (1 + 20) ~ 5% of the run, while a kill loses on average half an interval,
+# ~10 snapshot durations (Qwen3-30B-A3B at the paper's size: a 6 GiB snapshot takes ~5-10 s on an NVMe disk, so
+# one every ~2-3 minutes, every few layers). AUTO_MAX_INTERVAL_S bounds the work a kill loses where snapshots are
+# slow (over 90 s each: a slow disk or huge buffers): then they may cost more than 5%.
+AUTO_COST_RATIO = 20
+AUTO_MAX_INTERVAL_S = 30 * 60
 
 
 def input_fingerprint(layout: ModelLayout) -> dict:
@@ -60,9 +83,8 @@ class RunIdentity:
     calibration: str  # tokens_hash()
 
     def mismatch(self, recorded: dict) -> str | None:
-        """A one-line reason why `recorded` (a manifest) cannot be resumed by this run, or None."""
-        if recorded.get("format") != FORMAT:
-            return "it was written by another version of ream-lite"
+        """A one-line reason why `recorded` (a manifest of this FORMAT, see ResumeLog.load) cannot be resumed by
+        this run, or None."""
         old = recorded.get("settings", {})
         changed = [k for k in sorted(set(old) | set(self.settings)) if old.get(k) != self.settings.get(k)]
         if changed:
@@ -78,39 +100,131 @@ class RunIdentity:
         return None
 
 
-class ResumeLog:
-    """The resume records inside one partial output directory."""
+def parse_snapshot_every(value: str | int) -> str | int:
+    """--snapshot-every as given: "auto", "off", or a number of layers between snapshots ("layer" = 1)."""
+    text = str(value).strip().lower()
+    if text in ("auto", "off"):
+        return text
+    if text == "layer":
+        return 1
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise ReamLiteError(f"--snapshot-every {value}: give auto, layer, off or a positive number of layers")
+    return n
 
-    def __init__(self, partial_dir: Path):
+
+class SnapshotSchedule:
+    """When `compress` takes a resume snapshot, after a finished step: "auto" (see AUTO_COST_RATIO; the first
+    right after the first layer, so a run interrupted early can resume and the cost of one is measured), every N
+    steps (steps_done a multiple of N, wherever the run started), or "off" (never). The last step's record, which
+    holds no hidden states, is always due unless snapshots are off."""
+
+    def __init__(self, every: str | int = "auto", clock: Callable[[], float] = time.monotonic):
+        self.every = parse_snapshot_every(every)
+        self.clock = clock
+        self._since = clock()  # when the last snapshot ended (or the schedule began)
+        self._cost: float | None = None  # seconds the last snapshot took; None before the first
+
+    def due(self, steps_done: int, total_steps: int) -> bool:
+        if self.every == "off":
+            return False
+        if steps_done >= total_steps:
+            return True
+        if self.every != "auto":
+            return steps_done % self.every == 0
+        if self._cost is None:
+            return True
+        elapsed = self.clock() - self._since
+        return elapsed >= AUTO_COST_RATIO * self._cost or elapsed >= AUTO_MAX_INTERVAL_S
+
+    def took(self, seconds: float) -> None:
+        """A snapshot just ended after `seconds`."""
+        self._cost = seconds
+        self._since = self.clock()
+
+
+def expected_snapshots(every: str | int, total_steps: int, step_seconds: float, snapshot_seconds: float) -> int:
+    """Hidden-state snapshots a run of `total_steps` takes if each step takes `step_seconds` and each snapshot
+    `snapshot_seconds`: the schedule itself, run on a simulated clock (exact for N / layer / off)."""
+    now = 0.0
+    schedule = SnapshotSchedule(every, clock=lambda: now)
+    count = 0
+    for steps_done in range(1, total_steps):  # the last step's record holds no hidden states
+        now += step_seconds
+        if schedule.due(steps_done, total_steps):
+            now += snapshot_seconds
+            schedule.took(snapshot_seconds)
+            count += 1
+    return count
+
+
+class ResumeLog:
+    """The resume records inside one partial output directory. `continues`: the manifest (as `load` returns it)
+    of the run this process resumes, whose record files are on disk already."""
+
+    def __init__(self, partial_dir: Path, continues: dict | None = None):
         self.partial = Path(partial_dir)
         self.dir = self.partial / RESUME_SUBDIR
         self.path = self.dir / RESUME_MANIFEST
+        # the record files the manifest on disk counts: each is written once; files past these counts are leftovers
+        # of a kill between writing them and the manifest, overwritten when their step is done again
+        self._layers = 0  # layer records stored
+        self._shards: list[tuple[int, int]] = []  # per shard: (tensor entries stored, entry batch files)
+        if continues is not None:
+            self._layers = len(continues["layers"])
+            shards = continues["writer"]["shards"]
+            self._shards = [(len(s["entries"]), n) for s, n in zip(shards, continues["entry_batches"])]
+        self.snapshots = 0  # hidden-state snapshots this process wrote
+        self.bytes_written = 0  # and every byte it wrote into the resume directory
 
     def load(self) -> dict | None:
+        """The last committed manifest, with its records assembled as the pipeline and the writer take them:
+        `layers` the list of MoE layer records, `writer` a CheckpointWriter state; None if there is none."""
         if not self.path.exists():
             return None
         try:
-            return json.loads(self.path.read_text())
+            manifest = json.loads(self.path.read_text())
         except (OSError, json.JSONDecodeError):
             raise ReamLiteError(f"{self.path}: unreadable resume record; start over with --overwrite") from None
+        if manifest.get("format") != FORMAT:
+            raise ReamLiteError(
+                f"{self.partial} holds an interrupted run recorded by another version of ream-lite (resume format "
+                f"{manifest.get('format')}, this version reads {FORMAT}); finish it with that version, or start over "
+                "with --overwrite")
+        try:
+            w = manifest["writer"]
+            layers = [self._read(LAYERS, f"{i:05d}") for i in range(manifest["layers"])]
+            shards = [self._shard(i, rec) for i, rec in enumerate(w["shards"])]
+        except (OSError, json.JSONDecodeError, KeyError, TypeError):
+            raise ReamLiteError(f"{self.dir}: incomplete resume records; start over with --overwrite") from None
+        return {**manifest, "layers": layers, "entry_batches": [rec["batches"] for rec in w["shards"]],
+                "writer": {"shards": shards, "bytes_written": w["bytes_written"]}}
 
     def commit(self, identity: RunIdentity, steps_done: int, total_steps: int, writer_state: dict, layers: list,
-               hidden: HiddenStateStore, first_run: dict) -> None:
-        """Record that `steps_done` steps are finished: hidden states first, then the manifest that points to them."""
+               hidden: HiddenStateStore | None, first_run: dict) -> None:
+        """Record that `steps_done` steps are finished: hidden states first (None when no step is left to read
+        them), then the records not yet on disk, then the manifest that points to them."""
         self.dir.mkdir(parents=True, exist_ok=True)
-        name = f"hidden-{steps_done:05d}.bin"
-        hidden.save(self.dir / name)
+        name = None
+        if hidden is not None:
+            name = f"hidden-{steps_done:05d}.bin"
+            hidden.save(self.dir / name)
+            self.snapshots += 1
+            self.bytes_written += hidden.nbytes
+        self._store_layers(layers)
         manifest = {
             "format": FORMAT, "settings": identity.settings, "inputs": identity.inputs,
             "calibration": identity.calibration, "steps_done": steps_done, "total_steps": total_steps,
-            "hidden": {"file": name, "lengths": hidden.lengths}, "writer": writer_state, "layers": layers,
-            "first_run": first_run,
+            "hidden": {"file": name, "lengths": hidden.lengths} if hidden is not None else None,
+            "layers": len(layers), "first_run": first_run,
+            "writer": {"shards": self._store_shards(writer_state["shards"]),
+                       "bytes_written": writer_state["bytes_written"]},
         }
         tmp = self.dir / (RESUME_MANIFEST + ".tmp")
-        with open(tmp, "w") as f:
-            f.write(json.dumps(manifest) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        self._write(tmp, manifest)
         os.replace(tmp, self.path)
         _sync_dir(self.dir)
         _sync_dir(self.partial)  # the shard files' own directory entries, for power loss
@@ -118,14 +232,58 @@ class ResumeLog:
             if p.name != name:
                 p.unlink()
 
-    def hidden_path(self, manifest: dict) -> Path:
-        return self.dir / manifest["hidden"]["file"]
+    def _store_layers(self, layers: list) -> None:
+        """The layer records past those stored, a file each."""
+        if len(layers) > self._layers:
+            (self.dir / LAYERS).mkdir(exist_ok=True)
+            for i in range(self._layers, len(layers)):
+                self._write(self.dir / LAYERS / f"{i:05d}.json", layers[i])
+            _sync_dir(self.dir / LAYERS)
+            self._layers = len(layers)
+
+    def _store_shards(self, shards: list[dict]) -> list[dict]:
+        """The tensor entries each shard got since the last commit, as one batch file; returns what the manifest
+        keeps of every shard (its file, data length, whether it is closed, how many batches hold its entries)."""
+        (self.dir / SHARDS).mkdir(exist_ok=True)
+        self._shards += [(0, 0)] * (len(shards) - len(self._shards))
+        out = []
+        for i, s in enumerate(shards):
+            stored, batches = self._shards[i]
+            names = list(s["entries"])  # (a shard's entries are only ever appended to)
+            if len(names) > stored:
+                batch = {k: s["entries"][k] for k in names[stored:]}
+                self._write(self.dir / SHARDS / f"{i:05d}-{batches:05d}.json", batch)
+                stored, batches = len(names), batches + 1
+                self._shards[i] = (stored, batches)
+            out.append({"file": s["file"], "data_bytes": s["data_bytes"], "closed": s["closed"], "batches": batches})
+        _sync_dir(self.dir / SHARDS)
+        return out
+
+    def _shard(self, i: int, rec: dict) -> dict:
+        """Shard i's writer state: its manifest record with its entries gathered from its batch files."""
+        entries = {}
+        for j in range(rec["batches"]):
+            entries.update(self._read(SHARDS, f"{i:05d}-{j:05d}"))
+        return {"file": rec["file"], "entries": entries, "data_bytes": rec["data_bytes"], "closed": rec["closed"]}
+
+    def _write(self, path: Path, obj) -> None:
+        data = (json.dumps(obj) + "\n").encode()
+        with open(path, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        self.bytes_written += len(data)
+
+    def _read(self, kind: str, stem: str):
+        return json.loads((self.dir / kind / f"{stem}.json").read_text())
+
+    def hidden_path(self, manifest: dict) -> Path | None:
+        """The snapshot's hidden states; None when every step is done (only finishing the output is left)."""
+        return self.dir / manifest["hidden"]["file"] if manifest.get("hidden") else None
 
     def remove(self) -> None:
         if self.dir.exists():
-            for p in self.dir.iterdir():
-                p.unlink()
-            self.dir.rmdir()
+            shutil.rmtree(self.dir)
 
 
 def _sync_dir(path: Path) -> None:

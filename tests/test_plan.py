@@ -96,23 +96,66 @@ def test_mtp_layers_are_counted_unless_dropped(tmp_path, monkeypatch, drop_mtp):
     assert ("dropped" in "\n".join(est.lines())) == drop_mtp
 
 
+@pytest.mark.parametrize("cache", ["auto", "off"])
 @pytest.mark.parametrize("method,guard,sequential,exact", [
     ("reap", None, True, True), ("reap", None, False, True), ("ream", "off", True, True), ("ream", "group", True, False),
 ])
-def test_predicted_reads_match_what_compress_reads(model_dirs, tmp_path, monkeypatch, method, guard, sequential, exact):
-    """Every checkpoint byte compress reads is counted: exactly where the passes are fixed; with the guard, an upper
-    bound (it may choose pruning, and then writes no merged expert), within 15%."""
+def test_predicted_reads_match_what_compress_reads(model_dirs, tmp_path, monkeypatch, method, guard, sequential, exact,
+                                                   cache):
+    """Every checkpoint byte compress reads is counted, with the layer's experts kept on the device (read once) or
+    re-read by every pass: exactly where the passes are fixed; with the guard, an upper bound (it may choose
+    pruning, and then writes no merged expert), within 15%."""
     src = model_dirs["deepseek_v3"][1]
     read = reads_of(src, monkeypatch)
     settings = {"method": method, "guard": guard, "num_sequences": 8, "seq_len": 32, "sequential": sequential}
     compress(CompressConfig(model=str(src), output=str(tmp_path / "out"), experts=12,
-                            stream=StreamOptions(device="cpu", progress=False), **settings))
+                            stream=StreamOptions(device="cpu", progress=False, expert_cache=cache), **settings))
     actual = max(read)
-    predicted = estimate(src, 12, **settings).read_bytes
+    est = estimate(src, 12, stream={"expert_cache": cache}, **settings)
+    assert est.memory.cache_experts == (cache == "auto")  # (a tiny model always fits)
+    predicted = est.read_bytes
     if exact:
         assert predicted == actual
     else:
         assert actual <= predicted <= 1.15 * actual
+
+
+def test_with_the_cache_guarded_ream_reads_each_layers_experts_once(model_dirs, tmp_path, monkeypatch):
+    """The guard's many passes (statistics, alignment, merges, every candidate, the undo, the sequential pass) share
+    one read of each MoE layer's experts; the kept experts that are not merged are read once more, copied as stored
+    into the output."""
+    src = model_dirs["deepseek_v3"][1]
+    read = reads_of(src, monkeypatch)
+    settings = {"method": "ream", "guard": "group", "num_sequences": 8, "seq_len": 32}
+    out = compress(CompressConfig(model=str(src), output=str(tmp_path / "out"), experts=12,
+                                  stream=StreamOptions(device="cpu", progress=False), **settings))
+    est = estimate(src, 12, **settings)
+    layers = {L["layer"]: L for L in json.loads((out / "ream_plan.json").read_text())["layers"]}
+    expected = est.other_bytes + est.embed_bytes
+    for x in est.layers:
+        expected += 2 * x.non_expert_bytes  # built to run the layer, then copied
+        if x.experts:
+            one = x.expert_bytes // x.experts
+            copied = x.kept - len(layers[x.index]["groups"])  # merged experts are written from memory
+            expected += x.expert_bytes + copied * one
+            assert x.read_bytes == 2 * x.non_expert_bytes + x.expert_bytes + x.kept * one  # (the upper bound)
+    assert max(read) == expected
+    assert any("read once for all its passes" in line for line in est.lines())
+
+
+def test_reads_with_the_cache_in_a_narrower_compute_dtype(model_dirs, tmp_path, monkeypatch):
+    """A float32 checkpoint run in bfloat16: the cached bf16 copy cannot give the merges their exact float32
+    weights, so those loads (and only those) read the checkpoint; the prediction follows."""
+    src = model_dirs["deepseek_v3"][1]
+    read = reads_of(src, monkeypatch)
+    settings = {"method": "ream", "guard": "off", "num_sequences": 8, "seq_len": 32}
+    stream = {"dtype": torch.bfloat16}
+    compress(CompressConfig(model=str(src), output=str(tmp_path / "out"), experts=12,
+                            stream=StreamOptions(device="cpu", progress=False, **stream), **settings))
+    est = estimate(src, 12, stream=stream, **settings)
+    off = estimate(src, 12, stream={**stream, "expert_cache": "off"}, **settings)
+    assert est.memory.cache_experts and est.merge.merge_reads > 0
+    assert max(read) == est.read_bytes < off.read_bytes
 
 
 def test_guard_candidates_and_buffers_match_a_real_run(model_dirs, tmp_path):
@@ -267,3 +310,16 @@ def test_default_budgets_fit_a_24gb_card_on_a_32gb_host(qwen3_30b_shape, monkeyp
     # a display holding 2 GiB: the budget shrinks to what is free, less the headroom
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (int(free - 2 * GiB), int(card)))
     assert budget.default_gpu_budget(torch.device("cuda")) == int(free - 2 * GiB) - budget.GPU_HEADROOM
+
+
+def test_resume_snapshots_follow_the_interval(qwen3_30b_shape, no_cuda):
+    """4 layers: a snapshot (6 GiB at the paper's size) after layers 1-3 with --snapshot-every layer, after layer 2
+    with 2, none with off (nor the disk for one); the last layer's record holds no hidden states."""
+    paper = {"num_sequences": 3072, "seq_len": 512, "stream": {"device": "cuda", "max_gpu_memory": 24 * GiB}}
+    for every, n in (("layer", 3), (2, 1), ("off", 0)):
+        est = estimate(qwen3_30b_shape, 96, snapshot_every=every, **paper)
+        assert est.snapshots == n and est.snapshot_write_bytes == n * 6 * GiB
+        assert est.resume_bytes == (2 * 6 * GiB if n else 0)
+    assert any("--snapshot-every off" in line for line in est.lines())
+    auto = estimate(qwen3_30b_shape, 96, **paper)  # from the estimate's own seconds per layer and per snapshot
+    assert 1 <= auto.snapshots <= 3 and auto.to_dict()["snapshot_write_bytes"] == auto.snapshots * 6 * GiB

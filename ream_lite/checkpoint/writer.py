@@ -7,9 +7,10 @@ into its slot and the next shard begins. Everything is written into `<out>.parti
 only when complete, so a half-written output never looks finished.
 
 Resume: `state()` flushes and syncs what was written and returns a small JSON-able record (shard files, their
-entries and data length so far). A writer built with `resume=state` truncates the open shard back to that length,
-deletes shards begun after it, and carries on appending: the shards it finally closes are byte for byte those of a
-writer that was never interrupted, because a shard's header is only written when it is closed.
+entries and data length so far). A writer built with `resume=state` truncates the open shard back to that length
+(however much was appended after the state, even if the shard was closed since), deletes shards begun after it, and
+carries on appending: the shards it finally closes are byte for byte those of a writer that was never interrupted,
+because a shard's header is only written, whole, when it is closed.
 """
 
 from __future__ import annotations

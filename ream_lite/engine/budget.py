@@ -1,4 +1,5 @@
-"""Memory planning from tensor sizes, before any work: store tier, expert chunk size, token batch size."""
+"""Memory planning from tensor sizes, before any work: store tier, expert chunk size, token batch size, and whether
+an MoE layer's experts are read once and kept on the device while it is compressed (`expert_cache`)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from ream_lite.engine.store import Tier, choose_tier
 from ream_lite.errors import ReamLiteError
 
 GiB = 1024**3
+EXPERT_CACHE_MODES = ("auto", "off")
 
 
 def parse_bytes(text: str | None) -> int | None:
@@ -76,16 +78,24 @@ class MemoryPlan:
     device_budget: int
     host_budget: int
     activation_bytes: int
+    layer_experts_bytes: int = 0  # every routed expert of the largest MoE layer, decoded
+    expert_cache: str = "auto"  # as asked: auto | off
+    cache_experts: bool = False  # an MoE layer's experts are read once and kept on the device while it is compressed
 
     @property
     def all_stores_bytes(self) -> int:
         return int(self.stores * self.store_bytes)
 
     @property
+    def expert_cache_bytes(self) -> int:
+        """Device bytes the expert cache holds while an MoE layer is compressed (0 without it)."""
+        return self.layer_experts_bytes if self.cache_experts else 0
+
+    @property
     def peak_device_bytes(self) -> int:
         chunk = self.experts_per_chunk * self.expert_bytes
         store = self.all_stores_bytes if self.store_tier == "device" else 0
-        return self.max_layer_dense_bytes + chunk + store + self.activation_bytes
+        return self.max_layer_dense_bytes + chunk + store + self.activation_bytes + self.expert_cache_bytes
 
     @property
     def peak_host_bytes(self) -> int:
@@ -105,10 +115,18 @@ class MemoryPlan:
             f"hidden states: {self.tokens:,} tokens, {g(self.store_bytes)} per buffer x{self.stores:g}, tier '{self.store_tier}'",
             f"largest decoder layer without routed experts: {g(self.max_layer_dense_bytes)}",
             f"routed experts: {g(self.expert_bytes)} each, {self.experts_per_chunk} of {self.max_experts} per chunk",
+            f"experts: {self.expert_cache_line()}",
             f"batches of up to {self.tokens_per_batch:,} tokens; activations ~{g(self.activation_bytes)}",
             f"expected peak: device {g(self.peak_device_bytes)}, host {g(self.peak_host_bytes)}, "
             f"work dir {g(self.disk_bytes)}",
         ]
+
+    def expert_cache_line(self) -> str:
+        size = f"{self.layer_experts_bytes / GiB:.2f} GiB"
+        if self.cache_experts:
+            return f"cached once per layer ({size}): every pass of a layer runs them from one read"
+        why = "--expert-cache off" if self.expert_cache == "off" else "no room in the budget"
+        return f"re-read from the checkpoint by every pass ({why}; all of a layer's take {size})"
 
 
 def plan_memory(
@@ -123,7 +141,16 @@ def plan_memory(
     extra_activation_bytes: int = 0,
     stores: float = 2,
     seq_len: int = 4096,
+    expert_cache: str = "auto",
+    phase_bytes: int = 0,
 ) -> MemoryPlan:
+    """The plan for `tokens` hidden states. `phase_bytes`: the most device bytes a pass of the caller holds in place
+    of an expert chunk (the alignment pass's chunk, a merge in float32), beside which the expert cache must fit.
+
+    The expert chunk is sized as without the cache (the chunking decides float rounding; the cache must not), and
+    the cache is used only when all of a layer's experts fit beside the largest chunk or pass as well."""
+    if expert_cache not in EXPERT_CACHE_MODES:
+        raise ReamLiteError(f"--expert-cache {expert_cache}: choose from {', '.join(EXPERT_CACHE_MODES)}")
     elt = torch.empty(0, dtype=dtype).element_size()
     cfg = layout.config
     hidden = int(cfg["hidden_size"])
@@ -160,6 +187,8 @@ def plan_memory(
     on_device = tier == "device" or (device.type == "cpu" and tier == "host")
     left = device_budget - dense - act - (int(stores * store_bytes) if on_device else 0)
     chunk = max(1, min(max_n, left // max(e_bytes, 1)))
+    layer_experts = max(m.num_experts * expert_bytes(layout, m.index, dtype) for m in moe)
+    cached = expert_cache == "auto" and layer_experts + max(chunk * e_bytes, phase_bytes) <= left
     return MemoryPlan(
         device=str(device),
         dtype=str(dtype).replace("torch.", ""),
@@ -175,4 +204,7 @@ def plan_memory(
         device_budget=device_budget,
         host_budget=host_budget,
         activation_bytes=act,
+        layer_experts_bytes=layer_experts,
+        expert_cache=expert_cache,
+        cache_experts=cached,
     )

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from ream_lite import timing
 from ream_lite.arch.layout import ModelLayout
+from ream_lite.engine.router import ExpertTokens
 
 
 @dataclass
@@ -119,13 +120,17 @@ def expert_output(w: ExpertWeights, j: int, x: torch.Tensor, act: Callable) -> t
 
 
 def add_routed_output(
-    out: torch.Tensor, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, w: ExpertWeights, act: Callable
+    out: torch.Tensor, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, w: ExpertWeights, act: Callable,
+    by_expert: ExpertTokens | None = None,
 ) -> None:
-    """out[t] += sum over the chunk's experts e chosen by token t of weight(t, e) * E_e(x[t])."""
+    """out[t] += sum over the chunk's experts e chosen by token t of weight(t, e) * E_e(x[t]) (`by_expert`: the
+    batch's tokens per expert, when the caller has them)."""
+    if by_expert is None:
+        by_expert = ExpertTokens(indices, max(w.ids, default=0) + 1)  # (bincount grows past it as needed)
     for j, e in enumerate(w.ids):
-        token_idx, slot = torch.where(indices == e)
-        if token_idx.numel() == 0:
+        if by_expert.count(e) == 0:
             continue
+        token_idx, slot = by_expert.of(e)
         y = expert_output(w, j, x[token_idx], act)
         y = y.float() * weights[token_idx, slot, None]
         out.index_add_(0, token_idx, y.to(out.dtype))

@@ -6,7 +6,7 @@ streamed model matches the full model's forward.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +20,38 @@ class Routing:
     indices: torch.Tensor  # [T, k] chosen experts
     weights: torch.Tensor  # [T, k] weight applied to each chosen expert's output (float32)
     scores: torch.Tensor  # [T, N] the per-expert gate value before top-k: softmax probs or sigmoid scores
+    _by_expert: ExpertTokens | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def by_expert(self) -> ExpertTokens:
+        """The tokens each expert was chosen by (computed once per batch, shared by every pass over it)."""
+        if self._by_expert is None:
+            self._by_expert = ExpertTokens(self.indices, self.logits.shape[-1])
+        return self._by_expert
+
+
+class ExpertTokens:
+    """For every expert, the (token, top-k slot) pairs that chose it, in the order torch.where(indices == e) gives.
+
+    One stable sort and one device-to-host copy of the counts per batch: a torch.where per expert would wait for
+    the GPU once per expert (128-512 waits per batch), which at small batches costs more than the matmuls."""
+
+    def __init__(self, indices: torch.Tensor, num_experts: int):
+        self.k = indices.shape[-1]
+        flat = indices.reshape(-1)
+        self.order = torch.argsort(flat, stable=True)  # flat position t*k + slot, grouped by expert, ascending
+        counts = torch.bincount(flat, minlength=num_experts).tolist()
+        self.offsets = [0]
+        for c in counts:
+            self.offsets.append(self.offsets[-1] + c)
+
+    def count(self, e: int) -> int:
+        return self.offsets[e + 1] - self.offsets[e]
+
+    def of(self, e: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(token rows, slots) of the tokens routed to expert e (empty tensors if none)."""
+        rows = self.order[self.offsets[e] : self.offsets[e + 1]]
+        return rows // self.k, rows % self.k
 
 
 def route(x: torch.Tensor, weight: torch.Tensor, cfg: RouterConfig, bias: torch.Tensor | None = None) -> Routing:

@@ -10,6 +10,9 @@ observer that sees every routing decision and every expert chunk — the hook th
 Two hidden-state buffers are used per layer. Phase A reads the layer input from `h`, writes the residual after
 attention to `out`, and overwrites `h` in place with the MoE block's input (attention is done with it), which then
 stays cached for the MoE phase and for any later pass of a method. Phase B adds the MoE output into `out`.
+
+Every load of routed experts goes through `experts`: from the checkpoint, or, inside `layer_experts(L)` when the
+memory plan has room, from one read of all of layer L's experts kept on the device (see `expert_cache`).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Protocol
 
@@ -28,6 +32,7 @@ from tqdm.auto import tqdm
 from ream_lite.arch.layout import ModelLayout
 from ream_lite.arch.spec import RouterConfig
 from ream_lite.engine.budget import MemoryPlan, plan_memory, require_device
+from ream_lite.engine.expert_cache import LayerExpertCache
 from ream_lite.engine.experts import ExpertWeights, add_routed_output, load_experts
 from ream_lite.engine.router import Routing, route
 from ream_lite.engine.store import Batch, HiddenStateStore
@@ -97,6 +102,7 @@ class StreamOptions:
     tokens_per_batch: int = 4096
     attn_implementation: str = "sdpa"
     progress: bool = True
+    expert_cache: str = "auto"  # auto: keep an MoE layer's experts on the device while it is compressed, if they fit
 
 
 def checkpoint_dtype(config: dict) -> torch.dtype:
@@ -125,6 +131,7 @@ class LayerStreamer:
 
         self.act = ACT2FN[self.hf_config.hidden_act]
         self.plan: MemoryPlan | None = None
+        self._cache: LayerExpertCache | None = None  # the open layer's experts (`layer_experts`)
 
     # -- planning -----------------------------------------------------------------------------------------------
     def make_plan(
@@ -142,6 +149,7 @@ class LayerStreamer:
             extra_activation_bytes,
             stores,
             seq_len,
+            self.opts.expert_cache,
         )
         return self.plan
 
@@ -207,6 +215,38 @@ class LayerStreamer:
             )
         return self._fill(layer, info.prefix), block, capture
 
+    # -- routed experts -----------------------------------------------------------------------------------------
+    @contextmanager
+    def layer_experts(self, layer: int) -> Iterator[None]:
+        """While open, `experts(layer, ...)` is served from one read of all of `layer`'s experts kept on the device,
+        when the memory plan made room for them (else nothing changes: every load reads the checkpoint). They are
+        freed on exit, before the next layer's weights come in."""
+        if self.plan is None or not self.plan.cache_experts:
+            yield
+            return
+        assert self._cache is None, "one layer's experts at a time"
+        self._cache = LayerExpertCache(self.layout, layer, self.dtype, self.device)
+        try:
+            yield
+        finally:
+            self._cache = None
+
+    def holds_experts(self, layer: int, dtype: torch.dtype) -> bool:
+        """Whether loads of `layer`'s experts in `dtype` are served by the open cache (read nothing)."""
+        cache = self._cache
+        return cache is not None and cache.layer == layer and cache.serves(dtype)
+
+    def experts(self, layer: int, ids: list[int], dtype: torch.dtype | None = None, copy: bool = False
+                ) -> ExpertWeights:
+        """Experts `ids` of `layer` in `dtype` (default: the compute dtype) on the device, the values `load_experts`
+        gives: from the open layer's cache when it holds them exactly, else from the checkpoint. A cached chunk may
+        be a view of the cache: pass `copy` to write into it."""
+        dtype = dtype or self.dtype
+        cache = self._cache
+        if cache is not None and cache.layer == layer and cache.serves(dtype):
+            return cache.take(ids, dtype, copy)
+        return load_experts(self.layout, layer, ids, dtype, self.device)
+
     # -- the forward pass ---------------------------------------------------------------------------------------
     def embed(self, sequences: list[torch.Tensor]) -> HiddenStateStore:
         """Token ids (one 1-D tensor per sequence) -> layer-0 input hidden states."""
@@ -271,10 +311,10 @@ class LayerStreamer:
     ) -> None:
         """Run the MoE block over the cached inputs, expert chunk by expert chunk, adding into `out` (if given).
 
-        `experts` loads a chunk by expert position in `block`'s router (default: the checkpoint's own experts); a
-        method passes its compressed experts here together with a restricted block.
+        `experts` loads a chunk by expert position in `block`'s router (default: the layer's own experts, through
+        `experts`); a method passes its compressed experts here together with a restricted block.
         """
-        load = experts or (lambda ids: load_experts(self.layout, block.layer, ids, self.dtype, self.device))
+        load = experts or (lambda ids: self.experts(block.layer, ids))
         n = block.router_cfg.num_experts
         if chunks is None:
             size = self.plan.experts_per_chunk if self.plan else n
@@ -294,7 +334,7 @@ class LayerStreamer:
                         continue
                     # float32 sums: more exact than bf16 and, on a CPU, far faster (bf16 index_add_ is slow there)
                     acc = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-                    add_routed_output(acc, x, routing.indices, routing.weights, w, block.act)
+                    add_routed_output(acc, x, routing.indices, routing.weights, w, block.act, routing.by_expert)
                     if c == 0:
                         shared = block.shared_output(x)
                         if shared is not None:

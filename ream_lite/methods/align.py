@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
+
+from ream_lite.lsap import solve
 
 
 def activation_cost(cross: torch.Tensor, sq_c: torch.Tensor, sq_j: torch.Tensor) -> torch.Tensor:
@@ -26,10 +26,7 @@ def weight_cost(fc: torch.Tensor, fj: torch.Tensor) -> torch.Tensor:
 
 def hungarian(cost: torch.Tensor) -> torch.Tensor:
     """perm such that member neuron perm[p] is matched to centroid neuron p (minimum total cost)."""
-    rows, cols = linear_sum_assignment(cost.double().cpu().numpy())
-    perm = np.empty_like(cols)
-    perm[rows] = cols
-    return torch.from_numpy(perm)
+    return torch.from_numpy(solve(cost.double().cpu().numpy()))  # the solver the parallel pool runs too
 
 
 def permute(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, perm: torch.Tensor):

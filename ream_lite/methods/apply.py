@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from ream_lite.arch.layout import ModelLayout
-from ream_lite.engine.experts import load_experts
+from ream_lite.engine.experts import ExpertWeights, load_experts
+from ream_lite.lsap import AssignmentPool
 from ream_lite.methods.align import activation_cost, hungarian, merge, permute, weight_cost, weight_features
 from ream_lite.methods.plan import LayerPlan
 from ream_lite.methods.stats import AlignmentCollector
@@ -17,6 +20,62 @@ def alignment_pairs(plan: LayerPlan) -> list[tuple[int, int]]:
 
 def needs_activation_pass(plan: LayerPlan) -> bool:
     return "act" in plan.align and bool(plan.merged_groups())
+
+
+def pair_cost(align: str, act_cost: torch.Tensor | None, centroid_features, member) -> torch.Tensor:
+    """The float64 [I, I] cost of matching the member's neurons to the centroid's: C_act + C_wt as `align` says
+    (`centroid_features`: `weight_features` of the centroid, when "weight" is in `align`)."""
+    inter = member[0].shape[0]
+    cost = torch.zeros(inter, inter, dtype=torch.float64)
+    if "act" in align:
+        cost += act_cost.double().cpu()
+    if "weight" in align:
+        cost += weight_cost(centroid_features, weight_features(*member)).cpu()
+    return cost
+
+
+def solve_alignments(
+    plans: list[LayerPlan], acts: AlignmentCollector | None, perm_cache: dict[tuple[int, int], torch.Tensor],
+    load: Callable[[list[int]], ExpertWeights], pool: AssignmentPool,
+) -> int:
+    """Solve every (centroid, member) alignment of `plans` that `perm_cache` lacks, in batches on the assignment
+    pool (all cores), into `perm_cache`; `build_merged_experts` then finds them there. Each pair gets the cost
+    matrix and the solver `merge_group` would use, so the permutations are the same. Loads each group's experts
+    once more than merging alone does: call it only where loads read nothing (the layer's expert cache).
+    Returns how many pairs were solved."""
+    batch = 4 * pool.workers  # bounds the cost matrices held at once (4.5 MiB each at 768 neurons, 32 at 2048)
+    pairs: list[tuple[int, int]] = []
+    costs: list = []
+    solved = 0
+
+    def flush() -> None:
+        nonlocal solved
+        for pair, perm in zip(pairs, pool.solve_all(costs)):
+            perm_cache[pair] = torch.from_numpy(perm)
+        solved += len(pairs)
+        pairs.clear()
+        costs.clear()
+
+    for plan in plans:
+        for pair, perm in plan.perms.items():
+            perm_cache.setdefault(pair, perm)
+        if plan.align == "none":
+            continue
+        for c, members in plan.merged_groups().items():
+            todo = [m for m in members[1:] if (c, m) not in perm_cache and (c, m) not in pairs]
+            if not todo:
+                continue
+            w = load([c, *todo])
+            fc = weight_features(w.gate[0], w.up[0], w.down[0]) if "weight" in plan.align else None
+            for j, m in enumerate(todo, 1):
+                ca = activation_cost(acts.cross[(c, m)], acts.sq[c], acts.sq[m]) if "act" in plan.align else None
+                costs.append(pair_cost(plan.align, ca, fc, (w.gate[j], w.up[j], w.down[j])).numpy())
+                pairs.append((c, m))
+            del w
+            if len(pairs) >= batch:
+                flush()
+    flush()
+    return solved
 
 
 def merge_group(
@@ -40,13 +99,9 @@ def merge_group(
         elif align == "none":
             perm = torch.arange(inter)
         else:
-            cost = torch.zeros(inter, inter, dtype=torch.float64)
-            if "act" in align:
-                cost += ca.double().cpu()
-            if "weight" in align:
-                fc = weight_features(*centroid) if fc is None else fc
-                cost += weight_cost(fc, weight_features(*w)).cpu()
-            perm = hungarian(cost)
+            if "weight" in align and fc is None:
+                fc = weight_features(*centroid)
+            perm = hungarian(pair_cost(align, ca, fc, w))
         perms.append(perm)
         aligned.append(permute(*w, perm))
     return merge(aligned, coefs), perms
@@ -55,17 +110,25 @@ def merge_group(
 def build_merged_experts(
     layout: ModelLayout, plan: LayerPlan, acts: AlignmentCollector | None, device: torch.device | str,
     perm_cache: dict[tuple[int, int], torch.Tensor] | None = None,
+    load: Callable[[list[int]], ExpertWeights] | None = None,
 ) -> dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """centroid id -> merged (gate, up, down) in the checkpoint's stored dtype in host memory, for every
     non-singleton group (the alignment and the merge itself run on `device`, in float32). `perm_cache` ((centroid, member) -> permutation) is read and
-    filled: the alignment of a pair depends only on the pair, so plans sharing pairs solve each once."""
+    filled: the alignment of a pair depends only on the pair, so plans sharing pairs solve each once. `load(ids)`
+    gives the layer's experts `ids` in float32 on `device` (default: read from the checkpoint; `compress` serves
+    them from its layer cache, with the same values, so `apply` merges to the same bytes)."""
+
+    def read(ids: list[int]) -> ExpertWeights:
+        return load_experts(layout, plan.layer, ids, torch.float32, device)
+
+    load = load or read
     cache = perm_cache if perm_cache is not None else {}
     for pair, perm in plan.perms.items():  # a plan read back from ream_plan.json brings its own alignments
         cache.setdefault(pair, perm)
     stored = layout.reader.entry(layout.expert_keys(plan.layer)[0]).torch_dtype
     out = {}
     for c, members in plan.merged_groups().items():
-        w = load_experts(layout, plan.layer, members, torch.float32, device)
+        w = load(members)
         weights = [(w.gate[j], w.up[j], w.down[j]) for j in range(len(members))]
         costs: list[torch.Tensor | None] = [None]
         for m in members[1:]:

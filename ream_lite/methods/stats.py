@@ -103,7 +103,7 @@ class StatsCollector:
     def on_experts(self, layer: int, batch: Batch, x: torch.Tensor, routing: Routing, experts: ExpertWeights) -> None:
         dense_gate, routed_gate = self.gates(routing)
         for j, e in enumerate(experts.ids):
-            tok, slot = torch.where(routing.indices == e)
+            tok, slot = routing.by_expert.of(e)
             if self.dense:
                 y = expert_output(experts, j, x, self.act).float()  # [T, H]
                 self.gated_out_sum[e] += (dense_gate[:, e, None].float() * y).sum(0).double()
