@@ -49,12 +49,19 @@ class AssignmentPool:
     def solve_all(self, costs: list[np.ndarray]) -> list[np.ndarray]:
         if self.workers == 1 or len(costs) < 2:
             return [solve(c) for c in costs]
-        if self._executor is None:
+        self.warm_up()
+        return list(self._executor.map(solve, costs))
+
+    def warm_up(self) -> None:
+        """Start the workers now, without waiting: each imports the main program's modules on start (seconds), which
+        then overlaps the first layer's GPU work instead of stalling its first batch of assignments."""
+        if self.workers > 1 and self._executor is None:
             import multiprocessing
             from concurrent.futures import ProcessPoolExecutor
 
             self._executor = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
-        return list(self._executor.map(solve, costs))
+            for _ in range(self.workers):
+                self._executor.submit(os.getpid)
 
     def close(self) -> None:
         if self._executor is not None:

@@ -33,6 +33,7 @@ from ream_lite.engine.streamer import LayerStreamer, MoEBlock, StreamOptions
 from ream_lite.errors import ReamLiteError
 from ream_lite.estimate import estimate_compression
 from ream_lite.guard import GUARD_MODES, HeldOutJudge, guarded_plan
+from ream_lite.lsap import shared_pool
 from ream_lite.methods import METHODS, LayerPlan, MethodInput, MethodOptions
 from ream_lite.methods.apply import needs_activation_pass
 from ream_lite.methods.grouping import auto_group_size
@@ -52,6 +53,7 @@ from ream_lite.write_output import (
 )
 
 log = logging.getLogger(__name__)
+MERGING_METHODS = ("ream", "hc-smoe", "m-smoe")  # methods whose merges align neurons
 _TEST_DELAY = float(os.environ.get("REAM_LITE_TEST_LAYER_DELAY", "0") or 0)
 
 
@@ -279,6 +281,8 @@ def _compress(layout: ModelLayout, cfg: CompressConfig, echo: Callable[[str], No
     n_dec = len(layout.decoder_layers)
     layers: list[dict] = [] if manifest is None else manifest["layers"]
     done = 0 if manifest is None else manifest["steps_done"]
+    if cfg.method in MERGING_METHODS and cfg.options.align != "none":
+        shared_pool().warm_up()  # neuron alignments are solved on all cores (ream_lite.lsap): start the workers now
     run = Meter()  # (its device peak is the max of the layers': each layer's Meter resets it)
     h = out = None
     try:
