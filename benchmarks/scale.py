@@ -123,6 +123,8 @@ def main() -> None:
     read_rate, sampled = sequential_read_rate(files, limit=4 * GiB)  # (a sample: enough for a steady rate)
     cfg = SHAPES[args.shape](args.layers, args.dense_layers)
     rates = floor_rates(cfg, args.device, 4096)
+    if args.device.startswith("cuda"):
+        torch.cuda.empty_cache()  # the runs' own GPU figures should not count this process's matmul buffers
     print(f"read {read_rate / 1e9:.2f} GB/s (cold, {sampled / GiB:.1f} GiB); matmul bf16 "
           f"{rates['batch'] / 1e12:.2f} TFLOP/s at 4096 rows, {rates['routed'] / 1e12:.2f} at {rates['routed_rows']} "
           f"rows; float64 {rates['float64'] / 1e12:.3f} TFLOP/s", flush=True)
@@ -181,7 +183,7 @@ def print_table(args, model: Path, ckpt_bytes: int, read_rate: float, rates: dic
     print(f"\n{args.shape}, {args.layers} layers ({ckpt_bytes / GiB:.2f} GiB), {args.sequences} x {args.seq_len} "
           f"tokens, -> {args.experts} experts, device {args.device}"
           + (f" ({torch.cuda.get_device_name()})" if args.device.startswith("cuda") else ""))
-    print(f"{'run':<26} {'GPU alloc':>9} {'GPU drv':>8} {'host RSS':>8} {'read':>7} {'workdir':>8} {'wall':>7} "
+    print(f"{'run':<26} {'GPU alloc':>9} {'GPU proc':>8} {'host RSS':>8} {'read':>7} {'workdir':>8} {'wall':>7} "
           f"{'layers':>7} "
           f"{'read':>6} {'compute':>7} {'store':>6} {'write':>6} {'snap':>6} {'floor R':>7} {'floor C':>7} {'x floor':>7}")
     print(f"{'':<26} {'GiB':>9} {'GiB':>8} {'GiB':>8} {'x ckpt':>7} {'GiB':>8} {'s':>7} {'s':>7} {'s':>6} {'s':>7} {'s':>6} "
@@ -202,7 +204,8 @@ def print_table(args, model: Path, ckpt_bytes: int, read_rate: float, rates: dic
         work_dir = sum(r.get("bytes", {}).get(k, 0) for k in ("work_dir_read", "work_dir_written"))
         fc = row["compute_floor_s"]
         ratio = f"{wall / (row['read_floor_s'] + fc):.2f}" if fc else "-"
-        print(f"{row['run']:<26} {g(r.get('gpu_torch_peak_allocated_bytes')):>9} {g(r.get('gpu_driver_peak_bytes')):>8} "
+        proc = r.get("gpu_process_peak_bytes", r.get("gpu_driver_peak_bytes"))
+        print(f"{row['run']:<26} {g(r.get('gpu_torch_peak_allocated_bytes')):>9} {g(proc):>8} "
               f"{g(r['host_peak_bytes']):>8} {read_x:>7.2f} {work_dir / GiB:>8.2f} {wall:>7.1f} "
               f"{r.get('report_totals', {}).get('seconds') or 0:>7.1f} "
               + " ".join(f"{x:>6.1f}" if i != 1 else f"{x:>7.1f}" for i, x in enumerate(split))

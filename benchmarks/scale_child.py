@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from measure import GpuSampler, host_peak  # noqa: E402
 
 from ream_lite import timing  # noqa: E402
+from ream_lite.cli import main as cli  # noqa: E402  (before CUDA starts: it sets the allocator's options)
 
 
 def main() -> None:
@@ -25,8 +26,6 @@ def main() -> None:
     cuda = any(a.startswith("cuda") for a in args)
     timing.enable(sync="cuda" if cuda else None)
     sampler = GpuSampler() if cuda else None
-    from ream_lite.cli import main as cli
-
     t = time.perf_counter()
     cli(args=args, prog_name="ream-lite", standalone_mode=False)
     wall = time.perf_counter() - t
