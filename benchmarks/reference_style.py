@@ -67,7 +67,8 @@ class ReapObserver:
             norms = acts.norm(dim=-1)  # [n, T]
             tok = torch.arange(x.shape[0], device=x.device).unsqueeze(1).expand_as(routing.indices)
             # the gate REAP weighs by: the full-softmax probability (softmax routers), the applied weight (sigmoid)
-            gate_w = routing.weights if self.rc.kind == "sigmoid_grouped_topk" else routing.scores.gather(1, routing.indices)
+            sigmoid = self.rc.kind == "sigmoid_grouped_topk"
+            gate_w = routing.weights if sigmoid else routing.scores.gather(1, routing.indices)
             contrib = gate_w.double() * norms[routing.indices, tok].double()
             st["reap_sum"].index_add_(0, routing.indices.reshape(-1), contrib.reshape(-1))
             st["count"].index_add_(0, routing.indices.reshape(-1), torch.ones_like(routing.indices.reshape(-1)))

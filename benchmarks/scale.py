@@ -39,6 +39,7 @@ from measure import evict_from_page_cache, matmul_rate, sequential_read_rate  # 
 from shapes import SHAPES  # noqa: E402
 from synth import synthesize  # noqa: E402
 
+from ream_lite import timing  # noqa: E402
 from ream_lite.checkpoint.reader import CheckpointReader  # noqa: E402
 
 HERE = Path(__file__).parent
@@ -185,8 +186,10 @@ def print_table(args, model: Path, ckpt_bytes: int, read_rate: float, rates: dic
           + (f" ({torch.cuda.get_device_name()})" if args.device.startswith("cuda") else ""))
     print(f"{'run':<26} {'GPU alloc':>9} {'GPU proc':>8} {'host RSS':>8} {'read':>7} {'workdir':>8} {'wall':>7} "
           f"{'layers':>7} "
-          f"{'read':>6} {'compute':>7} {'store':>6} {'write':>6} {'snap':>6} {'floor R':>7} {'floor C':>7} {'x floor':>7}")
-    print(f"{'':<26} {'GiB':>9} {'GiB':>8} {'GiB':>8} {'x ckpt':>7} {'GiB':>8} {'s':>7} {'s':>7} {'s':>6} {'s':>7} {'s':>6} "
+          f"{'read':>6} {'compute':>7} {'store':>6} {'write':>6} {'snap':>6} {'floor R':>7} {'floor C':>7} "
+          f"{'x floor':>7}")
+    print(f"{'':<26} {'GiB':>9} {'GiB':>8} {'GiB':>8} {'x ckpt':>7} {'GiB':>8} {'s':>7} {'s':>7} {'s':>6} {'s':>7} "
+          f"{'s':>6} "
           f"{'s':>6} {'s':>6} {'s':>7} {'s':>7}")
     for row in rows:
         r = row["result"]
@@ -210,6 +213,13 @@ def print_table(args, model: Path, ckpt_bytes: int, read_rate: float, rates: dic
               f"{r.get('report_totals', {}).get('seconds') or 0:>7.1f} "
               + " ".join(f"{x:>6.1f}" if i != 1 else f"{x:>7.1f}" for i, x in enumerate(split))
               + f" {row['read_floor_s']:>7.1f} " + (f"{fc:>7.1f}" if fc else f"{'-':>7}") + f" {ratio:>7}")
+    for row in rows:
+        ph = row["result"].get("phases", {})
+        if any(k in ph for k in timing.PASSES):
+            parts = [(k, ph.get(k, 0.0)) for k in timing.PASSES if ph.get(k)]
+            named = sum(ph.get(k, 0.0) for k in ("read", "store", "write", "snapshot", "calibration", *timing.PASSES))
+            print(f"  {row['run']}: compute = " + ", ".join(f"{k} {v:.1f}" for k, v in parts)
+                  + f", the rest (start-up, plan, embedding, side files) {row['result']['wall_seconds'] - named:.1f} s")
     ours = [row for row in rows if row["run"].startswith("ream-lite reap")]
     ref = [row for row in rows if row["run"].startswith("reference")]
     if ours and ref:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 
+from ream_lite import timing
 from ream_lite.engine.experts import ExpertWeights
 from ream_lite.engine.router import Routing, route
 from ream_lite.engine.store import Batch, HiddenStateStore
@@ -93,7 +94,8 @@ def alignment_stats(
     for c, m in pairs:
         members.setdefault(c, []).append(m)
     acts = AlignmentCollector(pairs, block.act)
-    streamer.run_moe(block, h, None, observer=acts, chunks=[[c, *ms] for c, ms in sorted(members.items())])
+    with timing.phase("alignment"):
+        streamer.run_moe(block, h, None, observer=acts, chunks=[[c, *ms] for c, ms in sorted(members.items())])
     return acts
 
 
@@ -107,7 +109,8 @@ def presolve_alignments(streamer: LayerStreamer, plans: list[LayerPlan], acts: A
     pool, layer = shared_pool(), plans[0].layer
     if pool.workers < 2 or not streamer.holds_experts(layer, torch.float32):
         return
-    solve_alignments(plans, acts, perm_cache, lambda ids: streamer.experts(layer, ids, torch.float32), pool)
+    with timing.phase("assignment"):
+        solve_alignments(plans, acts, perm_cache, lambda ids: streamer.experts(layer, ids, torch.float32), pool)
 
 
 def merge_plan(
@@ -124,7 +127,8 @@ def merge_plan(
     def load(ids: list[int]) -> ExpertWeights:  # the merges run in float32
         return streamer.experts(plan.layer, ids, torch.float32)
 
-    return build_merged_experts(streamer.layout, plan, acts, streamer.device, perm_cache, load)
+    with timing.phase("merge"):  # (assignments not solved in advance are solved here, one by one)
+        return build_merged_experts(streamer.layout, plan, acts, streamer.device, perm_cache, load)
 
 
 def compressed_loader(streamer: LayerStreamer, plan: LayerPlan, merged: dict):

@@ -442,7 +442,8 @@ def compress_layer(
 ) -> dict | None:
     """Layer `index` from h into out, compressed if MoE, and written; returns the MoE layer's record."""
     meter = Meter(streamer.device)
-    block = streamer.attention_phase(index, h, out)
+    with timing.phase("attention"):
+        block = streamer.attention_phase(index, h, out)
     plan, merged = None, {}
     if block is not None:  # every pass over the layer's experts from one read of them, when they fit the plan
         with streamer.layer_experts(index):
@@ -463,7 +464,8 @@ def compress_moe_layer(
     split = n - n_holdout
     h_stats = h.view(0, split) if n_holdout else h
     out_stats = None if cfg.sequential else (out.view(0, split) if n_holdout else out)
-    stats = collect_stats(streamer, block, h_stats, method, cfg.options, out_stats)
+    with timing.phase("stats"):
+        stats = collect_stats(streamer, block, h_stats, method, cfg.options, out_stats)
     check_finite(stats)
     if on_stats is not None:
         on_stats(stats)
@@ -475,18 +477,20 @@ def compress_moe_layer(
         h_hold = h.view(split, n)
         if not cfg.sequential:  # the original output of the held-out sequences too
             streamer.run_moe(block, h_hold, out.view(split, n))
-        judge = HeldOutJudge(streamer, block, h_hold)
-        try:
-            plan, merged = guarded_plan(streamer, block, h_stats, judge, stats, n_keep, cfg.options, cfg.seed,
-                                        cfg.guard_mode)
-        finally:
-            judge.close()
+        with timing.phase("guard"):  # (its alignment pass, assignments and merges are timed as such)
+            judge = HeldOutJudge(streamer, block, h_hold)
+            try:
+                plan, merged = guarded_plan(streamer, block, h_stats, judge, stats, n_keep, cfg.options, cfg.seed,
+                                            cfg.guard_mode)
+            finally:
+                judge.close()
     compressed = block.restricted(plan.kept)
     stats_tokens = h_stats.total_tokens
     plan.tokens = stats_tokens
     if cfg.sequential:  # the compressed block makes the next layer's input; its routing is counted on the way
         counter = RoutingCounter(len(plan.kept), stats_tokens)
-        streamer.run_moe(compressed, h, out, observer=counter, experts=compressed_loader(streamer, plan, merged))
+        with timing.phase("sequential"):
+            streamer.run_moe(compressed, h, out, observer=counter, experts=compressed_loader(streamer, plan, merged))
         plan.frequency_after = counter.counts.tolist()
     else:
         plan.frequency_after = routing_counts(streamer, compressed, h, stats_tokens)

@@ -26,6 +26,8 @@ from collections import defaultdict
 from contextlib import contextmanager
 
 PHASES = ("read", "store", "write", "snapshot")
+# parts of the compute, by pass (each excludes the reads, stores and writes inside it)
+PASSES = ("attention", "stats", "alignment", "assignment", "merge", "guard", "sequential")
 
 _enabled = False
 _sync_cuda = False

@@ -6,10 +6,10 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
+from test_plan import reads_of
 from tiny_models import build_model, save_model
 
 from ream_lite.arch import ModelLayout
-from ream_lite.checkpoint.reader import CheckpointReader
 from ream_lite.cli import main
 from ream_lite.engine.expert_cache import LayerExpertCache
 from ream_lite.engine.experts import load_experts
@@ -89,19 +89,6 @@ def test_no_cache_without_room(bf16_dir):
     plan = s.make_plan(64)
     assert roomy.cache_experts and not plan.cache_experts and plan.experts_per_chunk == roomy.experts_per_chunk
     assert "no room" in "\n".join(plan.lines())
-
-
-def reads_of(src, monkeypatch) -> list[int]:
-    read: list[int] = []
-    close = CheckpointReader.close
-
-    def record(self):
-        if self.dir.resolve() == src.resolve():
-            read.append(self.bytes_read)
-        close(self)
-
-    monkeypatch.setattr(CheckpointReader, "close", record)
-    return read
 
 
 @pytest.mark.parametrize("settings,dtype", [
