@@ -16,7 +16,8 @@ follow what `pipeline.compress` does, pass by pass (keep them in step with `pipe
 - reads: every byte `compress` reads from the checkpoint, re-reads included: an expert is read again by each pass
   that runs it (statistics, alignment, merging, each judged candidate, the sequential pass), unless the memory plan
   keeps the layer's experts on the device (`MemoryPlan.cache_experts`), when one read serves every pass; the kept
-  experts are read once more either way, copied as stored into the output;
+  experts are then written into the output from the cache where it holds their stored bytes (per-expert storage in
+  the compute dtype), else read once more and copied as stored;
 - FLOPs: expert matmuls per pass (every expert on every statistics token for methods that need dense statistics,
   else top-k), the alignment pass, the guard's candidates on held-out tokens, the sequential re-run, routers, and
   the rest of each layer (~2 x non-expert parameters per token, plus attention scores).
@@ -40,7 +41,7 @@ from ream_lite.arch.layout import LayerLayout, ModelLayout
 from ream_lite.calib import planned_counts
 from ream_lite.checkpoint.writer import HEADER_RESERVE, OWN_FILES, WEIGHT_SUFFIXES
 from ream_lite.engine.budget import MemoryPlan, physical_ram, plan_memory, require_device
-from ream_lite.engine.expert_cache import holds_exactly
+from ream_lite.engine.expert_cache import holds_exactly, writes_as_stored
 from ream_lite.engine.experts import expert_bytes
 from ream_lite.engine.streamer import checkpoint_dtype
 from ream_lite.guard import candidate_plans
@@ -363,7 +364,7 @@ class CompressionEstimate:
             "  work dir       " + (f"{_size(self.work_dir_bytes)} of hidden-state files" if self.work_dir_bytes
                                     else "nothing (hidden states stay in memory)"),
             f"  reads          {_size(self.read_bytes)} from the checkpoint ({self.read_bytes / max(self.input_bytes, 1):.1f}x"
-            + (" its size: a layer's experts are read once for all its passes, the kept ones again for the output)"
+            + (" its size: a layer's experts are read once for all its passes and the output)"
                if m.cache_experts else " its size: experts are read again by each pass that runs them)"),
             "",
             "time",
@@ -602,8 +603,9 @@ def _layer_cost(
     work = Work(layers=tokens * (2.0 * params + 2.0 * cfg.seq_len * heads * head_dim))
     reads = 2 * non_expert + _mtp_read_correction(layout, info)  # built to run the layer, then copied
     if info.is_moe:
+        writes = memory.cache_experts and writes_as_stored(layout, info.index, getattr(torch, memory.dtype))
         moe_work, experts_read = _moe_work(layout, info, cfg, n_keep, chunk, shape, tokens, held, inter,
-                                           _cached_dtypes(layout, info, memory))
+                                           _cached_dtypes(layout, info, memory), writes)
         work = work + moe_work
         reads += experts_read * e_stored
     return LayerCost(**cost, output_bytes=_layer_output_bytes(layout, info, n_keep), read_bytes=reads,
@@ -635,10 +637,11 @@ def _cached_dtypes(layout: ModelLayout, info: LayerLayout, memory: MemoryPlan) -
 
 def _moe_work(
     layout: ModelLayout, info: LayerLayout, cfg: CompressConfig, n_keep: int, chunk: int, shape: MergeShape,
-    tokens: int, held: int, inter: int, cached: str = "none",
+    tokens: int, held: int, inter: int, cached: str = "none", written_from_cache: bool = False,
 ) -> tuple[Work, int]:
     """What one MoE layer's passes in `pipeline.compress_moe_layer` compute, and how many experts they read
-    (`cached`: which loads the layer's expert cache serves, see `_cached_dtypes`)."""
+    (`cached`: which loads the layer's expert cache serves, see `_cached_dtypes`; `written_from_cache`: the kept
+    experts go to the output from the cache, which holds their stored bytes, instead of being read again)."""
     h, n, k = int(layout.config["hidden_size"]), info.num_experts, layout.router_config.top_k
     expert = 6.0 * h * inter  # gate, up and down matmuls, per token
     route = lambda experts, chunks: 2.0 * h * experts * chunks
@@ -674,7 +677,8 @@ def _moe_work(
         work = work + Work(layers=stats_tokens * route(n_keep, 1))
     if cached != "none":  # one read of every expert serves the passes (the merges' too, where that is exact)
         reads = n + (shape.merge_reads if cached == "compute" else 0)
-    reads += n_keep - shape.written_merged  # kept experts copied into the output, as stored (never from the cache)
+    if not written_from_cache:
+        reads += n_keep - shape.written_merged  # kept experts copied into the output, as stored
     return work, reads
 
 

@@ -448,7 +448,10 @@ def compress_layer(
     if block is not None:  # every pass over the layer's experts from one read of them, when they fit the plan
         with streamer.layer_experts(index):
             plan, merged = compress_moe_layer(streamer, block, h, out, method, n_keep, cfg, n_holdout, on_stats)
-    write_layer(writer, streamer.layout, index, plan, merged)
+            # the kept experts go to the output from the cache where it holds their stored bytes (no re-read)
+            write_layer(writer, streamer.layout, index, plan, merged, streamer.stored_experts(index))
+    else:
+        write_layer(writer, streamer.layout, index, plan, merged)
     if plan is None:
         return None
     return {**plan.to_json(), **meter.read(), "tokens": plan.tokens}

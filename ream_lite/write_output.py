@@ -39,8 +39,10 @@ def copy_non_layer_tensors(writer: CheckpointWriter, layout: ModelLayout) -> Non
             writer.copy_from(layout.reader, k)
 
 
-def write_layer(writer: CheckpointWriter, layout: ModelLayout, layer: int, plan: LayerPlan | None, merged: dict) -> None:
-    """Write one decoder layer: unchanged tensors copied as stored; router rows and experts of the kept experts."""
+def write_layer(writer: CheckpointWriter, layout: ModelLayout, layer: int, plan: LayerPlan | None, merged: dict,
+                stored_experts: Callable[[int], tuple[torch.Tensor, ...]] | None = None) -> None:
+    """Write one decoder layer: unchanged tensors copied as stored; router rows and experts of the kept experts
+    (`stored_experts(e)`: expert e's tensors as stored, already in memory, written instead of read again)."""
     r, spec = layout.reader, layout.spec
     keys = layout.layer_keys(layer)
     if plan is None:
@@ -65,6 +67,9 @@ def write_layer(writer: CheckpointWriter, layout: ModelLayout, layer: int, plan:
             if e in merged:
                 for name, o, t in zip(new, old, merged[e]):
                     writer.add(name, t.to(r.entry(o).torch_dtype).cpu())
+            elif stored_experts is not None:  # the same bytes, from the layer's expert cache
+                for name, t in zip(new, stored_experts(e)):
+                    writer.add(name, t)
             else:
                 for o, n in zip(old, new):
                     writer.copy_from(r, o, n)

@@ -32,6 +32,15 @@ def holds_exactly(layout: ModelLayout, layer: int, dtype: torch.dtype) -> bool:
     return all(s == dtype or (s, dtype) in _EXACT_WIDENING for s in stored)
 
 
+def writes_as_stored(layout: ModelLayout, layer: int, dtype: torch.dtype) -> bool:
+    """Whether a cache of `layer` in `dtype` holds its experts' stored bytes, so the output's kept experts can be
+    written from it instead of read again: per-expert storage (the output's layout) in exactly `dtype`."""
+    info = layout.layers[layer]
+    if info.expert_storage != "per_expert":
+        return False
+    return all(layout.reader.entry(k).torch_dtype == dtype for k in layout.expert_keys(layer))
+
+
 class LayerExpertCache:
     """Every routed expert of one MoE layer in `dtype` on `device`, read from the checkpoint once."""
 
@@ -39,6 +48,7 @@ class LayerExpertCache:
         self.layer, self.dtype = layer, dtype
         self.weights = load_experts(layout, layer, list(range(layout.layers[layer].num_experts)), dtype, device)
         self.exact = holds_exactly(layout, layer, dtype)
+        self.as_stored = writes_as_stored(layout, layer, dtype)
 
     @property
     def nbytes(self) -> int:
@@ -47,6 +57,12 @@ class LayerExpertCache:
     def serves(self, dtype: torch.dtype) -> bool:
         """Whether a load in `dtype` gets from here exactly what the checkpoint would give (see the module doc)."""
         return dtype == self.dtype or self.exact
+
+    def stored(self, e: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Expert e's (gate, up, down) exactly as stored (only where `as_stored`)."""
+        assert self.as_stored
+        w = self.weights
+        return w.gate[e], w.up[e], w.down[e]
 
     def take(self, ids: list[int], dtype: torch.dtype, copy: bool = False) -> ExpertWeights:
         """Experts `ids` in `dtype`: views of the cache for a contiguous run in its own dtype (no copy; read-only, so

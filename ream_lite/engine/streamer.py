@@ -231,6 +231,12 @@ class LayerStreamer:
         finally:
             self._cache = None
 
+    def stored_experts(self, layer: int) -> Callable[[int], tuple[torch.Tensor, ...]] | None:
+        """Expert e of `layer` -> its (gate, up, down) as stored, from the open cache; None where the cache does not
+        hold the stored bytes (then the output copies them from the checkpoint)."""
+        cache = self._cache
+        return cache.stored if cache is not None and cache.layer == layer and cache.as_stored else None
+
     def holds_experts(self, layer: int, dtype: torch.dtype) -> bool:
         """Whether loads of `layer`'s experts in `dtype` are served by the open cache (read nothing)."""
         cache = self._cache
