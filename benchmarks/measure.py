@@ -1,5 +1,5 @@
 """Measuring one run from inside its own process: peak host RSS, peak GPU memory as torch and as the driver see it,
-wall time; and the two floors a run is compared against (sequential read speed of a disk, matmul rate of a device).
+wall time; the page-cache eviction and the matmul rate behind the floors a run is compared against.
 
 Used by scale.py (and its children scale_child.py and reference_style.py), so that ream-lite and the
 reference-style run are measured by the same code.
@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from ream_lite.rates import timed_rate
 from ream_lite.report import peak_host_bytes
 
 
@@ -102,42 +103,9 @@ def evict_from_page_cache(paths: list[Path]) -> None:
             os.close(fd)
 
 
-def sequential_read_rate(paths: list[Path], block: int = 16 * 1024**2, limit: int | None = None) -> tuple[float, int]:
-    """Bytes per second of a cold sequential read of `paths` (evicted first), in `block`-sized reads, up to `limit`
-    bytes in all; returns (rate, bytes read). The files are evicted again afterwards."""
-    evict_from_page_cache(paths)
-    buf = bytearray(block)
-    view = memoryview(buf)
-    done = 0
-    t = time.perf_counter()
-    for p in paths:
-        with open(p, "rb", buffering=0) as f:
-            while limit is None or done < limit:
-                n = f.readinto(view)
-                if not n:
-                    break
-                done += n
-        if limit is not None and done >= limit:
-            break
-    secs = time.perf_counter() - t
-    evict_from_page_cache(paths)
-    return done / max(secs, 1e-9), done
-
-
 def matmul_rate(m: int, k: int, n: int, dtype: torch.dtype, device: str, seconds: float = 1.0) -> float:
-    """FLOP/s of x[m, k] @ w[n, k].T in `dtype` on `device` (F.linear, as the engine calls it), median of timed
-    repeats after a warm-up, on random data."""
+    """FLOP/s of x[m, k] @ w[n, k].T in `dtype` on `device` (F.linear, as the engine calls it), on random data, timed
+    as `ream-lite plan` times the engine's own code."""
     x = torch.randn(m, k, device=device).to(dtype)
     w = torch.randn(n, k, device=device).to(dtype)
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    torch.nn.functional.linear(x, w)
-    sync()
-    times = []
-    start = time.perf_counter()
-    while time.perf_counter() - start < seconds or len(times) < 3:
-        t = time.perf_counter()
-        torch.nn.functional.linear(x, w)
-        sync()
-        times.append(time.perf_counter() - t)
-    times.sort()
-    return 2.0 * m * k * n / times[len(times) // 2]
+    return timed_rate(2.0 * m * k * n, lambda: torch.nn.functional.linear(x, w), torch.device(device), seconds)

@@ -8,8 +8,9 @@
    (benchmarks/synth.py), and drops it from the page cache before every run: each run reads it from the disk, as a
    checkpoint far larger than RAM would be.
 2. Measures the two floors on this machine, in this run: the sequential read speed of the checkpoint's disk (a cold
-   read of its shards) and the matmul rate of the device at the shapes the work runs at (full token batches
-   against an expert; the few tokens top-k routing sends one expert; float64 for the weight-alignment costs).
+   read of its largest shard, up to 4 GiB, as `ream-lite plan` measures it) and the matmul rate of the device at
+   the shapes the work runs at (full token batches against an expert; the few tokens top-k routing sends one
+   expert; float64 for the weight-alignment costs).
    Read floor = checkpoint bytes / read speed; compute floor = the FLOPs the method does (from `ream-lite plan`'s
    count, pass by pass) / those rates.
 3. Runs `ream-lite compress` for each method and device budget in a fresh process (benchmarks/scale_child.py):
@@ -35,12 +36,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from measure import evict_from_page_cache, matmul_rate, sequential_read_rate  # noqa: E402
+from measure import evict_from_page_cache, matmul_rate  # noqa: E402
 from shapes import SHAPES  # noqa: E402
 from synth import synthesize  # noqa: E402
 
 from ream_lite import timing  # noqa: E402
+from ream_lite.arch.layout import ModelLayout  # noqa: E402
 from ream_lite.checkpoint.reader import CheckpointReader  # noqa: E402
+from ream_lite.rates import measure_read_speed  # noqa: E402
 
 HERE = Path(__file__).parent
 GiB = 1024**3
@@ -121,12 +124,13 @@ def main() -> None:
     print(f"checkpoint {model} ready in {time.perf_counter() - t:.0f} s", flush=True)
     files = shards(model)
     ckpt_bytes = CheckpointReader(model).total_bytes()
-    read_rate, sampled = sequential_read_rate(files, limit=4 * GiB)  # (a sample: enough for a steady rate)
+    evict_from_page_cache(files)  # (synced first: a checkpoint just written is in the page cache, dirty)
+    read_rate, _ = measure_read_speed(ModelLayout(model), 4 * GiB)  # as `ream-lite plan` measures the disk
     cfg = SHAPES[args.shape](args.layers, args.dense_layers)
     rates = floor_rates(cfg, args.device, 4096)
     if args.device.startswith("cuda"):
         torch.cuda.empty_cache()  # the runs' own GPU figures should not count this process's matmul buffers
-    print(f"read {read_rate / 1e9:.2f} GB/s (cold, {sampled / GiB:.1f} GiB); matmul bf16 "
+    print(f"read {read_rate / 1e9:.2f} GB/s (cold, largest shard, up to 4 GiB); matmul bf16 "
           f"{rates['batch'] / 1e12:.2f} TFLOP/s at 4096 rows, {rates['routed'] / 1e12:.2f} at {rates['routed_rows']} "
           f"rows; float64 {rates['float64'] / 1e12:.3f} TFLOP/s", flush=True)
 

@@ -89,7 +89,7 @@ def measure_read_speed(layout: ModelLayout, max_bytes: int = READ_SAMPLE_BYTES) 
         os.close(fd)
 
 
-def _rate(flops: float, fn: Callable[[], object], device: torch.device, seconds: float = SECONDS_EACH) -> float:
+def timed_rate(flops: float, fn: Callable[[], object], device: torch.device, seconds: float = SECONDS_EACH) -> float:
     """FLOP/s of `fn` (doing `flops` per call): one warm-up call, then calls for at least `seconds`."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda *a: None)
     fn()  # kernel selection, lazy initialisation
@@ -127,20 +127,20 @@ def measure_rates(
     one = ExpertWeights([0], w.gate[:1], w.up[:1], w.down[:1])
     pair = ExpertWeights([0, 1], w.gate[:2], w.up[:2], w.down[:2]) if chunk > 1 else one
 
-    layers = _rate(per_token * rows, lambda: expert_output(w, 0, x, act), device)
+    layers = timed_rate(per_token * rows, lambda: expert_output(w, 0, x, act), device)
     stats = StatsCollector(rc.num_experts, hidden, act, rc.kind, dense=True, gram=False)
     stats.on_routing(0, None, x, routing)
-    dense = _rate(per_token * rows, lambda: stats.on_experts(0, None, x, routing, one), device)
+    dense = timed_rate(per_token * rows, lambda: stats.on_experts(0, None, x, routing, one), device)
     routed_pairs = max(1, int((routing.indices < chunk).sum()))
     acc = torch.zeros(rows, hidden, dtype=dtype if one_chunk else torch.float32, device=device)
-    routed = _rate(per_token * routed_pairs,
-                   lambda: add_routed_output(acc, x, routing.indices, routing.weights, w, act), device)
+    routed = timed_rate(per_token * routed_pairs,
+                        lambda: add_routed_output(acc, x, routing.indices, routing.weights, w, act), device)
     align = AlignmentCollector([(0, 1)], act)
-    alignment = _rate(len(pair.ids) * 4.0 * hidden * inter * rows + 2.0 * rows * inter * inter,
-                      lambda: align.on_experts(0, None, x, routing, pair), device)
+    alignment = timed_rate(len(pair.ids) * 4.0 * hidden * inter * rows + 2.0 * rows * inter * inter,
+                           lambda: align.on_experts(0, None, x, routing, pair), device)
     features = weight_features(w.gate[0], w.up[0], w.down[0])
     part = features[: min(inter, 256)]  # the cost scales as I^2 x 3H: a slice is timed
-    float64 = _rate(2.0 * len(part) ** 2 * 3 * hidden, lambda: weight_cost(part, part), device)
+    float64 = timed_rate(2.0 * len(part) ** 2 * 3 * hidden, lambda: weight_cost(part, part), device)
     # an I x I cost of the same kind, from fewer feature columns (the assignment's time depends on I, not on them)
     cols = min(features.shape[1], 512)
     cost = weight_cost(features[:, :cols], weight_features(w.gate[-1], w.up[-1], w.down[-1])[:, :cols])

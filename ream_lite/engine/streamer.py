@@ -248,9 +248,8 @@ class LayerStreamer:
         gives: from the open layer's cache when it holds them exactly, else from the checkpoint. A cached chunk may
         be a view of the cache: pass `copy` to write into it."""
         dtype = dtype or self.dtype
-        cache = self._cache
-        if cache is not None and cache.layer == layer and cache.serves(dtype):
-            return cache.take(ids, dtype, copy)
+        if self.holds_experts(layer, dtype):
+            return self._cache.take(ids, dtype, copy)
         return load_experts(self.layout, layer, ids, dtype, self.device)
 
     # -- the forward pass ---------------------------------------------------------------------------------------

@@ -37,22 +37,18 @@ def pair_cost(align: str, act_cost: torch.Tensor | None, centroid_features, memb
 def solve_alignments(
     plans: list[LayerPlan], acts: AlignmentCollector | None, perm_cache: dict[tuple[int, int], torch.Tensor],
     load: Callable[[list[int]], ExpertWeights], pool: AssignmentPool,
-) -> int:
+) -> None:
     """Solve every (centroid, member) alignment of `plans` that `perm_cache` lacks, in batches on the assignment
     pool (all cores), into `perm_cache`; `build_merged_experts` then finds them there. Each pair gets the cost
     matrix and the solver `merge_group` would use, so the permutations are the same. Loads each group's experts
-    once more than merging alone does: call it only where loads read nothing (the layer's expert cache).
-    Returns how many pairs were solved."""
+    once more than merging alone does: call it only where loads read nothing (the layer's expert cache)."""
     batch = 4 * pool.workers  # bounds the cost matrices held at once (4.5 MiB each at 768 neurons, 32 at 2048)
     pairs: list[tuple[int, int]] = []
     costs: list = []
-    solved = 0
 
     def flush() -> None:
-        nonlocal solved
         for pair, perm in zip(pairs, pool.solve_all(costs)):
             perm_cache[pair] = torch.from_numpy(perm)
-        solved += len(pairs)
         pairs.clear()
         costs.clear()
 
@@ -75,7 +71,6 @@ def solve_alignments(
             if len(pairs) >= batch:
                 flush()
     flush()
-    return solved
 
 
 def merge_group(
