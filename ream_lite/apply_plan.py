@@ -17,7 +17,7 @@ from ream_lite.checkpoint.writer import DEFAULT_MAX_SHARD_BYTES, CheckpointWrite
 from ream_lite.errors import ReamLiteError
 from ream_lite.methods.plan import LayerPlan
 from ream_lite.report import PLAN_NAME, dumps
-from ream_lite.write_output import compression_steps, validate_output_path, write_planned
+from ream_lite.write_output import compression_steps, make_output_format, validate_output_path, write_planned
 
 
 def read_plan(path: str | Path) -> dict:
@@ -80,13 +80,18 @@ def apply_plan(plan_path: str, model: str, output: str, overwrite: bool = False,
     plan = read_plan(plan_path)
     layout = ModelLayout(model)
     try:
-        layout.require_plain_weights()
+        layout.require_decodable()
         validate_output_path(layout, output)
         if plan["experts"]["before"] != layout.router_config.num_experts:
             raise ReamLiteError(f"the plan compresses {plan['experts']['before']} experts per layer, the model has "
                                 f"{layout.router_config.num_experts}")
         plans = layer_plans(plan, layout)
-        writer = CheckpointWriter(output, max_shard_bytes, overwrite=overwrite)
+        # the output format compress wrote (ream_plan.json "output"), so that apply writes the same bytes
+        fmt = plan.get("output") or {}
+        n_keep = int(plan["experts"]["after"])
+        output_format = make_output_format(layout, n_keep, fmt.get("out_dtype", "stored"), fmt.get("quantize"),
+                                           bool(fmt.get("double_quant", False)))
+        writer = CheckpointWriter(output, max_shard_bytes, overwrite=overwrite, output=output_format)
 
         def side_files(d: Path) -> None:
             (d / PLAN_NAME).write_text(dumps(plan))

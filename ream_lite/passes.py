@@ -128,7 +128,8 @@ def merge_plan(
         return streamer.experts(plan.layer, ids, torch.float32)
 
     with timing.phase("merge"):  # (assignments not solved in advance are solved here, one by one)
-        return build_merged_experts(streamer.layout, plan, acts, streamer.device, perm_cache, load)
+        return build_merged_experts(streamer.layout, plan, acts, streamer.device, perm_cache, load,
+                                    streamer.output_format, streamer.dtype)
 
 
 def compressed_loader(streamer: LayerStreamer, plan: LayerPlan, merged: dict):

@@ -46,6 +46,7 @@ from ream_lite.stats_io import check_reusable, load_layer_stats, read_stats_info
 from ream_lite.write_output import (
     compression_steps,
     copy_non_layer_tensors,
+    make_output_format,
     output_config,
     validate_output_path,
     write_layer,
@@ -75,6 +76,9 @@ class CompressConfig:
     overwrite: bool = False
     drop_mtp: bool = False
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
+    out_dtype: str = "stored"  # stored: each tensor in its input encoding (FP8 stays FP8); bf16/fp16/fp32: decoded
+    quantize: str | None = None  # nf4 | fp4: Linear weights written in bitsandbytes 4-bit
+    double_quant: bool = False  # bnb 4-bit with quantized statistics
     tokenizer: str | None = None
     guard: str | None = None  # group | layer | off; None = "group" for REAM, "off" for every other method
     holdout: float = 0.1  # share of calibration sequences the guard judges plans on (never used for statistics)
@@ -111,7 +115,7 @@ def resolve_keep(layout: ModelLayout, experts: float) -> int:
 
 def validate(layout: ModelLayout, n_keep: int, cfg: CompressConfig) -> None:
     """Everything that can be checked before the first expensive pass."""
-    layout.require_plain_weights()
+    layout.require_decodable()
     rc = layout.router_config
     if cfg.method not in METHODS:
         raise ReamLiteError(f"unknown method {cfg.method}; choose from {', '.join(METHODS)}")
@@ -258,6 +262,7 @@ def _compress(layout: ModelLayout, cfg: CompressConfig, echo: Callable[[str], No
         echo(line)
     streamer = LayerStreamer(layout, cfg.stream)
     streamer.plan = est.memory
+    streamer.output_format = make_output_format(layout, n_keep, cfg.out_dtype, cfg.quantize, cfg.double_quant)
     rc = layout.router_config
     identity = run_identity(layout, cfg, streamer, seqs)
     manifest = resumable_run(cfg, identity, streamer)
@@ -267,7 +272,7 @@ def _compress(layout: ModelLayout, cfg: CompressConfig, echo: Callable[[str], No
     check_disk_space(cfg.output, max(0, est.output_disk_bytes - written) + est.resume_bytes, cfg.stream.work_dir,
                      est.work_dir_bytes)
     writer = CheckpointWriter(cfg.output, cfg.max_shard_bytes, overwrite=cfg.overwrite,
-                              resume=manifest["writer"] if manifest else None)
+                              resume=manifest["writer"] if manifest else None, output=streamer.output_format)
     on_stats = None  # called with every MoE layer's statistics (--save-stats)
     if cfg.save_stats:
         stats_run = start_stats_dir(cfg.save_stats, {
@@ -329,7 +334,7 @@ def _compress(layout: ModelLayout, cfg: CompressConfig, echo: Callable[[str], No
         write_side_files(writer.tmp_dir, layout, cfg, n_keep, calibration_record(cfg, cal), layers, run, writer,
                          first_run)
         # the resume record goes last: a kill or an error before the output is in place can still be resumed
-        return writer.finish(output_config(layout, n_keep, cfg.drop_mtp), source_dir=layout.path,
+        return writer.finish(output_config(layout, n_keep, cfg.drop_mtp, writer.output), source_dir=layout.path,
                              before_publish=resume_log.remove)
     except BaseException as e:
         close_stores(h, out)
@@ -381,6 +386,8 @@ def build_report(layout: ModelLayout, cfg: CompressConfig, n_keep: int, calibrat
         "options": asdict(cfg.options),
         "sequential": cfg.sequential,
         "drop_mtp": cfg.drop_mtp,
+        "output": {"out_dtype": cfg.out_dtype, "quantize": cfg.quantize, "double_quant": cfg.double_quant,
+                   "format": writer.output.describe},
         "seed": cfg.seed,
         "guard": cfg.guard_mode,
         "calibration": calibration,
@@ -425,7 +432,8 @@ def compress_from_stats(layout: ModelLayout, cfg: CompressConfig, n_keep: int) -
         plans[x.index] = plan
     est = estimate_compression(layout, cfg, n_keep, measure=False)
     check_disk_space(cfg.output, est.output_disk_bytes)
-    writer = CheckpointWriter(cfg.output, cfg.max_shard_bytes, overwrite=cfg.overwrite)
+    writer = CheckpointWriter(cfg.output, cfg.max_shard_bytes, overwrite=cfg.overwrite,
+                              output=make_output_format(layout, n_keep, cfg.out_dtype, cfg.quantize, cfg.double_quant))
     calibration = {**info.get("calibration", {}), "from_stats": str(cfg.from_stats)}
 
     def side_files(d: Path) -> None:

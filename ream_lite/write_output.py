@@ -13,7 +13,10 @@ import torch
 from tqdm.auto import tqdm
 
 from ream_lite.arch.layout import LayerLayout, ModelLayout
+from ream_lite.checkpoint import stored
+from ream_lite.checkpoint.output_format import OutputFormat
 from ream_lite.checkpoint.writer import CheckpointWriter
+from ream_lite.engine.streamer import checkpoint_dtype
 from ream_lite.errors import ReamLiteError
 from ream_lite.methods.apply import build_merged_experts
 from ream_lite.methods.plan import LayerPlan
@@ -56,8 +59,8 @@ def write_layer(writer: CheckpointWriter, layout: ModelLayout, layer: int, plan:
         router_keys.add(layout.moe_key(layer, spec.router_bias))
     expert_keys = set(layout.expert_keys(layer))
     for k in keys:
-        if k in router_keys:
-            writer.add(k, r.get(k)[idx].contiguous())
+        if k in router_keys:  # (an encoded router is decoded, sliced and encoded again)
+            writer.add_like(k, r.get(k)[idx].contiguous(), r.entry(k))
         elif k not in expert_keys:
             writer.copy_from(r, k)
     info = layout.layers[layer]
@@ -66,8 +69,8 @@ def write_layer(writer: CheckpointWriter, layout: ModelLayout, layer: int, plan:
             old, new = layout.per_expert_keys(layer, e), layout.per_expert_keys(layer, pos)
             if e in merged:
                 for name, o, t in zip(new, old, merged[e]):
-                    writer.add(name, t.to(r.entry(o).torch_dtype).cpu())
-            elif stored_experts is not None:  # the same bytes, from the layer's expert cache
+                    writer.add_like(name, t, r.entry(o))
+            elif stored_experts is not None and writer.output.quantize is None:  # the stored bytes, from the cache
                 for name, t in zip(new, stored_experts(e)):
                     writer.add(name, t)
             else:
@@ -75,30 +78,82 @@ def write_layer(writer: CheckpointWriter, layout: ModelLayout, layer: int, plan:
                     writer.copy_from(r, o, n)
         return
     gu_key, down_key = layout.fused_keys(layer)
-    gu_dtype, down_dtype = r.entry(gu_key).torch_dtype, r.entry(down_key).torch_dtype
-    gu_out = torch.empty((len(kept), *r.shape(gu_key)[1:]), dtype=gu_dtype)
-    down_out = torch.empty((len(kept), *r.shape(down_key)[1:]), dtype=down_dtype)
+    for key, slab in ((gu_key, lambda g, u, d: torch.cat([g, u])), (down_key, lambda g, u, d: d)):
+        _write_fused(writer, r, key, kept, {e: slab(*merged[e]) for e in kept if e in merged})
+        # (one fused tensor at a time: the second is built only after the first is written)
+
+
+def _write_fused(writer: CheckpointWriter, r, key: str, kept: list[int], merged: dict[int, torch.Tensor]) -> None:
+    """A fused [E, ...] expert tensor of the kept experts: kept ones as stored (row copies of every stored part),
+    merged ones (`merged`: expert -> its slab of values) encoded as the output format says."""
+    like = r.entry(key)
+    if not writer.output.keeps_stored(key, like):  # decoded or re-encoded output: build the values, encode once
+        values = torch.empty((len(kept), *like.shape[1:]), dtype=torch.float32 if like.is_encoded else
+                             like.torch_dtype)
+        for pos, e in enumerate(kept):
+            values[pos].copy_(merged[e] if e in merged else r.get(key, rows=(e, e + 1))[0])
+        writer.add_like(key, values, like)
+        return
+    parts = {sfx: torch.empty((len(kept), *part.shape[1:]), dtype=part.torch_dtype) for sfx, part in
+             like.parts.items()}
     for pos, e in enumerate(kept):
-        if e in merged:
-            g, u, d = merged[e]
-            gu_out[pos].copy_(torch.cat([g, u]))
-            down_out[pos].copy_(d)
+        if e in merged:  # this expert's parts, encoded alone (its blocks and scales are its own)
+            enc = stored.encode(like, key, merged[e][None])
+            for sfx in parts:
+                parts[sfx][pos].copy_(enc[like.part_name(sfx, key)][0])
         else:
-            gu_out[pos].copy_(r.get(gu_key, rows=(e, e + 1))[0])
-            down_out[pos].copy_(r.get(down_key, rows=(e, e + 1))[0])
-    writer.add(gu_key, gu_out)
-    del gu_out
-    writer.add(down_key, down_out)
+            for sfx, part in like.parts.items():
+                parts[sfx][pos].copy_(r.read_part(part, rows=(e, e + 1))[0])
+    for sfx, t in parts.items():
+        writer.add(like.part_name(sfx, key), t)
 
 
-def output_config(layout: ModelLayout, n_keep: int, drop_mtp: bool) -> dict:
+def output_config(layout: ModelLayout, n_keep: int, drop_mtp: bool, output: OutputFormat | None = None) -> dict:
     out = dict(layout.config)
     for key in layout.spec.num_experts_keys:
         if key in out:
             out[key] = n_keep
     if drop_mtp and layout.spec.mtp_layers_key:
         out[layout.spec.mtp_layers_key] = 0
+    if output is not None:
+        out = output.config(out, sorted(_bnb_skipped(layout)) if output.quantize else None)
     return out
+
+
+OUT_DTYPES = ("stored", "bf16", "fp16", "fp32")
+
+
+def make_output_format(layout: ModelLayout, n_keep: int, out_dtype: str = "stored", quantize: str | None = None,
+                       double_quant: bool = False) -> OutputFormat:
+    """The output format of `--out-dtype` / `--quantize` for compressing `layout` to `n_keep` experts: with
+    `quantize`, the weights transformers' bitsandbytes loader turns into 4-bit modules for the output's config."""
+    if out_dtype not in OUT_DTYPES:
+        raise ReamLiteError(f"--out-dtype {out_dtype}: expected one of {', '.join(OUT_DTYPES)}")
+    decode_to = None if out_dtype == "stored" else {"bf16": torch.bfloat16, "fp16": torch.float16,
+                                                     "fp32": torch.float32}[out_dtype]
+    if quantize is None:
+        return OutputFormat(decode_to=decode_to)
+    from ream_lite.checkpoint.bnb4 import bnb4_target_keys
+
+    compute = decode_to or checkpoint_dtype(layout.config)
+    if compute == torch.float32:
+        compute = torch.bfloat16
+    targets = bnb4_target_keys(_output_hf_config(layout, n_keep))
+    return OutputFormat(decode_to=decode_to, quantize=quantize, quantize_keys=frozenset(targets),
+                        double_quant=double_quant, compute_dtype=compute)
+
+
+def _output_hf_config(layout: ModelLayout, n_keep: int):
+    cfg = layout.hf_config()
+    for key in layout.spec.num_experts_keys:
+        if getattr(cfg, key, None) is not None:
+            setattr(cfg, key, n_keep)
+    return cfg
+
+
+def _bnb_skipped(layout: ModelLayout) -> set[str]:
+    """Modules transformers must leave unquantized when loading the output: lm_head (never quantized)."""
+    return {"lm_head"}
 
 
 def write_planned(
@@ -112,10 +167,11 @@ def write_planned(
         copy_non_layer_tensors(writer, layout)
         for info in tqdm(compression_steps(layout, drop_mtp), desc="write", disable=not progress):
             plan = plans.get(info.index)
-            merged = build_merged_experts(layout, plan, None, device) if plan is not None else {}
+            merged = build_merged_experts(layout, plan, None, device, output=writer.output,
+                                          value_dtype=checkpoint_dtype(layout.config)) if plan is not None else {}
             write_layer(writer, layout, info.index, plan, merged)
         side_files(writer.tmp_dir)
-        return writer.finish(output_config(layout, n_keep, drop_mtp), source_dir=layout.path)
+        return writer.finish(output_config(layout, n_keep, drop_mtp, writer.output), source_dir=layout.path)
     except BaseException:
         writer.abort()
         raise

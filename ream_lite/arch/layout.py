@@ -10,10 +10,21 @@ from typing import Literal
 from ream_lite.arch.families import FAMILIES
 from ream_lite.arch.spec import ArchSpec, RouterConfig
 from ream_lite.checkpoint.reader import CheckpointReader, load_config_dict, resolve_model_path
+from ream_lite.checkpoint.stored import UNSCALED_FP8_MESSAGE
 from ream_lite.errors import ReamLiteError
 
 # model types that are known dense (no routed experts), for a clearer message than "unsupported"
 _DENSE_HINT = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "olmo", "olmo2", "gpt2")
+
+
+# quantization_config.quant_method values whose weights the reader decodes (checkpoint/stored.py)
+DECODABLE_QUANT_METHODS = ("fp8", "mxfp4", "bitsandbytes")
+
+
+def fp8_block_size(config: dict) -> tuple[int, int] | None:
+    """The FP8 block size the config declares (quantization_config.weight_block_size), if any."""
+    block = (config.get("quantization_config") or {}).get("weight_block_size")
+    return (int(block[0]), int(block[1])) if block else None
 
 
 def supported_families() -> str:
@@ -48,7 +59,7 @@ class ModelLayout:
         self.path: Path = resolve_model_path(name_or_path)
         self.config: dict = load_config_dict(self.path)
         self.spec: ArchSpec = detect_spec(self.config, str(self.path))
-        self.reader = CheckpointReader(self.path)
+        self.reader = CheckpointReader(self.path, fp8_block=fp8_block_size(self.config))
         self.num_layers = int(self.config["num_hidden_layers"])
         extra = int(self.config.get(self.spec.mtp_layers_key, 0) or 0) if self.spec.mtp_layers_key else 0
         # MTP layers are listed only when the checkpoint really has them (transformers' save_pretrained drops them)
@@ -137,6 +148,8 @@ class ModelLayout:
 
         cfg_dict = dict(self.config)
         cfg_dict["model_type"] = self.spec.model_type  # aliases (kimi_k2) map onto a transformers class
+        # the engine decodes stored weights itself and runs plain modules: no quantized module classes
+        cfg_dict.pop("quantization_config", None)
         model_type = cfg_dict.pop("model_type")
         try:
             cfg = AutoConfig.for_model(model_type, **cfg_dict)
@@ -145,16 +158,24 @@ class ModelLayout:
         cfg._attn_implementation = attn_implementation
         return cfg
 
-    def require_plain_weights(self) -> None:
-        """Refuse quantized checkpoints: their weights cannot be used without decoding (scales, blocks)."""
-        quant = self.config.get("quantization_config")
-        f8 = sorted({e.dtype for e in self.reader.entries.values() if e.dtype.startswith("F8")})
-        if quant or f8:
-            what = (quant or {}).get("quant_method") or "/".join(f8)
-            raise ReamLiteError(
-                f"{self.path}: quantized checkpoint ({what}); decoding stored formats (FP8 block scales, MXFP4, "
-                "bnb 4-bit) is not implemented yet, so it cannot be streamed"
-            )
+    def require_decodable(self) -> None:
+        """Refuse quantized checkpoints whose weights ream-lite cannot decode (GPTQ, AWQ, bnb 8-bit ...); FP8
+        block-scaled, MXFP4 and bnb 4-bit weights are decoded on read (`checkpoint.stored`)."""
+        unscaled = [k for k, t in self.reader.tensors.items() if t.encoding == "fp8_unscaled"]
+        if unscaled:
+            raise ReamLiteError(f"{self.path}: quantized checkpoint ({self.reader.entry(unscaled[0]).dtype}): "
+                                f"{unscaled[0]} is {UNSCALED_FP8_MESSAGE}")
+        quant = self.config.get("quantization_config") or {}
+        method = quant.get("quant_method")
+        if method is None or method in DECODABLE_QUANT_METHODS:
+            if method == "bitsandbytes" and quant.get("load_in_8bit"):
+                raise ReamLiteError(f"{self.path}: bitsandbytes 8-bit checkpoints cannot be decoded; use the "
+                                    "unquantized or a 4-bit release")
+            return
+        raise ReamLiteError(
+            f"{self.path}: quantized checkpoint ({method}); ream-lite decodes FP8 block-scaled, MXFP4 and "
+            "bitsandbytes 4-bit weights only: use the model's unquantized release"
+        )
 
     def close(self) -> None:
         self.reader.close()

@@ -10,7 +10,10 @@ from pathlib import Path
 import torch
 
 from ream_lite import timing
+from ream_lite.checkpoint import stored
 from ream_lite.checkpoint.format import TensorEntry, read_header
+from ream_lite.checkpoint.fp8 import DEFAULT_BLOCK
+from ream_lite.checkpoint.stored import StoredTensor
 from ream_lite.errors import ReamLiteError
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -46,9 +49,13 @@ class CheckpointReader:
 
     Nothing is memory-mapped and nothing is cached: each `get` reads exactly the bytes of one tensor (or of a
     range of rows along its first dimension) and returns a fresh tensor. `bytes_read` counts what was read.
+
+    Keys are logical tensors (`stored.StoredTensor`): a quantized weight stored as several parts (FP8 values and
+    block scales, MXFP4 blocks and scales, bnb 4-bit codes and statistics) is one key, named and shaped as in an
+    unquantized checkpoint; `get` decodes it. `entries` holds the physical tensors of the files.
     """
 
-    def __init__(self, directory: str | os.PathLike):
+    def __init__(self, directory: str | os.PathLike, fp8_block: tuple[int, int] | None = None):
         self.dir = Path(directory)
         if not self.dir.is_dir():
             raise ReamLiteError(f"{directory}: no such directory")
@@ -61,6 +68,7 @@ class CheckpointReader:
                 if k in self.entries:
                     raise ReamLiteError(f"{self.dir}: tensor {k} appears in two shards")
                 self.entries[k] = e
+        self.tensors: dict[str, StoredTensor] = stored.group_entries(self.entries, tuple(fp8_block or DEFAULT_BLOCK))
         self.bytes_read = 0
         self._files: dict[str, object] = {}
 
@@ -85,14 +93,14 @@ class CheckpointReader:
 
     # -- metadata -----------------------------------------------------------------------------------------------
     def __contains__(self, key: str) -> bool:
-        return key in self.entries
+        return key in self.tensors
 
     def keys(self) -> Iterator[str]:
-        return iter(self.entries)
+        return iter(self.tensors)
 
-    def entry(self, key: str) -> TensorEntry:
+    def entry(self, key: str) -> StoredTensor:
         try:
-            return self.entries[key]
+            return self.tensors[key]
         except KeyError:
             raise ReamLiteError(f"{self.dir}: tensor {key} not found in the checkpoint") from None
 
@@ -122,9 +130,14 @@ class CheckpointReader:
         self.bytes_read += nbytes
         return buf
 
-    def read_raw(self, key: str) -> bytearray:
-        e = self.entry(key)
-        return self._read(e.path, e.start, e.nbytes)
+    def read_raw(self, key: str) -> bytes:
+        """The stored bytes of tensor `key`, all its parts in order (for byte-for-byte comparisons)."""
+        return b"".join(bytes(self._read(e.path, e.start, e.nbytes)) for e in self.entry(key).parts.values())
+
+    @property
+    def encodings(self) -> set[str]:
+        """The stored encodings present ("plain", "fp8_block", "mxfp4", "bnb4")."""
+        return {t.encoding for t in self.tensors.values()}
 
     def get(
         self,
@@ -138,7 +151,36 @@ class CheckpointReader:
             return self._get(key, rows, dtype, device)
 
     def _get(self, key, rows, dtype, device) -> torch.Tensor:
-        e = self.entry(key)
+        t = self.entry(key)
+        if not t.is_encoded:
+            return self._get_entry(t.main, key, rows, dtype, device)
+        if rows is not None and not (0 <= rows[0] <= rows[1] <= t.shape[0]):
+            raise ReamLiteError(f"rows {rows} out of range for {key} with shape {t.shape}")
+        parts, row0 = {}, 0
+        if rows is None or t.encoding == "bnb4":  # bnb codes are flat: decode the whole weight, then slice
+            parts = {sfx: self._get_entry(e, key, None, None, device) for sfx, e in t.parts.items()}
+        elif t.encoding == "fp8_block" and len(t.shape) == 2:  # a 2-D weight: the block rows covering the range
+            a, b = rows
+            br = t.block[0]
+            parts[""] = self._get_entry(t.parts[""], key, rows, None, device)
+            parts[stored.FP8_SCALE] = self._get_entry(t.parts[stored.FP8_SCALE], key, (a // br, -(-b // br)), None,
+                                                      device)
+            row0 = a
+        elif len(t.shape) >= 3:  # fused [E, ...]: every part is indexed by expert along its first dimension
+            parts = {sfx: self._get_entry(e, key, rows, None, device) for sfx, e in t.parts.items()}
+        else:
+            raise ReamLiteError(f"{key}: row ranges of a 2-D {t.encoding} tensor are not supported")
+        x = stored.decode(t, parts, dtype, row0)
+        if rows is not None and t.encoding == "bnb4":
+            x = x[rows[0] : rows[1]]
+        return x
+
+    def read_part(self, part: TensorEntry, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """One stored part of a tensor (rows [a, b) of its first dimension), as stored: bytes, not values."""
+        with timing.phase("read"):
+            return self._get_entry(part, part.path, rows, None, None)
+
+    def _get_entry(self, e: TensorEntry, key, rows, dtype, device) -> torch.Tensor:
         shape = list(e.shape)
         start, nbytes = e.start, e.nbytes
         if rows is not None:

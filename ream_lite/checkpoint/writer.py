@@ -25,7 +25,9 @@ import torch
 
 from ream_lite import timing
 from ream_lite.checkpoint.format import DTYPE_NAMES, encode_header
+from ream_lite.checkpoint.output_format import OutputFormat
 from ream_lite.checkpoint.reader import INDEX_NAME, SINGLE_NAME, CheckpointReader
+from ream_lite.checkpoint.stored import StoredTensor
 from ream_lite.errors import ReamLiteError
 from ream_lite.report import REPORT_FILES
 
@@ -113,11 +115,13 @@ class CheckpointWriter:
 
     def __init__(
         self, out_dir: str | os.PathLike, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, overwrite: bool = False,
-        resume: dict | None = None,
+        resume: dict | None = None, output: OutputFormat | None = None,
     ):
         """A new output under `<out>.partial/` (any earlier partial output is removed), or, with `resume` (a
-        `state()` record), the partial output continued from that state."""
+        `state()` record), the partial output continued from that state. `output`: how tensors are encoded (default:
+        as the input stores them)."""
         self.out_dir = Path(out_dir)
+        self.output = output or OutputFormat()
         self.tmp_dir = partial_dir(self.out_dir)
         self.max_shard_bytes = max_shard_bytes
         if self.out_dir.exists() and not overwrite:
@@ -198,10 +202,25 @@ class CheckpointWriter:
             shard.file.write(t.reshape(-1).view(torch.uint8).numpy().data)
         self.bytes_written += nbytes
 
+    def add_like(self, name: str, value: torch.Tensor, like: StoredTensor) -> None:
+        """Write `value` (decoded values) as `name`, encoded as the output format says for a tensor stored like
+        `like` (the input tensor it replaces): its own encoding with fresh scales, decoded, or bnb 4-bit."""
+        for k, v in self.output.encode(name, value, like).items():
+            self.add(k, v)
+
     def copy_from(self, reader: CheckpointReader, key: str, name: str | None = None) -> None:
-        """Copy a tensor byte for byte from the input checkpoint, in bounded chunks, without decoding it."""
-        e = reader.entry(key)
-        shard = self._shard_for(name or key, e.dtype, list(e.shape), e.nbytes)
+        """Copy a tensor from the input checkpoint: byte for byte with all its stored parts, in bounded chunks,
+        without decoding it, unless the output format re-encodes it (then decoded and encoded)."""
+        t = reader.entry(key)
+        name = name or key
+        if not self.output.keeps_stored(name, t):
+            self.add_like(name, reader.get(key), t)
+            return
+        for sfx, e in t.parts.items():
+            self._copy_entry(reader, e, t.part_name(sfx, name))
+
+    def _copy_entry(self, reader: CheckpointReader, e, name: str) -> None:
+        shard = self._shard_for(name, e.dtype, list(e.shape), e.nbytes)
         for off in range(0, e.nbytes, COPY_CHUNK):
             n = min(COPY_CHUNK, e.nbytes - off)
             data = reader._read(e.path, e.start + off, n)

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from ream_lite.arch.layout import ModelLayout
 from ream_lite.arch.spec import RouterConfig
+from ream_lite.checkpoint.output_format import OutputFormat
 from ream_lite.engine.budget import MemoryPlan, plan_memory, require_device
 from ream_lite.engine.expert_cache import LayerExpertCache
 from ream_lite.engine.experts import ExpertWeights, add_routed_output, load_experts
@@ -116,7 +117,7 @@ class LayerStreamer:
 
         self.layout = layout
         self.opts = options or StreamOptions()
-        layout.require_plain_weights()
+        layout.require_decodable()
         self.device = torch.device(self.opts.device)
         require_device(self.device)
         self.dtype = self.opts.dtype or checkpoint_dtype(layout.config)
@@ -132,6 +133,8 @@ class LayerStreamer:
         self.act = ACT2FN[self.hf_config.hidden_act]
         self.plan: MemoryPlan | None = None
         self._cache: LayerExpertCache | None = None  # the open layer's experts (`layer_experts`)
+        # how the output stores what a method writes: merged experts are run as written (`merged_as_written`)
+        self.output_format = OutputFormat()
 
     # -- planning -----------------------------------------------------------------------------------------------
     def make_plan(
@@ -265,7 +268,7 @@ class LayerStreamer:
         del w
         return store
 
-    def _mask_and_positions(self, x: torch.Tensor):
+    def _mask_and_positions(self, x: torch.Tensor, layer: int | None = None):
         import inspect
 
         from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
@@ -276,10 +279,28 @@ class LayerStreamer:
             self.hf_config, "use_sliding_window", True
         ) is not False
         fn = create_sliding_window_causal_mask if sliding else create_causal_mask
+        if self.layout.spec.mask_by_layer_type and layer is not None:
+            fn = self._layer_type_mask_fn(layer)
         # no KV cache: the keyword is `cache` in newer transformers, `past_key_values` (deprecated) before
         no_cache = "cache" if "cache" in inspect.signature(fn).parameters else "past_key_values"
         mask = fn(config=self.hf_config, inputs_embeds=x, attention_mask=None, position_ids=pos, **{no_cache: None})
         return mask, pos, self.rotary(x, pos)
+
+    def _layer_type_mask_fn(self, layer: int) -> Callable:
+        """The mask builder transformers uses for `layer`'s config.layer_types entry. An MTP layer (past the decoder
+        layers) attends as a full-attention layer. Sequences are never padded here, so a linear-attention layer
+        gets what its builder makes of no padding mask (none)."""
+        from transformers import masking_utils as mu
+
+        builders = {"full_attention": "create_causal_mask", "sliding_attention": "create_sliding_window_causal_mask",
+                    "chunked_attention": "create_chunked_causal_mask",
+                    "linear_attention": "create_recurrent_attention_mask"}
+        types = list(getattr(self.hf_config, "layer_types", None) or [])
+        kind = types[layer] if layer < len(types) else "full_attention"
+        fn = getattr(mu, builders.get(kind, ""), None)
+        if fn is None:
+            raise ReamLiteError(f"layer {layer}: attention type '{kind}' has no mask builder in this transformers")
+        return fn
 
     def attention_phase(self, i: int, h: HiddenStateStore, out: HiddenStateStore) -> MoEBlock | None:
         """Layer i without its routed experts: `out` = residual after attention (or the whole output of a dense
@@ -288,7 +309,7 @@ class LayerStreamer:
         with torch.inference_mode():
             for b in h.batches(self.opts.tokens_per_batch):
                 x = h.read(b, self.device)
-                mask, pos, pe = self._mask_and_positions(x)
+                mask, pos, pe = self._mask_and_positions(x, i)
                 y = layer(x, attention_mask=mask, position_ids=pos, position_embeddings=pe)
                 y = y[0] if isinstance(y, tuple) else y
                 out.write(b, y)
@@ -339,7 +360,8 @@ class LayerStreamer:
                         continue
                     # float32 sums: more exact than bf16 and, on a CPU, far faster (bf16 index_add_ is slow there)
                     acc = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-                    add_routed_output(acc, x, routing.indices, routing.weights, w, block.act, routing.by_expert)
+                    add_routed_output(acc, x, routing.indices, routing.weights, w, block.act, routing.by_expert,
+                                      block.router_cfg.scales_input)
                     if c == 0:
                         shared = block.shared_output(x)
                         if shared is not None:

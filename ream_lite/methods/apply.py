@@ -7,11 +7,13 @@ from collections.abc import Callable
 import torch
 
 from ream_lite.arch.layout import ModelLayout
+from ream_lite.checkpoint.output_format import OutputFormat
 from ream_lite.engine.experts import ExpertWeights, load_experts
 from ream_lite.lsap import AssignmentPool
 from ream_lite.methods.align import activation_cost, hungarian, merge, permute, weight_cost, weight_features
 from ream_lite.methods.plan import LayerPlan
 from ream_lite.methods.stats import AlignmentCollector
+from ream_lite.written import merged_as_written
 
 
 def alignment_pairs(plan: LayerPlan) -> list[tuple[int, int]]:
@@ -105,10 +107,11 @@ def merge_group(
 def build_merged_experts(
     layout: ModelLayout, plan: LayerPlan, acts: AlignmentCollector | None, device: torch.device | str,
     perm_cache: dict[tuple[int, int], torch.Tensor] | None = None,
-    load: Callable[[list[int]], ExpertWeights] | None = None,
+    load: Callable[[list[int]], ExpertWeights] | None = None, output: OutputFormat | None = None,
+    value_dtype: torch.dtype = torch.bfloat16,
 ) -> dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """centroid id -> merged (gate, up, down) in the checkpoint's stored dtype in host memory, for every
-    non-singleton group (the alignment and the merge itself run on `device`, in float32). `perm_cache` ((centroid, member) -> permutation) is read and
+    """centroid id -> merged (gate, up, down) in host memory as the output holds them (`merged_as_written`: the
+    stored dtype, or `value_dtype` for an encoded or decoded `output`), for every non-singleton group (the alignment and the merge itself run on `device`, in float32). `perm_cache` ((centroid, member) -> permutation) is read and
     filled: the alignment of a pair depends only on the pair, so plans sharing pairs solve each once. `load(ids)`
     gives the layer's experts `ids` in float32 on `device` (default: read from the checkpoint; `compress` serves
     them from its layer cache, with the same values, so `apply` merges to the same bytes)."""
@@ -120,7 +123,6 @@ def build_merged_experts(
     cache = perm_cache if perm_cache is not None else {}
     for pair, perm in plan.perms.items():  # a plan read back from ream_plan.json brings its own alignments
         cache.setdefault(pair, perm)
-    stored = layout.reader.entry(layout.expert_keys(plan.layer)[0]).torch_dtype
     out = {}
     for c, members in plan.merged_groups().items():
         w = load(members)
@@ -136,8 +138,8 @@ def build_merged_experts(
         solved = {(c, m): p for m, p in zip(members[1:], perms)}
         cache.update(solved)
         plan.perms.update(solved)
-        # on the host (N' merged experts may not fit next to a chunk), rounded once to the stored dtype: what is
-        # written, and what the sequential pass and the guard then run, are the same numbers
-        out[c] = tuple(t.to("cpu", stored) for t in merged)
+        # on the host (N' merged experts may not fit next to a chunk), rounded once as written: what is written, and
+        # what the sequential pass and the guard then run, are the same numbers
+        out[c] = merged_as_written(layout, plan.layer, c, merged, output, value_dtype)
         del w, weights
     return out

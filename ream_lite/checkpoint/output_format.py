@@ -1,0 +1,101 @@
+"""How the output stores its tensors: as the input stored them, decoded, or quantized to bitsandbytes 4-bit.
+
+By default every tensor is written in the encoding it was read in: kept tensors are copied byte for byte with all
+their parts, and new ones (merged experts, sliced routers) are encoded like the tensor they replace, with fresh
+scales, so an FP8 or MXFP4 model comes out as small as it went in and loads wherever the input loads.
+`--out-dtype bf16` writes every encoded tensor decoded instead (and drops the quantization_config);
+`--quantize nf4|fp4` writes the Linear weights that transformers' bitsandbytes loader quantizes in bnb's serialized
+4-bit format (everything else plain), so `from_pretrained(OUT)` loads the model in 4-bit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ream_lite.checkpoint import stored
+from ream_lite.checkpoint.stored import StoredTensor
+from ream_lite.errors import ReamLiteError
+
+QUANTIZE_TYPES = ("nf4", "fp4")
+
+
+@dataclass(frozen=True)
+class OutputFormat:
+    decode_to: torch.dtype | None = None  # encoded input tensors are written decoded in this dtype
+    quantize: str | None = None  # "nf4" | "fp4": bnb 4-bit for `quantize_keys`
+    quantize_keys: frozenset[str] = field(default_factory=frozenset)  # output names of the weights to quantize
+    blocksize: int = 64
+    double_quant: bool = False
+    compute_dtype: torch.dtype = torch.bfloat16  # what a bnb model computes in (its quantization_config)
+
+    def __post_init__(self) -> None:
+        if self.quantize is not None and self.quantize not in QUANTIZE_TYPES:
+            raise ReamLiteError(f"--quantize {self.quantize}: expected one of {', '.join(QUANTIZE_TYPES)}")
+
+    def _target(self, name: str, like: StoredTensor) -> str:
+        """"bnb4" (quantize), "decoded" (write the values plain) or "stored" (the input's encoding)."""
+        if self.quantize is not None and name in self.quantize_keys:
+            return "bnb4"
+        if like.is_encoded and (self.decode_to is not None or self.quantize is not None):
+            # one quantization_config per model: quantizing to bnb decodes every other encoded tensor
+            return "decoded"
+        return "stored"
+
+    def keeps_stored(self, name: str, like: StoredTensor) -> bool:
+        """Whether tensor `like`, written as `name`, is written with exactly its stored bytes (a copy)."""
+        return self._target(name, like) == "stored"
+
+    def encode(self, name: str, value: torch.Tensor, like: StoredTensor) -> dict[str, torch.Tensor]:
+        """The on-disk tensors of `value` (the values of a tensor shaped like `like`) written as `name`."""
+        target = self._target(name, like)
+        if target == "bnb4":
+            from ream_lite.checkpoint.bnb4 import encode_bnb4
+
+            return encode_bnb4(name, value.to(self.compute_dtype), self.quantize, blocksize=self.blocksize,
+                               compress_statistics=self.double_quant)
+        if target == "decoded":
+            return {name: value.to(self.decode_to or self.compute_dtype)}
+        return stored.encode(like, name, value)
+
+    def readback(self, value: torch.Tensor, like: StoredTensor, name: str, dtype: torch.dtype) -> torch.Tensor:
+        """The values a reader of the output gets for `value` written as `name` (in `dtype` for encoded outputs; in
+        the stored dtype for plain ones): what the engine should run so that it runs what is written."""
+        target = self._target(name, like)
+        if target == "stored" and not like.is_encoded:
+            return value.to(like.torch_dtype)
+        if target == "decoded":
+            return value.to(self.decode_to or self.compute_dtype)
+        parts = self.encode(name, value, like)
+        out_like = like if target == "stored" else _bnb_like(name, like, parts)
+        by_suffix = {k[len(name):]: v for k, v in parts.items()}
+        return stored.decode(out_like, by_suffix, dtype)
+
+    def config(self, config: dict, bnb_skip: list[str] | None = None) -> dict:
+        """config.json of the output: the quantization_config it needs (or none)."""
+        out = dict(config)
+        if self.quantize is not None:
+            from ream_lite.checkpoint.bnb4 import bnb4_quantization_config
+
+            out["quantization_config"] = bnb4_quantization_config(
+                self.quantize, self.compute_dtype, self.blocksize, self.double_quant, bnb_skip or [])
+        elif self.decode_to is not None:
+            out.pop("quantization_config", None)
+            out["torch_dtype"] = out["dtype"] = str(self.decode_to).replace("torch.", "")
+            if "dtype" not in config:
+                out.pop("dtype")
+        return out
+
+    @property
+    def describe(self) -> str:
+        if self.quantize:
+            return f"bitsandbytes {self.quantize}" + (" (double quant)" if self.double_quant else "")
+        if self.decode_to is not None:
+            return f"decoded to {str(self.decode_to).replace('torch.', '')}"
+        return "as stored"
+
+
+def _bnb_like(name: str, like: StoredTensor, parts: dict[str, torch.Tensor]) -> StoredTensor:
+    """A StoredTensor describing freshly bnb-encoded `parts` (only what decoding needs)."""
+    return StoredTensor(name, "bnb4", like.shape, {}, None)

@@ -1,0 +1,181 @@
+"""Logical tensors over stored encodings: one weight may be several tensors on disk.
+
+A quantized checkpoint stores a weight as parts: FP8 block-scaled `X.weight` + `X.weight_scale_inv`; MXFP4
+`X_blocks` + `X_scales` (logical name `X`); bitsandbytes 4-bit `X.weight` + `X.weight.absmax`,
+`X.weight.quant_map`, `X.weight.quant_state.bitsandbytes__nf4` (+ nested statistics). The reader groups the parts
+into one `StoredTensor` named as the weight is named in an unquantized checkpoint, with its decoded shape, so the
+rest of ream-lite (layouts, streamer, writer) sees the same names and shapes whatever the encoding, reads decoded
+values through `CheckpointReader.get`, and copies a tensor with all its parts when it is kept as stored.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from ream_lite.checkpoint import fp8
+from ream_lite.checkpoint.format import TensorEntry
+from ream_lite.errors import ReamLiteError
+
+# fp8_unscaled: FP8 values without a block scale (per-tensor / per-channel schemes): indexed, never decoded
+Encoding = Literal["plain", "fp8_block", "mxfp4", "bnb4", "fp8_unscaled"]
+UNSCALED_FP8_MESSAGE = ("FP8 without a weight_scale_inv block scale; only block-scaled FP8 (DeepSeek-V3 / Qwen3 FP8 "
+                        "style) can be decoded")
+
+FP8_SCALE = "_scale_inv"
+MX_BLOCKS, MX_SCALES = "_blocks", "_scales"
+BNB_SUFFIXES = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map", ".quant_state.bitsandbytes__nf4",
+                ".quant_state.bitsandbytes__fp4")
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    """One logical tensor: its decoded shape and the stored parts (suffix -> entry; "" is the main part)."""
+
+    name: str
+    encoding: Encoding
+    shape: tuple[int, ...]
+    parts: dict[str, TensorEntry] = field(hash=False, compare=False)
+    block: tuple[int, ...] | None = None  # FP8: block (rows, cols); bnb 4-bit: (blocksize,)
+
+    @property
+    def main(self) -> TensorEntry:
+        return self.parts[""] if "" in self.parts else self.parts[MX_BLOCKS]
+
+    @property
+    def path(self) -> str:
+        return self.main.path
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes on disk, all parts."""
+        return sum(e.nbytes for e in self.parts.values())
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    @property
+    def dtype(self) -> str:
+        """The stored dtype name of the main part (F8_E4M3, U8, BF16 ...)."""
+        return self.main.dtype
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        """The stored dtype of a plain tensor; for an encoded one, the dtype of its codes (never a compute dtype,
+        so nothing mistakes encoded bytes for values)."""
+        return self.main.torch_dtype
+
+    @property
+    def is_encoded(self) -> bool:
+        return self.encoding != "plain"
+
+    def part_name(self, suffix: str, name: str | None = None) -> str:
+        """The on-disk key of part `suffix` for this tensor stored under logical name `name` (default its own)."""
+        return (name or self.name) + suffix
+
+
+def group_entries(entries: dict[str, TensorEntry], fp8_block: tuple[int, int]) -> dict[str, StoredTensor]:
+    """The logical tensors of a checkpoint's physical entries (every entry belongs to exactly one)."""
+    out: dict[str, StoredTensor] = {}
+    owned: set[str] = set()
+    for k, e in entries.items():
+        if k + FP8_SCALE in entries and e.dtype.startswith("F8"):
+            s = entries[k + FP8_SCALE]
+            want = fp8.scale_shape(e.shape, fp8_block)
+            if tuple(s.shape) != want:
+                raise ReamLiteError(f"{e.path}: {k}{FP8_SCALE} has shape {tuple(s.shape)}, expected {want} for "
+                                    f"{fp8_block[0]}x{fp8_block[1]} blocks (quantization_config.weight_block_size)")
+            out[k] = StoredTensor(k, "fp8_block", e.shape, {"": e, FP8_SCALE: s}, fp8_block)
+            owned.update((k, k + FP8_SCALE))
+        elif k.endswith(MX_BLOCKS) and k[: -len(MX_BLOCKS)] + MX_SCALES in entries:
+            base = k[: -len(MX_BLOCKS)]
+            s = entries[base + MX_SCALES]
+            *lead, out_dim, groups, nb = e.shape
+            if nb != 16 or tuple(s.shape) != (*lead, out_dim, groups):
+                raise ReamLiteError(f"{e.path}: {k} / {base}{MX_SCALES}: not an MXFP4 pair (shapes {e.shape}, "
+                                    f"{s.shape})")
+            # the logical tensor is the unquantized release's: [.., in, out] (x @ W), the transpose of the blocks
+            out[base] = StoredTensor(base, "mxfp4", (*lead, groups * 32, out_dim), {MX_BLOCKS: e, MX_SCALES: s})
+            owned.update((k, base + MX_SCALES))
+        elif any(k + sfx in entries for sfx in BNB_SUFFIXES[-2:]):
+            parts = {"": e} | {sfx: entries[k + sfx] for sfx in BNB_SUFFIXES if k + sfx in entries}
+            shape, blocksize = _bnb_state(k, parts)
+            out[k] = StoredTensor(k, "bnb4", shape, parts, (blocksize,))
+            owned.update(k + sfx for sfx in parts)
+    for k, e in entries.items():
+        if k in owned:
+            continue
+        unscaled = e.dtype.startswith("F8") and e.dtype != "F8_E8M0"
+        out[k] = StoredTensor(k, "fp8_unscaled" if unscaled else "plain", e.shape, {"": e})
+    return out
+
+
+def _bnb_state(key: str, parts: dict[str, TensorEntry]) -> tuple[tuple[int, ...], int]:
+    """(original shape, blocksize) of a bnb 4-bit weight, from its packed quant_state JSON (read at index time:
+    a few hundred bytes)."""
+    sfx = next(s for s in parts if s.startswith(".quant_state."))
+    e = parts[sfx]
+    with open(e.path, "rb") as f:
+        f.seek(e.start)
+        state = json.loads(bytes(f.read(e.nbytes)).decode("utf-8"))
+    try:
+        return tuple(int(s) for s in state["shape"]), int(state["blocksize"])
+    except (KeyError, TypeError, ValueError):
+        raise ReamLiteError(f"{e.path}: {key}{sfx}: quant_state has no shape or blocksize") from None
+
+
+def decode(t: StoredTensor, parts: dict[str, torch.Tensor], dtype: torch.dtype | None, row0: int = 0
+           ) -> torch.Tensor:
+    """The values of `t` from its parts as read (a row slice starting at logical row `row0` for FP8 / MXFP4 when
+    the parts are row slices), in `dtype` (None: float32 for encoded tensors, the stored dtype for plain ones)."""
+    if t.encoding == "plain":
+        x = parts[""]
+        return x if dtype is None or x.dtype == dtype else x.to(dtype)
+    dtype = dtype or torch.float32
+    if t.encoding == "fp8_block":
+        return fp8.decode(parts[""], parts[FP8_SCALE], t.block, dtype, row0)
+    if t.encoding == "mxfp4":
+        from ream_lite.checkpoint.mxfp4 import decode_mxfp4
+
+        w = decode_mxfp4(parts[MX_BLOCKS], parts[MX_SCALES], torch.float32)  # [.., out, in]
+        return w.transpose(-1, -2).to(dtype).contiguous()
+    if t.encoding == "bnb4":
+        from ream_lite.checkpoint.bnb4 import decode_bnb4
+
+        return decode_bnb4(parts, dtype)
+    if t.encoding == "fp8_unscaled":
+        raise ReamLiteError(f"{t.path}: {t.name} is {UNSCALED_FP8_MESSAGE}")
+    raise ValueError(t.encoding)
+
+
+def encode(t: StoredTensor, name: str, value: torch.Tensor) -> dict[str, torch.Tensor]:
+    """`value` (the decoded values of a tensor shaped like `t`) in `t`'s encoding, as on-disk tensors of the
+    logical name `name`."""
+    if t.encoding == "plain":
+        return {name: value.to(t.torch_dtype)}
+    if t.encoding == "fp8_block":
+        q, s = fp8.encode(value, t.block)
+        return {name: q, name + FP8_SCALE: s}
+    if t.encoding == "mxfp4":
+        from ream_lite.checkpoint.mxfp4 import encode_mxfp4
+
+        blocks, scales = encode_mxfp4(value.float().transpose(-1, -2).contiguous())
+        return {name + MX_BLOCKS: blocks, name + MX_SCALES: scales}
+    if t.encoding == "bnb4":
+        from ream_lite.checkpoint.bnb4 import encode_bnb4
+
+        state = next(s for s in t.parts if s.startswith(".quant_state."))
+        quant_type = state.rsplit("__", 1)[1]
+        return encode_bnb4(name, value, quant_type, blocksize=t.block[0],
+                           compress_statistics=".nested_absmax" in t.parts)
+    if t.encoding == "fp8_unscaled":
+        raise ReamLiteError(f"{t.path}: {t.name} is {UNSCALED_FP8_MESSAGE}")
+    raise ValueError(t.encoding)
+
