@@ -233,6 +233,17 @@ def eval_cmd(model, data, reference, seq_len, max_tokens, tokenizer, as_json, **
               help="statistics of every layer from the original model (default: from the already compressed layers)")
 @click.option("--drop-mtp", is_flag=True, help="write the model without its MTP (next-token prediction) layers")
 @click.option("--max-shard-size", default="5GB", show_default=True, help="largest output shard")
+@click.option("--out-dtype", type=click.Choice(["stored", "bf16", "fp16", "fp32"]), default="stored",
+              show_default=True,
+              help="'stored': every tensor in the encoding MODEL stores it in (an FP8 / MXFP4 / bnb-4bit model stays "
+              "so: kept tensors copied as stored, merged experts encoded with fresh scales); bf16/fp16/fp32: "
+              "quantized tensors written decoded, quantization_config dropped")
+@click.option("--quantize", type=click.Choice(["nf4", "fp4"]), default=None,
+              help="write the Linear weights that transformers' bitsandbytes loader quantizes (attention, dense and "
+              "shared MLPs; not the head, nor experts held as fused 3-D tensors) in bitsandbytes' 4-bit format, with "
+              "its quantization_config, so from_pretrained(OUTPUT) loads in 4-bit. Merging runs first, in full "
+              "precision")
+@click.option("--double-quant", is_flag=True, help="with --quantize: bnb's nested quantization of the statistics")
 @click.option("--tokenizer", default=None, help="tokenizer directory or id (default: MODEL's)")
 @click.option("--save-stats", default=None, type=click.Path(file_okay=False),
               help="also save every MoE layer's statistics in this directory (with --no-sequential they can be "
@@ -255,8 +266,8 @@ def eval_cmd(model, data, reference, seq_len, max_tokens, tokenizer, as_json, **
 @_stream_options
 @_user_errors
 def compress(model, output, experts, method, calib, mix, packing, chat_template, num_sequences, seq_len, seed, saliency, saliency_gate, grouping,
-             group_size, no_gate_logit_sim, no_gated_sim, align, guard, holdout, no_sequential, drop_mtp, max_shard_size, tokenizer,
-             save_stats, from_stats, overwrite, resume, snapshot_every, **stream) -> None:
+             group_size, no_gate_logit_sim, no_gated_sim, align, guard, holdout, no_sequential, drop_mtp, max_shard_size,
+             out_dtype, quantize, double_quant, tokenizer, save_stats, from_stats, overwrite, resume, snapshot_every, **stream) -> None:
     """Compress MODEL into OUTPUT with fewer routed experts per MoE layer, one layer at a time.
 
     Writes a checkpoint in MODEL's own layout and key names (loads with transformers'
@@ -280,7 +291,8 @@ def compress(model, output, experts, method, calib, mix, packing, chat_template,
         drop_mtp=drop_mtp, max_shard_bytes=_bytes_option("--max-shard-size", max_shard_size), tokenizer=tokenizer,
         guard=guard, holdout=holdout, stream=opts, resume=resume, snapshot_every=snapshot_every,
         command=_command_line(),
-        save_stats=save_stats, from_stats=from_stats,
+        save_stats=save_stats, from_stats=from_stats, out_dtype=out_dtype, quantize=quantize,
+        double_quant=double_quant,
     )
     out = run(cfg, echo=lambda line: click.echo(line, err=True))
     click.echo(f"wrote {out}")

@@ -79,3 +79,52 @@ def write_random_checkpoint(
     if tokenizer:
         save_char_tokenizer(out, config.vocab_size)
     return out
+
+
+def fp8_release_encode(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """FP8 as the DeepSeek-V3 / Qwen3-FP8 releases quantize: scale = block amax / 448 (not a power of two), so a
+    test can tell bytes copied from the input from bytes encoded by ream-lite (power-of-two scales)."""
+    from ream_lite.checkpoint.fp8 import FP8_MAX
+
+    *lead, r, c = w.shape
+    br, bc = block
+    x = torch.nn.functional.pad(w.float(), (0, -c % bc, 0, -r % br))
+    nr, nc = x.shape[-2] // br, x.shape[-1] // bc
+    blocks = x.reshape(*lead, nr, br, nc, bc)
+    scale = (blocks.abs().amax(dim=(-3, -1)) / FP8_MAX).clamp_min(1e-12)
+    q = (blocks / scale[..., :, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return q.reshape(*lead, nr * br, nc * bc)[..., :r, :c].contiguous(), scale.float()
+
+
+def is_fp8_release_weight(layout, key: str, ndim: int) -> bool:
+    """Whether an FP8 release stores `key` in FP8: the Linear weights of decoder layers (attention, dense MLPs,
+    routed and shared experts), not norms, routers, embeddings or the head."""
+    spec = layout.spec
+    return (key.startswith(f"{spec.layers_prefix}.") and key.endswith(".weight") and ndim in (2, 3)
+            and "norm" not in key and not key.endswith(f".{spec.moe_disk}.{spec.router_weight}")
+            and not key.endswith("embed_tokens.weight") and not key.endswith(".head.weight"))
+
+
+def convert_to_fp8(src: str | Path, out: str | Path, block: tuple[int, int] = (128, 128),
+                   max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
+    """An FP8 block-scaled copy of checkpoint `src`, as the FP8 releases are: each weight `is_fp8_release_weight`
+    picks written as float8_e4m3fn plus `weight_scale_inv`, the rest copied; quantization_config added. One tensor
+    in memory at a time."""
+    from ream_lite.arch.layout import ModelLayout
+
+    layout = ModelLayout(str(src))
+    r = layout.reader
+    w = CheckpointWriter(out, max_shard_bytes=max_shard_bytes, overwrite=True)
+    for k in list(r.keys()):
+        if is_fp8_release_weight(layout, k, len(r.shape(k))):
+            q, s = fp8_release_encode(r.get(k, dtype=torch.float32), block)
+            w.add(k, q)
+            w.add(k + "_scale_inv", s)
+        else:
+            w.copy_from(r, k)
+    cfg = dict(layout.config)
+    cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                  "weight_block_size": list(block)}
+    result = w.finish(cfg, source_dir=layout.path)
+    layout.close()
+    return result

@@ -68,7 +68,8 @@ class CheckpointReader:
                 if k in self.entries:
                     raise ReamLiteError(f"{self.dir}: tensor {k} appears in two shards")
                 self.entries[k] = e
-        self.tensors: dict[str, StoredTensor] = stored.group_entries(self.entries, tuple(fp8_block or DEFAULT_BLOCK))
+        block = fp8_block or _declared_fp8_block(self.dir) or DEFAULT_BLOCK
+        self.tensors: dict[str, StoredTensor] = stored.group_entries(self.entries, tuple(block))
         self.bytes_read = 0
         self._files: dict[str, object] = {}
 
@@ -210,6 +211,16 @@ class CheckpointReader:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _declared_fp8_block(directory: Path) -> tuple[int, int] | None:
+    """The FP8 block size config.json declares (quantization_config.weight_block_size), if it says."""
+    try:
+        quant = json.loads((directory / "config.json").read_text()).get("quantization_config") or {}
+        block = quant.get("weight_block_size")
+        return (int(block[0]), int(block[1])) if block else None
+    except (OSError, ValueError, TypeError, AttributeError, IndexError):
+        return None
 
 
 def load_config_dict(directory: str | os.PathLike) -> dict:

@@ -1,0 +1,179 @@
+"""FP8 block-scaled checkpoints (DeepSeek-V3 / Kimi-K2 / Qwen3-FP8 style): decoded on read, written back in kind.
+
+Oracles: a hand-computed block example (the release convention, partial blocks included), transformers' own FP8
+loader (which dequantizes on a CPU) for the streamed forward and for the outputs, and the pruning identity."""
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+from tiny_models import VOCAB, build_model, reference_logits, save_model
+from transformers import AutoModelForCausalLM
+
+from ream_lite.arch import ModelLayout
+from ream_lite.checkpoint import fp8
+from ream_lite.checkpoint.reader import CheckpointReader
+from ream_lite.cli import main
+from ream_lite.testing import convert_to_fp8
+
+# every tiny-model dimension is a multiple of 8, so transformers' FP8 loader (which infers the block from the
+# scale grid and cannot do partial blocks) is a valid oracle; partial blocks are tested by hand below
+BLOCK = (8, 8)
+
+
+@pytest.fixture(scope="module")
+def fp8_dirs(tmp_path_factory):
+    """family -> (original float32 model, its FP8 block-scaled copy)."""
+    out = {}
+    for fam in ("qwen3_moe", "deepseek_v3"):
+        d = tmp_path_factory.mktemp(f"fp8-{fam}")
+        model = build_model(fam)
+        out[fam] = (model, convert_to_fp8(save_model(model, d / "src"), d / "fp8", BLOCK))
+    return out
+
+
+@pytest.fixture(scope="module")
+def ids():
+    return torch.randint(0, VOCAB, (3, 17), generator=torch.Generator().manual_seed(3))
+
+
+def transformers_logits(directory, ids):
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    return reference_logits(model, ids)
+
+
+def test_decode_by_hand_with_partial_blocks():
+    # a 3 x 5 weight in 2 x 2 blocks: scales [2, 3]; element (i, j) uses scale[i // 2, j // 2] (the last block row
+    # and column are cropped), as DeepSeek's weight_dequant kernel does
+    q = torch.tensor([[1, 2, 3, 4, 5], [6, 7, 8, 9, 10], [11, 12, 13, 14, 15]], dtype=torch.float32)
+    s = torch.tensor([[1.0, 0.5, 2.0], [0.25, 4.0, 8.0]])
+    want = torch.tensor([[1, 2, 1.5, 2, 10], [6, 7, 4, 4.5, 20], [2.75, 3, 52, 56, 120]])
+    got = fp8.decode(q.to(torch.float8_e4m3fn), s, (2, 2), torch.float32)
+    assert torch.equal(got, want)
+    # a row slice starting inside a block: the scale rows covering it and the offset of its first row
+    assert torch.equal(fp8.decode(q[1:].to(torch.float8_e4m3fn), s, (2, 2), torch.float32, row0=1), want[1:])
+
+
+def test_encode_error_idempotence_and_bf16_exactness():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(300, 200, generator=g) * torch.logspace(-3, 1, 300)[:, None]  # magnitudes vary by block
+    q, s = fp8.encode(w, (128, 128))
+    assert q.dtype == torch.float8_e4m3fn and s.shape == (3, 2)
+    assert torch.equal(s, torch.exp2(torch.log2(s).round()))  # power-of-two scales
+    v = fp8.decode(q, s, (128, 128), torch.float32)
+    scale = s.repeat_interleave(128, 0).repeat_interleave(128, 1)[:300, :200]
+    # e4m3 rounding: half a step, 2^-4 relative for normal values, 2^-10 x scale absolute for subnormal ones
+    assert ((v - w).abs() <= w.abs() * 2**-4 + scale * 2**-10 + 1e-12).all()
+    q2, s2 = fp8.encode(v, (128, 128))
+    assert torch.equal(fp8.decode(q2, s2, (128, 128), torch.float32), v)  # writing what is run changes nothing
+    assert torch.equal(fp8.decode(q, s, (128, 128), torch.bfloat16).float(), v)  # exact in bf16 too
+    assert torch.equal(fp8.encode(torch.zeros(4, 4), (2, 2))[1], torch.ones(2, 2))  # zero blocks: finite scales
+
+
+def test_reader_decodes_row_ranges_and_fused_experts(tmp_path):
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(1)
+    w2, w3 = torch.randn(37, 20, generator=g), torch.randn(4, 24, 16, generator=g)
+    q2, s2 = fp8.encode(w2, (8, 8))
+    q3, s3 = fp8.encode(w3, (8, 8))
+    save_file({"a.weight": q2, "a.weight_scale_inv": s2, "b": q3, "b_scale_inv": s3}, str(tmp_path / "m.safetensors"))
+    r = CheckpointReader(tmp_path, fp8_block=(8, 8))
+    assert sorted(r.keys()) == ["a.weight", "b"] and r.shape("a.weight") == (37, 20)
+    assert r.entry("a.weight").nbytes == q2.numel() + s2.numel() * 4
+    full = r.get("a.weight", dtype=torch.float32)
+    assert torch.equal(full, fp8.decode(q2, s2, (8, 8), torch.float32))
+    for a, b in ((0, 37), (3, 5), (7, 17), (30, 37)):
+        assert torch.equal(r.get("a.weight", rows=(a, b), dtype=torch.float32), full[a:b])
+    assert torch.equal(r.get("b", rows=(1, 3), dtype=torch.float32), fp8.decode(q3, s3, (8, 8), torch.float32)[1:3])
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3"])
+def test_streamer_matches_transformers_fp8_loader(fp8_dirs, ids, family):
+    from test_streamer import stream_logits
+
+    _, d = fp8_dirs[family]
+    assert "fp8_block" in CheckpointReader(d).encodings
+    ref = transformers_logits(d, ids)  # transformers dequantizes FP8 on a CPU
+    torch.testing.assert_close(stream_logits(d, ids), ref, atol=1e-4, rtol=1e-4)
+
+
+def compress(src, out, *args):
+    r = CliRunner().invoke(main, ["compress", str(src), str(out), "--seq-len", "32", "--num-sequences", "8", *args])
+    assert r.exit_code == 0, r.output
+    return r
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3"])
+def test_pruned_fp8_stays_fp8_with_kept_bytes_copied(fp8_dirs, ids, tmp_path, family):
+    _, d = fp8_dirs[family]
+    n = ModelLayout(str(d)).router_config.num_experts
+    compress(d, tmp_path / "out", "--experts", str(n // 2), "--method", "reap")
+    a, b = CheckpointReader(d), CheckpointReader(tmp_path / "out")
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert cfg["quantization_config"]["weight_block_size"] == list(BLOCK)
+    assert {"fp8_block"} <= b.encodings
+    plan = json.loads((tmp_path / "out" / "ream_plan.json").read_text())
+    for L in plan["layers"]:
+        i = L["layer"]
+        for pos, e in enumerate(L["kept"]):
+            key = f"model.layers.{i}.mlp.experts.{{}}.down_proj.weight"
+            assert b.entry(key.format(pos)).encoding == "fp8_block"
+            assert a.read_raw(key.format(e)) == b.read_raw(key.format(pos))  # values and scales, as stored
+    # the output is a little over half the input's expert bytes: FP8 kept FP8
+    assert b.total_bytes() < 0.8 * a.total_bytes()
+    # and it loads where the input loads: transformers' FP8 loader gives what our reader decodes
+    from test_streamer import stream_logits
+
+    torch.testing.assert_close(stream_logits(tmp_path / "out", ids), transformers_logits(tmp_path / "out", ids),
+                               atol=1e-4, rtol=1e-4)
+
+
+def test_out_dtype_decodes_everything_and_prunes_exactly(fp8_dirs, ids, tmp_path):
+    from test_compress import masked_reference
+
+    _, d = fp8_dirs["qwen3_moe"]
+    compress(d, tmp_path / "out", "--experts", "4", "--method", "reap", "--out-dtype", "bf16")
+    b = CheckpointReader(tmp_path / "out")
+    assert b.encodings == {"plain"} and not any(e.dtype.startswith("F8") for e in b.entries.values())
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert "quantization_config" not in cfg and cfg["torch_dtype"] == "bfloat16"
+    plan = json.loads((tmp_path / "out" / "ream_plan.json").read_text())
+    removed = {L["layer"]: sorted(set(range(8)) - set(L["kept"])) for L in plan["layers"]}
+    # oracle: the FP8 model as transformers loads it, in bf16, with the removed experts masked in its router
+    ref_model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.bfloat16)
+    pruned = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.bfloat16)
+    torch.testing.assert_close(reference_logits(pruned, ids), masked_reference(ref_model, removed, ids))
+
+
+def test_merged_fp8_output_is_what_was_run_and_apply_reproduces_it(fp8_dirs, calib_file, tmp_path):
+    _, d = fp8_dirs["deepseek_v3"]
+    compress(d, tmp_path / "out", "--experts", "8", "--method", "ream", "--calib", str(calib_file))
+    b = CheckpointReader(tmp_path / "out")
+    plan = json.loads((tmp_path / "out" / "ream_plan.json").read_text())
+    merged = [(L["layer"], pos) for L in plan["layers"] for pos, e in enumerate(L["kept"])
+              if len(L["groups"].get(str(e), {}).get("members", [])) > 1]
+    assert merged, "the test needs at least one merge"
+    for i, pos in merged:
+        key = f"model.layers.{i}.mlp.experts.{pos}.gate_proj.weight"
+        s = b.read_part(b.entry(key).parts["_scale_inv"])
+        assert torch.equal(s, torch.exp2(torch.log2(s).round()))  # fresh power-of-two scales
+    r = CliRunner().invoke(main, ["apply", str(tmp_path / "out"), str(d), str(tmp_path / "again")])
+    assert r.exit_code == 0, r.output
+    a2 = CheckpointReader(tmp_path / "again")
+    assert sorted(a2.keys()) == sorted(b.keys())
+    assert all(a2.read_raw(k) == b.read_raw(k) for k in b.keys())
+
+
+def test_unknown_quantization_is_refused(fp8_dirs, tmp_path):
+    import shutil
+
+    _, d = fp8_dirs["qwen3_moe"]
+    bad = tmp_path / "gptq"
+    shutil.copytree(d.parent / "src", bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "gptq", "bits": 4}
+    (bad / "config.json").write_text(json.dumps(cfg))
+    r = CliRunner().invoke(main, ["compress", str(bad), str(tmp_path / "out"), "--experts", "4"])
+    assert r.exit_code == 2 and "quantized checkpoint (gptq)" in r.output and "Traceback" not in r.output
