@@ -45,7 +45,7 @@ def _dense(released: int, num_layers: int, dense_layers: int | None) -> int:
 def deepseek_v3(num_layers: int, dense_layers: int | None = None):
     """DeepSeek-V3 / R1 (Kimi-K2 has the same layer shapes with 384 experts): hidden 7168, MLA attention, 256
     experts x 2048, top-8 of 8 groups (4 chosen), one shared expert, sigmoid router with correction bias, first 3
-    layers dense (18432), vocab 129280. Written in bf16 (the release is FP8 block-scaled: not supported yet)."""
+    layers dense (18432), vocab 129280. The release is FP8 block-scaled (synth.py --fp8 writes it so)."""
     from transformers import DeepseekV3Config
 
     return DeepseekV3Config(
@@ -56,6 +56,23 @@ def deepseek_v3(num_layers: int, dense_layers: int | None = None):
         first_k_dense_replace=_dense(3, num_layers, dense_layers), norm_topk_prob=True,
         max_position_embeddings=163840, rms_norm_eps=1e-6, tie_word_embeddings=False, bos_token_id=0,
         eos_token_id=1,
+    )
+
+
+def kimi_k2(num_layers: int, dense_layers: int | None = None):
+    """Kimi-K2 (Instruct / Thinking): DeepSeek-V3's architecture (config model_type kimi_k2) with 384 experts x 2048,
+    top-8, one routing group, 64 heads, first layer dense (18432), routed scaling 2.827, vocab 163840; released in
+    FP8 with 128 x 128 blocks (its experts: 16.9 GB per layer in FP8, 33.8 GB decoded to bf16)."""
+    from transformers import DeepseekV3Config
+
+    return DeepseekV3Config(
+        vocab_size=163840, hidden_size=7168, intermediate_size=18432, moe_intermediate_size=2048,
+        num_hidden_layers=num_layers, num_attention_heads=64, num_key_value_heads=64, n_shared_experts=1,
+        n_routed_experts=384, routed_scaling_factor=2.827, kv_lora_rank=512, q_lora_rank=1536, qk_rope_head_dim=64,
+        v_head_dim=128, qk_nope_head_dim=128, n_group=1, topk_group=1, num_experts_per_tok=8,
+        first_k_dense_replace=_dense(1, num_layers, dense_layers), norm_topk_prob=True,
+        max_position_embeddings=131072, rms_norm_eps=1e-6, tie_word_embeddings=False, bos_token_id=163584,
+        eos_token_id=163585,
     )
 
 
@@ -78,8 +95,9 @@ SHAPES = {
     "qwen3-30b-a3b": qwen3_30b_a3b,
     "qwen3-next-80b": qwen3_next_80b,
     "deepseek-v3": deepseek_v3,
+    "kimi-k2": kimi_k2,
     "glm-4.5-air": glm_45_air,
 }
 
 # the released models' decoder layer counts, for projections to the full model
-FULL_LAYERS = {"qwen3-30b-a3b": 48, "qwen3-next-80b": 48, "deepseek-v3": 61, "glm-4.5-air": 46}
+FULL_LAYERS = {"qwen3-30b-a3b": 48, "qwen3-next-80b": 48, "deepseek-v3": 61, "kimi-k2": 61, "glm-4.5-air": 46}

@@ -39,6 +39,7 @@ import torch
 
 from ream_lite.arch.layout import LayerLayout, ModelLayout
 from ream_lite.calib import planned_counts
+from ream_lite.checkpoint.output_format import OutputFormat
 from ream_lite.checkpoint.writer import HEADER_RESERVE, OWN_FILES, WEIGHT_SUFFIXES
 from ream_lite.engine.budget import MemoryPlan, physical_ram, plan_memory, require_device
 from ream_lite.engine.expert_cache import holds_exactly, writes_as_stored
@@ -50,7 +51,7 @@ from ream_lite.methods.apply import alignment_pairs, needs_activation_pass
 from ream_lite.methods.stats import LayerStats
 from ream_lite.rates import Rates, default_rates, measure_rates
 from ream_lite.resume import expected_snapshots, parse_snapshot_every
-from ream_lite.write_output import compression_steps
+from ream_lite.write_output import compression_steps, make_output_format
 
 if TYPE_CHECKING:  # pipeline imports this module
     from ream_lite.pipeline import CompressConfig
@@ -490,11 +491,15 @@ def estimate_compression(
     if shape.largest_group:
         phases["merge"] = base + merge_bytes
 
-    layers = [_layer_cost(layout, info, cfg, n_keep, memory, shape, tokens, held, inter) for info in layout.layers]
+    fmt = make_output_format(layout, n_keep, cfg.out_dtype, cfg.quantize, cfg.double_quant)
+    layers = [_layer_cost(layout, info, cfg, n_keep, memory, shape, tokens, held, inter, fmt)
+              for info in layout.layers]
     r, layer_prefix = layout.reader, f"{layout.spec.layers_prefix}."
-    other = sum(e.nbytes for k, e in r.entries.items() if not k.startswith(layer_prefix))
+    other = sum(written_bytes(fmt, k, t) for k, t in r.tensors.items() if not k.startswith(layer_prefix))
     e_stored = max(_stored_expert_bytes(layout, x) for x in layout.moe_layers)
-    merged_host = shape.merged_sets * shape.merged_groups * e_stored
+    # merged experts are held as written: stored bytes for plain tensors, decoded (compute dtype) for encoded ones
+    encoded = any(r.entry(k).is_encoded for x in layout.moe_layers for k in layout.expert_keys(x.index)[:3])
+    merged_host = shape.merged_sets * shape.merged_groups * (e_decoded if encoded else e_stored)
     host_store = memory.all_stores_bytes if memory.store_tier == "host" else 0
     runtime = RUNTIME_HOST_BYTES.get(device.type, RUNTIME_HOST_BYTES["cpu"])
     if device.type == "cpu":  # one memory: the device figures are host memory
@@ -563,24 +568,38 @@ def _router_keys(layout: ModelLayout, info: LayerLayout) -> set[str]:
     return keys
 
 
-def _layer_output_bytes(layout: ModelLayout, info: LayerLayout, n_keep: int) -> int:
-    """Bytes `pipeline.write_layer` writes for the layer: unchanged tensors as stored, the kept experts' router
-    rows, and the kept experts (merged ones are written in their original's stored dtype and shape)."""
+def _layer_output_bytes(layout: ModelLayout, info: LayerLayout, n_keep: int, fmt: OutputFormat) -> int:
+    """Bytes `write_layer` writes for the layer: unchanged tensors as the output format stores them, the kept
+    experts' router rows, and the kept experts (merged ones in their original's encoding and shape)."""
     r = layout.reader
     keys = _non_expert_keys(layout, info)
     if not info.is_moe:
-        return sum(r.entry(k).nbytes for k in keys)
+        return sum(written_bytes(fmt, k, r.entry(k)) for k in keys)
     routers = _router_keys(layout, info)
     total = 0
     for k in keys:
-        e = r.entry(k)
-        total += e.nbytes // e.shape[0] * n_keep if k in routers else e.nbytes
-    return total + n_keep * _stored_expert_bytes(layout, info)
+        b = written_bytes(fmt, k, r.entry(k))
+        total += b // r.entry(k).shape[0] * n_keep if k in routers else b
+    if info.expert_storage == "fused":
+        per_expert = sum(written_bytes(fmt, k, r.entry(k)) // info.num_experts for k in layout.fused_keys(info.index))
+    else:
+        per_expert = sum(written_bytes(fmt, k, r.entry(k)) for k in layout.per_expert_keys(info.index, 0))
+    return total + n_keep * per_expert
+
+
+def written_bytes(fmt: OutputFormat, name: str, t) -> int:
+    """Bytes the output takes for input tensor `t` written as `name` (bnb 4-bit: codes, float32 absmax per block
+    and the small quant_map / quant_state tensors)."""
+    if fmt.keeps_stored(name, t):
+        return t.nbytes
+    if fmt.quantize is not None and name in fmt.quantize_keys:
+        return t.numel // 2 + 4 * -(-t.numel // fmt.blocksize) + 16 * 4 + 256
+    return t.numel * (fmt.decode_to or fmt.compute_dtype).itemsize
 
 
 def _layer_cost(
     layout: ModelLayout, info: LayerLayout, cfg: CompressConfig, n_keep: int, memory: MemoryPlan,
-    shape: MergeShape, tokens: int, held: int, inter: int,
+    shape: MergeShape, tokens: int, held: int, inter: int, fmt: OutputFormat,
 ) -> LayerCost:
     r, c = layout.reader, layout.config
     keys = _non_expert_keys(layout, info)
@@ -597,7 +616,7 @@ def _layer_cost(
     # layer's embedding or head, which are looked up or unused), plus causal attention scores and mixing
     skip = _router_keys(layout, info) if info.is_moe else set()
     skip |= {f"{info.prefix}.{layout.spec.mtp_embed}", f"{info.prefix}.shared_head.head.weight"} if info.is_mtp else set()
-    params = sum(r.entry(k).nbytes // r.entry(k).torch_dtype.itemsize for k in keys if k not in skip)
+    params = sum(r.entry(k).numel for k in keys if k not in skip)
     heads = int(c.get("num_attention_heads") or 1)
     head_dim = int(c.get("head_dim") or int(c["hidden_size"]) // heads)
     work = Work(layers=tokens * (2.0 * params + 2.0 * cfg.seq_len * heads * head_dim))
@@ -608,7 +627,7 @@ def _layer_cost(
                                            _cached_dtypes(layout, info, memory), writes)
         work = work + moe_work
         reads += experts_read * e_stored
-    return LayerCost(**cost, output_bytes=_layer_output_bytes(layout, info, n_keep), read_bytes=reads,
+    return LayerCost(**cost, output_bytes=_layer_output_bytes(layout, info, n_keep, fmt), read_bytes=reads,
                      once_bytes=non_expert + cost["expert_bytes"], work=work)
 
 
@@ -632,7 +651,9 @@ def _cached_dtypes(layout: ModelLayout, info: LayerLayout, memory: MemoryPlan) -
     the compute dtype lost precision) or 'all'."""
     if not memory.cache_experts:
         return "none"
-    return "all" if holds_exactly(layout, info.index, getattr(torch, memory.dtype)) else "compute"
+    dtype = getattr(torch, memory.dtype)
+    # the merges load float32: the cache serves them when it is float32 itself, or when the cast lost nothing
+    return "all" if dtype == torch.float32 or holds_exactly(layout, info.index, dtype) else "compute"
 
 
 def _moe_work(

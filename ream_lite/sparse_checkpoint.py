@@ -14,11 +14,17 @@ import torch
 
 from ream_lite.checkpoint.format import DTYPE_NAMES, encode_header
 from ream_lite.checkpoint.reader import SINGLE_NAME
-from ream_lite.testing import _disk_names
+from ream_lite.arch.families import FAMILIES
+from ream_lite.checkpoint.fp8 import scale_shape
+from ream_lite.testing import _disk_names, is_fp8_release_weight
 
 
-def write_sparse_checkpoint(config, out: str | Path, dtype: torch.dtype = torch.bfloat16) -> Path:
-    """One sparse `model.safetensors` + config.json for a transformers `config` (no tokenizer)."""
+def write_sparse_checkpoint(config, out: str | Path, dtype: torch.dtype = torch.bfloat16,
+                            fp8_block: tuple[int, int] | None = None, model_type: str | None = None) -> Path:
+    """One sparse `model.safetensors` + config.json for a transformers `config` (no tokenizer). `fp8_block`: as an
+    FP8 block-scaled release (DeepSeek-V3, Kimi-K2): Linear weights of the layers in float8_e4m3fn with float32
+    `weight_scale_inv` blocks, and the quantization_config. `model_type`: the name config.json gives (an alias
+    such as kimi_k2)."""
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
@@ -30,9 +36,14 @@ def write_sparse_checkpoint(config, out: str | Path, dtype: torch.dtype = torch.
         for disk_name, shape, _ in _disk_names(config.model_type, name, tuple(t.shape)):
             # as write_random_checkpoint: DeepSeek-style selection biases stay float32
             d = torch.float32 if "e_score_correction_bias" in disk_name else dtype
-            nbytes = d.itemsize * int(torch.Size(shape).numel())
-            entries[disk_name] = {"dtype": DTYPE_NAMES[d], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-            offset += nbytes
+            parts = [(disk_name, d, shape)]
+            if fp8_block is not None and is_fp8_release_weight(FAMILIES[config.model_type], disk_name, len(shape)):
+                parts = [(disk_name, torch.float8_e4m3fn, shape),
+                         (disk_name + "_scale_inv", torch.float32, scale_shape(shape, fp8_block))]
+            for key, d, shp in parts:
+                nbytes = d.itemsize * int(torch.Size(shp).numel())
+                entries[key] = {"dtype": DTYPE_NAMES[d], "shape": list(shp), "data_offsets": [offset, offset + nbytes]}
+                offset += nbytes
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     header = encode_header(entries, {"format": "pt"})
@@ -42,5 +53,10 @@ def write_sparse_checkpoint(config, out: str | Path, dtype: torch.dtype = torch.
         f.truncate(8 + len(header) + offset)  # a hole: no blocks are allocated for the data
     cfg = config.to_dict()
     cfg["dtype"] = str(dtype).replace("torch.", "")
+    if fp8_block is not None:
+        cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                      "weight_block_size": list(fp8_block)}
+    if model_type is not None:
+        cfg["model_type"] = model_type
     (out / "config.json").write_text(json.dumps(cfg, indent=2, default=str) + "\n")
     return out

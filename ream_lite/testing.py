@@ -35,6 +35,8 @@ def save_char_tokenizer(directory: str | Path, vocab_size: int) -> None:
 def _disk_names(model_type: str, name: str, shape: tuple[int, ...]) -> list[tuple[str, tuple[int, ...], str]]:
     """In-memory parameter -> on-disk tensors (name, shape, part) as save_pretrained writes them."""
     spec = FAMILIES[model_type]
+    if spec.fused_input_major and spec.moe_disk == spec.moe_attr:  # (Llama-4: save_pretrained keeps them fused)
+        return [(name, shape, "")]
     if name.endswith(".experts.gate_up_proj"):
         prefix = name[: -len(".experts.gate_up_proj")].replace(f".{spec.moe_attr}", f".{spec.moe_disk}", 1)
         n, two_i, h = shape
@@ -96,10 +98,9 @@ def fp8_release_encode(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.T
     return q.reshape(*lead, nr * br, nc * bc)[..., :r, :c].contiguous(), scale.float()
 
 
-def is_fp8_release_weight(layout, key: str, ndim: int) -> bool:
-    """Whether an FP8 release stores `key` in FP8: the Linear weights of decoder layers (attention, dense MLPs,
-    routed and shared experts), not norms, routers, embeddings or the head."""
-    spec = layout.spec
+def is_fp8_release_weight(spec, key: str, ndim: int) -> bool:
+    """Whether an FP8 release of a model of family `spec` stores `key` in FP8: the Linear weights of decoder layers
+    (attention, dense MLPs, routed and shared experts), not norms, routers, embeddings or the head."""
     return (key.startswith(f"{spec.layers_prefix}.") and key.endswith(".weight") and ndim in (2, 3)
             and "norm" not in key and not key.endswith(f".{spec.moe_disk}.{spec.router_weight}")
             and not key.endswith("embed_tokens.weight") and not key.endswith(".head.weight"))
@@ -116,7 +117,7 @@ def convert_to_fp8(src: str | Path, out: str | Path, block: tuple[int, int] = (1
     r = layout.reader
     w = CheckpointWriter(out, max_shard_bytes=max_shard_bytes, overwrite=True)
     for k in list(r.keys()):
-        if is_fp8_release_weight(layout, k, len(r.shape(k))):
+        if is_fp8_release_weight(layout.spec, k, len(r.shape(k))):
             q, s = fp8_release_encode(r.get(k, dtype=torch.float32), block)
             w.add(k, q)
             w.add(k + "_scale_inv", s)

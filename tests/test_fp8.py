@@ -177,3 +177,64 @@ def test_unknown_quantization_is_refused(fp8_dirs, tmp_path):
     (bad / "config.json").write_text(json.dumps(cfg))
     r = CliRunner().invoke(main, ["compress", str(bad), str(tmp_path / "out"), "--experts", "4"])
     assert r.exit_code == 2 and "quantized checkpoint (gptq)" in r.output and "Traceback" not in r.output
+
+
+@pytest.mark.parametrize("out_dtype,method", [("stored", "reap"), ("stored", "ream"), ("bf16", "reap")])
+def test_plan_predicts_fp8_reads_and_output_bytes(fp8_dirs, tmp_path, monkeypatch, out_dtype, method):
+    """`plan` counts an FP8 tensor's scales with its values: reads and output bytes equal what compress does."""
+    from test_plan import estimate, reads_of, tensor_bytes
+
+    from ream_lite.engine.streamer import StreamOptions
+    from ream_lite.pipeline import CompressConfig
+    from ream_lite.pipeline import compress as run_compress
+
+    _, src = fp8_dirs["deepseek_v3"]
+    read = reads_of(src, monkeypatch)
+    settings = {"method": method, "num_sequences": 8, "seq_len": 32, "out_dtype": out_dtype,
+                **({"guard": "off"} if method == "ream" else {})}
+    run_compress(CompressConfig(model=str(src), output=str(tmp_path / "out"), experts=8,
+                                stream=StreamOptions(device="cpu", progress=False), **settings))
+    est = estimate(src, 8, **settings)
+    assert est.output_bytes == tensor_bytes(tmp_path / "out")
+    assert est.read_bytes == max(read)
+
+
+def test_kimi_k2_fp8_shape_inspects_and_plans_into_24gb(tmp_path, monkeypatch):
+    """Kimi-K2's real layer shapes as released (FP8, 128 x 128 blocks; headers over sparse data): `inspect` gives the
+    stored sizes with the scales counted, and `plan` runs the 33.8 GB of decoded experts per layer in chunks inside
+    a 24 GB card."""
+    import sys
+    from pathlib import Path
+
+    from test_plan import estimate
+
+    from ream_lite.engine.budget import GiB
+    from ream_lite.inspect_model import describe
+    from ream_lite.sparse_checkpoint import write_sparse_checkpoint
+
+    for name in ("mem_get_info", "is_available", "synchronize", "get_device_properties"):
+        monkeypatch.setattr(torch.cuda, name, lambda *a, **k: pytest.fail("CUDA API called"))
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    from shapes import kimi_k2
+
+    src = write_sparse_checkpoint(kimi_k2(2), tmp_path / "kimi", fp8_block=(128, 128), model_type="kimi_k2")
+    layout = ModelLayout(str(src))
+    d = describe(layout)
+    assert d["family"] == "deepseek_v3" and d["quantization"] == "fp8" and d["experts_per_layer"] == [384]
+    per_expert_values = 3 * 2048 * 7168  # one byte each
+    per_expert_scales = 3 * (16 * 56) * 4  # float32 per 128 x 128 block
+    moe = [x for x in d["layers"] if x["kind"] == "moe"]
+    assert len(moe) == 1 and moe[0]["expert_bytes"] == 384 * (per_expert_values + per_expert_scales)
+    assert d["stored_dtypes"]["F8_E4M3"] > 16.9e9
+    for method in ({"method": "reap"}, {"method": "ream", "guard": "off"}):  # (the guarded merge: see docs)
+        est = estimate(src, 192, stream={"device": "cuda", "max_gpu_memory": 24 * GiB}, **method)
+        layer = [x for x in est.layers if x.kind == "moe"][0]
+        assert est.memory.dtype == "bfloat16"
+        assert layer.chunks > 1 and layer.experts_per_chunk * layer.chunks >= 384
+        assert layer.experts_per_chunk * per_expert_values * 2 < 24 * GiB  # a chunk decoded to bf16 fits
+        assert est.peak_device_bytes <= 24 * GiB
+    # written back as FP8: half the experts (scales included) and router rows (bf16 weight, float32 bias) are gone
+    router_rows = 192 * (7168 * 2 + 4)
+    assert est.output_bytes == est.input_bytes - 192 * (per_expert_values + per_expert_scales) - router_rows
+    r = CliRunner().invoke(main, ["inspect", str(src)])
+    assert r.exit_code == 0 and "fp8" in r.output, r.output

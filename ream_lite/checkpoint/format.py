@@ -57,6 +57,13 @@ class TensorEntry:
         return self.end - self.start
 
     @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    @property
     def torch_dtype(self) -> torch.dtype:
         try:
             return DTYPES[self.dtype]

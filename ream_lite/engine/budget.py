@@ -166,7 +166,7 @@ def plan_memory(
             prefix = f"{layer.prefix}."
             expert_keys |= {prefix + layout.spec.mtp_embed, prefix + "shared_head.head.weight"}
         nbytes = sum(
-            layout.reader.entry(k).nbytes // layout.reader.entry(k).torch_dtype.itemsize * elt
+            layout.reader.entry(k).numel * elt
             for k in layout.layer_keys(layer.index)
             if k not in expert_keys
         )
