@@ -112,15 +112,16 @@ def main() -> None:
     ap.add_argument("--ref-batch", type=int, default=1, help="sequences per forward in the reference-style run")
     ap.add_argument("--dir", default=None, help="checkpoint, outputs and work dir (default: a temp dir)")
     ap.add_argument("--json", default=None, help="write every figure here (rewritten after every run)")
+    ap.add_argument("--fp8", action="store_true", help="the checkpoint FP8 block-scaled, as the FP8 releases are")
     ap.add_argument("--keep-outputs", action="store_true", help="keep the compressed models (default: deleted "
                     "after each run is measured, so a large checkpoint's outputs do not fill the disk)")
     args = ap.parse_args()
     root = Path(args.dir or tempfile.mkdtemp(prefix="ream-scale-"))
     root.mkdir(parents=True, exist_ok=True)
-    model = root / f"{args.shape}-{args.layers}L"
+    model = root / f"{args.shape}-{args.layers}L{'-fp8' if args.fp8 else ''}"
     t = time.perf_counter()
     synthesize(args.shape, model, args.layers, args.dense_layers,
-               device="cuda" if args.device.startswith("cuda") else "cpu")
+               device="cuda" if args.device.startswith("cuda") else "cpu", fp8=args.fp8)
     print(f"checkpoint {model} ready in {time.perf_counter() - t:.0f} s", flush=True)
     files = shards(model)
     ckpt_bytes = CheckpointReader(model).total_bytes()
@@ -139,7 +140,7 @@ def main() -> None:
     def save() -> None:
         if args.json:
             Path(args.json).write_text(json.dumps({
-                "shape": args.shape, "layers": args.layers, "device": args.device, "sequences": args.sequences,
+                "shape": args.shape, "fp8": args.fp8, "layers": args.layers, "device": args.device, "sequences": args.sequences,
                 "seq_len": args.seq_len, "experts": args.experts, "checkpoint_bytes": ckpt_bytes,
                 "read_rate": read_rate, "rates": rates,
                 "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None, "runs": rows},

@@ -28,27 +28,30 @@ GiB = 1024**3
 
 
 def synthesize(shape: str, out: Path, layers: int, dense_layers: int | None = None, device: str = "cpu",
-               seed: int = 0) -> Path:
-    """The checkpoint at `out` (written unless a complete one with the same config is already there)."""
+               seed: int = 0, fp8: bool = False) -> Path:
+    """The checkpoint at `out` (written unless a complete one with the same config is already there); `fp8`: as
+    the FP8 releases store it (128 x 128 blocks)."""
     config = SHAPES[shape](layers, dense_layers)
     if (out / "config.json").exists() and (out / "tokenizer.json").exists():
         import json
 
         have = json.loads((out / "config.json").read_text())
-        if have.get("num_hidden_layers") == layers and have.get("hidden_size") == config.hidden_size:
+        if (have.get("num_hidden_layers") == layers and have.get("hidden_size") == config.hidden_size
+                and ("quantization_config" in have) == fp8):
             return out
-    return write_random_checkpoint(config, out, seed=seed, device=device)
+    return write_random_checkpoint(config, out, seed=seed, device=device, fp8_block=(128, 128) if fp8 else None)
 
 
 def describe(path: Path) -> str:
     r = CheckpointReader(path)
     per_layer: dict[int, int] = {}
-    for k, e in r.entries.items():
+    for k, e in r.tensors.items():
         if k.startswith("model.layers."):
             i = int(k.split(".")[2])
             per_layer[i] = per_layer.get(i, 0) + e.nbytes
     biggest = max(per_layer.values()) if per_layer else 0
-    return (f"{path}: {r.total_bytes() / GiB:.2f} GiB in {len(r.entries):,} tensors, {len(per_layer)} layers, "
+    return (f"{path}: {r.total_bytes() / GiB:.2f} GiB in {len(r.entries):,} tensors "
+            f"({'/'.join(sorted(r.encodings))}), {len(per_layer)} layers, "
             f"largest layer {biggest / GiB:.2f} GiB")
 
 
@@ -61,9 +64,10 @@ def main() -> None:
                     help="leading dense layers for DeepSeek-V3 / GLM shapes (default: as released, leaving >= 1 MoE)")
     ap.add_argument("--device", default="cpu", help="where to draw the random weights (cpu, cuda)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--fp8", action="store_true", help="FP8 block-scaled as released (DeepSeek-V3, Kimi-K2, Qwen3-FP8)")
     args = ap.parse_args()
     t = time.perf_counter()
-    synthesize(args.shape, args.out, args.layers, args.dense_layers, args.device, args.seed)
+    synthesize(args.shape, args.out, args.layers, args.dense_layers, args.device, args.seed, args.fp8)
     print(f"{describe(args.out)}; {time.perf_counter() - t:.0f} s")
 
 

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import torch
 
-from ream_lite.checkpoint.format import DTYPE_NAMES, encode_header
-from ream_lite.checkpoint.reader import SINGLE_NAME
 from ream_lite.arch.families import FAMILIES
+from ream_lite.checkpoint.format import DTYPE_NAMES, encode_header
 from ream_lite.checkpoint.fp8 import scale_shape
-from ream_lite.testing import _disk_names, is_fp8_release_weight
+from ream_lite.checkpoint.reader import SINGLE_NAME
+from ream_lite.testing import _disk_names, fp8_quantization_config, is_fp8_release_weight
 
 
 def write_sparse_checkpoint(config, out: str | Path, dtype: torch.dtype = torch.bfloat16,
@@ -54,8 +54,7 @@ def write_sparse_checkpoint(config, out: str | Path, dtype: torch.dtype = torch.
     cfg = config.to_dict()
     cfg["dtype"] = str(dtype).replace("torch.", "")
     if fp8_block is not None:
-        cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
-                                      "weight_block_size": list(fp8_block)}
+        cfg["quantization_config"] = fp8_quantization_config(fp8_block)
     if model_type is not None:
         cfg["model_type"] = model_type
     (out / "config.json").write_text(json.dumps(cfg, indent=2, default=str) + "\n")

@@ -54,9 +54,11 @@ def _disk_names(model_type: str, name: str, shape: tuple[int, ...]) -> list[tupl
 def write_random_checkpoint(
     config, out: str | Path, dtype: torch.dtype = torch.bfloat16, seed: int = 0, std: float = 0.02,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, tokenizer: bool = True, device: str = "cpu",
+    fp8_block: tuple[int, int] | None = None,
 ) -> Path:
     """Random weights for a transformers `config`, written one tensor at a time (memory: one tensor). Drawn
-    directly in `dtype` on `device` ("cuda" makes a checkpoint of tens of GB in seconds of drawing)."""
+    directly in `dtype` on `device` ("cuda" makes a checkpoint of tens of GB in seconds of drawing). `fp8_block`:
+    the layers' Linear weights stored FP8 block-scaled as the FP8 releases store them (`convert_to_fp8`)."""
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
@@ -74,13 +76,25 @@ def write_random_checkpoint(
                 value = torch.zeros(shape, dtype=torch.float32)
             else:
                 value = torch.empty(shape, dtype=dtype, device=device).normal_(0.0, std, generator=gen)
-            w.add(disk_name, value)
+            if fp8_block is not None and is_fp8_release_weight(FAMILIES[config.model_type], disk_name, len(shape)):
+                q, s = fp8_release_encode(value, fp8_block)
+                w.add(disk_name, q)
+                w.add(disk_name + "_scale_inv", s)
+            else:
+                w.add(disk_name, value)
     cfg = config.to_dict()
     cfg["dtype"] = str(dtype).replace("torch.", "")
+    if fp8_block is not None:
+        cfg["quantization_config"] = fp8_quantization_config(fp8_block)
     w.finish(json.loads(json.dumps(cfg, default=str)))
     if tokenizer:
         save_char_tokenizer(out, config.vocab_size)
     return out
+
+
+def fp8_quantization_config(block: tuple[int, int]) -> dict:
+    """config.json's quantization_config of an FP8 block-scaled release (as DeepSeek-V3's reads)."""
+    return {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": list(block)}
 
 
 def fp8_release_encode(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -124,8 +138,7 @@ def convert_to_fp8(src: str | Path, out: str | Path, block: tuple[int, int] = (1
         else:
             w.copy_from(r, k)
     cfg = dict(layout.config)
-    cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
-                                  "weight_block_size": list(block)}
+    cfg["quantization_config"] = fp8_quantization_config(block)
     result = w.finish(cfg, source_dir=layout.path)
     layout.close()
     return result
