@@ -120,25 +120,42 @@ def is_fp8_release_weight(spec, key: str, ndim: int) -> bool:
             and not key.endswith("embed_tokens.weight") and not key.endswith(".head.weight"))
 
 
+def compressed_tensors_fp8_config() -> dict:
+    """quantization_config of an llm-compressor FP8_DYNAMIC checkpoint (per-channel weights, dynamic activations)."""
+    weights = {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "channel", "dynamic": False,
+               "block_structure": None}
+    acts = {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "token", "dynamic": True}
+    return {"quant_method": "compressed-tensors", "format": "float-quantized", "quantization_status": "compressed",
+            "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": acts}},
+            "ignore": ["lm_head"]}
+
+
 def convert_to_fp8(src: str | Path, out: str | Path, block: tuple[int, int] = (128, 128),
-                   max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
-    """An FP8 block-scaled copy of checkpoint `src`, as the FP8 releases are: each weight `is_fp8_release_weight`
-    picks written as float8_e4m3fn plus `weight_scale_inv`, the rest copied; quantization_config added. One tensor
-    in memory at a time."""
+                   max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, scheme: str = "block") -> Path:
+    """An FP8 copy of checkpoint `src`, as the FP8 releases are: each weight `is_fp8_release_weight` picks written as
+    float8_e4m3fn plus its scale, the rest copied; quantization_config added. `scheme` "block": `weight_scale_inv`
+    per `block` (DeepSeek-V3, Qwen3-FP8, Kimi-K2); "channel": compressed-tensors' `weight_scale` per output row
+    in bf16 (llm-compressor FP8_DYNAMIC). One tensor in memory at a time."""
     from ream_lite.arch.layout import ModelLayout
 
     layout = ModelLayout(str(src))
     r = layout.reader
     w = CheckpointWriter(out, max_shard_bytes=max_shard_bytes, overwrite=True)
     for k in list(r.keys()):
-        if is_fp8_release_weight(layout.spec, k, len(r.shape(k))):
+        shape = r.shape(k)
+        if not is_fp8_release_weight(layout.spec, k, len(shape)):
+            w.copy_from(r, k)
+        elif scheme == "block":
             q, s = fp8_release_encode(r.get(k, dtype=torch.float32), block)
             w.add(k, q)
             w.add(k + "_scale_inv", s)
         else:
-            w.copy_from(r, k)
+            q, s = fp8_release_encode(r.get(k, dtype=torch.float32), (1, shape[-1]))
+            w.add(k, q)
+            w.add(k + "_scale", s.to(torch.bfloat16))
     cfg = dict(layout.config)
-    cfg["quantization_config"] = fp8_quantization_config(block)
+    cfg["quantization_config"] = fp8_quantization_config(block) if scheme == "block" else \
+        compressed_tensors_fp8_config()
     result = w.finish(cfg, source_dir=layout.path)
     layout.close()
     return result

@@ -29,6 +29,7 @@ class OutputFormat:
     blocksize: int = 64
     double_quant: bool = False
     compute_dtype: torch.dtype = torch.bfloat16  # what a bnb model computes in (its quantization_config)
+    skip_modules: tuple[str, ...] = ()  # modules transformers must leave unquantized (llm_int8_skip_modules)
 
     def __post_init__(self) -> None:
         if self.quantize is not None and self.quantize not in QUANTIZE_TYPES:
@@ -72,14 +73,14 @@ class OutputFormat:
         by_suffix = {k[len(name):]: v for k, v in parts.items()}
         return stored.decode(out_like, by_suffix, dtype)
 
-    def config(self, config: dict, bnb_skip: list[str] | None = None) -> dict:
+    def config(self, config: dict, bnb_skip: tuple[str, ...] | list[str] | None = None) -> dict:
         """config.json of the output: the quantization_config it needs (or none)."""
         out = dict(config)
         if self.quantize is not None:
             from ream_lite.checkpoint.bnb4 import bnb4_quantization_config
 
             out["quantization_config"] = bnb4_quantization_config(
-                self.quantize, self.compute_dtype, self.blocksize, self.double_quant, bnb_skip or [])
+                self.quantize, self.compute_dtype, self.blocksize, self.double_quant, list(bnb_skip or []))
         elif self.decode_to is not None:
             out.pop("quantization_config", None)
             out["torch_dtype"] = out["dtype"] = str(self.decode_to).replace("torch.", "")

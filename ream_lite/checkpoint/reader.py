@@ -164,8 +164,8 @@ class CheckpointReader:
             a, b = rows
             br = t.block[0]
             parts[""] = self._get_entry(t.parts[""], key, rows, None, device)
-            parts[stored.FP8_SCALE] = self._get_entry(t.parts[stored.FP8_SCALE], key, (a // br, -(-b // br)), None,
-                                                      device)
+            sfx = stored.fp8_scale_suffix(t)
+            parts[sfx] = self._get_entry(t.parts[sfx], key, (a // br, -(-b // br)), None, device)
             row0 = a
         elif len(t.shape) >= 3:  # fused [E, ...]: every part is indexed by expert along its first dimension
             parts = {sfx: self._get_entry(e, key, rows, None, device) for sfx, e in t.parts.items()}
@@ -214,11 +214,11 @@ class CheckpointReader:
 
 
 def _declared_fp8_block(directory: Path) -> tuple[int, int] | None:
-    """The FP8 block size config.json declares (quantization_config.weight_block_size), if it says."""
+    """The FP8 block size config.json declares (see arch.layout.fp8_block_size), if it says."""
+    from ream_lite.arch.layout import fp8_block_size
+
     try:
-        quant = json.loads((directory / "config.json").read_text()).get("quantization_config") or {}
-        block = quant.get("weight_block_size")
-        return (int(block[0]), int(block[1])) if block else None
+        return fp8_block_size(json.loads((directory / "config.json").read_text()))
     except (OSError, ValueError, TypeError, AttributeError, IndexError):
         return None
 

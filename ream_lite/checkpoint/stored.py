@@ -25,7 +25,9 @@ Encoding = Literal["plain", "fp8_block", "mxfp4", "bnb4", "fp8_unscaled"]
 UNSCALED_FP8_MESSAGE = ("FP8 without a weight_scale_inv block scale; only block-scaled FP8 (DeepSeek-V3 / Qwen3 FP8 "
                         "style) can be decoded")
 
-FP8_SCALE = "_scale_inv"
+FP8_SCALE = "_scale_inv"  # DeepSeek-V3 / Qwen3-FP8 / Kimi-K2 ("fp8" quant_method): one scale per block
+FP8_CT_SCALE = "_scale"  # compressed-tensors float-quantized (llm-compressor): per tensor, channel or block
+FP8_SCALES = (FP8_SCALE, FP8_CT_SCALE)
 MX_BLOCKS, MX_SCALES = "_blocks", "_scales"
 BNB_SUFFIXES = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map", ".quant_state.bitsandbytes__nf4",
                 ".quant_state.bitsandbytes__fp4")
@@ -40,6 +42,7 @@ class StoredTensor:
     shape: tuple[int, ...]
     parts: dict[str, TensorEntry] = field(hash=False, compare=False)
     block: tuple[int, ...] | None = None  # FP8: block (rows, cols); bnb 4-bit: (blocksize,)
+    value_dtype: torch.dtype | None = None  # bnb 4-bit: the dtype its quant_state records
 
     @property
     def main(self) -> TensorEntry:
@@ -86,14 +89,11 @@ def group_entries(entries: dict[str, TensorEntry], fp8_block: tuple[int, int]) -
     out: dict[str, StoredTensor] = {}
     owned: set[str] = set()
     for k, e in entries.items():
-        if k + FP8_SCALE in entries and e.dtype.startswith("F8"):
-            s = entries[k + FP8_SCALE]
-            want = fp8.scale_shape(e.shape, fp8_block)
-            if tuple(s.shape) != want:
-                raise ReamLiteError(f"{e.path}: {k}{FP8_SCALE} has shape {tuple(s.shape)}, expected {want} for "
-                                    f"{fp8_block[0]}x{fp8_block[1]} blocks (quantization_config.weight_block_size)")
-            out[k] = StoredTensor(k, "fp8_block", e.shape, {"": e, FP8_SCALE: s}, fp8_block)
-            owned.update((k, k + FP8_SCALE))
+        fp8_scale = next((sfx for sfx in FP8_SCALES if k + sfx in entries), None)
+        if fp8_scale is not None and e.dtype.startswith("F8"):
+            block = _fp8_grid(k, e, entries[k + fp8_scale], fp8_block)
+            out[k] = StoredTensor(k, "fp8_block", e.shape, {"": e, fp8_scale: entries[k + fp8_scale]}, block)
+            owned.update((k, k + fp8_scale))
         elif k.endswith(MX_BLOCKS) and k[: -len(MX_BLOCKS)] + MX_SCALES in entries:
             base = k[: -len(MX_BLOCKS)]
             s = entries[base + MX_SCALES]
@@ -106,8 +106,8 @@ def group_entries(entries: dict[str, TensorEntry], fp8_block: tuple[int, int]) -
             owned.update((k, base + MX_SCALES))
         elif any(k + sfx in entries for sfx in BNB_SUFFIXES[-2:]):
             parts = {"": e} | {sfx: entries[k + sfx] for sfx in BNB_SUFFIXES if k + sfx in entries}
-            shape, blocksize = _bnb_state(k, parts)
-            out[k] = StoredTensor(k, "bnb4", shape, parts, (blocksize,))
+            shape, blocksize, dtype = _bnb_state(k, parts)
+            out[k] = StoredTensor(k, "bnb4", shape, parts, (blocksize,), dtype)
             owned.update(k + sfx for sfx in parts)
     for k, e in entries.items():
         if k in owned:
@@ -117,8 +117,32 @@ def group_entries(entries: dict[str, TensorEntry], fp8_block: tuple[int, int]) -
     return out
 
 
-def _bnb_state(key: str, parts: dict[str, TensorEntry]) -> tuple[tuple[int, ...], int]:
-    """(original shape, blocksize) of a bnb 4-bit weight, from its packed quant_state JSON (read at index time:
+def _fp8_grid(key: str, e: TensorEntry, scale: TensorEntry, block: tuple[int, int]) -> tuple[int, int]:
+    """The block an FP8 weight's scale covers, from the scale's shape: one scale for the tensor (block = the
+    whole matrix), one per output row (block 1 x columns: compressed-tensors' channel strategy), or a grid of
+    `block` (quantization_config.weight_block_size / block_structure)."""
+    *lead, r, c = e.shape
+    shape = tuple(scale.shape)
+    n = 1
+    for s in shape:
+        n *= s
+    if n == 1 and not lead:
+        return (r, c)
+    if shape in ((*lead, r, 1), (*lead, r)):
+        return (1, c)
+    if shape == fp8.scale_shape(e.shape, block):
+        return block
+    raise ReamLiteError(f"{e.path}: the scale of {key} has shape {shape}; expected one per tensor, per row "
+                        f"({r}), or per {block[0]}x{block[1]} block {fp8.scale_shape(e.shape, block)} "
+                        "(quantization_config.weight_block_size)")
+
+
+def fp8_scale_suffix(t: StoredTensor) -> str:
+    return next(sfx for sfx in t.parts if sfx)
+
+
+def _bnb_state(key: str, parts: dict[str, TensorEntry]) -> tuple[tuple[int, ...], int, torch.dtype | None]:
+    """(original shape, blocksize, dtype) of a bnb 4-bit weight, from its packed quant_state JSON (read at index time:
     a few hundred bytes)."""
     sfx = next(s for s in parts if s.startswith(".quant_state."))
     e = parts[sfx]
@@ -126,7 +150,9 @@ def _bnb_state(key: str, parts: dict[str, TensorEntry]) -> tuple[tuple[int, ...]
         f.seek(e.start)
         state = json.loads(bytes(f.read(e.nbytes)).decode("utf-8"))
     try:
-        return tuple(int(s) for s in state["shape"]), int(state["blocksize"])
+        dtype = getattr(torch, str(state.get("dtype", "")).replace("torch.", ""), None)
+        return tuple(int(s) for s in state["shape"]), int(state["blocksize"]), \
+            dtype if isinstance(dtype, torch.dtype) else None
     except (KeyError, TypeError, ValueError):
         raise ReamLiteError(f"{e.path}: {key}{sfx}: quant_state has no shape or blocksize") from None
 
@@ -140,7 +166,14 @@ def decode(t: StoredTensor, parts: dict[str, torch.Tensor], dtype: torch.dtype |
         return x if dtype is None or x.dtype == dtype else x.to(dtype)
     dtype = dtype or torch.float32
     if t.encoding == "fp8_block":
-        return fp8.decode(parts[""], parts[FP8_SCALE], t.block, dtype, row0)
+        q = parts[""]
+        scale = parts[fp8_scale_suffix(t)]
+        grid = fp8.scale_shape(q.shape, t.block)
+        if row0 == 0 and scale.shape != grid:  # per-row (r,) or one-element scales: as the [.., nr, nc] grid
+            scale = scale.reshape(grid)
+        elif scale.dim() == q.dim() - 1:  # a row slice of per-row scales
+            scale = scale.unsqueeze(-1)
+        return fp8.decode(q, scale, t.block, dtype, row0)
     if t.encoding == "mxfp4":
         from ream_lite.checkpoint.mxfp4 import decode_mxfp4
 
@@ -162,7 +195,10 @@ def encode(t: StoredTensor, name: str, value: torch.Tensor) -> dict[str, torch.T
         return {name: value.to(t.torch_dtype)}
     if t.encoding == "fp8_block":
         q, s = fp8.encode(value, t.block)
-        return {name: q, name + FP8_SCALE: s}
+        sfx = fp8_scale_suffix(t)
+        part = t.parts[sfx]  # the input's scale layout and dtype (power-of-two scales are exact in bf16)
+        s = s.reshape(part.shape) if tuple(part.shape) != tuple(s.shape) and s.numel() == part.numel else s
+        return {name: q, name + sfx: s.to(part.torch_dtype)}
     if t.encoding == "mxfp4":
         from ream_lite.checkpoint.mxfp4 import encode_mxfp4
 
@@ -173,7 +209,8 @@ def encode(t: StoredTensor, name: str, value: torch.Tensor) -> dict[str, torch.T
 
         state = next(s for s in t.parts if s.startswith(".quant_state."))
         quant_type = state.rsplit("__", 1)[1]
-        return encode_bnb4(name, value, quant_type, blocksize=t.block[0],
+        # in the dtype the input's quant_state records (what transformers then computes in)
+        return encode_bnb4(name, value.to(t.value_dtype or value.dtype), quant_type, blocksize=t.block[0],
                            compress_statistics=".nested_absmax" in t.parts)
     if t.encoding == "fp8_unscaled":
         raise ReamLiteError(f"{t.path}: {t.name} is {UNSCALED_FP8_MESSAGE}")
