@@ -71,14 +71,15 @@ def layer_plans(plan: dict, layout: ModelLayout) -> dict[int, LayerPlan]:
 def expert_intermediate_size(layout: ModelLayout, layer: int) -> int:
     """Neurons per routed expert, from the stored tensors (gate rows; the fused gate_up holds gate and up)."""
     if layout.layers[layer].expert_storage == "fused":
-        return layout.reader.shape(layout.fused_keys(layer)[0])[1] // 2
+        return layout.reader.shape(layout.fused_keys(layer)[0])[2 if layout.spec.fused_input_major else 1] // 2
     return layout.reader.shape(layout.per_expert_keys(layer, 0)[0])[0]
 
 
 def apply_plan(plan_path: str, model: str, output: str, overwrite: bool = False, device: str = "cpu",
-               max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, progress: bool = True) -> Path:
+               max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, progress: bool = True,
+               trust_remote_code: bool = False) -> Path:
     plan = read_plan(plan_path)
-    layout = ModelLayout(model)
+    layout = ModelLayout(model, trust_remote_code=trust_remote_code)
     try:
         layout.require_decodable()
         validate_output_path(layout, output)

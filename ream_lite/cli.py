@@ -48,6 +48,13 @@ def _user_errors(fn):
     return wrapper
 
 
+_TRUST_OPTION = click.option(
+    "--trust-remote-code", is_flag=True,
+    help="accept a model whose config.json needs its own code (a model_type this transformers does not know). "
+    "Never needed for the supported families, whose built-in transformers classes are used even where the release "
+    "ships code (auto_map); without it such a model is refused and no code from the checkpoint runs")
+
+
 def _stream_options(fn):
     """Options shared by every command that streams a model."""
     opts = [
@@ -69,6 +76,7 @@ def _stream_options(fn):
                      "them on the device until the layer is done (~1.1 GiB for Qwen3-30B-A3B in bf16); else each "
                      "pass re-reads them from the checkpoint in chunks. 'off': always re-read (less memory, several "
                      "times the disk reads). The output is the same either way; `plan` says which is used"),
+        _TRUST_OPTION,
     ]
     for o in reversed(opts):
         fn = o(fn)
@@ -76,7 +84,7 @@ def _stream_options(fn):
 
 
 def _make_options(device, dtype, max_gpu_memory, max_cpu_memory, work_dir, store_tier, batch_tokens,
-                  expert_cache="auto") -> StreamOptions:
+                  expert_cache="auto", trust_remote_code=False) -> StreamOptions:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
@@ -92,6 +100,7 @@ def _make_options(device, dtype, max_gpu_memory, max_cpu_memory, work_dir, store
         store_tier=store_tier,
         tokens_per_batch=batch_tokens,
         expert_cache=expert_cache,
+        trust_remote_code=trust_remote_code,
     )
 
 
@@ -162,13 +171,14 @@ def main(verbose: bool) -> None:
 @main.command()
 @click.argument("model")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
+@_TRUST_OPTION
 @_user_errors
-def inspect(model: str, as_json: bool) -> None:
+def inspect(model: str, as_json: bool, trust_remote_code: bool) -> None:
     """Describe MODEL from its headers only: family, layers, experts, router, storage and sizes."""
     from ream_lite.arch.layout import ModelLayout
     from ream_lite.inspect_model import describe, format_description
 
-    d = describe(ModelLayout(model))
+    d = describe(ModelLayout(model, trust_remote_code=trust_remote_code))
     click.echo(json.dumps(d, indent=2) if as_json else format_description(d))
 
 
@@ -305,8 +315,9 @@ def compress(model, output, experts, method, calib, mix, packing, chat_template,
 @click.option("--device", default="cpu", show_default=True, help="where experts are merged (cpu, cuda, cuda:1, ...)")
 @click.option("--max-shard-size", default="5GB", show_default=True, help="largest output shard")
 @click.option("--overwrite", is_flag=True, help="replace OUTPUT if it exists")
+@_TRUST_OPTION
 @_user_errors
-def apply_cmd(plan, model, output, device, max_shard_size, overwrite) -> None:
+def apply_cmd(plan, model, output, device, max_shard_size, overwrite, trust_remote_code) -> None:
     """Re-apply the compression recorded in PLAN (a ream_plan.json, or a compressed model's directory) to MODEL,
     writing OUTPUT, without calibration: the kept experts, merge groups, weights and neuron permutations come from
     the plan. On the same device type the result is byte for byte what `compress` wrote."""
@@ -314,7 +325,8 @@ def apply_cmd(plan, model, output, device, max_shard_size, overwrite) -> None:
 
     require_device(torch.device(device))
     out = apply_plan(plan, model, output, overwrite=overwrite, device=device,
-                     max_shard_bytes=_bytes_option("--max-shard-size", max_shard_size), progress=sys.stderr.isatty())
+                     max_shard_bytes=_bytes_option("--max-shard-size", max_shard_size), progress=sys.stderr.isatty(),
+                     trust_remote_code=trust_remote_code)
     click.echo(f"wrote {out}")
 
 
@@ -373,7 +385,7 @@ def plan_cmd(model, output, experts, method, guard, calib, mix, num_sequences, s
 
     opts = _make_options(**stream)
     require_device(torch.device(opts.device))
-    layout = ModelLayout(model)
+    layout = ModelLayout(model, trust_remote_code=opts.trust_remote_code)
     # validate() wants an output path; without one, a sibling of MODEL stands in (never inside it)
     target = output or str(layout.path.resolve().with_name(layout.path.resolve().name + "-compressed"))
     cfg = CompressConfig(model=model, output=target, experts=experts, method=method, calib=list(calib), mix=mix,

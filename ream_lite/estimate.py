@@ -556,7 +556,7 @@ def _stored_expert_bytes(layout: ModelLayout, info: LayerLayout) -> int:
     """Stored bytes of one routed expert of `info` (per-expert keys, or one row of the fused tensors)."""
     r = layout.reader
     if info.expert_storage == "fused":
-        return sum(r.entry(k).nbytes // info.num_experts for k in layout.fused_keys(info.index))
+        return sum(r.entry(k).nbytes // info.num_experts for k in layout.expert_keys(info.index))  # (biases too)
     return sum(r.entry(k).nbytes for k in layout.per_expert_keys(info.index, 0))
 
 
@@ -579,9 +579,9 @@ def _layer_output_bytes(layout: ModelLayout, info: LayerLayout, n_keep: int, fmt
     total = 0
     for k in keys:
         b = written_bytes(fmt, k, r.entry(k))
-        total += b // r.entry(k).shape[0] * n_keep if k in routers else b
+        total += b // info.num_experts * n_keep if k in routers else b  # (router rows: [E, H], [E] or [1, E])
     if info.expert_storage == "fused":
-        per_expert = sum(written_bytes(fmt, k, r.entry(k)) // info.num_experts for k in layout.fused_keys(info.index))
+        per_expert = sum(written_bytes(fmt, k, r.entry(k)) // info.num_experts for k in layout.expert_keys(info.index))
     else:
         per_expert = sum(written_bytes(fmt, k, r.entry(k)) for k in layout.per_expert_keys(info.index, 0))
     return total + n_keep * per_expert

@@ -84,14 +84,14 @@ class Evaluator:
         self.n_stores = 3 if reference else 2  # a kept reference store plus the working pair
         self.ref_streamer = self.ref_states = None
         if reference:
-            ref_layout = ModelLayout(reference)
+            ref_layout = ModelLayout(reference, trust_remote_code=self.opts.trust_remote_code)
             self.vocab = int(ref_layout.config["vocab_size"])
             self.ref_streamer = LayerStreamer(ref_layout, self.opts)
             self.ref_streamer.make_plan(self.tokens, stores=self.n_stores, seq_len=seq_len)
             self.ref_states = _final_states(self.ref_streamer, self.seqs, "reference")
 
     def run(self, model: str | ModelLayout) -> EvalResult:
-        layout = model if isinstance(model, ModelLayout) else ModelLayout(model)
+        layout = model if isinstance(model, ModelLayout) else ModelLayout(model, self.opts.trust_remote_code)
         vocab = int(layout.config["vocab_size"])
         check_vocab(self.seqs, vocab)
         if self.reference and vocab != self.vocab:
@@ -148,7 +148,7 @@ def evaluate(
     options: StreamOptions | None = None,
     tokenizer: str | None = None,
 ) -> EvalResult:
-    layout = ModelLayout(model)  # fails early, with a clear message, on a bad model
+    layout = ModelLayout(model, (options or StreamOptions()).trust_remote_code)  # fails early on a bad model
     ev = Evaluator(data, str(layout.path), reference, seq_len, max_tokens_per_domain, options, tokenizer)
     try:
         return ev.run(layout)

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from ream_lite.engine.experts import ExpertWeights, expert_output
+from ream_lite.engine.experts import ExpertWeights, expert_output, routed_contribution
 from ream_lite.engine.router import route
 from ream_lite.engine.store import HiddenStateStore
 from ream_lite.engine.streamer import LayerStreamer, MoEBlock
@@ -211,6 +211,10 @@ class _UndoDelta:
         tok, slot = torch.where(r.indices == self.p)
         if tok.numel() == 0:
             return tok, None
+        if self.block.router_cfg.scales_input:  # Llama-4: the weight is inside the expert, E(w * x)
+            w = r.weights[tok, slot]
+            return tok, (routed_contribution(self.original, 0, x[tok], w, s.act, True)
+                         - routed_contribution(self.merged, 0, x[tok], w, s.act, True))
         d = expert_output(self.original, 0, x[tok], s.act).float() - expert_output(self.merged, 0, x[tok], s.act).float()
         return tok, d * r.weights[tok, slot, None].float()
 

@@ -142,10 +142,8 @@ def compressed_loader(streamer: LayerStreamer, plan: LayerPlan, merged: dict):
         w = streamer.experts(plan.layer, ids, copy=bool(merged))  # (merged experts are written into the chunk)
         for j, e in enumerate(ids):
             if e in merged and len(plan.groups[e]) > 1:
-                g, u, d = merged[e]
-                w.gate[j].copy_(g)
-                w.up[j].copy_(u)
-                w.down[j].copy_(d)
+                for dst, t in zip(w.parts, merged[e], strict=True):  # (gate, up, down[, biases])
+                    dst[j].copy_(t)
         w.ids = list(positions)
         return w
 

@@ -189,7 +189,7 @@ def calibration_record(cfg: CompressConfig, cal: CalibrationSet) -> dict:
 
 def compress(cfg: CompressConfig, echo: Callable[[str], None] | None = None) -> Path:
     """Compress `cfg.model` into `cfg.output`; `echo` receives the plan's lines before any work (default: logged)."""
-    layout = ModelLayout(cfg.model)
+    layout = ModelLayout(cfg.model, trust_remote_code=cfg.stream.trust_remote_code)
     try:
         return _compress(layout, cfg, echo or (lambda line: log.info("plan: %s", line)))
     finally:

@@ -6,12 +6,14 @@ Shared by `compress` (layer by layer, as each plan is decided), `apply` (plans r
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
+from ream_lite.arch import fused
 from ream_lite.arch.layout import LayerLayout, ModelLayout
 from ream_lite.checkpoint import stored
 from ream_lite.checkpoint.output_format import OutputFormat
@@ -20,6 +22,8 @@ from ream_lite.engine.streamer import checkpoint_dtype
 from ream_lite.errors import ReamLiteError
 from ream_lite.methods.apply import build_merged_experts
 from ream_lite.methods.plan import LayerPlan
+
+log = logging.getLogger(__name__)
 
 
 def validate_output_path(layout: ModelLayout, output: str) -> None:
@@ -37,9 +41,20 @@ def compression_steps(layout: ModelLayout, drop_mtp: bool) -> list[LayerLayout]:
 def copy_non_layer_tensors(writer: CheckpointWriter, layout: ModelLayout) -> None:
     """Embeddings, final norm, lm_head, ...: unchanged, copied first (the order every output is written in)."""
     layer_prefix = f"{layout.spec.layers_prefix}."
+    detached = detached_mtp_keys(layout)
+    if detached:
+        log.warning("%s: leaving out the %d tensors of the checkpoint's MTP block (%s*): ream-lite cannot compress "
+                    "it, and unchanged it would not match the new expert count; the output sets %s = 0",
+                    layout.path, len(detached), layout.spec.detached_mtp_prefix, layout.spec.detached_mtp_key)
     for k in layout.reader.keys():
-        if not k.startswith(layer_prefix):
+        if not k.startswith(layer_prefix) and k not in detached:
             writer.copy_from(layout.reader, k)
+
+
+def detached_mtp_keys(layout: ModelLayout) -> set[str]:
+    """Keys of an MTP block stored outside the decoder layers (ArchSpec.detached_mtp_prefix): never written."""
+    prefix = layout.spec.detached_mtp_prefix
+    return {k for k in layout.reader.keys() if k.startswith(prefix)} if prefix else set()
 
 
 def write_layer(writer: CheckpointWriter, layout: ModelLayout, layer: int, plan: LayerPlan | None, merged: dict,
@@ -60,7 +75,10 @@ def write_layer(writer: CheckpointWriter, layout: ModelLayout, layer: int, plan:
     expert_keys = set(layout.expert_keys(layer))
     for k in keys:
         if k in router_keys:  # (an encoded router is decoded, sliced and encoded again)
-            writer.add_like(k, r.get(k)[idx].contiguous(), r.entry(k))
+            t = r.get(k)
+            # the router weight is [E, H]; a selection bias has the experts on its last axis ([E], Ernie-4.5 [1, E])
+            t = t[idx] if k == layout.moe_key(layer, spec.router_weight) else t[..., idx]
+            writer.add_like(k, t.contiguous(), r.entry(k))
         elif k not in expert_keys:
             writer.copy_from(r, k)
     info = layout.layers[layer]
@@ -77,10 +95,10 @@ def write_layer(writer: CheckpointWriter, layout: ModelLayout, layer: int, plan:
                 for o, n in zip(old, new):
                     writer.copy_from(r, o, n)
         return
-    gu_key, down_key = layout.fused_keys(layer)
-    for key, slab in ((gu_key, lambda g, u, d: torch.cat([g, u])), (down_key, lambda g, u, d: d)):
-        _write_fused(writer, r, key, kept, {e: slab(*merged[e]) for e in kept if e in merged})
-        # (one fused tensor at a time: the second is built only after the first is written)
+    # gate_up, down (and the biases) re-packed as the family stores them: orientation, gate/up arrangement
+    # (arch/fused.py); one fused tensor at a time, the next built only after this one is written
+    for n, key in enumerate([*layout.fused_keys(layer), *layout.fused_bias_keys(layer)]):
+        _write_fused(writer, r, key, kept, {e: fused.stored_slab(spec, merged[e], n) for e in kept if e in merged})
 
 
 def _write_fused(writer: CheckpointWriter, r, key: str, kept: list[int], merged: dict[int, torch.Tensor]) -> None:
@@ -88,8 +106,10 @@ def _write_fused(writer: CheckpointWriter, r, key: str, kept: list[int], merged:
     merged ones (`merged`: expert -> its slab of values) encoded as the output format says."""
     like = r.entry(key)
     if not writer.output.keeps_stored(key, like):  # decoded or re-encoded output: build the values, encode once
-        values = torch.empty((len(kept), *like.shape[1:]), dtype=torch.float32 if like.is_encoded else
-                             like.torch_dtype)
+        # (in the dtype it is written in: float32 values of a gpt-oss-120b layer's gate_up would take 8.5 GB)
+        fmt = writer.output
+        dtype = (fmt.decode_to or fmt.compute_dtype) if like.is_encoded else like.torch_dtype
+        values = torch.empty((len(kept), *like.shape[1:]), dtype=dtype)
         for pos, e in enumerate(kept):
             values[pos].copy_(merged[e] if e in merged else r.get(key, rows=(e, e + 1))[0])
         writer.add_like(key, values, like)
@@ -115,8 +135,10 @@ def output_config(layout: ModelLayout, n_keep: int, drop_mtp: bool, output: Outp
             out[key] = n_keep
     if drop_mtp and layout.spec.mtp_layers_key:
         out[layout.spec.mtp_layers_key] = 0
+    if layout.spec.detached_mtp_key and out.get(layout.spec.detached_mtp_key):
+        out[layout.spec.detached_mtp_key] = 0  # its tensors are not written (copy_non_layer_tensors)
     if output is not None:
-        out = output.config(out, sorted(_bnb_skipped(layout)) if output.quantize else None)
+        out = output.config(out, output.skip_modules)
     return out
 
 
@@ -133,14 +155,23 @@ def make_output_format(layout: ModelLayout, n_keep: int, out_dtype: str = "store
                                                      "fp32": torch.float32}[out_dtype]
     if quantize is None:
         return OutputFormat(decode_to=decode_to)
-    from ream_lite.checkpoint.bnb4 import bnb4_target_keys
+    from ream_lite.checkpoint.bnb4 import bnb4_skip_modules, bnb4_target_keys
 
     compute = decode_to or checkpoint_dtype(layout.config)
     if compute == torch.float32:
         compute = torch.bfloat16
-    targets = bnb4_target_keys(_output_hf_config(layout, n_keep))
+    hf_config = _output_hf_config(layout, n_keep)
+    skip = bnb4_skip_modules(hf_config)
+    targets = bnb4_target_keys(hf_config, skip)
+    # transformers quantizes modules by their names in its model; a module it expects in another layout than the
+    # one ream-lite writes (Llama-4 swaps its fused experts for per-expert Linear modules) cannot be served
+    elsewhere = sorted(k for k in targets if k not in layout.reader)
+    if elsewhere:
+        raise ReamLiteError(f"--quantize: transformers' bitsandbytes loader expects {elsewhere[0]} (and "
+                            f"{len(elsewhere) - 1} more) for a {layout.spec.model_type} model, a layout ream-lite does "
+                            "not write; compress without --quantize and quantize when loading")
     return OutputFormat(decode_to=decode_to, quantize=quantize, quantize_keys=frozenset(targets),
-                        double_quant=double_quant, compute_dtype=compute)
+                        double_quant=double_quant, compute_dtype=compute, skip_modules=tuple(skip))
 
 
 def _output_hf_config(layout: ModelLayout, n_keep: int):
@@ -149,11 +180,6 @@ def _output_hf_config(layout: ModelLayout, n_keep: int):
         if getattr(cfg, key, None) is not None:
             setattr(cfg, key, n_keep)
     return cfg
-
-
-def _bnb_skipped(layout: ModelLayout) -> set[str]:
-    """Modules transformers must leave unquantized when loading the output: lm_head (never quantized)."""
-    return {"lm_head"}
 
 
 def write_planned(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from ream_lite.arch import fused
 from ream_lite.arch.layout import ModelLayout
 from ream_lite.checkpoint.output_format import OutputFormat
 
@@ -18,8 +19,8 @@ def merged_as_written(
     layout: ModelLayout, layer: int, centroid: int, tensors: tuple[torch.Tensor, ...], output: OutputFormat | None,
     dtype: torch.dtype,
 ) -> tuple[torch.Tensor, ...]:
-    """`tensors` (gate, up, down of the expert merged into `centroid`) as the output will hold them, on the host:
-    in the stored dtype for plain tensors, in `dtype` (the compute dtype) for encoded ones."""
+    """`tensors` (gate, up, down[, biases] of the expert merged into `centroid`) as the output will hold them, on the
+    host: in the stored dtype for plain tensors, in `dtype` (the compute dtype) for encoded ones."""
     output = output or OutputFormat()
     r = layout.reader
     tensors = tuple(t.to("cpu") for t in tensors)
@@ -27,13 +28,13 @@ def merged_as_written(
         # (the quantize decision depends on the output name only through the key pattern, the same at any position)
         names = layout.per_expert_keys(layer, centroid)
         return tuple(output.readback(t, r.entry(k), k, dtype) for t, k in zip(tensors, names))
-    gu_key, down_key = layout.fused_keys(layer)
-    g, u, d = tensors[:3]
-    gu_like, down_like = r.entry(gu_key), r.entry(down_key)
-    inter = g.shape[0]
-    gu = output.readback(torch.cat([g, u])[None], _one(gu_like), gu_key, dtype)[0]
-    down = output.readback(d[None], _one(down_like), down_key, dtype)[0]
-    return (gu[:inter], gu[inter:], down, *tensors[3:])
+    # each fused tensor's slab as the family stores it (orientation, gate/up interleave, biases: arch/fused.py),
+    # read back as written, then unpacked into the canonical layout again
+    spec = layout.spec
+    keys = [*layout.fused_keys(layer), *layout.fused_bias_keys(layer)]
+    slabs = [output.readback(fused.stored_slab(spec, tensors, n)[None], _one(r.entry(k)), k, dtype)[0]
+             for n, k in enumerate(keys)]
+    return tuple(t.contiguous() for t in fused.canonical_expert(spec, slabs))
 
 
 def _one(like):

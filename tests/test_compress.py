@@ -7,7 +7,7 @@ import types
 import pytest
 import torch
 from click.testing import CliRunner
-from tiny_models import FAMILIES, VOCAB, reference_logits
+from tiny_models import FAMILIES, VOCAB, reference_logits, router_of
 from transformers import AutoModelForCausalLM
 
 from ream_lite.arch import ModelLayout
@@ -26,11 +26,14 @@ def masked_reference(model, removed: dict[int, list[int]], ids):
     The routers call F.linear through their modeling module; a shim there masks the router's output columns."""
     masks = {}
     for i, experts in removed.items():
-        gate = model.model.layers[i].mlp.gate
-        masks[gate.weight.data_ptr()] = experts
-        if hasattr(gate, "e_score_correction_bias"):
-            gate.e_score_correction_bias[experts] = float("-inf")
-    modeling = sys.modules[type(model).__module__]
+        gate, weight, bias, _ = router_of(model, i)
+        masks[weight.data_ptr()] = experts
+        if bias is not None:  # (Ernie-4.5 stores it [1, E]: experts on the last axis)
+            with torch.no_grad():
+                bias[..., experts] = float("-inf")
+    # routers that are nn.Linear subclasses (Llama-4) call F.linear from torch's Linear module instead
+    modeling = sys.modules[torch.nn.Linear.__module__] if isinstance(gate, torch.nn.Linear) else \
+        sys.modules[type(model).__module__]
     real_f = modeling.F
 
     def linear(x, w, b=None):

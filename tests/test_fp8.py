@@ -238,3 +238,45 @@ def test_kimi_k2_fp8_shape_inspects_and_plans_into_24gb(tmp_path, monkeypatch):
     assert est.output_bytes == est.input_bytes - 192 * (per_expert_values + per_expert_scales) - router_rows
     r = CliRunner().invoke(main, ["inspect", str(src)])
     assert r.exit_code == 0 and "fp8" in r.output, r.output
+
+
+def test_compressed_tensors_channel_fp8(tmp_path, ids, calib_file):
+    """llm-compressor's FP8 (compressed-tensors 'float-quantized', one bf16 `weight_scale` per output row): decoded
+    as Q * scale[row], compressed, and written back in the same layout (merged experts with power-of-two scales)."""
+    model = build_model("qwen3_moe")
+    d = convert_to_fp8(save_model(model, tmp_path / "src"), tmp_path / "ct", scheme="channel")
+    r = CheckpointReader(d)
+    key = "model.layers.1.mlp.experts.3.up_proj.weight"
+    t = r.entry(key)
+    assert t.encoding == "fp8_block" and t.block == (1, 32) and set(t.parts) == {"", "_scale"}
+    q, s = r.read_part(t.parts[""]), r.read_part(t.parts["_scale"])
+    assert s.shape == (16, 1) and s.dtype == torch.bfloat16
+    assert torch.equal(r.get(key, dtype=torch.float32), q.float() * s.float())  # by hand: one scale per row
+    from test_streamer import stream_logits
+
+    # oracle: transformers on a plain float32 copy holding those decoded values
+    from ream_lite.checkpoint.writer import CheckpointWriter
+
+    w = CheckpointWriter(tmp_path / "plain")
+    for k in r.keys():
+        w.add(k, r.get(k, dtype=torch.float32))
+    cfg = json.loads((d / "config.json").read_text())
+    del cfg["quantization_config"]
+    w.finish(cfg, source_dir=d)
+    torch.testing.assert_close(stream_logits(d, ids), transformers_logits(tmp_path / "plain", ids),
+                               atol=1e-4, rtol=1e-4)
+    compress(d, tmp_path / "out", "--experts", "4", "--method", "ream", "--guard", "off", "--calib", str(calib_file))
+    b = CheckpointReader(tmp_path / "out")
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert cfg["quantization_config"]["quant_method"] == "compressed-tensors"
+    plan = json.loads((tmp_path / "out" / "ream_plan.json").read_text())
+    for L in plan["layers"]:
+        for pos, e in enumerate(L["kept"]):
+            out_key = f"model.layers.{L['layer']}.mlp.experts.{pos}.up_proj.weight"
+            o = b.entry(out_key)
+            scale = b.read_part(o.parts["_scale"])
+            assert scale.shape == (16, 1) and scale.dtype == torch.bfloat16
+            if len(L["groups"].get(str(e), {}).get("members", [])) > 1:
+                assert torch.equal(scale.float(), torch.exp2(torch.log2(scale.float()).round()))
+            else:
+                assert b.read_raw(out_key) == r.read_raw(f"model.layers.{L['layer']}.mlp.experts.{e}.up_proj.weight")

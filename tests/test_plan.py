@@ -58,7 +58,8 @@ def reads_of(src, monkeypatch) -> list[int]:
     return read
 
 
-@pytest.mark.parametrize("family,experts", [("qwen3_moe", 6), ("deepseek_v3", 12)])
+@pytest.mark.parametrize("family,experts", [("qwen3_moe", 6), ("deepseek_v3", 12), ("gpt_oss", 0.5),
+                                           ("ernie4_5_moe", 0.5), ("granitemoe", 0.5)])
 def test_predicted_output_bytes_equal_the_real_output(model_dirs, tmp_path, family, experts):
     src = model_dirs[family][1]
     out = tmp_path / "out"

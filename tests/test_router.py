@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from tiny_models import FAMILIES
+from tiny_models import FAMILIES, router_of
 
 from ream_lite.arch import ModelLayout
 from ream_lite.arch.spec import RouterConfig
@@ -13,13 +13,14 @@ from ream_lite.engine.router import route
 def test_router_matches_transformers(model_dirs, family):
     model, directory = model_dirs[family]
     layout = ModelLayout(str(directory))
+    if layout.router_config.scales_input:
+        pytest.skip("Llama-4's router returns scattered scores: compared in test_families_hybrid")
     i = layout.moe_layers[0].index
-    gate = model.model.layers[i].mlp.gate
+    _, weight, bias, gate = router_of(model, i)
     x = torch.randn(50, model.config.hidden_size)
     with torch.no_grad():
         ref_logits, ref_w, ref_i = gate(x)
-    bias = getattr(gate, "e_score_correction_bias", None)
-    r = route(x, gate.weight, layout.router_config, bias)
+    r = route(x, weight, layout.router_config, bias)
     torch.testing.assert_close(r.logits, ref_logits.float())
     # compare as sets per token: sorted=False top-k may order them differently
     order_ref, order = ref_i.sort(-1), r.indices.sort(-1)

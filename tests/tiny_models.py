@@ -46,10 +46,122 @@ def family_config(family: str):
         return tf.Glm4MoeConfig(**COMMON, head_dim=8, intermediate_size=48, moe_intermediate_size=16,
                                 n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1,
                                 first_k_dense_replace=1, n_shared_experts=1, routed_scaling_factor=1.5)
+    if family in ("qwen3_next", "qwen3_5_moe_text"):
+        # hybrid: layer 0 Gated DeltaNet, 1 gated full attention, 2 Gated DeltaNet; partial rotary
+        hybrid = dict(head_dim=8, moe_intermediate_size=16, shared_expert_intermediate_size=24, num_experts=8,
+                      num_experts_per_tok=2, linear_conv_kernel_dim=3, linear_key_head_dim=8, linear_value_head_dim=8,
+                      linear_num_key_heads=2, linear_num_value_heads=4,
+                      layer_types=["linear_attention", "full_attention", "linear_attention"])
+        rope = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}
+        if family == "qwen3_next":  # layer 0 dense (mlp_only_layers)
+            return tf.Qwen3NextConfig(**COMMON, **hybrid, intermediate_size=48, norm_topk_prob=True,
+                                      mlp_only_layers=[0], rope_parameters=rope)
+        return tf.Qwen3_5MoeTextConfig(**COMMON, **hybrid, rope_parameters={**rope, "mrope_section": [1, 1, 0]})
+    if family == "llama4_text":
+        # layers 1 and 3 MoE (interleave step 2), 0 and 2 dense; layers 0 and 2 chunked attention with rope (chunk
+        # of 6 tokens), 1 and 3 NoPE full attention with temperature tuning (floor_scale 4: it varies within a
+        # sequence); 2I = 24 != H = 32 so the fused orientation cannot be guessed from shapes
+        return tf.Llama4TextConfig(**{**COMMON, "num_hidden_layers": 4}, head_dim=8, intermediate_size=12,
+                                   intermediate_size_mlp=40, num_local_experts=8, num_experts_per_tok=2,
+                                   interleave_moe_layer_step=2, no_rope_layer_interval=2, attention_chunk_size=6,
+                                   attn_temperature_tuning=True, floor_scale=4, attn_scale=0.5, use_qk_norm=True)
+    if family == "gpt_oss":
+        # I = 24 != H / 2 and 2I != H, so neither the orientation nor the interleave can be guessed from shapes;
+        # sliding window 6 < the test sequences (layers 0, 2 sliding, 1 full); swiglu_limit 1.0 so the clamps bite;
+        # yarn rotary as released, scaled to this context
+        rope = {"rope_type": "yarn", "rope_theta": 150000.0, "factor": 4.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                "truncate": False, "original_max_position_embeddings": 32}
+        return tf.GptOssConfig(**COMMON, head_dim=8, intermediate_size=24, num_local_experts=8, num_experts_per_tok=2,
+                               sliding_window=6, swiglu_limit=1.0, rope_parameters=rope)
+    more = _more_family_config(tf, family)
+    if more is not None:
+        return more
     raise ValueError(family)
 
 
-FAMILIES = ["qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "deepseek_v3", "glm4_moe"]
+def _more_family_config(tf, family: str):
+    """ernie4_5_moe, phimoe, granitemoe(shared), hunyuan_v1_moe, minimax(_m2): non-default multipliers and
+    thresholds so each family-specific step shows in the streamed-vs-transformers comparison."""
+    if family == "ernie4_5_moe":  # layer 0 dense (moe_layer_start_index), one shared expert
+        return tf.Ernie4_5_MoeConfig(**COMMON, intermediate_size=48, moe_intermediate_size=16, moe_num_experts=8,
+                                     moe_k=2, moe_num_shared_experts=1, moe_layer_start_index=1)
+    if family == "phimoe":  # a wide jitter band: the sparsemixer's masking changes the weights of most tokens
+        return tf.PhimoeConfig(**COMMON, intermediate_size=16, num_local_experts=8, num_experts_per_tok=2,
+                               router_jitter_noise=0.2, attention_bias=True)
+    if family in ("granitemoe", "granitemoeshared"):
+        scales = dict(embedding_multiplier=1.7, residual_multiplier=0.6, logits_scaling=2.5, attention_multiplier=0.3)
+        if family == "granitemoe":
+            return tf.GraniteMoeConfig(**COMMON, **scales, intermediate_size=16, num_local_experts=8,
+                                       num_experts_per_tok=2)
+        return tf.GraniteMoeSharedConfig(**COMMON, **scales, intermediate_size=16, num_local_experts=8,
+                                         num_experts_per_tok=2, shared_intermediate_size=24)
+    if family == "granitemoehybrid":  # Mamba-2, attention (NoPE, as Granite-4.0), Mamba-2
+        return tf.GraniteMoeHybridConfig(**COMMON, embedding_multiplier=1.7, residual_multiplier=0.6,
+                                         logits_scaling=2.5, attention_multiplier=0.3, intermediate_size=16,
+                                         num_local_experts=8, num_experts_per_tok=2, shared_intermediate_size=24,
+                                         position_embedding_type="nope", mamba_n_heads=4, mamba_d_head=16,
+                                         mamba_d_state=8, mamba_d_conv=3, mamba_chunk_size=8, mamba_n_groups=1,
+                                         layer_types=["linear_attention", "full_attention", "linear_attention"])
+    if family == "hunyuan_v1_moe":
+        return tf.HunYuanMoEV1Config(**COMMON, head_dim=8, intermediate_size=16, num_experts=8, moe_topk=2)
+    if family == "minimax_m2":
+        return tf.MiniMaxM2Config(**COMMON, head_dim=8, intermediate_size=16, num_local_experts=8,
+                                  num_experts_per_tok=2)
+    if family == "minimax":  # lightning blocks of 8 tokens: test sequences span several
+        return tf.MiniMaxConfig(**COMMON, head_dim=8, intermediate_size=16, num_local_experts=8, num_experts_per_tok=2,
+                                layer_types=["linear_attention", "full_attention", "linear_attention"], block_size=8,
+                                mlp_alpha_factor=1.3, mlp_beta_factor=0.7, linear_attn_alpha_factor=0.9,
+                                linear_attn_beta_factor=1.1, full_attn_alpha_factor=1.2, full_attn_beta_factor=0.8)
+    return None
+
+
+FAMILIES = ["qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "deepseek_v3", "glm4_moe", "qwen3_next", "qwen3_5_moe_text",
+            "llama4_text", "gpt_oss"]
+# added together (tests/test_families_more.py covers what is special about each)
+MORE_FAMILIES = ["ernie4_5_moe", "phimoe", "granitemoe", "granitemoeshared", "granitemoehybrid", "hunyuan_v1_moe",
+                 "minimax_m2", "minimax"]
+FAMILIES += MORE_FAMILIES
+
+
+# where transformers holds the router of a family whose in-memory names differ from the checkpoint's (or whose
+# selection bias is not `gate.e_score_correction_bias`): (MoE block attribute, module owning the router weight,
+# selection bias relative to the block, how to call the router module for (logits, weights, indices))
+_ROUTERS = {
+    "ernie4_5_moe": ("mlp", "gate", "gate.moe_statics.e_score_correction_bias", "gate"),
+    "phimoe": ("mlp", "router", None, "router"),
+    "granitemoe": ("block_sparse_moe", "router", None, "router"),
+    "granitemoeshared": ("block_sparse_moe", "router", None, "router"),
+    "granitemoehybrid": ("block_sparse_moe", "router", None, "router"),
+    "hunyuan_v1_moe": ("mlp", "gate.wg", None, "gate"),
+    "minimax_m2": ("mlp", "gate", "e_score_correction_bias", "gate+bias"),
+}
+
+
+def _tensor(module, name: str | None):
+    """A parameter or buffer of `module` by dotted name (None for None)."""
+    if name is None:
+        return None
+    return module.get_parameter(name) if name in dict(module.named_parameters()) else module.get_buffer(name)
+
+
+def router_of(model, layer: int):
+    """(module owning the router weight, that weight, the selection bias or None, a function x -> transformers'
+    (logits, top-k weights, top-k indices)) of decoder layer `layer` of a transformers model."""
+    from ream_lite.arch.families import FAMILIES as SPECS
+
+    family = model.config.model_type
+    spec = SPECS[family]
+    if family not in _ROUTERS:  # router weight and bias are named in memory as on disk
+        block = getattr(model.model.layers[layer], spec.moe_attr)
+        owner = block.get_submodule(spec.router_weight.rsplit(".", 1)[0])
+        return owner, owner.weight, _tensor(block, spec.router_bias), owner
+    attr, owner_name, bias_name, call = _ROUTERS[family]
+    block = getattr(model.model.layers[layer], attr)
+    owner = block.get_submodule(owner_name)
+    bias = _tensor(block, bias_name)
+    if call == "gate+bias":  # MiniMax-M2's router takes the block's bias as an argument
+        return owner, owner.weight, bias, lambda x: block.gate(x, bias)
+    return owner, owner.weight, bias, block.get_submodule(call)
 
 
 def build_model(family: str, seed: int = 0, **config_overrides):
@@ -69,6 +181,9 @@ def build_model(family: str, seed: int = 0, **config_overrides):
         for name, b in model.named_buffers():
             if name.endswith("e_score_correction_bias"):
                 b.normal_(0.0, 0.05)
+        for name, p in model.named_parameters():  # Ernie-4.5 holds its selection bias as a parameter
+            if name.endswith("e_score_correction_bias"):
+                p.normal_(0.0, 0.05)
     return model
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from ream_lite.arch.spec import ArchSpec
 
 QWEN3_MOE = ArchSpec(
@@ -58,8 +60,196 @@ GLM4_MOE = ArchSpec(
     notes="DeepSeek-V3 router family (GLM-4.5 / GLM-4.5-Air)",
 )
 
+QWEN3_NEXT = ArchSpec(
+    model_type="qwen3_next",
+    num_experts_keys=("num_experts", "num_local_experts"),
+    shared_expert_attr="shared_expert",
+    shared_gate_attr="shared_expert_gate",
+    mask_by_layer_type=True,
+    detached_mtp_prefix="mtp.",
+    detached_mtp_key="mtp_num_hidden_layers",
+    notes="Qwen2-MoE routing (softmax -> top-k -> norm_topk_prob) plus a sigmoid-gated shared expert; hybrid "
+    "layers per layer_types: Gated DeltaNet linear attention (no cache, whole sequences) and gated full attention "
+    "with partial rotary; dense layers where mlp_only_layers / decoder_sparse_step say. The released MTP block "
+    "(mtp.* keys, which transformers drops) is left out of the output with mtp_num_hidden_layers = 0: its own "
+    "512-expert MoE cannot be run or compressed here, and copied unchanged it would disagree with the new count",
+)
+
+QWEN3_5_MOE_TEXT = ArchSpec(
+    model_type="qwen3_5_moe_text",
+    num_experts_keys=("num_experts", "num_local_experts"),
+    shared_expert_attr="shared_expert",
+    shared_gate_attr="shared_expert_gate",
+    renormalize_key=None,
+    always_renormalize=True,
+    mask_by_layer_type=True,
+    detached_mtp_prefix="mtp.",
+    detached_mtp_key="mtp_num_hidden_layers",
+    notes="Qwen3.5 MoE text model: Qwen3-Next's layout (hybrid Gated DeltaNet / gated attention, sigmoid-gated "
+    "shared expert) with top-k weights always renormalised and multimodal rotary (text positions: all three "
+    "sections equal); every layer MoE; mtp.* left out as for Qwen3-Next",
+)
+
+LLAMA4_TEXT = ArchSpec(
+    model_type="llama4_text",
+    num_experts_keys=("num_local_experts",),
+    router_kind="topk_sigmoid_input",
+    moe_attr="feed_forward",
+    moe_disk="feed_forward",
+    router_weight="router.weight",
+    shared_expert_attr="shared_expert",
+    moe_intermediate_key="intermediate_size",
+    renormalize_key=None,
+    mask_by_layer_type=True,
+    fused_input_major=True,
+    moe_returns_tuple=True,
+    notes="top-k of the raw logits, weight = sigmoid(chosen logit) multiplying the expert INPUT; shared expert "
+    "always added; MoE layers per moe_layers / interleave_moe_layer_step (the others dense, intermediate_size_mlp); "
+    "chunked-attention layers with their own mask, NoPE layers with temperature tuning (run by transformers' own "
+    "attention); experts fused input-major on disk (gate_up_proj [E, H, 2I], down_proj [E, I, H])",
+)
+
+GPT_OSS = ArchSpec(
+    model_type="gpt_oss",
+    num_experts_keys=("num_local_experts", "num_experts"),
+    router_kind="topk_softmax",
+    router_weight="router.weight",
+    router_bias="router.bias",
+    moe_intermediate_key="intermediate_size",
+    renormalize_key=None,
+    mask_by_layer_type=True,
+    fused_input_major=True,
+    fused_interleaved=True,
+    fused_bias_names=("gate_up_proj_bias", "down_proj_bias"),
+    expert_act="clamped_swiglu",
+    moe_returns_tuple=True,
+    attn_implementation="eager",
+    notes="router with a logit bias: top-k of the logits, softmax over the k chosen; experts with biases and a "
+    "clamped SwiGLU ((clamp(up) + 1) * g * sigmoid(alpha * g), g = clamp(gate, max=limit)); fused input-major on "
+    "disk with gate and up interleaved (gate_up_proj [E, H, 2I], columns 0::2 gate, 1::2 up; gate_up_proj_bias "
+    "[E, 2I] likewise; down_proj [E, I, H], down_proj_bias [E, H]); attention sinks, alternating sliding-window "
+    "and full layers (layer_types), run eagerly",
+)
+
+ERNIE4_5_MOE = ArchSpec(
+    model_type="ernie4_5_moe",
+    num_experts_keys=("moe_num_experts",),
+    router_bias="moe_statics.e_score_correction_bias",
+    shared_expert_attr="shared_experts",
+    top_k_key="moe_k",
+    renormalize_key=None,
+    always_renormalize=True,
+    router_fp32=True,
+    renorm_min_key="moe_norm_min",
+    notes="float32 router: softmax over all experts; top-k chosen on softmax + e_score_correction_bias (stored "
+    "[1, E] as mlp.moe_statics.e_score_correction_bias), weighted by the softmax alone, renormalised with the sum "
+    "clamped to moe_norm_min; ungated shared experts; dense layers outside moe_layer_start/end_index and "
+    "moe_layer_interval",
+)
+
+PHIMOE = ArchSpec(
+    model_type="phimoe",
+    num_experts_keys=("num_local_experts",),
+    router_kind="sparsemixer",
+    moe_disk="block_sparse_moe",
+    expert_proj_names=("w1", "w3", "w2"),
+    moe_intermediate_key="intermediate_size",
+    renormalize_key=None,
+    jitter_key="router_jitter_noise",
+    notes="sparsemixer in eval mode: two experts picked one after the other, each weighted by a softmax over the "
+    "logits within 2 * router_jitter_noise (relative) of it (always top-2, whatever num_experts_per_tok says); "
+    "input jitter and sampling are training-only; on disk block_sparse_moe.gate / experts.N.w1/w3/w2",
+)
+
+GRANITEMOE = ArchSpec(
+    model_type="granitemoe",
+    num_experts_keys=("num_local_experts",),
+    router_kind="topk_softmax",
+    moe_attr="block_sparse_moe",
+    moe_disk="block_sparse_moe",
+    router_weight="router.layer.weight",
+    experts_prefix="",
+    fused_gate_up="input_linear.weight",
+    fused_down="output_linear.weight",
+    moe_intermediate_key="intermediate_size",
+    renormalize_key=None,
+    moe_output_scale_key="residual_multiplier",
+    embedding_scale_key="embedding_multiplier",
+    logits_divisor_key="logits_scaling",
+    notes="top-k of the logits, softmax over the k chosen; experts fused on disk as block_sparse_moe.input_linear "
+    "[E, 2I, H] (gate rows then up rows) and output_linear [E, H, I]; embeddings times embedding_multiplier, each "
+    "residual update times residual_multiplier, logits divided by logits_scaling",
+)
+
+GRANITEMOESHARED = replace(
+    GRANITEMOE,
+    model_type="granitemoeshared",
+    notes="GraniteMoE plus an ungated shared MLP (shared_mlp) that is an attribute of the decoder layer, not of the "
+    "MoE block: it runs with the attention phase, and the MoE block output the methods see excludes it",
+)
+
+GRANITEMOEHYBRID = replace(
+    GRANITEMOE,
+    model_type="granitemoehybrid",
+    mask_by_layer_type=True,
+    notes="Granite-4.0: GraniteMoE-Shared's MoE (shared_mlp on the decoder layer, run with the mixer phase) in "
+    "layers whose mixer is Mamba-2 (layer_types linear_attention, run by transformers' own module without a cache, "
+    "whole sequences) or attention, with or without rotary (position_embedding_type)",
+)
+
+HUNYUAN_V1_MOE = ArchSpec(
+    model_type="hunyuan_v1_moe",
+    num_experts_keys=("num_experts",),
+    router_weight="gate.wg.weight",
+    shared_expert_attr="shared_mlp",
+    top_k_key="moe_topk",
+    moe_intermediate_key="intermediate_size",
+    renormalize_key=None,
+    always_renormalize=True,
+    router_fp32=True,
+    notes="float32 router (gate.wg): softmax -> top-k -> always renormalised; one ungated shared MLP (shared_mlp); "
+    "moe_topk may be a per-layer list (it must hold one value)",
+)
+
+MINIMAX_M2 = ArchSpec(
+    model_type="minimax_m2",
+    num_experts_keys=("num_local_experts",),
+    router_kind="sigmoid_grouped_topk",
+    moe_disk="block_sparse_moe",
+    router_bias="e_score_correction_bias",
+    expert_proj_names=("w1", "w3", "w2"),
+    moe_intermediate_key="intermediate_size",
+    renormalize_key=None,
+    always_renormalize=True,
+    router_fp32=False,
+    scaling_key=None,
+    notes="sigmoid of the logits (computed in the router weight's dtype), top-k of sigmoid + e_score_correction_bias "
+    "(stored on the block: block_sparse_moe.e_score_correction_bias), no groups, always renormalised, never scaled; "
+    "on disk block_sparse_moe.gate / experts.N.w1/w3/w2",
+)
+
+MINIMAX = ArchSpec(
+    model_type="minimax",
+    num_experts_keys=("num_local_experts",),
+    moe_disk="block_sparse_moe",
+    expert_proj_names=("w1", "w3", "w2"),
+    moe_intermediate_key="intermediate_size",
+    renormalize_key=None,
+    always_renormalize=True,
+    mask_by_layer_type=True,
+    moe_output_scale_key="mlp_beta_factor",
+    notes="MiniMax-Text-01: Mixtral routing; lightning (linear) attention layers per layer_types run by transformers' "
+    "own module without a cache; the layer output is mlp_alpha_factor * h + mlp_beta_factor * MoE(h) with h the "
+    "post-attention-normed state; the lightning layers' decay buffers must be in the checkpoint (save_pretrained "
+    "writes them)",
+)
+
 FAMILIES: dict[str, ArchSpec] = {}
-for _spec in (QWEN3_MOE, QWEN2_MOE, MIXTRAL, OLMOE, DEEPSEEK_V3, GLM4_MOE):
+for _spec in (ERNIE4_5_MOE, PHIMOE, GRANITEMOE, GRANITEMOESHARED, GRANITEMOEHYBRID, HUNYUAN_V1_MOE, MINIMAX_M2,
+              MINIMAX):
+    FAMILIES[_spec.model_type] = _spec
+for _spec in (QWEN3_MOE, QWEN2_MOE, MIXTRAL, OLMOE, DEEPSEEK_V3, GLM4_MOE, QWEN3_NEXT, QWEN3_5_MOE_TEXT,
+              LLAMA4_TEXT, GPT_OSS):
     FAMILIES[_spec.model_type] = _spec
     for _alias in _spec.aliases:
         FAMILIES[_alias] = _spec

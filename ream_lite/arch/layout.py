@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -17,13 +18,24 @@ from ream_lite.errors import ReamLiteError
 _DENSE_HINT = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "olmo", "olmo2", "gpt2")
 
 
+# multimodal model types whose text model is a supported family: refused with how to get the text model (their
+# nested text_config, language-model key prefixes and vision tower are not handled)
+_MULTIMODAL_WRAPPERS = {"llama4": "llama4_text", "qwen3_5_moe": "qwen3_5_moe_text"}
+
+
+log = logging.getLogger(__name__)
+
 # quantization_config.quant_method values whose weights the reader decodes (checkpoint/stored.py)
-DECODABLE_QUANT_METHODS = ("fp8", "mxfp4", "bitsandbytes")
+DECODABLE_QUANT_METHODS = ("fp8", "mxfp4", "bitsandbytes", "compressed-tensors")
 
 
 def fp8_block_size(config: dict) -> tuple[int, int] | None:
-    """The FP8 block size the config declares (quantization_config.weight_block_size), if any."""
-    block = (config.get("quantization_config") or {}).get("weight_block_size")
+    """The FP8 block size the config declares, if any: quantization_config.weight_block_size ("fp8"), or the
+    weights' block_structure of a compressed-tensors config group."""
+    quant = config.get("quantization_config") or {}
+    block = quant.get("weight_block_size")
+    for group in (quant.get("config_groups") or {}).values():
+        block = block or ((group or {}).get("weights") or {}).get("block_structure")
     return (int(block[0]), int(block[1])) if block else None
 
 
@@ -36,10 +48,62 @@ def detect_spec(config: dict, where: str = "model") -> ArchSpec:
     if model_type is None:
         raise ReamLiteError(f"{where}: config.json has no model_type")
     spec = FAMILIES.get(model_type)
+    if spec is None and model_type in _MULTIMODAL_WRAPPERS:
+        text_type = _MULTIMODAL_WRAPPERS[model_type]
+        raise ReamLiteError(
+            f"{where}: model_type '{model_type}' is the multimodal checkpoint (text model under text_config, its "
+            f"weights under a language-model prefix beside the vision tower); ream-lite streams the text model "
+            f"only: save it as a '{text_type}' checkpoint first (its text_config as config.json, the language "
+            "model's weights under model.* and lm_head) and compress that"
+        )
     if spec is None:
         kind = "a dense model (no routed experts)" if model_type in _DENSE_HINT else "not a supported MoE family"
         raise ReamLiteError(f"{where}: model_type '{model_type}' is {kind}; supported: {supported_families()}")
     return spec
+
+
+_SPECIAL_FLOATS = {"Infinity": float("inf"), "-Infinity": float("-inf"), "NaN": float("nan")}
+
+
+def _decode_special_floats(obj):
+    """transformers writes floats JSON cannot hold as {"__float__": "Infinity"} (Granite-4.0's time_step_limit);
+    its config classes expect the floats back, as its own from_pretrained gives them."""
+    if isinstance(obj, dict):
+        if set(obj) == {"__float__"} and obj["__float__"] in _SPECIAL_FLOATS:
+            return _SPECIAL_FLOATS[obj["__float__"]]
+        return {k: _decode_special_floats(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_decode_special_floats(v) for v in obj]
+    return obj
+
+
+def transformers_knows(model_type: str) -> bool:
+    """Whether this transformers ships a config class for `model_type` (no remote code needed)."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    return model_type in CONFIG_MAPPING
+
+
+def require_trusted_code(config: dict, where: str, trust_remote_code: bool) -> None:
+    """Refuse, unless the user trusts it, a checkpoint whose config needs its own code: a model_type this
+    transformers does not know (and no spec maps onto a built-in class, as kimi_k2 -> deepseek_v3). ream-lite never
+    executes a checkpoint's code by default. A config that merely declares code (auto_map) for a model_type
+    transformers has built in (the DeepSeek-V3, Kimi-K2, MiniMax-M2 releases) runs transformers' class: said in the
+    log, not refused, since the check needs nothing from that code."""
+    model_type = config.get("model_type")
+    spec = FAMILIES.get(model_type) if model_type else None
+    # an alias a spec declares (kimi_k2 -> deepseek_v3) is ream-lite's own mapping onto a built-in class
+    built_in = bool(model_type) and (transformers_knows(model_type) or bool(spec and model_type in spec.aliases))
+    if built_in:
+        if config.get("auto_map"):
+            log.info("%s: config.json declares custom modeling code (auto_map); transformers' built-in '%s' classes "
+                     "are used, the checkpoint's code is never run", where, model_type)
+        return
+    if not trust_remote_code:
+        raise ReamLiteError(
+            f"{where}: model_type '{model_type}' is not known to this transformers (it needs the checkpoint's own "
+            "code); pass --trust-remote-code to accept running it"
+        )
 
 
 @dataclass(frozen=True)
@@ -55,10 +119,12 @@ class LayerLayout:
 class ModelLayout:
     """A checkpoint directory + its family spec + what is really stored for each layer."""
 
-    def __init__(self, name_or_path: str):
+    def __init__(self, name_or_path: str, trust_remote_code: bool = False):
         self.path: Path = resolve_model_path(name_or_path)
         self.config: dict = load_config_dict(self.path)
         self.spec: ArchSpec = detect_spec(self.config, str(self.path))
+        self.trust_remote_code = trust_remote_code
+        require_trusted_code(self.config, str(self.path), trust_remote_code)
         self.reader = CheckpointReader(self.path, fp8_block=fp8_block_size(self.config))
         self.num_layers = int(self.config["num_hidden_layers"])
         extra = int(self.config.get(self.spec.mtp_layers_key, 0) or 0) if self.spec.mtp_layers_key else 0
@@ -80,14 +146,21 @@ class ModelLayout:
         return tuple(self.moe_key(layer, f"{ep}.{expert}.{n}.weight") for n in self.spec.expert_proj_names)  # type: ignore[return-value]
 
     def fused_keys(self, layer: int) -> tuple[str, str]:
-        ep = self.spec.experts_prefix
-        return self.moe_key(layer, f"{ep}.{self.spec.fused_gate_up}"), self.moe_key(layer, f"{ep}.{self.spec.fused_down}")
+        # an empty experts_prefix: the fused tensors sit directly in the block (Granite's input_linear.weight)
+        ep = f"{self.spec.experts_prefix}." if self.spec.experts_prefix else ""
+        return self.moe_key(layer, f"{ep}{self.spec.fused_gate_up}"), self.moe_key(layer, f"{ep}{self.spec.fused_down}")
+
+    def fused_bias_keys(self, layer: int) -> tuple[str, ...]:
+        """The fused experts' bias tensors (gate_up bias, down bias), for families whose experts have them."""
+        names = self.spec.fused_bias_names or ()
+        ep = f"{self.spec.experts_prefix}." if self.spec.experts_prefix else ""
+        return tuple(self.moe_key(layer, f"{ep}{n}") for n in names)
 
     def expert_keys(self, layer: int) -> list[str]:
-        """Every checkpoint key that holds routed-expert weights of `layer`."""
+        """Every checkpoint key that holds routed-expert weights (or biases) of `layer`."""
         info = self.layers[layer]
         if info.expert_storage == "fused":
-            return list(self.fused_keys(layer))
+            return [*self.fused_keys(layer), *self.fused_bias_keys(layer)]
         if info.expert_storage == "per_expert":
             return [k for e in range(info.num_experts) for k in self.per_expert_keys(layer, e)]
         return []
@@ -133,6 +206,8 @@ class ModelLayout:
             return self.spec.router_config(merged)
         except KeyError as e:
             raise ReamLiteError(f"{self.path}: config.json lacks {e}") from None
+        except ValueError as e:
+            raise ReamLiteError(f"{self.path}: {e}") from None
 
     @property
     def decoder_layers(self) -> list[LayerLayout]:
@@ -143,19 +218,23 @@ class ModelLayout:
         return [layer for layer in self.layers if layer.is_moe]
 
     def hf_config(self, attn_implementation: str = "sdpa"):
-        """The transformers config object for this checkpoint (built from config.json, no remote code)."""
+        """The transformers config object for this checkpoint (built from config.json; remote code only for a
+        model_type transformers lacks, and only when the user passed trust_remote_code)."""
         from transformers import AutoConfig
 
-        cfg_dict = dict(self.config)
+        cfg_dict = _decode_special_floats(dict(self.config))
         cfg_dict["model_type"] = self.spec.model_type  # aliases (kimi_k2) map onto a transformers class
         # the engine decodes stored weights itself and runs plain modules: no quantized module classes
         cfg_dict.pop("quantization_config", None)
         model_type = cfg_dict.pop("model_type")
         try:
-            cfg = AutoConfig.for_model(model_type, **cfg_dict)
+            if transformers_knows(model_type):
+                cfg = AutoConfig.for_model(model_type, **cfg_dict)
+            else:  # reached only with trust_remote_code (require_trusted_code): the checkpoint's config class
+                cfg = AutoConfig.from_pretrained(self.path, trust_remote_code=self.trust_remote_code)
         except Exception as e:
             raise ReamLiteError(f"{self.path}: transformers cannot build a {model_type} config: {e}") from None
-        cfg._attn_implementation = attn_implementation
+        cfg._attn_implementation = self.spec.attn_implementation or attn_implementation  # (gpt_oss: eager only)
         return cfg
 
     def require_decodable(self) -> None:
@@ -167,6 +246,9 @@ class ModelLayout:
                                 f"{unscaled[0]} is {UNSCALED_FP8_MESSAGE}")
         quant = self.config.get("quantization_config") or {}
         method = quant.get("quant_method")
+        if method == "compressed-tensors" and quant.get("format") != "float-quantized":
+            raise ReamLiteError(f"{self.path}: compressed-tensors checkpoint in format {quant.get('format')!r}; "
+                                "ream-lite decodes its FP8 'float-quantized' format only: use the unquantized release")
         if method is None or method in DECODABLE_QUANT_METHODS:
             if method == "bitsandbytes" and quant.get("load_in_8bit"):
                 raise ReamLiteError(f"{self.path}: bitsandbytes 8-bit checkpoints cannot be decoded; use the "

@@ -9,7 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-RouterKind = Literal["softmax_topk", "sigmoid_grouped_topk"]
+# softmax_topk: softmax over all experts, then top-k; topk_softmax (gpt_oss): top-k of the (biased) logits, then a
+# softmax over the k chosen ones only
+# sparsemixer (PhiMoE): top-2 by two rounds of a thresholded softmax (see engine/router.py)
+RouterKind = Literal["softmax_topk", "sigmoid_grouped_topk", "topk_sigmoid_input", "topk_softmax", "sparsemixer"]
 
 
 @dataclass(frozen=True)
@@ -23,6 +26,16 @@ class RouterConfig:
     scaling: float = 1.0  # routed_scaling_factor (DeepSeek-V3 / GLM-4.5)
     n_group: int = 1  # group-limited routing: experts form n_group contiguous groups ...
     topk_group: int = 1  # ... and only the best topk_group groups may be chosen
+    # router logits from float32 inputs and weights (Ernie-4.5, HunYuan); None: the kind's own default (softmax
+    # kinds: the input dtype; sigmoid_grouped_topk: float32)
+    fp32_logits: bool | None = None
+    renorm_min: float = 0.0  # Ernie-4.5: the top-k sum is clamped to at least this before dividing (moe_norm_min)
+    jitter_eps: float = 0.0  # sparsemixer: relative logit gap beyond which an expert is masked (2 * jitter_eps)
+
+    @property
+    def scales_input(self) -> bool:
+        """Whether the routing weight multiplies the expert's input (Llama-4: E(w * x)) instead of its output."""
+        return self.kind == "topk_sigmoid_input"
 
 
 @dataclass(frozen=True)
@@ -62,13 +75,50 @@ class ArchSpec:
     mtp_hnorm: str = "hnorm.weight"
     mtp_proj: str = "eh_proj.weight"
     mtp_head_norm: str = "shared_head.norm.weight"
+    # hybrid models (Qwen3-Next, Qwen3.5, Llama-4): each decoder layer gets the mask of its config.layer_types entry
+    # (full / sliding / chunked / linear attention), as the transformers model builds one mask per layer type
+    mask_by_layer_type: bool = False
+    # an MTP module stored outside the decoder layers (Qwen3-Next / Qwen3.5 `mtp.*`, which transformers drops): the
+    # engine cannot run it, and copied unchanged its router would disagree with the compressed expert count, so the
+    # output leaves these tensors out and sets `detached_mtp_key` to 0 (with a warning)
+    detached_mtp_prefix: str | None = None
+    detached_mtp_key: str | None = None
+    # fused experts stored input-major, as Llama-4 holds them: gate_up_proj [E, H, 2I] (gate columns then up
+    # columns), down_proj [E, I, H]; the default is transformers' [E, 2I, H] / [E, H, I]
+    fused_input_major: bool = False
+    # the decoder layer unpacks its MoE block's output as (output, router_logits) (Llama-4)
+    moe_returns_tuple: bool = False
+    # gpt_oss: the fused gate_up_proj holds gate and up INTERLEAVED along its 2I axis (gate at 0::2, up at 1::2)
+    # instead of the gate half then the up half
+    fused_interleaved: bool = False
+    # per-expert biases of fused experts, relative to the experts prefix: (the gate_up bias [E, 2I], laid out as the
+    # 2I axis of gate_up_proj, the down bias [E, H]) (gpt_oss); None: experts without biases
+    fused_bias_names: tuple[str, str] | None = None
+    # the experts' gated activation: "swiglu" = act(gate) * up with config.hidden_act; "clamped_swiglu" = gpt_oss's
+    # (see engine/expert_fn.py)
+    expert_act: str = "swiglu"
+    # an attention implementation the family requires (gpt_oss: eager; transformers' SDPA path has no sinks)
+    attn_implementation: str | None = None
+    # -- families added with ernie4_5_moe / phimoe / granitemoe / hunyuan_v1_moe / minimax(_m2) --
+    router_fp32: bool | None = None  # RouterConfig.fp32_logits
+    renorm_min_key: str | None = None  # config key of RouterConfig.renorm_min (Ernie-4.5: moe_norm_min)
+    jitter_key: str | None = None  # config key of RouterConfig.jitter_eps (PhiMoE: router_jitter_noise)
+    # config key of the routed scaling factor of sigmoid routers; None: the family never scales (MiniMax-M2)
+    scaling_key: str | None = "routed_scaling_factor"
+    # config keys of scalar multipliers the decoder applies around its blocks (transformers config defaults when the
+    # checkpoint's config leaves them out): the MoE block's output (Granite residual_multiplier, MiniMax
+    # mlp_beta_factor; the layer's own module applies the same factor to everything else), the token embeddings
+    # (Granite embedding_multiplier) and the logits (divided: Granite logits_scaling)
+    moe_output_scale_key: str | None = None
+    embedding_scale_key: str | None = None
+    logits_divisor_key: str | None = None
     notes: str = ""
     aliases: tuple[str, ...] = field(default_factory=tuple)
 
     def num_experts(self, config: dict) -> int:
         for key in self.num_experts_keys:
             if config.get(key) is not None:
-                return int(config[key])
+                return _uniform(config[key], key)
         raise KeyError(f"config has none of {self.num_experts_keys}")
 
     def router_config(self, config: dict) -> RouterConfig:
@@ -76,14 +126,32 @@ class ArchSpec:
             renorm = True
         else:
             renorm = bool(config.get(self.renormalize_key, False)) if self.renormalize_key else False
+        scaling_key = self.scaling_key
         return RouterConfig(
             kind=self.router_kind,
             num_experts=self.num_experts(config),
-            top_k=int(config[self.top_k_key]),
+            top_k=_uniform(config[self.top_k_key], self.top_k_key),
             renormalize=renorm,
-            scaling=float(config.get("routed_scaling_factor", 1.0) or 1.0)
-            if self.router_kind == "sigmoid_grouped_topk"
+            scaling=float(config.get(scaling_key, 1.0) or 1.0)
+            if self.router_kind == "sigmoid_grouped_topk" and scaling_key
             else 1.0,
             n_group=int(config.get("n_group", 1) or 1),
             topk_group=int(config.get("topk_group", 1) or 1),
+            fp32_logits=self.router_fp32,
+            renorm_min=float(config.get(self.renorm_min_key) or 0.0) if self.renorm_min_key else 0.0,
+            jitter_eps=float(config.get(self.jitter_key) or 0.0) if self.jitter_key else 0.0,
         )
+
+    def config_scalar(self, config, key: str | None) -> float:
+        """A multiplier named by one of the *_key fields, from a transformers config object (1.0 if no key)."""
+        return 1.0 if key is None else float(getattr(config, key))
+
+
+def _uniform(value, key: str) -> int:
+    """A per-model integer that some configs (HunYuan's moe_topk) store as one value per layer: the engine routes
+    every layer alike, so a list must hold one value."""
+    if isinstance(value, (list, tuple)):
+        if len(set(value)) != 1:
+            raise ValueError(f"config {key} differs between layers ({sorted(set(value))}); not supported")
+        value = value[0]
+    return int(value)

@@ -58,11 +58,10 @@ class LayerExpertCache:
         """Whether a load in `dtype` gets from here exactly what the checkpoint would give (see the module doc)."""
         return dtype == self.dtype or self.exact
 
-    def stored(self, e: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def stored(self, e: int) -> tuple[torch.Tensor, ...]:
         """Expert e's (gate, up, down) exactly as stored (only where `as_stored`)."""
         assert self.as_stored
-        w = self.weights
-        return w.gate[e], w.up[e], w.down[e]
+        return self.weights.expert(e)
 
     def take(self, ids: list[int], dtype: torch.dtype, copy: bool = False) -> ExpertWeights:
         """Experts `ids` in `dtype`: views of the cache for a contiguous run in its own dtype (no copy; read-only, so
@@ -71,8 +70,8 @@ class LayerExpertCache:
         w = self.weights
         if ids and not copy and dtype == self.dtype and ids == list(range(ids[0], ids[-1] + 1)):
             a, b = ids[0], ids[-1] + 1
-            return ExpertWeights(list(ids), w.gate[a:b], w.up[a:b], w.down[a:b])
-        src = (w.gate, w.up, w.down)
+            return ExpertWeights(list(ids), *(t[a:b] for t in w.parts))
+        src = w.parts  # (biases included, where the experts have them)
         out = [torch.empty((len(ids), *t.shape[1:]), dtype=dtype, device=t.device) for t in src]
         for j, e in enumerate(ids):
             for d, s in zip(out, src):

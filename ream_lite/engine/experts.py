@@ -1,4 +1,4 @@
-"""Routed-expert weights of one layer, loaded in chunks, and the SwiGLU expert computation."""
+"""Routed-expert weights of one layer, loaded in chunks, and the gated (SwiGLU-like) expert computation."""
 
 from __future__ import annotations
 
@@ -9,22 +9,38 @@ import torch
 import torch.nn.functional as F
 
 from ream_lite import timing
+from ream_lite.arch import fused
 from ream_lite.arch.layout import ModelLayout
 from ream_lite.engine.router import ExpertTokens
 
 
 @dataclass
 class ExpertWeights:
-    """A chunk of experts in the canonical layout: gate/up [n, I, H], down [n, H, I]; ids = original indices."""
+    """A chunk of experts in the canonical layout: gate/up [n, I, H], down [n, H, I]; ids = original indices.
+    Families whose experts have biases (gpt_oss) carry all three: gate/up [n, I], down [n, H]; others none."""
 
     ids: list[int]
     gate: torch.Tensor
     up: torch.Tensor
     down: torch.Tensor
+    gate_bias: torch.Tensor | None = None
+    up_bias: torch.Tensor | None = None
+    down_bias: torch.Tensor | None = None
+
+    @property
+    def parts(self) -> tuple[torch.Tensor, ...]:
+        """(gate, up, down) plus (gate_bias, up_bias, down_bias) where the experts have biases: the order every
+        per-expert tuple (merged experts, permutations, the cache) uses, so `ExpertWeights(ids, *parts)` rebuilds."""
+        w = (self.gate, self.up, self.down)
+        return w if self.gate_bias is None else (*w, self.gate_bias, self.up_bias, self.down_bias)
+
+    def expert(self, j: int) -> tuple[torch.Tensor, ...]:
+        """The j-th expert's `parts`."""
+        return tuple(t[j] for t in self.parts)
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.gate, self.up, self.down))
+        return sum(t.numel() * t.element_size() for t in self.parts)
 
 
 def load_experts(
@@ -45,9 +61,10 @@ def _load_experts(layout: ModelLayout, layer: int, ids: list[int], dtype: torch.
     n = len(ids)
     if info.expert_storage == "fused":
         gu_key, down_key = layout.fused_keys(layer)
-        _, two_i, hidden = r.shape(gu_key)
-        inter = two_i // 2
-        w = _empty_chunk(ids, inter, hidden, dtype, device)
+        bias_keys = layout.fused_bias_keys(layer)
+        spec = layout.spec  # orientation and gate/up arrangement of the stored tensors (arch/fused.py)
+        inter, hidden = fused.gate_up_dims(spec, r.shape(gu_key))
+        w = _empty_chunk(ids, inter, hidden, dtype, device, bias=bool(bias_keys))
         row_bytes = max(r.entry(gu_key).nbytes // r.shape(gu_key)[0], 1)
         step = max(1, READ_BLOCK_BYTES // row_bytes)
         j = 0
@@ -55,10 +72,16 @@ def _load_experts(layout: ModelLayout, layer: int, ids: list[int], dtype: torch.
             for s in range(a, b, step):
                 e = min(s + step, b)
                 gu = r.get(gu_key, rows=(s, e), dtype=dtype)
-                w.gate[j : j + e - s].copy_(gu[:, :inter])
-                w.up[j : j + e - s].copy_(gu[:, inter:])
-                del gu
-                w.down[j : j + e - s].copy_(r.get(down_key, rows=(s, e), dtype=dtype))
+                gate, up = fused.split_gate_up(spec, gu)
+                w.gate[j : j + e - s].copy_(gate)
+                w.up[j : j + e - s].copy_(up)
+                del gu, gate, up
+                w.down[j : j + e - s].copy_(fused.split_down(spec, r.get(down_key, rows=(s, e), dtype=dtype)))
+                if bias_keys:
+                    gate_b, up_b = fused.split_pairs(spec, r.get(bias_keys[0], rows=(s, e), dtype=dtype))
+                    w.gate_bias[j : j + e - s].copy_(gate_b)
+                    w.up_bias[j : j + e - s].copy_(up_b)
+                    w.down_bias[j : j + e - s].copy_(r.get(bias_keys[1], rows=(s, e), dtype=dtype))
                 j += e - s
         return w
     g0 = r.shape(layout.per_expert_keys(layer, ids[0])[0]) if n else (0, 0)
@@ -72,21 +95,20 @@ def _load_experts(layout: ModelLayout, layer: int, ids: list[int], dtype: torch.
 READ_BLOCK_BYTES = 64 * 1024**2
 
 
-def _empty_chunk(ids: list[int], inter: int, hidden: int, dtype: torch.dtype, device) -> ExpertWeights:
+def _empty_chunk(ids: list[int], inter: int, hidden: int, dtype: torch.dtype, device, bias: bool = False
+                 ) -> ExpertWeights:
     n = len(ids)
-    return ExpertWeights(
-        list(ids),
-        torch.empty(n, inter, hidden, dtype=dtype, device=device),
-        torch.empty(n, inter, hidden, dtype=dtype, device=device),
-        torch.empty(n, hidden, inter, dtype=dtype, device=device),
-    )
+    shapes = [(n, inter, hidden), (n, inter, hidden), (n, hidden, inter)]
+    if bias:
+        shapes += [(n, inter), (n, inter), (n, hidden)]
+    return ExpertWeights(list(ids), *(torch.empty(s, dtype=dtype, device=device) for s in shapes))
 
 
 def expert_bytes(layout: ModelLayout, layer: int, dtype: torch.dtype) -> int:
     """Bytes one expert of `layer` takes once decoded to `dtype`."""
     info = layout.layers[layer]
     if info.expert_storage == "fused":
-        numel = sum(_numel(layout.reader.shape(k)) for k in layout.fused_keys(layer)) // info.num_experts
+        numel = sum(_numel(layout.reader.shape(k)) for k in layout.expert_keys(layer)) // info.num_experts
     else:
         numel = sum(_numel(layout.reader.shape(k)) for k in layout.per_expert_keys(layer, 0))
     return numel * torch.empty(0, dtype=dtype).element_size()
@@ -109,21 +131,40 @@ def _runs(ids: list[int]) -> list[tuple[int, int]]:
     return runs
 
 
+def _row(t: torch.Tensor | None, j: int) -> torch.Tensor | None:
+    return None if t is None else t[j]
+
+
 def expert_intermediate(w: ExpertWeights, j: int, x: torch.Tensor, act: Callable) -> torch.Tensor:
-    """a_j(x) = act(W_gate x) * (W_up x) for the j-th expert of the chunk: [T, I]."""
-    return act(F.linear(x, w.gate[j])) * F.linear(x, w.up[j])
+    """a_j(x) = act(W_gate x + b_gate) * (W_up x + b_up) for the j-th expert of the chunk: [T, I]. An `act` with a
+    `glu(gate, up)` method (engine/expert_fn.py: gpt_oss's clamped SwiGLU) combines the two projections itself."""
+    gate = F.linear(x, w.gate[j], _row(w.gate_bias, j))
+    up = F.linear(x, w.up[j], _row(w.up_bias, j))
+    glu = getattr(act, "glu", None)
+    return glu(gate, up) if glu is not None else act(gate) * up
 
 
 def expert_output(w: ExpertWeights, j: int, x: torch.Tensor, act: Callable) -> torch.Tensor:
-    """E_j(x) = W_down a_j(x): [T, H]."""
-    return F.linear(expert_intermediate(w, j, x, act), w.down[j])
+    """E_j(x) = W_down a_j(x) + b_down: [T, H]."""
+    return F.linear(expert_intermediate(w, j, x, act), w.down[j], _row(w.down_bias, j))
+
+
+def routed_contribution(
+    w: ExpertWeights, j: int, x: torch.Tensor, weight: torch.Tensor, act: Callable, scale_input: bool = False
+) -> torch.Tensor:
+    """What the j-th expert adds to the layer output for tokens x [T, H] routed to it with `weight` [T]: float32
+    weight * E_j(x), or E_j(weight * x) where the router scales the expert's input (Llama-4; the scaled input is
+    rounded to x's dtype first, as there)."""
+    if scale_input:
+        return expert_output(w, j, x * weight[:, None].to(x.dtype), act).float()
+    return expert_output(w, j, x, act).float() * weight[:, None]
 
 
 def add_routed_output(
     out: torch.Tensor, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, w: ExpertWeights, act: Callable,
-    by_expert: ExpertTokens | None = None,
+    by_expert: ExpertTokens | None = None, scale_input: bool = False,
 ) -> None:
-    """out[t] += sum over the chunk's experts e chosen by token t of weight(t, e) * E_e(x[t]) (`by_expert`: the
+    """out[t] += sum over the chunk's experts e chosen by token t of their `routed_contribution` (`by_expert`: the
     batch's tokens per expert, when the caller has them)."""
     if by_expert is None:
         by_expert = ExpertTokens(indices, max(w.ids, default=0) + 1)  # (bincount grows past it as needed)
@@ -131,6 +172,5 @@ def add_routed_output(
         if by_expert.count(e) == 0:
             continue
         token_idx, slot = by_expert.of(e)
-        y = expert_output(w, j, x[token_idx], act)
-        y = y.float() * weights[token_idx, slot, None]
+        y = routed_contribution(w, j, x[token_idx], weights[token_idx, slot], act, scale_input)
         out.index_add_(0, token_idx, y.to(out.dtype))

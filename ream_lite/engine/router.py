@@ -55,16 +55,32 @@ class ExpertTokens:
 
 
 def route(x: torch.Tensor, weight: torch.Tensor, cfg: RouterConfig, bias: torch.Tensor | None = None) -> Routing:
-    """Route tokens x [T, H] with router weight [N, H] (and selection bias [N] for sigmoid routers)."""
+    """Route tokens x [T, H] with router weight [N, H] (and selection bias [N] for sigmoid routers, logit bias [N]
+    for gpt_oss)."""
     if cfg.kind == "softmax_topk":
-        logits = F.linear(x, weight.to(x.dtype)).float()
+        if cfg.fp32_logits:  # Ernie-4.5 / HunYuan: float32 router on float32 inputs
+            logits = F.linear(x.float(), weight.float())
+        else:
+            logits = F.linear(x, weight.to(x.dtype)).float()
         probs = torch.softmax(logits, dim=-1)
-        top_w, top_i = torch.topk(probs, cfg.top_k, dim=-1)
+        if bias is None:
+            top_w, top_i = torch.topk(probs, cfg.top_k, dim=-1)
+        else:  # Ernie-4.5: the selection bias is added to the probabilities for the choice only
+            top_i = torch.topk(probs + bias.float(), cfg.top_k, dim=-1)[1]
+            top_w = probs.gather(1, top_i)
         if cfg.renormalize:
-            top_w = top_w / top_w.sum(dim=-1, keepdim=True)
+            denom = top_w.sum(dim=-1, keepdim=True)
+            if cfg.renorm_min > 0:
+                denom = denom.clamp(min=cfg.renorm_min)
+            top_w = top_w / denom
         return Routing(logits, top_i, top_w, probs)
+    if cfg.kind == "sparsemixer":
+        return _sparsemixer(x, weight, cfg)
     if cfg.kind == "sigmoid_grouped_topk":
-        logits = F.linear(x.float(), weight.float())
+        if cfg.fp32_logits is False:  # MiniMax-M2: logits in the router weight's dtype, sigmoid in float32
+            logits = F.linear(x.to(weight.dtype), weight).float()
+        else:
+            logits = F.linear(x.float(), weight.float())
         scores = logits.sigmoid()
         choice = scores + bias.float() if bias is not None else scores
         n = weight.shape[0]
@@ -80,4 +96,47 @@ def route(x: torch.Tensor, weight: torch.Tensor, cfg: RouterConfig, bias: torch.
         if cfg.renormalize:
             top_w = top_w / (top_w.sum(dim=-1, keepdim=True) + 1e-20)
         return Routing(logits, top_i, top_w * cfg.scaling, scores)
+    if cfg.kind == "topk_sigmoid_input":
+        # Llama-4: top-k of the raw logits (in the input dtype, as its nn.Linear router computes them), each chosen
+        # expert weighted by the sigmoid of its own logit, never renormalised; the weight scales the expert's input
+        raw = F.linear(x, weight.to(x.dtype))
+        top_v, top_i = torch.topk(raw, cfg.top_k, dim=-1)
+        top_w = torch.sigmoid(top_v.float()).to(raw.dtype).float()
+        logits = raw.float()
+        return Routing(logits, top_i, top_w, torch.sigmoid(logits))
+    if cfg.kind == "topk_softmax":
+        return _topk_softmax(x, weight, cfg, bias)
     raise ValueError(f"unknown router kind {cfg.kind}")
+
+
+def _topk_softmax(x: torch.Tensor, weight: torch.Tensor, cfg: RouterConfig, bias: torch.Tensor | None) -> Routing:
+    """gpt_oss: logits = W x + b in the input dtype (its router is a biased linear), top-k of them, weights = softmax
+    over the k chosen logits only (in that dtype, as there). The per-expert score of the statistics is the softmax
+    over all N logits, which is what the chosen weights are, renormalised over the top-k."""
+    raw = F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+    top_v, top_i = torch.topk(raw, cfg.top_k, dim=-1)
+    top_w = torch.softmax(top_v, dim=-1, dtype=top_v.dtype).float()
+    logits = raw.float()
+    return Routing(logits, top_i, top_w, torch.softmax(logits, dim=-1))
+
+
+def _sparsemixer(x: torch.Tensor, weight: torch.Tensor, cfg: RouterConfig) -> Routing:
+    """PhiMoE's router in eval mode: always two experts (whatever top_k says), chosen one after the other.
+
+    Round r takes the largest logit m not chosen yet; its weight is its probability under a softmax over the logits
+    within a relative gap of m, the others masked: (m - l) / max(|l|, m) > 2 * jitter_eps. Round two excludes round
+    one's expert. In training the model samples instead and jitters its inputs; neither applies here. Computed in
+    the logits' own dtype, as the model's nn.Linear router gives them."""
+    raw = F.linear(x, weight.to(x.dtype))
+    gap = 2 * cfg.jitter_eps
+
+    def pick(candidates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        top, idx = candidates.max(dim=-1, keepdim=True)
+        drop = (top - raw) / raw.abs().clamp(min=top) > gap
+        gates = torch.softmax(candidates.masked_fill(drop, float("-inf")), dim=-1)
+        return idx, gates.gather(-1, idx)
+
+    i1, w1 = pick(raw)
+    i2, w2 = pick(raw.scatter(-1, i1, float("-inf")))
+    logits = raw.float()
+    return Routing(logits, torch.cat([i1, i2], dim=-1), torch.cat([w1, w2], dim=-1).float(), torch.softmax(logits, -1))

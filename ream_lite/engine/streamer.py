@@ -34,6 +34,7 @@ from ream_lite.arch.spec import RouterConfig
 from ream_lite.checkpoint.output_format import OutputFormat
 from ream_lite.engine.budget import MemoryPlan, plan_memory, require_device
 from ream_lite.engine.expert_cache import LayerExpertCache
+from ream_lite.engine.expert_fn import expert_activation
 from ream_lite.engine.experts import ExpertWeights, add_routed_output, load_experts
 from ream_lite.engine.router import Routing, route
 from ream_lite.engine.store import Batch, HiddenStateStore
@@ -55,13 +56,15 @@ class MoEObserver(Protocol):
 class _MoECapture(nn.Module):
     """Stands in for the MoE block inside the decoder layer: remembers its input, contributes nothing."""
 
-    def __init__(self) -> None:
+    def __init__(self, returns_tuple: bool = False) -> None:
         super().__init__()
         self.captured: torch.Tensor | None = None
+        self.returns_tuple = returns_tuple  # the layer unpacks (output, router_logits) (ArchSpec.moe_returns_tuple)
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, None]:
         self.captured = hidden_states
-        return torch.zeros_like(hidden_states)
+        zeros = torch.zeros_like(hidden_states)
+        return (zeros, None) if self.returns_tuple else zeros
 
 
 @dataclass
@@ -75,6 +78,9 @@ class MoEBlock:
     shared: nn.Module | None
     shared_gate: nn.Module | None
     act: Callable[[torch.Tensor], torch.Tensor]
+    # multiplies the block's output (ArchSpec.moe_output_scale_key: Granite residual_multiplier, MiniMax
+    # mlp_beta_factor); the decoder layer's own module scales the rest of its residual update
+    output_scale: float = 1.0
 
     def restricted(self, kept: list[int]) -> MoEBlock:
         """The same block with only experts `kept` (original ids, ascending) left in the router."""
@@ -104,6 +110,7 @@ class StreamOptions:
     attn_implementation: str = "sdpa"
     progress: bool = True
     expert_cache: str = "auto"  # auto: keep an MoE layer's experts on the device while it is compressed, if they fit
+    trust_remote_code: bool = False  # accept a model_type that needs the checkpoint's own code (arch.layout)
 
 
 def checkpoint_dtype(config: dict) -> torch.dtype:
@@ -125,12 +132,14 @@ class LayerStreamer:
         with torch.device("meta"):
             self.skeleton = AutoModelForCausalLM.from_config(self.hf_config, dtype=self.dtype)
         self.base = self.skeleton.get_decoder()
+        if not hasattr(self.base, "layers"):  # Llama4ForCausalLM's get_decoder() misses its `model` (prefix mismatch)
+            self.base = self.skeleton.model
         # the rotary embedding holds computed (non-persistent) buffers: build it for real; it is tiny
-        self.rotary = type(self.base.rotary_emb)(config=self.hf_config).to(self.device)
+        # (none in a NoPE model: Granite-4.0 hybrids with position_embedding_type "nope")
+        rotary = getattr(self.base, "rotary_emb", None)
+        self.rotary = type(rotary)(config=self.hf_config).to(self.device) if rotary is not None else None
         self.router_cfg = layout.router_config
-        from transformers.activations import ACT2FN
-
-        self.act = ACT2FN[self.hf_config.hidden_act]
+        self.act = expert_activation(layout.spec, self.hf_config)  # (gpt_oss: its clamped SwiGLU)
         self.plan: MemoryPlan | None = None
         self._cache: LayerExpertCache | None = None  # the open layer's experts (`layer_experts`)
         # how the output stores what a method writes: merged experts are run as written (`merged_as_written`)
@@ -195,7 +204,7 @@ class LayerStreamer:
         block = capture = None
         if info.is_moe:
             meta_block = getattr(layer, spec.moe_attr)
-            capture = _MoECapture()
+            capture = _MoECapture(spec.moe_returns_tuple)
             setattr(layer, spec.moe_attr, capture)
             moe_prefix = f"{info.prefix}.{spec.moe_disk}"
             shared = shared_gate = None
@@ -206,15 +215,19 @@ class LayerStreamer:
             r = self.layout.reader
             bias = None
             if spec.router_bias:
-                bias = r.get(f"{moe_prefix}.{spec.router_bias}", dtype=torch.float32, device=self.device)
+                # one value per expert, whatever the stored shape (Ernie-4.5 stores [1, E])
+                bias = r.get(f"{moe_prefix}.{spec.router_bias}", dtype=torch.float32, device=self.device).reshape(-1)
+            # a float32 router (Ernie-4.5, HunYuan) keeps its stored precision whatever the compute dtype
+            router_dtype = torch.float32 if self.router_cfg.fp32_logits else self.dtype
             block = MoEBlock(
                 layer=i,
-                router_weight=r.get(f"{moe_prefix}.{spec.router_weight}", dtype=self.dtype, device=self.device),
+                router_weight=r.get(f"{moe_prefix}.{spec.router_weight}", dtype=router_dtype, device=self.device),
                 router_bias=bias,
                 router_cfg=self.router_cfg,
                 shared=shared,
                 shared_gate=shared_gate,
                 act=self.act,
+                output_scale=spec.config_scalar(self.hf_config, spec.moe_output_scale_key),
             )
         return self._fill(layer, info.prefix), block, capture
 
@@ -263,8 +276,10 @@ class LayerStreamer:
         store = self.new_store([len(s) for s in sequences])
         w = self.layout.reader.get(self.layout.spec.embed_key, dtype=self.dtype, device=self.device)
         ids = torch.cat([s.reshape(-1) for s in sequences]).to(self.device)
+        scale = self.layout.spec.config_scalar(self.hf_config, self.layout.spec.embedding_scale_key)
         for b in store.batches(self.opts.tokens_per_batch):
-            store.write(b, F.embedding(ids[b.start : b.end], w))
+            e = F.embedding(ids[b.start : b.end], w)
+            store.write(b, e * scale if scale != 1.0 else e)
         del w
         return store
 
@@ -284,7 +299,7 @@ class LayerStreamer:
         # no KV cache: the keyword is `cache` in newer transformers, `past_key_values` (deprecated) before
         no_cache = "cache" if "cache" in inspect.signature(fn).parameters else "past_key_values"
         mask = fn(config=self.hf_config, inputs_embeds=x, attention_mask=None, position_ids=pos, **{no_cache: None})
-        return mask, pos, self.rotary(x, pos)
+        return mask, pos, self.rotary(x, pos) if self.rotary is not None else None
 
     def _layer_type_mask_fn(self, layer: int) -> Callable:
         """The mask builder transformers uses for `layer`'s config.layer_types entry. An MTP layer (past the decoder
@@ -366,6 +381,8 @@ class LayerStreamer:
                         shared = block.shared_output(x)
                         if shared is not None:
                             acc += shared.float()
+                    if block.output_scale != 1.0:
+                        acc *= block.output_scale
                     out.add_(b, acc)
                 del w
 
@@ -418,7 +435,9 @@ class LayerStreamer:
     def logits(self, h: HiddenStateStore, max_tokens: int | None = None) -> Iterator[tuple[Batch, torch.Tensor]]:
         """(batch, float32 logits [B, T, V]) for every batch of the final hidden states."""
         norm, lm_head = self.head()
+        divisor = self.layout.spec.config_scalar(self.hf_config, self.layout.spec.logits_divisor_key)
         with torch.inference_mode():
             for b in h.batches(max_tokens or self.opts.tokens_per_batch):
                 x = h.read(b, self.device)
-                yield b, F.linear(norm(x), lm_head).float()
+                y = F.linear(norm(x), lm_head)
+                yield b, (y / divisor if divisor != 1.0 else y).float()

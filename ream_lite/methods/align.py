@@ -35,8 +35,19 @@ def permute(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, perm: torc
     return gate[perm], up[perm], down[:, perm]
 
 
+def permute_expert(expert: tuple[torch.Tensor, ...], perm: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """`permute` for an expert's (gate, up, down[, gate_bias, up_bias, down_bias]): the gate and up biases belong to
+    the neurons and move with them; the down bias is per output, so it stays."""
+    out = permute(*expert[:3], perm)
+    if len(expert) > 3:
+        gb, ub, db = expert[3:]
+        p = perm.to(gb.device)
+        out = (*out, gb[p], ub[p], db)
+    return out
+
+
 def merge(experts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], coefs: list[float]):
-    """sum_j coef_j * W_j for gate, up and down, accumulated in float32."""
+    """sum_j coef_j * W_j for gate, up and down (and the biases, where the experts have them), in float32."""
     out = [torch.zeros_like(t, dtype=torch.float32) for t in experts[0]]
     for w, c in zip(experts, coefs):
         for acc, t in zip(out, w):

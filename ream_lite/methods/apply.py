@@ -10,7 +10,7 @@ from ream_lite.arch.layout import ModelLayout
 from ream_lite.checkpoint.output_format import OutputFormat
 from ream_lite.engine.experts import ExpertWeights, load_experts
 from ream_lite.lsap import AssignmentPool
-from ream_lite.methods.align import activation_cost, hungarian, merge, permute, weight_cost, weight_features
+from ream_lite.methods.align import activation_cost, hungarian, merge, permute_expert, weight_cost, weight_features
 from ream_lite.methods.plan import LayerPlan
 from ream_lite.methods.stats import AlignmentCollector
 from ream_lite.written import merged_as_written
@@ -32,7 +32,7 @@ def pair_cost(align: str, act_cost: torch.Tensor | None, centroid_features, memb
     if "act" in align:
         cost += act_cost.double().cpu()
     if "weight" in align:
-        cost += weight_cost(centroid_features, weight_features(*member)).cpu()
+        cost += weight_cost(centroid_features, weight_features(*member[:3])).cpu()  # (weights only, no biases)
     return cost
 
 
@@ -76,12 +76,12 @@ def solve_alignments(
 
 
 def merge_group(
-    weights: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    weights: list[tuple[torch.Tensor, ...]],
     coefs: list[float],
     align: str,
     act_cost: list[torch.Tensor | None],
     known_perms: list[torch.Tensor | None] | None = None,
-) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], list[torch.Tensor]]:
+) -> tuple[tuple[torch.Tensor, ...], list[torch.Tensor]]:
     """Merge experts (centroid first): member j is permuted onto the centroid by the Hungarian algorithm on
     C_act + C_wt (as `align` says), then sum_j coef_j * P_j(W_j) in float32. Returns merged weights and perms.
     `known_perms[j]`, when given, is member j's permutation already computed for the same (centroid, member)."""
@@ -97,10 +97,10 @@ def merge_group(
             perm = torch.arange(inter)
         else:
             if "weight" in align and fc is None:
-                fc = weight_features(*centroid)
+                fc = weight_features(*centroid[:3])
             perm = hungarian(pair_cost(align, ca, fc, w))
         perms.append(perm)
-        aligned.append(permute(*w, perm))
+        aligned.append(permute_expert(w, perm))
     return merge(aligned, coefs), perms
 
 
@@ -109,7 +109,7 @@ def build_merged_experts(
     perm_cache: dict[tuple[int, int], torch.Tensor] | None = None,
     load: Callable[[list[int]], ExpertWeights] | None = None, output: OutputFormat | None = None,
     value_dtype: torch.dtype = torch.bfloat16,
-) -> dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+) -> dict[int, tuple[torch.Tensor, ...]]:
     """centroid id -> merged (gate, up, down) in host memory as the output holds them (`merged_as_written`: the
     stored dtype, or `value_dtype` for an encoded or decoded `output`), for every non-singleton group (the alignment and the merge itself run on `device`, in float32). `perm_cache` ((centroid, member) -> permutation) is read and
     filled: the alignment of a pair depends only on the pair, so plans sharing pairs solve each once. `load(ids)`
@@ -126,7 +126,7 @@ def build_merged_experts(
     out = {}
     for c, members in plan.merged_groups().items():
         w = load(members)
-        weights = [(w.gate[j], w.up[j], w.down[j]) for j in range(len(members))]
+        weights = [w.expert(j) for j in range(len(members))]  # (biases too, where the experts have them)
         costs: list[torch.Tensor | None] = [None]
         for m in members[1:]:
             if "act" in plan.align and (c, m) not in cache:

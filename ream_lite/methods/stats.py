@@ -18,6 +18,10 @@ the expert (sigmoid score, normalised if the config says so, times routed_scalin
 softmax of the raw logits for every family, as the REAP and REAM reference codes do. The dense gate s_i(x) of the
 output similarity is the router's per-expert score before top-k (softmax probability or sigmoid score), or the
 softmax of the logits with `gate="softmax"`.
+
+Routers whose weight scales the expert's input (Llama-4: the token gets E_i(g x), not g E_i(x)): the gate is already
+inside what the expert adds, so the saliency sums that contribution's norm ||E_i(g x)|| (reap2_sum: times g once
+more), EAN the plain ||E_i(x)||, and the output similarity E_i(s_i(x) x) over all tokens.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ream_lite.engine.experts import ExpertWeights, expert_intermediate, expert_output
+from ream_lite.engine.experts import ExpertWeights, expert_intermediate, expert_output, routed_contribution
 from ream_lite.engine.router import Routing
 from ream_lite.engine.store import Batch
 
@@ -65,7 +69,8 @@ class StatsCollector:
         gram: bool = True,
     ):
         self.n, self.hidden, self.dense, self.gate, self.want_gram = num_experts, hidden, dense, gate, gram
-        self.act, self.sigmoid_router = act, router_kind == "sigmoid_grouped_topk"
+        self.act, self.sigmoid_router = act, router_kind in ("sigmoid_grouped_topk", "topk_sigmoid_input")
+        self.scale_input = router_kind == "topk_sigmoid_input"  # the gate multiplies the expert's input
         self.layer = -1
         self.tokens = 0
         self.device: torch.device | None = None  # accumulators live where the tokens are: no per-expert syncs
@@ -102,6 +107,9 @@ class StatsCollector:
 
     def on_experts(self, layer: int, batch: Batch, x: torch.Tensor, routing: Routing, experts: ExpertWeights) -> None:
         dense_gate, routed_gate = self.gates(routing)
+        if self.scale_input:
+            self._on_input_scaled_experts(x, routing, experts, dense_gate, routed_gate)
+            return
         for j, e in enumerate(experts.ids):
             tok, slot = routing.by_expert.of(e)
             if self.dense:
@@ -118,6 +126,28 @@ class StatsCollector:
             self.reap_sum[e] += (g * norms).sum()
             self.reap2_sum[e] += (g * g * norms).sum()
             self.ean_sum[e] += norms.sum()
+
+    def _on_input_scaled_experts(self, x: torch.Tensor, routing: Routing, experts: ExpertWeights,
+                                 dense_gate: torch.Tensor, routed_gate: torch.Tensor) -> None:
+        """on_experts for routers whose weight scales the expert input (see the module doc)."""
+        for j, e in enumerate(experts.ids):
+            tok, slot = routing.by_expert.of(e)
+            if self.dense:
+                y = expert_output(experts, j, x, self.act).float()
+                gated = routed_contribution(experts, j, x, dense_gate[:, e], self.act, scale_input=True)
+                self.gated_out_sum[e] += gated.sum(0).double()
+                self.out_sum[e] += y.sum(0).double()
+                plain = y[tok]
+            else:
+                plain = expert_output(experts, j, x[tok], self.act).float() if tok.numel() else None
+            if tok.numel() == 0:
+                continue
+            g = routed_gate[tok, slot]
+            norms = routed_contribution(experts, j, x[tok], g, self.act, scale_input=True).norm(dim=-1).double()
+            g = g.double()
+            self.reap_sum[e] += norms.sum()
+            self.reap2_sum[e] += (g * norms).sum()
+            self.ean_sum[e] += plain.norm(dim=-1).double().sum()
 
     def result(self) -> LayerStats:
         if self.device is None:

@@ -1,0 +1,47 @@
+"""The gated activation of a family's routed experts: what `expert_intermediate` makes of the two projections.
+
+Most families compute act(gate) * up with config.hidden_act (a plain transformers activation is returned for them,
+so their numbers do not change). gpt_oss clamps both projections and adds one to up (`ClampedSwiGLU`); an object with
+a `glu(gate, up)` method tells `expert_intermediate` to hand it both projections.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from ream_lite.arch.spec import ArchSpec
+from ream_lite.errors import ReamLiteError
+
+
+class ClampedSwiGLU:
+    """gpt_oss: g = min(gate, limit), u = clamp(up, -limit, limit), a = (u + 1) * g * sigmoid(alpha * g).
+
+    The +1 on up means an expert whose up projection is zero still passes its gate through, so a neuron-wise merge
+    must carry the up bias as well as the weights (it does: biases merge like weights)."""
+
+    def __init__(self, alpha: float, limit: float):
+        self.alpha, self.limit = float(alpha), float(limit)
+
+    def glu(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        gate = gate.clamp(max=self.limit)
+        up = up.clamp(min=-self.limit, max=self.limit)
+        return (up + 1) * (gate * torch.sigmoid(gate * self.alpha))
+
+    def __call__(self, gate: torch.Tensor) -> torch.Tensor:  # only `glu` is meaningful for this activation
+        raise TypeError("ClampedSwiGLU combines gate and up: call glu(gate, up)")
+
+    def __repr__(self) -> str:
+        return f"ClampedSwiGLU(alpha={self.alpha}, limit={self.limit})"
+
+
+def expert_activation(spec: ArchSpec, hf_config) -> Callable:
+    """The activation `expert_intermediate` needs for `spec`'s experts, with the constants of `hf_config`."""
+    if spec.expert_act == "clamped_swiglu":
+        return ClampedSwiGLU(hf_config.swiglu_alpha, hf_config.swiglu_limit)
+    if spec.expert_act == "swiglu":
+        from transformers.activations import ACT2FN
+
+        return ACT2FN[hf_config.hidden_act]
+    raise ReamLiteError(f"{spec.model_type}: unknown expert activation '{spec.expert_act}'")

@@ -1,0 +1,231 @@
+"""What is special about ernie4_5_moe, phimoe, granitemoe(shared), hunyuan_v1_moe, minimax and minimax_m2.
+
+The generic tests run them from FAMILIES: test_streamer (streamed logits == transformers' forward), test_router (our
+router == transformers' router module on random inputs), test_compress's pruning oracle (the pruned output loads in
+transformers and equals the original with the removed experts' logits masked). Here: the routers' special steps by
+hand, streamed statistics against naive ones, the stored shapes the output must keep (Ernie's [1, E] bias, Granite's
+fused input_linear), merged outputs that load, per-layer config lists, and the trust_remote_code refusal.
+"""
+
+import json
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+from click.testing import CliRunner
+from tiny_models import MORE_FAMILIES, VOCAB, reference_logits, router_of
+from transformers import AutoModelForCausalLM
+
+from ream_lite.arch import ModelLayout
+from ream_lite.arch.spec import RouterConfig
+from ream_lite.checkpoint import CheckpointReader
+from ream_lite.cli import main
+from ream_lite.engine import LayerStreamer, StreamOptions
+from ream_lite.engine.router import route
+from ream_lite.errors import ReamLiteError
+from ream_lite.methods.stats import StatsCollector
+
+
+def compress(src, out, *args):
+    r = CliRunner().invoke(main, ["compress", str(src), str(out), "--seq-len", "32", "--num-sequences", "12", *args])
+    assert r.exit_code == 0, r.output
+    return json.loads((out / "ream_plan.json").read_text())
+
+
+# -- routers by hand ----------------------------------------------------------------------------------------------
+def test_sparsemixer_by_hand():
+    """PhiMoE: round 1 takes the max logit m1 = 3; with gap 2 * 0.2 = 0.4, logits l with (3 - l) / max(|l|, 3) > 0.4
+    (l < 1.8) are masked: only 3 and 2 stay -> w1 = e^3 / (e^3 + e^2). Round 2 excludes expert 0: m2 = 2; masked are
+    l < 1.2 (relative to max(|l|, 2)); -3 has |l| = 3: (2 + 3) / 3 > 0.4, masked -> w2 = e^2 / e^2 = 1 over {2}."""
+    cfg = RouterConfig("sparsemixer", 4, top_k=2, renormalize=False, jitter_eps=0.2)
+    logits = torch.tensor([[3.0, 1.0, 2.0, -3.0]])
+    r = route(logits, torch.eye(4), cfg)
+    assert r.indices.tolist() == [[0, 2]]
+    e = torch.tensor(1.0).exp()
+    torch.testing.assert_close(r.weights, torch.tensor([[e**3 / (e**3 + e**2), 1.0]]))
+    # a wide band keeps everything: the weights are the plain softmax, then the softmax without expert 0
+    r = route(logits, torch.eye(4), RouterConfig("sparsemixer", 4, top_k=2, renormalize=False, jitter_eps=10.0))
+    p = torch.softmax(logits, -1)[0]
+    q = torch.softmax(logits[0, 1:], -1)
+    torch.testing.assert_close(r.weights, torch.stack([p[0], q[1]])[None])
+
+
+def test_selection_bias_on_softmax_and_renorm_min():
+    """Ernie-4.5: the bias changes which experts are chosen, never their weights (the softmax probabilities)."""
+    cfg = RouterConfig("softmax_topk", 3, top_k=1, renormalize=False, fp32_logits=True)
+    logits = torch.tensor([[1.0, 0.9, -2.0]])
+    p = torch.softmax(logits, -1)
+    r = route(logits, torch.eye(3), cfg, torch.tensor([0.0, 0.1, 0.0]))
+    assert r.indices.tolist() == [[1]]
+    torch.testing.assert_close(r.weights, p[:, 1:2])
+    # renormalised with the sum clamped from below: a tiny top-k sum is divided by the clamp, not by itself
+    cfg = RouterConfig("softmax_topk", 3, top_k=1, renormalize=True, fp32_logits=True, renorm_min=0.9)
+    r = route(logits, torch.eye(3), cfg, torch.tensor([0.0, 0.0, 5.0]))
+    assert r.indices.tolist() == [[2]]
+    torch.testing.assert_close(r.weights, p[:, 2:3] / 0.9)
+
+
+def test_per_layer_top_k_list(model_dirs, tmp_path):
+    """HunYuan configs may give moe_topk per layer: one value throughout is accepted, different values refused."""
+    _, src = model_dirs["hunyuan_v1_moe"]
+    d = shutil.copytree(src, tmp_path / "m")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["moe_topk"] = [2, 2, 2]
+    (d / "config.json").write_text(json.dumps(cfg))
+    assert ModelLayout(str(d)).router_config.top_k == 2
+    cfg["moe_topk"] = [2, 1, 2]
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ReamLiteError, match="moe_topk differs between layers"):
+        ModelLayout(str(d)).router_config
+
+
+# -- statistics ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("family", MORE_FAMILIES)
+def test_streamed_statistics_equal_naive_ones(model_dirs, family):
+    """Counts, REAP / EAN sums, the logit Gram and the dense output sums equal the same quantities computed from
+    transformers' own router module and fused expert tensors on the MoE block's real inputs."""
+    model, d = model_dirs[family]
+    layout = ModelLayout(str(d))
+    ids = torch.randint(0, VOCAB, (4, 17), generator=torch.Generator().manual_seed(3))
+    s = LayerStreamer(layout, StreamOptions(dtype=torch.float32, progress=False, tokens_per_batch=30))
+    s.make_plan(ids.numel())
+    s.plan.experts_per_chunk = 3
+    hidden = model.config.hidden_size
+    collectors = {}
+
+    class PerLayer:
+        def on_routing(self, layer, batch, x, routing):
+            if layer not in collectors:
+                collectors[layer] = StatsCollector(layout.layers[layer].num_experts, hidden, s.act,
+                                                   layout.router_config.kind, dense=True)
+            collectors[layer].on_routing(layer, batch, x, routing)
+
+        def on_experts(self, layer, batch, x, routing, experts):
+            collectors[layer].on_experts(layer, batch, x, routing, experts)
+
+    s.forward_layers(s.embed(list(ids)), observer=PerLayer()).close()
+
+    spec = layout.spec
+    inputs = {}
+    hooks = [getattr(m, spec.moe_attr).register_forward_hook(
+        lambda mod, a, o, i=i: inputs.__setitem__(i, a[0].reshape(-1, hidden)))
+        for i, m in enumerate(model.model.layers) if layout.layers[i].is_moe]
+    with torch.no_grad():
+        model(ids)
+    for h in hooks:
+        h.remove()
+    assert set(inputs) == set(collectors) and inputs
+    sigmoid = layout.router_config.kind == "sigmoid_grouped_topk"
+    for i, x in inputs.items():
+        st = collectors[i].result()
+        block = getattr(model.model.layers[i], spec.moe_attr)
+        with torch.no_grad():
+            logits, weights, idx = router_of(model, i)[3](x)
+            logits = logits.float()
+            n = logits.shape[1]
+            scores = logits.sigmoid() if sigmoid else torch.softmax(logits, -1)
+            gu, dn = block.experts.gate_up_proj, block.experts.down_proj
+            inter = dn.shape[2]
+            outs = torch.stack([(F.silu(x @ gu[e, :inter].T) * (x @ gu[e, inter:].T)) @ dn[e].T for e in range(n)])
+        count = torch.zeros(n, dtype=torch.int64)
+        reap = torch.zeros(n, dtype=torch.float64)
+        ean = torch.zeros(n, dtype=torch.float64)
+        for t in range(x.shape[0]):
+            for slot, e in enumerate(idx[t].tolist()):
+                gate = weights[t, slot] if sigmoid else scores[t, e]
+                count[e] += 1
+                reap[e] += float(gate) * float(outs[e, t].norm())
+                ean[e] += float(outs[e, t].norm())
+        assert st.tokens == x.shape[0]
+        assert torch.equal(st.count, count)
+        torch.testing.assert_close(st.reap_sum, reap, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(st.ean_sum, ean, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(st.logit_gram, logits.T.double() @ logits.double(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(st.gated_out_sum, (scores.T[:, :, None] * outs).sum(1).double(), rtol=1e-4,
+                                   atol=1e-5)
+        torch.testing.assert_close(st.out_sum, outs.sum(1).double(), rtol=1e-4, atol=1e-5)
+
+
+def test_test_models_exercise_the_multipliers(model_dirs):
+    """The streamer comparison proves the multipliers only if the tiny configs set them away from 1."""
+    g = model_dirs["granitemoe"][0].config
+    assert min(abs(v - 1.0) for v in (g.embedding_multiplier, g.residual_multiplier, g.logits_scaling)) > 0.1
+    m = model_dirs["minimax"][0].config
+    assert abs(m.mlp_beta_factor - 1.0) > 0.1 and "linear_attention" in m.layer_types
+    assert model_dirs["phimoe"][0].config.router_jitter_noise >= 0.1
+
+
+# -- what the output stores ---------------------------------------------------------------------------------------
+def test_ernie_bias_and_minimax_m2_block_bias_are_sliced(model_dirs, calib_file, tmp_path):
+    for family, key in (("ernie4_5_moe", "model.layers.{i}.mlp.moe_statics.e_score_correction_bias"),
+                        ("minimax_m2", "model.layers.{i}.block_sparse_moe.e_score_correction_bias")):
+        _, src = model_dirs[family]
+        plan = compress(src, tmp_path / family, "--experts", "4", "--calib", str(calib_file))
+        a, b = CheckpointReader(src), CheckpointReader(tmp_path / family)
+        for L in plan["layers"]:
+            k = key.format(i=L["layer"])
+            assert b.shape(k) == a.shape(k)[:-1] + (4,)  # Ernie keeps its [1, E] layout
+            assert torch.equal(b.get(k), a.get(k)[..., L["kept"]])
+
+
+def test_granite_fused_experts_written_fused_and_merges_load(model_dirs, calib_file, tmp_path):
+    """Granite's experts live in block_sparse_moe.input_linear [E, 2I, H] / output_linear [E, H, I]: the output keeps
+    that layout, and a merged model loads in transformers with the same parameter names."""
+    model, src = model_dirs["granitemoeshared"]
+    layout = ModelLayout(str(src))
+    assert {x.expert_storage for x in layout.moe_layers} == {"fused"}
+    plan = compress(src, tmp_path / "out", "--experts", "4", "--method", "ream", "--calib", str(calib_file),
+                    "--guard", "off")
+    assert all(L["groups"] for L in plan["layers"])
+    a, b = CheckpointReader(src), CheckpointReader(tmp_path / "out")
+    for L in plan["layers"]:
+        k = f"model.layers.{L['layer']}.block_sparse_moe.input_linear.weight"
+        assert b.shape(k) == (4, 32, 32)
+        for pos, e in enumerate(L["kept"]):
+            if str(e) not in L["groups"]:  # singletons are the original rows
+                assert torch.equal(b.get(k)[pos], a.get(k)[e])
+    m = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
+    assert set(m.state_dict()) == set(model.state_dict())
+    assert torch.isfinite(reference_logits(m, torch.randint(0, VOCAB, (1, 8)))).all()
+
+
+@pytest.mark.parametrize("family", ["ernie4_5_moe", "hunyuan_v1_moe", "phimoe"])
+def test_merged_outputs_load(model_dirs, calib_file, tmp_path, family):
+    model, src = model_dirs[family]
+    compress(src, tmp_path / "out", "--experts", "4", "--method", "ream", "--calib", str(calib_file), "--guard", "off")
+    m = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
+    assert set(m.state_dict()) == set(model.state_dict())
+    assert torch.isfinite(reference_logits(m, torch.randint(0, VOCAB, (1, 8)))).all()
+
+
+# -- custom code ------------------------------------------------------------------------------------------------
+def test_custom_code_is_refused_unless_trusted(model_dirs, tmp_path):
+    """A config whose model_type transformers does not know needs the checkpoint's own code: refused with one line
+    naming --trust-remote-code. A config that only declares code (auto_map, as the DeepSeek-V3 and Kimi-K2 releases
+    do) for a model_type transformers has built in opens with transformers' class, and the checkpoint's code is never
+    imported."""
+    _, src = model_dirs["minimax_m2"]
+    d = shutil.copytree(src, tmp_path / "custom")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["auto_map"] = {"AutoModelForCausalLM": "modeling_evil.EvilForCausalLM",
+                       "AutoConfig": "modeling_evil.EvilConfig"}
+    (d / "config.json").write_text(json.dumps(cfg))
+    (d / "modeling_evil.py").write_text("raise SystemExit('checkpoint code was executed')\n")
+    layout = ModelLayout(str(d))  # (importing modeling_evil would raise SystemExit)
+    assert layout.hf_config().model_type == "minimax_m2"
+    assert CliRunner().invoke(main, ["inspect", str(d)]).exit_code == 0
+
+    cfg["model_type"] = "my_private_moe"
+    (d / "config.json").write_text(json.dumps(cfg))
+    r = CliRunner().invoke(main, ["inspect", str(d)])
+    assert r.exit_code != 0 and "Traceback" not in r.output
+
+    from ream_lite.arch import layout as layout_mod
+
+    del cfg["auto_map"]
+    with pytest.raises(ReamLiteError, match="not known to this transformers.*--trust-remote-code") as e:
+        layout_mod.require_trusted_code({**cfg, "model_type": "my_private_moe"}, "m", trust_remote_code=False)
+    assert "\n" not in str(e.value)
+    layout_mod.require_trusted_code({**cfg, "model_type": "my_private_moe"}, "m", trust_remote_code=True)
+    layout_mod.require_trusted_code({**cfg, "model_type": "kimi_k2"}, "m", trust_remote_code=False)  # our alias
