@@ -159,3 +159,18 @@ def convert_to_fp8(src: str | Path, out: str | Path, block: tuple[int, int] = (1
     result = w.finish(cfg, source_dir=layout.path)
     layout.close()
     return result
+
+
+def write_decoded_copy(src: str | Path, out: str | Path) -> Path:
+    """A plain float32 copy of checkpoint `src` holding the values ream-lite's reader decodes, without the
+    quantization_config: what transformers loads as an oracle for a quantized input's values."""
+    from ream_lite.checkpoint.reader import CheckpointReader, load_config_dict
+
+    r = CheckpointReader(src)
+    w = CheckpointWriter(out, overwrite=True)
+    for k in r.keys():
+        w.add(k, r.get(k, dtype=torch.float32))
+    cfg = load_config_dict(src)
+    cfg.pop("quantization_config", None)
+    r.close()
+    return w.finish(cfg, source_dir=src)

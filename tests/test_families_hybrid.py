@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from stats_oracle import moe_block_inputs, streamed_stats
 from test_compress import compress
 from test_streamer import stream_logits
 from tiny_models import VOCAB, build_model, reference_logits, save_model
@@ -24,7 +25,6 @@ from ream_lite.engine import LayerStreamer, StreamOptions
 from ream_lite.engine.experts import add_routed_output, load_experts
 from ream_lite.engine.router import route
 from ream_lite.errors import ReamLiteError
-from ream_lite.methods.stats import StatsCollector
 
 
 def test_llama4_router_matches_transformers(model_dirs):
@@ -72,31 +72,11 @@ def test_llama4_statistics_equal_naive_ones(model_dirs):
     model, d = model_dirs["llama4_text"]
     layout = ModelLayout(str(d))
     ids = torch.randint(0, VOCAB, (4, 17), generator=torch.Generator().manual_seed(3))
-    s = LayerStreamer(layout, StreamOptions(dtype=torch.float32, progress=False, tokens_per_batch=30))
-    s.make_plan(ids.numel())
-    s.plan.experts_per_chunk = 3
-    collectors = {}
-
-    class PerLayer:
-        def on_routing(self, layer, batch, x, routing):
-            if layer not in collectors:
-                collectors[layer] = StatsCollector(8, 32, s.act, layout.router_config.kind, dense=True)
-            collectors[layer].on_routing(layer, batch, x, routing)
-
-        def on_experts(self, layer, batch, x, routing, experts):
-            collectors[layer].on_experts(layer, batch, x, routing, experts)
-
-    s.forward_layers(s.embed(list(ids)), observer=PerLayer()).close()
-    inputs = {}
-    hooks = [m.feed_forward.register_forward_hook(lambda mod, a, o, i=i: inputs.__setitem__(i, a[0].reshape(-1, 32)))
-             for i, m in enumerate(model.model.layers) if layout.layers[i].is_moe]
-    with torch.no_grad():
-        model(ids)
-    for h in hooks:
-        h.remove()
-    assert sorted(inputs) == sorted(collectors) == [1, 3]
+    stats = streamed_stats(layout, ids, experts_per_chunk=3)
+    inputs = moe_block_inputs(model, layout, ids)
+    assert sorted(inputs) == sorted(stats) == [1, 3]
     for i, x in inputs.items():
-        st = collectors[i].result()
+        st = stats[i]
         ff = model.model.layers[i].feed_forward
         gu, dn = ff.experts.gate_up_proj, ff.experts.down_proj
 

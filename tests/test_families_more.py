@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
+from stats_oracle import moe_block_inputs, routed_sums, streamed_stats
 from tiny_models import MORE_FAMILIES, VOCAB, reference_logits, router_of
 from transformers import AutoModelForCausalLM
 
@@ -21,10 +22,8 @@ from ream_lite.arch import ModelLayout
 from ream_lite.arch.spec import RouterConfig
 from ream_lite.checkpoint import CheckpointReader
 from ream_lite.cli import main
-from ream_lite.engine import LayerStreamer, StreamOptions
 from ream_lite.engine.router import route
 from ream_lite.errors import ReamLiteError
-from ream_lite.methods.stats import StatsCollector
 
 
 def compress(src, out, *args):
@@ -88,37 +87,13 @@ def test_streamed_statistics_equal_naive_ones(model_dirs, family):
     model, d = model_dirs[family]
     layout = ModelLayout(str(d))
     ids = torch.randint(0, VOCAB, (4, 17), generator=torch.Generator().manual_seed(3))
-    s = LayerStreamer(layout, StreamOptions(dtype=torch.float32, progress=False, tokens_per_batch=30))
-    s.make_plan(ids.numel())
-    s.plan.experts_per_chunk = 3
-    hidden = model.config.hidden_size
-    collectors = {}
-
-    class PerLayer:
-        def on_routing(self, layer, batch, x, routing):
-            if layer not in collectors:
-                collectors[layer] = StatsCollector(layout.layers[layer].num_experts, hidden, s.act,
-                                                   layout.router_config.kind, dense=True)
-            collectors[layer].on_routing(layer, batch, x, routing)
-
-        def on_experts(self, layer, batch, x, routing, experts):
-            collectors[layer].on_experts(layer, batch, x, routing, experts)
-
-    s.forward_layers(s.embed(list(ids)), observer=PerLayer()).close()
-
+    stats = streamed_stats(layout, ids, experts_per_chunk=3)
     spec = layout.spec
-    inputs = {}
-    hooks = [getattr(m, spec.moe_attr).register_forward_hook(
-        lambda mod, a, o, i=i: inputs.__setitem__(i, a[0].reshape(-1, hidden)))
-        for i, m in enumerate(model.model.layers) if layout.layers[i].is_moe]
-    with torch.no_grad():
-        model(ids)
-    for h in hooks:
-        h.remove()
-    assert set(inputs) == set(collectors) and inputs
+    inputs = moe_block_inputs(model, layout, ids)
+    assert set(inputs) == set(stats) and inputs
     sigmoid = layout.router_config.kind == "sigmoid_grouped_topk"
     for i, x in inputs.items():
-        st = collectors[i].result()
+        st = stats[i]
         block = getattr(model.model.layers[i], spec.moe_attr)
         with torch.no_grad():
             logits, weights, idx = router_of(model, i)[3](x)
@@ -128,15 +103,7 @@ def test_streamed_statistics_equal_naive_ones(model_dirs, family):
             gu, dn = block.experts.gate_up_proj, block.experts.down_proj
             inter = dn.shape[2]
             outs = torch.stack([(F.silu(x @ gu[e, :inter].T) * (x @ gu[e, inter:].T)) @ dn[e].T for e in range(n)])
-        count = torch.zeros(n, dtype=torch.int64)
-        reap = torch.zeros(n, dtype=torch.float64)
-        ean = torch.zeros(n, dtype=torch.float64)
-        for t in range(x.shape[0]):
-            for slot, e in enumerate(idx[t].tolist()):
-                gate = weights[t, slot] if sigmoid else scores[t, e]
-                count[e] += 1
-                reap[e] += float(gate) * float(outs[e, t].norm())
-                ean[e] += float(outs[e, t].norm())
+        count, reap, ean = routed_sums(idx, weights if sigmoid else scores.gather(1, idx), outs)
         assert st.tokens == x.shape[0]
         assert torch.equal(st.count, count)
         torch.testing.assert_close(st.reap_sum, reap, rtol=1e-5, atol=1e-6)

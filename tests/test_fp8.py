@@ -255,15 +255,10 @@ def test_compressed_tensors_channel_fp8(tmp_path, ids, calib_file):
     from test_streamer import stream_logits
 
     # oracle: transformers on a plain float32 copy holding those decoded values
-    from ream_lite.checkpoint.writer import CheckpointWriter
+    from ream_lite.testing import write_decoded_copy
 
-    w = CheckpointWriter(tmp_path / "plain")
-    for k in r.keys():
-        w.add(k, r.get(k, dtype=torch.float32))
-    cfg = json.loads((d / "config.json").read_text())
-    del cfg["quantization_config"]
-    w.finish(cfg, source_dir=d)
-    torch.testing.assert_close(stream_logits(d, ids), transformers_logits(tmp_path / "plain", ids),
+    plain = write_decoded_copy(d, tmp_path / "plain")
+    torch.testing.assert_close(stream_logits(d, ids), transformers_logits(plain, ids),
                                atol=1e-4, rtol=1e-4)
     compress(d, tmp_path / "out", "--experts", "4", "--method", "ream", "--guard", "off", "--calib", str(calib_file))
     b = CheckpointReader(tmp_path / "out")

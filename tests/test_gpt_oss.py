@@ -206,33 +206,16 @@ def test_ream_merges_write_loadable_models(gpt_oss, calib_file, tmp_path, guard)
 def test_streamed_statistics_equal_naive_ones(gpt_oss):
     """The statistics accumulators equal the same sums over transformers' own router and expert outputs (the
     saliency gate of a softmax router: the softmax over all logits)."""
-    from ream_lite.methods.stats import StatsCollector
+    from stats_oracle import moe_block_inputs, streamed_stats
 
     model, d = gpt_oss
     layout = ModelLayout(str(d))
     ids = torch.randint(0, VOCAB, (4, 17), generator=torch.Generator().manual_seed(3))
-    s = LayerStreamer(layout, StreamOptions(dtype=torch.float32, progress=False, tokens_per_batch=30))
-    s.make_plan(ids.numel())
-    s.plan.experts_per_chunk = 3
-    collectors = {i: StatsCollector(8, 32, s.act, layout.router_config.kind, dense=True) for i in range(3)}
-
-    class PerLayer:
-        def on_routing(self, layer, batch, x, routing):
-            collectors[layer].on_routing(layer, batch, x, routing)
-
-        def on_experts(self, layer, batch, x, routing, experts):
-            collectors[layer].on_experts(layer, batch, x, routing, experts)
-
-    s.forward_layers(s.embed(list(ids)), observer=PerLayer()).close()
-    inputs = {}
-    hooks = [m.mlp.register_forward_hook(lambda mod, a, o, i=i: inputs.__setitem__(i, a[0].reshape(-1, 32)))
-             for i, m in enumerate(model.model.layers)]
-    with torch.no_grad():
-        model(ids)
-    for h in hooks:
-        h.remove()
+    stats = streamed_stats(layout, ids, experts_per_chunk=3)
+    inputs = moe_block_inputs(model, layout, ids)
+    assert sorted(inputs) == sorted(stats) == [0, 1, 2]
     for i, x in inputs.items():
-        st, mlp = collectors[i].result(), model.model.layers[i].mlp
+        st, mlp = stats[i], model.model.layers[i].mlp
         with torch.no_grad():
             logits, _, idx = mlp.router(x)
             outs = torch.stack([expert_of(mlp.experts, e, x) for e in range(8)]).double()  # [N, T, H]

@@ -3,15 +3,14 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from stats_oracle import moe_block_inputs, routed_sums, streamed_stats
 from tiny_models import VOCAB
 
 from ream_lite.arch import ModelLayout
-from ream_lite.engine import LayerStreamer, StreamOptions
 from ream_lite.methods.align import activation_cost, merge
 from ream_lite.methods.apply import merge_group
 from ream_lite.methods.grouping import auto_group_size, nearest_centroid_groups, pseudo_prune_groups, select_top
 from ream_lite.methods.similarity import gate_logit_similarity, logit_cosine, output_similarity
-from ream_lite.methods.stats import StatsCollector
 
 
 def dist(rows):
@@ -108,33 +107,11 @@ def test_streamed_statistics_equal_naive_ones(model_dirs, family):
     model, d = model_dirs[family]
     layout = ModelLayout(str(d))
     ids = torch.randint(0, VOCAB, (4, 17), generator=torch.Generator().manual_seed(3))
-    s = LayerStreamer(layout, StreamOptions(dtype=torch.float32, progress=False, tokens_per_batch=30))
-    s.make_plan(ids.numel())
-    s.plan.experts_per_chunk = 5  # statistics must not depend on chunking
-    collectors = {}
-
-    class PerLayer:
-        def on_routing(self, layer, batch, x, routing):
-            if layer not in collectors:
-                collectors[layer] = StatsCollector(layout.layers[layer].num_experts, 32, s.act,
-                                                   layout.router_config.kind, dense=True)
-            collectors[layer].on_routing(layer, batch, x, routing)
-
-        def on_experts(self, layer, batch, x, routing, experts):
-            collectors[layer].on_experts(layer, batch, x, routing, experts)
-
-    s.forward_layers(s.embed(list(ids)), observer=PerLayer()).close()
-
-    inputs = {}
-    hooks = [m.mlp.register_forward_hook(lambda mod, a, o, i=i: inputs.__setitem__(i, a[0].reshape(-1, 32)))
-             for i, m in enumerate(model.model.layers) if layout.layers[i].is_moe]
-    with torch.no_grad():
-        model(ids)
-    for h in hooks:
-        h.remove()
+    stats = streamed_stats(layout, ids, experts_per_chunk=5)  # statistics must not depend on chunking
+    inputs = moe_block_inputs(model, layout, ids)
     sigmoid = layout.router_config.kind == "sigmoid_grouped_topk"
     for i, x in inputs.items():
-        st = collectors[i].result()
+        st = stats[i]
         mlp = model.model.layers[i].mlp
         with torch.no_grad():
             logits, weights, idx = mlp.gate(x)
@@ -144,15 +121,7 @@ def test_streamed_statistics_equal_naive_ones(model_dirs, family):
             inter = dn.shape[2]
             outs = torch.stack([(F.silu(x @ gu[e, :inter].T) * (x @ gu[e, inter:].T)) @ dn[e].T for e in range(n)])
         assert st.tokens == x.shape[0]
-        count = torch.zeros(n, dtype=torch.int64)
-        reap = torch.zeros(n, dtype=torch.float64)
-        ean = torch.zeros(n, dtype=torch.float64)
-        for t in range(x.shape[0]):
-            for slot, e in enumerate(idx[t].tolist()):
-                gate = weights[t, slot] if sigmoid else scores[t, e]
-                count[e] += 1
-                reap[e] += float(gate) * float(outs[e, t].norm())
-                ean[e] += float(outs[e, t].norm())
+        count, reap, ean = routed_sums(idx, weights if sigmoid else scores.gather(1, idx), outs)
         assert torch.equal(st.count, count)
         torch.testing.assert_close(st.reap_sum, reap, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(st.ean_sum, ean, rtol=1e-5, atol=1e-6)

@@ -16,6 +16,7 @@ from ream_lite.checkpoint.bnb4 import encode_bnb4
 from ream_lite.checkpoint.reader import CheckpointReader
 from ream_lite.checkpoint.writer import CheckpointWriter
 from ream_lite.cli import main
+from ream_lite.testing import write_decoded_copy
 
 pytest.importorskip("bitsandbytes")
 
@@ -106,13 +107,8 @@ def test_bnb_moe_input_is_streamed_and_written_back_in_kind(tiny, ids, tmp_path,
     key = "model.layers.1.mlp.experts.2.down_proj.weight"
     assert r.entry(key).encoding == "bnb4" and r.shape(key) == (64, 16)
     # oracle: transformers on a plain copy holding the decoded values
-    w = CheckpointWriter(tmp_path / "decoded")
-    for k in r.keys():
-        w.add(k, r.get(k, dtype=torch.float32))
-    cfg = json.loads((d / "config.json").read_text())
-    del cfg["quantization_config"]
-    w.finish(cfg, source_dir=d)
-    ref = logits(AutoModelForCausalLM.from_pretrained(tmp_path / "decoded", dtype=torch.float32), ids)
+    decoded = write_decoded_copy(d, tmp_path / "decoded")
+    ref = logits(AutoModelForCausalLM.from_pretrained(decoded, dtype=torch.float32), ids)
     torch.testing.assert_close(stream_logits(d, ids), ref, atol=1e-4, rtol=1e-4)
 
     compress(d, tmp_path / "out", "--experts", "4", "--method", "ream", "--guard", "off", "--calib", str(calib_file))

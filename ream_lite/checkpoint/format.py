@@ -58,10 +58,7 @@ class TensorEntry:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n
+        return shape_numel(self.shape)
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -69,6 +66,13 @@ class TensorEntry:
             return DTYPES[self.dtype]
         except KeyError:
             raise ReamLiteError(f"{self.path}: tensor dtype {self.dtype} is not supported by torch") from None
+
+
+def shape_numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
 
 
 def read_header(path: str) -> tuple[dict[str, TensorEntry], dict[str, str]]:

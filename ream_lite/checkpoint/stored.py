@@ -17,7 +17,7 @@ from typing import Literal
 import torch
 
 from ream_lite.checkpoint import fp8
-from ream_lite.checkpoint.format import TensorEntry
+from ream_lite.checkpoint.format import TensorEntry, shape_numel
 from ream_lite.errors import ReamLiteError
 
 # fp8_unscaled: FP8 values without a block scale (per-tensor / per-channel schemes): indexed, never decoded
@@ -59,10 +59,7 @@ class StoredTensor:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n
+        return shape_numel(self.shape)
 
     @property
     def dtype(self) -> str:
