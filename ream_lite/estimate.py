@@ -42,7 +42,7 @@ from ream_lite.calib import planned_counts
 from ream_lite.checkpoint.output_format import OutputFormat
 from ream_lite.checkpoint.writer import HEADER_RESERVE, OWN_FILES, WEIGHT_SUFFIXES
 from ream_lite.engine.budget import MemoryPlan, physical_ram, plan_memory, require_device
-from ream_lite.engine.expert_cache import holds_exactly, writes_as_stored
+from ream_lite.engine.expert_cache import holds_exactly, keeps_encoded, writes_as_stored
 from ream_lite.engine.experts import expert_bytes
 from ream_lite.engine.streamer import checkpoint_dtype
 from ream_lite.guard import candidate_plans
@@ -537,9 +537,16 @@ def _resume_bytes(cfg: CompressConfig, memory: MemoryPlan) -> int:
 def _notes(est: CompressionEstimate, device: torch.device) -> list[str]:
     m, notes = est.memory, []
     if device.type != "cpu" and est.peak_device_bytes > m.device_budget:
-        notes.append(f"the {est.peak_phase} needs {_size(est.peak_device_bytes)}, above the device budget "
-                     f"{_size(m.device_budget)}: it is not split into chunks; lower --num-sequences or --batch-tokens, "
-                     f"or pass --store host")
+        if est.peak_phase in ("merge", "alignment pass") and est.merge.largest_group > 0:
+            # a merge holds its whole group, and the alignment pass every pair's Gram: neither is chunked
+            notes.append(f"the {est.peak_phase} needs {_size(est.peak_device_bytes)}, above the device budget "
+                         f"{_size(m.device_budget)}: {est.merge.alignment_pairs} aligned pairs, groups of up to "
+                         f"{est.merge.largest_group} experts are held whole; pass --guard off (the paper's REAM, "
+                         "one plan per layer), --group-size smaller, or --method reap")
+        else:
+            notes.append(f"the {est.peak_phase} needs {_size(est.peak_device_bytes)}, above the device budget "
+                         f"{_size(m.device_budget)}: it is not split into chunks; lower --num-sequences or "
+                         f"--batch-tokens, or pass --store host")
     if est.host_peak_bytes > physical_ram():
         notes.append(f"expected host peak {_size(est.host_peak_bytes)} exceeds this machine's RAM "
                      f"({_size(physical_ram())}); lower --max-cpu-memory so hidden states go to disk")
@@ -653,7 +660,8 @@ def _cached_dtypes(layout: ModelLayout, info: LayerLayout, memory: MemoryPlan) -
         return "none"
     dtype = getattr(torch, memory.dtype)
     # the merges load float32: the cache serves them when it is float32 itself, or when the cast lost nothing
-    return "all" if dtype == torch.float32 or holds_exactly(layout, info.index, dtype) else "compute"
+    exact = dtype == torch.float32 or holds_exactly(layout, info.index, dtype) or keeps_encoded(layout, info.index)
+    return "all" if exact else "compute"
 
 
 def _moe_work(

@@ -34,6 +34,8 @@ def describe(layout: ModelLayout) -> dict:
     return {
         "path": str(layout.path),
         "family": spec.model_type,
+        # a multimodal checkpoint: its model_type, and where its text model's layers are
+        **({"multimodal": layout.multimodal, "text_prefix": spec.layers_prefix} if layout.multimodal else {}),
         "num_layers": layout.num_layers,
         "mtp_layers": sum(1 for x in layout.layers if x.is_mtp),
         "moe_layers": len(moe),
@@ -68,7 +70,9 @@ def format_description(d: dict) -> str:
         router += f", scaling {rt['scaling']}, groups {rt['n_group']} (top {rt['topk_group']})"
     lines = [
         f"model        {d['path']}",
-        f"family       {d['family']}",
+        f"family       {d['family']}" + (f" (the text model of a multimodal {d['multimodal']} checkpoint, under "
+                                            f"{d['text_prefix']}; its other tensors are copied unchanged)"
+                                            if d.get("multimodal") else ""),
         f"layers       {d['num_layers']} decoder ({d['moe_layers']} MoE, {d['dense_layers']} dense)"
         + (f" + {d['mtp_layers']} MTP" if d["mtp_layers"] else ""),
         f"experts      {'/'.join(map(str, d['experts_per_layer']))} per MoE layer, top-{d['top_k']}, "

@@ -125,13 +125,13 @@ def structure_line(layers: list[dict]) -> str:
             f"{max(sizes)} experts each){rest}")
 
 
-def load_lines(output_name: str) -> list[str]:
+def load_lines(output_name: str, auto_class: str = "AutoModelForCausalLM") -> list[str]:
     return [
         "## Load",
         "",
         "```python",
-        "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        f'model = AutoModelForCausalLM.from_pretrained("{output_name}", dtype="auto")',
+        f"from transformers import {auto_class}, AutoTokenizer",
+        f'model = {auto_class}.from_pretrained("{output_name}", dtype="auto")',
         f'tokenizer = AutoTokenizer.from_pretrained("{output_name}")',
         "```",
         "",
@@ -174,6 +174,8 @@ def model_card(report: dict, size_before: int | None = None, size_after: int | N
     e = report["experts"]
     base = hub_id(report["model"])
     by = f"ream-lite {report['ream_lite_version']}" if report.get("ream_lite_version") else "ream-lite"
+    # a multimodal checkpoint (its text model compressed, the vision tower unchanged) loads with its wrapper class
+    auto_class = "AutoModelForImageTextToText" if report.get("multimodal") else "AutoModelForCausalLM"
     lines = ["---", "tags: [moe, expert-merging, ream-lite]"]
     if base:
         lines.append(f"base_model: {base}")
@@ -192,6 +194,6 @@ def model_card(report: dict, size_before: int | None = None, size_after: int | N
         *method_lines(report),
         *([structure_line(report["layers"])] if report.get("layers") else []),
         *calibration_lines(report),
-        "", *reproduce_lines(report), "", *load_lines(output_name), "", *files_lines(), "",
+        "", *reproduce_lines(report), "", *load_lines(output_name, auto_class), "", *files_lines(), "",
     ]
     return "\n".join(lines)

@@ -381,6 +381,7 @@ def build_report(layout: ModelLayout, cfg: CompressConfig, n_keep: int, calibrat
         **versions(),
         **({"command": first_run["command"]} if first_run.get("command") else {}),
         "model": first_run["model"],
+        **({"multimodal": layout.multimodal} if layout.multimodal else {}),  # (its text model was compressed)
         "method": cfg.method,
         "experts": {"before": layout.router_config.num_experts, "after": n_keep},
         "options": asdict(cfg.options),

@@ -58,9 +58,10 @@ def detached_mtp_keys(layout: ModelLayout) -> set[str]:
 
 
 def write_layer(writer: CheckpointWriter, layout: ModelLayout, layer: int, plan: LayerPlan | None, merged: dict,
-                stored_experts: Callable[[int], tuple[torch.Tensor, ...]] | None = None) -> None:
+                stored_experts: Callable[[int], list[dict[str, torch.Tensor]]] | None = None) -> None:
     """Write one decoder layer: unchanged tensors copied as stored; router rows and experts of the kept experts
-    (`stored_experts(e)`: expert e's tensors as stored, already in memory, written instead of read again)."""
+    (`stored_experts(e)`: expert e's tensors as stored, each as its parts by suffix, already in memory, written
+    instead of read again)."""
     r, spec = layout.reader, layout.spec
     keys = layout.layer_keys(layer)
     if plan is None:
@@ -88,9 +89,14 @@ def write_layer(writer: CheckpointWriter, layout: ModelLayout, layer: int, plan:
             if e in merged:
                 for name, o, t in zip(new, old, merged[e]):
                     writer.add_like(name, t, r.entry(o))
-            elif stored_experts is not None and writer.output.quantize is None:  # the stored bytes, from the cache
-                for name, t in zip(new, stored_experts(e)):
-                    writer.add(name, t)
+            elif stored_experts is not None:  # the stored bytes, from the layer's expert cache: not read again
+                for name, o, parts in zip(new, old, stored_experts(e)):
+                    like = r.entry(o)
+                    if writer.output.keeps_stored(name, like):
+                        for sfx, t in parts.items():
+                            writer.add(name + sfx, t)
+                    else:  # (--out-dtype, --quantize: decoded from those bytes, then written as asked)
+                        writer.add_like(name, stored.decode(like, {k: t.cpu() for k, t in parts.items()}, None), like)
             else:
                 for o, n in zip(old, new):
                     writer.copy_from(r, o, n)
@@ -137,8 +143,12 @@ def output_config(layout: ModelLayout, n_keep: int, drop_mtp: bool, output: Outp
         out[layout.spec.mtp_layers_key] = 0
     if layout.spec.detached_mtp_key and out.get(layout.spec.detached_mtp_key):
         out[layout.spec.detached_mtp_key] = 0  # its tensors are not written (copy_non_layer_tensors)
+    out = layout.wrap_config(out)  # a multimodal checkpoint's: the wrapper's config, these edits in its text_config
     if output is not None:
         out = output.config(out, output.skip_modules)
+        text = out.get("text_config") if layout.wrapper_config is not None else None
+        if output.decode_to is not None and text:  # a dtype the text_config states itself follows the top one's
+            out["text_config"] = {**text, **{k: out["torch_dtype"] for k in ("dtype", "torch_dtype") if k in text}}
     return out
 
 
@@ -156,6 +166,10 @@ def make_output_format(layout: ModelLayout, n_keep: int, out_dtype: str = "store
     if quantize is None:
         return OutputFormat(decode_to=decode_to)
     from ream_lite.checkpoint.bnb4 import bnb4_skip_modules, bnb4_target_keys
+
+    if layout.multimodal:  # transformers would quantize the wrapper's modules (vision tower too) by their names
+        raise ReamLiteError(f"--quantize: not supported for a multimodal '{layout.multimodal}' checkpoint; compress "
+                            "without --quantize and quantize when loading")
 
     compute = decode_to or checkpoint_dtype(layout.config)
     if compute == torch.float32:

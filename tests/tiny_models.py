@@ -149,14 +149,15 @@ def router_of(model, layer: int):
     (logits, top-k weights, top-k indices)) of decoder layer `layer` of a transformers model."""
     from ream_lite.arch.families import FAMILIES as SPECS
 
-    family = model.config.model_type
+    family = model.config.get_text_config().model_type  # (a multimodal wrapper: its text model's)
     spec = SPECS[family]
+    layers = text_decoder_layers(model)
     if family not in _ROUTERS:  # router weight and bias are named in memory as on disk
-        block = getattr(model.model.layers[layer], spec.moe_attr)
+        block = getattr(layers[layer], spec.moe_attr)
         owner = block.get_submodule(spec.router_weight.rsplit(".", 1)[0])
         return owner, owner.weight, _tensor(block, spec.router_bias), owner
     attr, owner_name, bias_name, call = _ROUTERS[family]
-    block = getattr(model.model.layers[layer], attr)
+    block = getattr(layers[layer], attr)
     owner = block.get_submodule(owner_name)
     bias = _tensor(block, bias_name)
     if call == "gate+bias":  # MiniMax-M2's router takes the block's bias as an argument
@@ -172,6 +173,10 @@ def build_model(family: str, seed: int = 0, **config_overrides):
     for k, v in config_overrides.items():
         setattr(config, k, v)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    return _randomize(model)
+
+
+def _randomize(model):
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "e_score_correction_bias" in name:
@@ -185,6 +190,47 @@ def build_model(family: str, seed: int = 0, **config_overrides):
             if name.endswith("e_score_correction_bias"):
                 p.normal_(0.0, 0.05)
     return model
+
+
+# multimodal releases of supported text families: wrapper model_type -> its text family
+MULTIMODAL = {"qwen3_5_moe": "qwen3_5_moe_text", "llama4": "llama4_text"}
+
+
+def multimodal_config(wrapper: str):
+    """The wrapper config (ForConditionalGeneration) around the family's tiny text config, with about the smallest
+    vision tower transformers builds (its output projected to the text hidden size)."""
+    import transformers as tf
+
+    text = family_config(MULTIMODAL[wrapper]).to_dict()
+    if wrapper == "qwen3_5_moe":
+        vision = dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=COMMON["hidden_size"],
+                      patch_size=2, temporal_patch_size=1, spatial_merge_size=1, num_position_embeddings=16)
+        return tf.Qwen3_5MoeConfig(text_config=text, vision_config=vision)
+    if wrapper == "llama4":
+        vision = dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16,
+                      vision_output_dim=16, projector_input_dim=16, projector_output_dim=COMMON["hidden_size"],
+                      image_size=8, patch_size=4)
+        return tf.Llama4Config(text_config=text, vision_config=vision)
+    raise ValueError(wrapper)
+
+
+def build_multimodal(wrapper: str, seed: int = 0):
+    """The tiny multimodal model, randomly initialised as build_model does (vision tower included)."""
+    from transformers import AutoModelForImageTextToText
+
+    torch.manual_seed(seed)
+    model = AutoModelForImageTextToText.from_config(multimodal_config(wrapper), dtype=torch.float32).eval()
+    return _randomize(model)
+
+
+def text_decoder_layers(model):
+    """The decoder layers of a transformers text model, or of the text model inside a multimodal wrapper."""
+    for name in ("model.layers", "model.language_model.layers", "language_model.model.layers"):
+        try:
+            return model.get_submodule(name)
+        except AttributeError:
+            continue
+    raise ValueError(type(model).__name__)
 
 
 def save_model(model, directory: Path, layout: str = "per_expert", max_shard_size: str | None = None) -> Path:
@@ -229,5 +275,19 @@ def save_mtp_model(directory: Path) -> Path:
 
 
 def reference_logits(model, ids: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return model(ids).logits.float()
+    hook = None
+    if model.config.model_type == "llama4":
+        # transformers 5.24's Llama4ForConditionalGeneration builds its output from a field its language model's
+        # output lacks (image_outputs): supplied (None) on that output, the wrapper's forward runs unchanged
+        def add_image_outputs(module, args, output):
+            if not hasattr(output, "image_outputs"):
+                output.image_outputs = None
+            return output
+
+        hook = model.language_model.register_forward_hook(add_image_outputs)
+    try:
+        with torch.no_grad():
+            return model(ids).logits.float()
+    finally:
+        if hook is not None:
+            hook.remove()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Literal
@@ -18,9 +18,12 @@ from ream_lite.errors import ReamLiteError
 _DENSE_HINT = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "olmo", "olmo2", "gpt2")
 
 
-# multimodal model types whose text model is a supported family: refused with how to get the text model (their
-# nested text_config, language-model key prefixes and vision tower are not handled)
-_MULTIMODAL_WRAPPERS = {"llama4": "llama4_text", "qwen3_5_moe": "qwen3_5_moe_text"}
+# multimodal model types whose text model is a supported family (wrapper -> text model_type): the text model is
+# compressed as that family (its config is the wrapper's text_config, its keys under the language-model prefix found
+# in the checkpoint); the vision tower and projector are non-layer tensors, copied unchanged
+MULTIMODAL_WRAPPERS = {"llama4": "llama4_text", "qwen3_5_moe": "qwen3_5_moe_text"}
+# wrapper config keys a text_config inherits when it lacks them (the wrappers write dtype and quantization at the top)
+_INHERITED_KEYS = ("dtype", "torch_dtype", "quantization_config")
 
 
 log = logging.getLogger(__name__)
@@ -39,6 +42,52 @@ def fp8_block_size(config: dict) -> tuple[int, int] | None:
     return (int(block[0]), int(block[1])) if block else None
 
 
+def split_multimodal_config(config: dict, where: str = "model") -> tuple[dict, dict | None, tuple[str, ...]]:
+    """(the config the text model is compressed by, the multimodal wrapper's config or None, the keys the first took
+    from the wrapper). For a wrapper (MULTIMODAL_WRAPPERS): its text_config, with the wrapper's dtype and
+    quantization_config where the text_config lacks them; any other config is returned as it is."""
+    text_type = MULTIMODAL_WRAPPERS.get(config.get("model_type"))
+    if text_type is None:
+        return config, None, ()
+    text = config.get("text_config")
+    if not isinstance(text, dict) or not text.get("num_hidden_layers"):
+        raise ReamLiteError(f"{where}: the multimodal '{config['model_type']}' config.json has no text_config "
+                            "describing its language model")
+    if text.get("model_type", text_type) != text_type:
+        raise ReamLiteError(f"{where}: the multimodal '{config['model_type']}' config.json has a text_config of "
+                            f"model_type '{text['model_type']}'; expected '{text_type}'")
+    text = dict(text)
+    inherited = tuple(k for k in ("model_type", *_INHERITED_KEYS) if k not in text and
+                      (k == "model_type" or config.get(k) is not None))
+    for k in inherited:
+        text[k] = text_type if k == "model_type" else config[k]
+    return text, config, inherited
+
+
+def multimodal_spec(spec: ArchSpec, keys: list[str], where: str) -> ArchSpec:
+    """The text family's spec with its key names moved to where a multimodal checkpoint stores the language model:
+    the text decoder (`model.` in a text checkpoint) is the prefix holding `embed_tokens.weight` beside `layers.N`
+    (`model.language_model.` in Qwen3.5, `language_model.model.` in Llama-4), the lm_head the nearest one above it
+    (`lm_head.weight`, `language_model.lm_head.weight`). Everything else (vision tower, projector) is not a layer."""
+    base = spec.layers_prefix.rsplit(".", 1)[0] + "."  # the text decoder's prefix in a text checkpoint: "model."
+    embed_rel, layers_rel = spec.embed_key[len(base):], spec.layers_prefix[len(base):] + "."
+    mtp = spec.detached_mtp_prefix
+    found = sorted({k[: len(k) - len(embed_rel)] for k in keys if k.endswith(embed_rel)
+                    and (len(k) == len(embed_rel) or k[-len(embed_rel) - 1] == ".")})
+    found = [p for p in found if not (mtp and p.startswith(mtp)) and any(k.startswith(p + layers_rel) for k in keys)]
+    if len(found) != 1:
+        raise ReamLiteError(f"{where}: cannot tell where the multimodal checkpoint stores its language model (a prefix "
+                            f"holding {embed_rel} and {layers_rel}N.*; found {found or 'none'})")
+    prefix = found[0]
+    key_set = set(keys)
+    parts = prefix.split(".")[:-1]
+    heads = [".".join(parts[:i] + [spec.lm_head_key]) for i in range(len(parts), -1, -1)]
+    lm_head = next((k for k in heads if k in key_set), heads[-1])  # none: tied to the embeddings
+    moved = lambda k: prefix + k[len(base):] if k.startswith(base) else k  # noqa: E731
+    return replace(spec, layers_prefix=moved(spec.layers_prefix), embed_key=moved(spec.embed_key),
+                   final_norm_key=moved(spec.final_norm_key), lm_head_key=lm_head)
+
+
 def supported_families() -> str:
     return ", ".join(sorted(FAMILIES))
 
@@ -47,15 +96,8 @@ def detect_spec(config: dict, where: str = "model") -> ArchSpec:
     model_type = config.get("model_type")
     if model_type is None:
         raise ReamLiteError(f"{where}: config.json has no model_type")
-    spec = FAMILIES.get(model_type)
-    if spec is None and model_type in _MULTIMODAL_WRAPPERS:
-        text_type = _MULTIMODAL_WRAPPERS[model_type]
-        raise ReamLiteError(
-            f"{where}: model_type '{model_type}' is the multimodal checkpoint (text model under text_config, its "
-            f"weights under a language-model prefix beside the vision tower); ream-lite streams the text model "
-            f"only: save it as a '{text_type}' checkpoint first (its text_config as config.json, the language "
-            "model's weights under model.* and lm_head) and compress that"
-        )
+    # a multimodal wrapper: its text model's family (ModelLayout moves the key names under the wrapper's prefix)
+    spec = FAMILIES.get(MULTIMODAL_WRAPPERS.get(model_type, model_type))
     if spec is None:
         kind = "a dense model (no routed experts)" if model_type in _DENSE_HINT else "not a supported MoE family"
         raise ReamLiteError(f"{where}: model_type '{model_type}' is {kind}; supported: {supported_families()}")
@@ -121,11 +163,16 @@ class ModelLayout:
 
     def __init__(self, name_or_path: str, trust_remote_code: bool = False):
         self.path: Path = resolve_model_path(name_or_path)
-        self.config: dict = load_config_dict(self.path)
+        # a multimodal checkpoint (MULTIMODAL_WRAPPERS): `config` is its text model's (what everything reads),
+        # `wrapper_config` the whole config.json, which the output keeps with the edited text_config inside
+        self.config, self.wrapper_config, self._inherited = split_multimodal_config(load_config_dict(self.path),
+                                                                                   str(self.path))
         self.spec: ArchSpec = detect_spec(self.config, str(self.path))
         self.trust_remote_code = trust_remote_code
         require_trusted_code(self.config, str(self.path), trust_remote_code)
         self.reader = CheckpointReader(self.path, fp8_block=fp8_block_size(self.config))
+        if self.wrapper_config is not None:
+            self.spec = multimodal_spec(self.spec, list(self.reader.keys()), str(self.path))
         self.num_layers = int(self.config["num_hidden_layers"])
         extra = int(self.config.get(self.spec.mtp_layers_key, 0) or 0) if self.spec.mtp_layers_key else 0
         # MTP layers are listed only when the checkpoint really has them (transformers' save_pretrained drops them)
@@ -136,6 +183,18 @@ class ModelLayout:
             raise ReamLiteError(f"{self.path}: no MoE layer found in the checkpoint (router {self.spec.router_weight})")
         for key in (self.spec.embed_key,):
             self.reader.entry(key)
+
+    @property
+    def multimodal(self) -> str | None:
+        """The multimodal wrapper's model_type when the checkpoint is one (its text model is what is compressed)."""
+        return self.wrapper_config["model_type"] if self.wrapper_config is not None else None
+
+    def wrap_config(self, text: dict) -> dict:
+        """config.json for an output: `text` (an edited copy of `config`) as it is, or, for a multimodal checkpoint,
+        the wrapper's config with `text`, less what it took from the wrapper, as its text_config."""
+        if self.wrapper_config is None:
+            return text
+        return {**self.wrapper_config, "text_config": {k: v for k, v in text.items() if k not in self._inherited}}
 
     # -- keys ---------------------------------------------------------------------------------------------------
     def moe_key(self, layer: int, rel: str) -> str:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from ream_lite.arch.layout import ModelLayout
+from ream_lite.engine.expert_cache import encoded_cache_bytes
 from ream_lite.engine.experts import expert_bytes
 from ream_lite.engine.store import Tier, choose_tier
 from ream_lite.errors import ReamLiteError
@@ -187,7 +188,9 @@ def plan_memory(
     on_device = tier == "device" or (device.type == "cpu" and tier == "host")
     left = device_budget - dense - act - (int(stores * store_bytes) if on_device else 0)
     chunk = max(1, min(max_n, left // max(e_bytes, 1)))
-    layer_experts = max(m.num_experts * expert_bytes(layout, m.index, dtype) for m in moe)
+    # (an encoded layer's cache keeps the stored parts beside the decoded values: expert_cache.keeps_encoded)
+    layer_experts = max(m.num_experts * expert_bytes(layout, m.index, dtype) + encoded_cache_bytes(layout, m.index)
+                        for m in moe)
     cached = expert_cache == "auto" and layer_experts + max(chunk * e_bytes, phase_bytes) <= left
     return MemoryPlan(
         device=str(device),

@@ -12,6 +12,10 @@ compute dtype is those very values. A load in another dtype (the merges load flo
 the compute dtype lost nothing (the stored dtype itself, or float32 holding bf16 / fp16): then casting the cached
 value gives what casting the stored one does. Otherwise (a float32 checkpoint run in bfloat16) such loads are read
 from the checkpoint, as without the cache.
+
+Encoded experts (FP8 with a release's block scales, bnb 4-bit): their decoded values are generally not exact in the
+compute dtype, so the cache also keeps their stored parts (half the decoded bf16 size for FP8). Loads in another
+dtype decode those bytes again, as `load_experts` would, and the output's kept experts are written from them.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ from __future__ import annotations
 import torch
 
 from ream_lite.arch.layout import ModelLayout
+from ream_lite.checkpoint import stored
+from ream_lite.checkpoint.stored import StoredTensor
 from ream_lite.engine.experts import ExpertWeights, load_experts
 
 # (stored, cached) pairs where every stored value is exactly representable in the cached dtype
@@ -32,42 +38,88 @@ def holds_exactly(layout: ModelLayout, layer: int, dtype: torch.dtype) -> bool:
     return all(s == dtype or (s, dtype) in _EXACT_WIDENING for s in stored)
 
 
+def keeps_encoded(layout: ModelLayout, layer: int) -> bool:
+    """Whether a cache of `layer` also keeps its experts' stored parts (FP8 values and scales, bnb codes and
+    statistics): per-expert storage in an encoding. Loads in any dtype then decode those very bytes, exactly as
+    `load_experts` does, and the output's kept experts are written from them: each expert byte is read once."""
+    info = layout.layers[layer]
+    return info.expert_storage == "per_expert" and any(layout.reader.entry(k).is_encoded
+                                                       for k in layout.per_expert_keys(layer, 0))
+
+
+def encoded_cache_bytes(layout: ModelLayout, layer: int) -> int:
+    """Device bytes the stored parts of `layer`'s experts add to its cache (0 unless `keeps_encoded`)."""
+    if not keeps_encoded(layout, layer):
+        return 0
+    return sum(layout.reader.entry(k).nbytes for k in layout.expert_keys(layer))
+
+
 def writes_as_stored(layout: ModelLayout, layer: int, dtype: torch.dtype) -> bool:
     """Whether a cache of `layer` in `dtype` holds its experts' stored bytes, so the output's kept experts can be
-    written from it instead of read again: per-expert storage (the output's layout) in exactly `dtype`."""
+    written from it instead of read again: per-expert storage (the output's layout) in exactly `dtype`, or encoded
+    (`keeps_encoded`)."""
     info = layout.layers[layer]
     if info.expert_storage != "per_expert":
         return False
+    if keeps_encoded(layout, layer):
+        return True
     return all(layout.reader.entry(k).torch_dtype == dtype for k in layout.expert_keys(layer))
 
 
 class LayerExpertCache:
-    """Every routed expert of one MoE layer in `dtype` on `device`, read from the checkpoint once."""
+    """Every routed expert of one MoE layer in `dtype` on `device`, read from the checkpoint once (and, for an
+    encoded checkpoint, its stored parts beside them: `keeps_encoded`)."""
 
     def __init__(self, layout: ModelLayout, layer: int, dtype: torch.dtype, device: torch.device | str):
         self.layer, self.dtype = layer, dtype
-        self.weights = load_experts(layout, layer, list(range(layout.layers[layer].num_experts)), dtype, device)
-        self.exact = holds_exactly(layout, layer, dtype)
+        n = layout.layers[layer].num_experts
+        self.encoded: list[list[tuple[StoredTensor, dict[str, torch.Tensor]]]] | None = None
+        if keeps_encoded(layout, layer):
+            r = layout.reader
+            self.encoded = [[(r.entry(k), {sfx: r.read_part(p).to(device) for sfx, p in r.entry(k).parts.items()})
+                             for k in layout.per_expert_keys(layer, e)] for e in range(n)]
+            self.weights = self._decoded(list(range(n)), dtype)
+        else:
+            self.weights = load_experts(layout, layer, list(range(n)), dtype, device)
+        self.exact = self.encoded is not None or holds_exactly(layout, layer, dtype)
         self.as_stored = writes_as_stored(layout, layer, dtype)
+
+    def _decoded(self, ids: list[int], dtype: torch.dtype) -> ExpertWeights:
+        """Experts `ids` decoded from the kept stored parts: `load_experts`'s values (the same decode of the same
+        bytes on the same device)."""
+        first = self.encoded[ids[0]] if ids else None
+        dev = next(iter(first[0][1].values())).device if first else "cpu"
+        out = [torch.empty((len(ids), *t.shape), dtype=dtype, device=dev) for t, _ in (first or [])]
+        for j, e in enumerate(ids):
+            for dst, (t, parts) in zip(out, self.encoded[e]):
+                dst[j].copy_(stored.decode(t, parts, dtype))
+        return ExpertWeights(list(ids), *out)
 
     @property
     def nbytes(self) -> int:
-        return self.weights.nbytes
+        held = sum(p.numel() * p.element_size() for ex in self.encoded for _, parts in ex for p in parts.values()) \
+            if self.encoded is not None else 0
+        return self.weights.nbytes + held
 
     def serves(self, dtype: torch.dtype) -> bool:
         """Whether a load in `dtype` gets from here exactly what the checkpoint would give (see the module doc)."""
         return dtype == self.dtype or self.exact
 
-    def stored(self, e: int) -> tuple[torch.Tensor, ...]:
-        """Expert e's (gate, up, down) exactly as stored (only where `as_stored`)."""
+    def stored(self, e: int) -> list[dict[str, torch.Tensor]]:
+        """Expert e's (gate, up, down) exactly as stored, each as its parts by suffix ("" alone for a plain tensor;
+        only where `as_stored`)."""
         assert self.as_stored
-        return self.weights.expert(e)
+        if self.encoded is not None:
+            return [parts for _, parts in self.encoded[e]]
+        return [{"": t} for t in self.weights.expert(e)]
 
     def take(self, ids: list[int], dtype: torch.dtype, copy: bool = False) -> ExpertWeights:
         """Experts `ids` in `dtype`: views of the cache for a contiguous run in its own dtype (no copy; read-only, so
         a caller that writes into the chunk asks for a `copy`), else a new chunk filled expert by expert (never a
         second full-size temporary)."""
         w = self.weights
+        if dtype != self.dtype and self.encoded is not None:  # another dtype: decoded from the stored bytes
+            return self._decoded(ids, dtype)
         if ids and not copy and dtype == self.dtype and ids == list(range(ids[0], ids[-1] + 1)):
             a, b = ids[0], ids[-1] + 1
             return ExpertWeights(list(ids), *(t[a:b] for t in w.parts))

@@ -71,12 +71,13 @@ def _load_experts(layout: ModelLayout, layer: int, ids: list[int], dtype: torch.
         for a, b in _runs(ids):  # contiguous id runs are single reads, split into bounded blocks
             for s in range(a, b, step):
                 e = min(s + step, b)
-                gu = r.get(gu_key, rows=(s, e), dtype=dtype)
+                gu = r.get(gu_key, rows=(s, e), dtype=dtype, device=device)
                 gate, up = fused.split_gate_up(spec, gu)
                 w.gate[j : j + e - s].copy_(gate)
                 w.up[j : j + e - s].copy_(up)
                 del gu, gate, up
-                w.down[j : j + e - s].copy_(fused.split_down(spec, r.get(down_key, rows=(s, e), dtype=dtype)))
+                w.down[j : j + e - s].copy_(fused.split_down(spec, r.get(down_key, rows=(s, e), dtype=dtype,
+                                                                         device=device)))
                 if bias_keys:
                     gate_b, up_b = fused.split_pairs(spec, r.get(bias_keys[0], rows=(s, e), dtype=dtype))
                     w.gate_bias[j : j + e - s].copy_(gate_b)
@@ -88,7 +89,8 @@ def _load_experts(layout: ModelLayout, layer: int, ids: list[int], dtype: torch.
     w = _empty_chunk(ids, g0[0], g0[1], dtype, device)
     for j, e in enumerate(ids):
         for dst, key in zip((w.gate, w.up, w.down), layout.per_expert_keys(layer, e)):
-            dst[j].copy_(r.get(key, dtype=dtype))
+            # (decoded where it is used: FP8 / bnb codes cross to the GPU, not their 2-4x larger values)
+            dst[j].copy_(r.get(key, dtype=dtype, device=device))
     return w
 
 

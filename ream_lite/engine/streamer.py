@@ -247,7 +247,7 @@ class LayerStreamer:
         finally:
             self._cache = None
 
-    def stored_experts(self, layer: int) -> Callable[[int], tuple[torch.Tensor, ...]] | None:
+    def stored_experts(self, layer: int) -> Callable[[int], list[dict[str, torch.Tensor]]] | None:
         """Expert e of `layer` -> its (gate, up, down) as stored, from the open cache; None where the cache does not
         hold the stored bytes (then the output copies them from the checkpoint)."""
         cache = self._cache
