@@ -76,6 +76,19 @@ def kimi_k2(num_layers: int, dense_layers: int | None = None):
     )
 
 
+def gpt_oss_120b(num_layers: int, dense_layers: int | None = None):
+    """gpt-oss-120b: hidden 2880, 128 experts x 2880 (biases, clamped SwiGLU), top-4, 64 q / 8 kv heads of 64 with
+    sinks, sliding window 128 on every other layer, vocab 201088; released with MXFP4 experts (synth: --mxfp4 is
+    for the sparse plan checkpoints only)."""
+    from transformers import GptOssConfig
+
+    return GptOssConfig(
+        vocab_size=201088, hidden_size=2880, intermediate_size=2880, num_hidden_layers=num_layers,
+        num_attention_heads=64, num_key_value_heads=8, head_dim=64, num_local_experts=128, num_experts_per_tok=4,
+        sliding_window=128, max_position_embeddings=131072, tie_word_embeddings=False,
+    )
+
+
 def glm_45_air(num_layers: int, dense_layers: int | None = None):
     """GLM-4.5-Air: hidden 4096, 128 experts x 1408, top-8, one shared expert, sigmoid router with correction
     bias (one group), first layer dense (10944), 96 q / 8 kv heads of 128 with biases, vocab 151552."""
@@ -96,8 +109,10 @@ SHAPES = {
     "qwen3-next-80b": qwen3_next_80b,
     "deepseek-v3": deepseek_v3,
     "kimi-k2": kimi_k2,
+    "gpt-oss-120b": gpt_oss_120b,
     "glm-4.5-air": glm_45_air,
 }
 
 # the released models' decoder layer counts, for projections to the full model
-FULL_LAYERS = {"qwen3-30b-a3b": 48, "qwen3-next-80b": 48, "deepseek-v3": 61, "kimi-k2": 61, "glm-4.5-air": 46}
+FULL_LAYERS = {"qwen3-30b-a3b": 48, "qwen3-next-80b": 48, "deepseek-v3": 61, "kimi-k2": 61, "gpt-oss-120b": 36,
+               "glm-4.5-air": 46}

@@ -20,11 +20,13 @@ from ream_lite.testing import _disk_names, fp8_quantization_config, is_fp8_relea
 
 
 def write_sparse_checkpoint(config, out: str | Path, dtype: torch.dtype = torch.bfloat16,
-                            fp8_block: tuple[int, int] | None = None, model_type: str | None = None) -> Path:
+                            fp8_block: tuple[int, int] | None = None, model_type: str | None = None,
+                            mxfp4: bool = False) -> Path:
     """One sparse `model.safetensors` + config.json for a transformers `config` (no tokenizer). `fp8_block`: as an
     FP8 block-scaled release (DeepSeek-V3, Kimi-K2): Linear weights of the layers in float8_e4m3fn with float32
     `weight_scale_inv` blocks, and the quantization_config. `model_type`: the name config.json gives (an alias
-    such as kimi_k2)."""
+    such as kimi_k2). `mxfp4`: the fused routed experts as gpt-oss releases them (`*_blocks` + `*_scales`, the
+    transpose of the [E, in, out] tensor in blocks of 32 along `in`)."""
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
@@ -37,7 +39,11 @@ def write_sparse_checkpoint(config, out: str | Path, dtype: torch.dtype = torch.
             # as write_random_checkpoint: DeepSeek-style selection biases stay float32
             d = torch.float32 if "e_score_correction_bias" in disk_name else dtype
             parts = [(disk_name, d, shape)]
-            if fp8_block is not None and is_fp8_release_weight(FAMILIES[config.model_type], disk_name, len(shape)):
+            if mxfp4 and disk_name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+                e, k, n = shape  # [E, in, out]
+                parts = [(disk_name + "_blocks", torch.uint8, (e, n, k // 32, 16)),
+                         (disk_name + "_scales", torch.uint8, (e, n, k // 32))]
+            elif fp8_block is not None and is_fp8_release_weight(FAMILIES[config.model_type], disk_name, len(shape)):
                 parts = [(disk_name, torch.float8_e4m3fn, shape),
                          (disk_name + "_scale_inv", torch.float32, scale_shape(shape, fp8_block))]
             for key, d, shp in parts:
@@ -55,6 +61,9 @@ def write_sparse_checkpoint(config, out: str | Path, dtype: torch.dtype = torch.
     cfg["dtype"] = str(dtype).replace("torch.", "")
     if fp8_block is not None:
         cfg["quantization_config"] = fp8_quantization_config(fp8_block)
+    if mxfp4:
+        cfg["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
+            "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
     if model_type is not None:
         cfg["model_type"] = model_type
     (out / "config.json").write_text(json.dumps(cfg, indent=2, default=str) + "\n")

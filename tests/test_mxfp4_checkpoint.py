@@ -118,3 +118,35 @@ def test_out_dtype_bf16_decodes_the_experts(release, tmp_path):
     assert b.entry("model.layers.0.mlp.experts.gate_up_proj").dtype == "BF16"
     assert "quantization_config" not in json.loads((tmp_path / "out" / "config.json").read_text())
     AutoModelForCausalLM.from_pretrained(tmp_path / "out")  # loads as a plain bf16 model
+
+
+def test_gpt_oss_120b_mxfp4_shape_inspects_and_plans_into_24gb(tmp_path, monkeypatch):
+    """gpt-oss-120b's real layer shapes as released (MXFP4 experts; headers over sparse data): `inspect` counts
+    blocks, scales and biases, `plan` fits REAP and the paper's REAM into a 24 GB card (6.4 GB of decoded experts
+    per layer), and the output is the kept experts' stored bytes plus the rest."""
+    import sys
+    from pathlib import Path
+
+    from test_plan import estimate
+
+    from ream_lite.arch import ModelLayout
+    from ream_lite.engine.budget import GiB
+    from ream_lite.inspect_model import describe
+    from ream_lite.sparse_checkpoint import write_sparse_checkpoint
+
+    for name in ("mem_get_info", "is_available", "synchronize", "get_device_properties"):
+        monkeypatch.setattr(torch.cuda, name, lambda *a, **k: pytest.fail("CUDA API called"))
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    from shapes import gpt_oss_120b
+
+    src = write_sparse_checkpoint(gpt_oss_120b(2), tmp_path / "gpt-oss", mxfp4=True)
+    d = describe(ModelLayout(str(src)))
+    assert d["family"] == "gpt_oss" and d["quantization"] == "mxfp4" and d["expert_storage"] == ["fused"]
+    h = i = 2880
+    per_expert = (2 * i * h // 2 + 2 * i * h // 32) + (h * i // 2 + h * i // 32) + (2 * i + h) * 2  # blocks, scales, biases
+    assert [x["expert_bytes"] for x in d["layers"]] == [128 * per_expert] * 2
+    for method in ({"method": "reap"}, {"method": "ream", "guard": "off"}):
+        est = estimate(src, 64, stream={"device": "cuda", "max_gpu_memory": 24 * GiB}, **method)
+        assert est.peak_device_bytes <= 24 * GiB
+        router_rows = 64 * (h * 2 + 2)  # bf16 weight rows and bias entries of the removed experts
+        assert est.output_bytes == est.input_bytes - 2 * (64 * per_expert + router_rows)
