@@ -143,7 +143,8 @@ def test_gpt_oss_120b_mxfp4_shape_inspects_and_plans_into_24gb(tmp_path, monkeyp
     d = describe(ModelLayout(str(src)))
     assert d["family"] == "gpt_oss" and d["quantization"] == "mxfp4" and d["expert_storage"] == ["fused"]
     h = i = 2880
-    per_expert = (2 * i * h // 2 + 2 * i * h // 32) + (h * i // 2 + h * i // 32) + (2 * i + h) * 2  # blocks, scales, biases
+    # gate_up and down: half a byte per value plus a scale byte per 32; bf16 biases
+    per_expert = (2 * i * h // 2 + 2 * i * h // 32) + (h * i // 2 + h * i // 32) + (2 * i + h) * 2
     assert [x["expert_bytes"] for x in d["layers"]] == [128 * per_expert] * 2
     for method in ({"method": "reap"}, {"method": "ream", "guard": "off"}):
         est = estimate(src, 64, stream={"device": "cuda", "max_gpu_memory": 24 * GiB}, **method)
