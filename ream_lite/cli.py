@@ -247,7 +247,7 @@ def eval_cmd(model, data, reference, seq_len, max_tokens, tokenizer, as_json, **
               show_default=True,
               help="'stored': every tensor in the encoding MODEL stores it in (an FP8 / MXFP4 / bnb-4bit model stays "
               "so: kept tensors copied as stored, merged experts encoded with fresh scales); bf16/fp16/fp32: "
-              "quantized tensors written decoded, quantization_config dropped")
+              "quantized tensors written decoded (plain ones as stored), quantization_config dropped")
 @click.option("--quantize", type=click.Choice(["nf4", "fp4"]), default=None,
               help="write the Linear weights that transformers' bitsandbytes loader quantizes (attention, dense and "
               "shared MLPs; not the head, nor experts held as fused 3-D tensors) in bitsandbytes' 4-bit format, with "

@@ -51,7 +51,7 @@ from ream_lite.methods.apply import alignment_pairs, needs_activation_pass
 from ream_lite.methods.stats import LayerStats
 from ream_lite.rates import Rates, default_rates, measure_rates
 from ream_lite.resume import expected_snapshots, parse_snapshot_every
-from ream_lite.write_output import compression_steps, make_output_format
+from ream_lite.write_output import compression_steps, detached_mtp_keys, make_output_format
 
 if TYPE_CHECKING:  # pipeline imports this module
     from ream_lite.pipeline import CompressConfig
@@ -495,7 +495,9 @@ def estimate_compression(
     layers = [_layer_cost(layout, info, cfg, n_keep, memory, shape, tokens, held, inter, fmt)
               for info in layout.layers]
     r, layer_prefix = layout.reader, f"{layout.spec.layers_prefix}."
-    other = sum(written_bytes(fmt, k, t) for k, t in r.tensors.items() if not k.startswith(layer_prefix))
+    detached = detached_mtp_keys(layout)  # (never written: copy_non_layer_tensors leaves them out)
+    other = sum(written_bytes(fmt, k, t) for k, t in r.tensors.items()
+                if not k.startswith(layer_prefix) and k not in detached)
     e_stored = max(_stored_expert_bytes(layout, x) for x in layout.moe_layers)
     # merged experts are held as written: stored bytes for plain tensors, decoded (compute dtype) for encoded ones
     encoded = any(r.entry(k).is_encoded for x in layout.moe_layers for k in layout.expert_keys(x.index)[:3])

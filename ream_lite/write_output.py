@@ -163,6 +163,9 @@ def make_output_format(layout: ModelLayout, n_keep: int, out_dtype: str = "store
         raise ReamLiteError(f"--out-dtype {out_dtype}: expected one of {', '.join(OUT_DTYPES)}")
     decode_to = None if out_dtype == "stored" else {"bf16": torch.bfloat16, "fp16": torch.float16,
                                                      "fp32": torch.float32}[out_dtype]
+    if decode_to is not None and not any(t.is_encoded for t in layout.reader.tensors.values()):
+        raise ReamLiteError(f"--out-dtype {out_dtype}: {layout.path} holds no quantized tensors to decode (it applies "
+                            "to FP8 / MXFP4 / bnb-4bit checkpoints; the tensors are written as stored)")
     if quantize is None:
         return OutputFormat(decode_to=decode_to)
     from ream_lite.checkpoint.bnb4 import bnb4_skip_modules, bnb4_target_keys

@@ -275,3 +275,26 @@ def test_compressed_tensors_channel_fp8(tmp_path, ids, calib_file):
                 assert torch.equal(scale.float(), torch.exp2(torch.log2(scale.float()).round()))
             else:
                 assert b.read_raw(out_key) == r.read_raw(f"model.layers.{L['layer']}.mlp.experts.{e}.up_proj.weight")
+
+
+def test_quantized_checkpoint_mistakes_are_one_line_errors(fp8_dirs, tmp_path):
+    """What the writer could not place is refused before any work: a per-expert tensor it cannot renumber (static
+    activation scales), a malformed block size, --out-dtype on a checkpoint with nothing to decode."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    _, d = fp8_dirs["qwen3_moe"]
+    static = shutil.copytree(d, tmp_path / "static")
+    sd = load_file(str(static / "model.safetensors"))
+    sd["model.layers.1.mlp.experts.2.up_proj.input_scale"] = torch.tensor([0.5])
+    save_file(sd, str(static / "model.safetensors"))
+    bad_block = shutil.copytree(d, tmp_path / "block")
+    cfg = json.loads((bad_block / "config.json").read_text())
+    cfg["quantization_config"]["weight_block_size"] = "128x128"
+    (bad_block / "config.json").write_text(json.dumps(cfg))
+    for src, args, message in ((static, [], "experts.2.up_proj.input_scale"), (bad_block, [], "FP8 block size"),
+                               (d.parent / "src", ["--out-dtype", "bf16"], "holds no quantized tensors")):
+        r = CliRunner().invoke(main, ["compress", str(src), str(tmp_path / "out"), "--experts", "4", *args])
+        assert r.exit_code == 2 and message in r.output and "Traceback" not in r.output, r.output
+        assert not (tmp_path / "out").exists()

@@ -245,11 +245,9 @@ MINIMAX = ArchSpec(
 )
 
 FAMILIES: dict[str, ArchSpec] = {}
-for _spec in (ERNIE4_5_MOE, PHIMOE, GRANITEMOE, GRANITEMOESHARED, GRANITEMOEHYBRID, HUNYUAN_V1_MOE, MINIMAX_M2,
-              MINIMAX):
-    FAMILIES[_spec.model_type] = _spec
 for _spec in (QWEN3_MOE, QWEN2_MOE, MIXTRAL, OLMOE, DEEPSEEK_V3, GLM4_MOE, QWEN3_NEXT, QWEN3_5_MOE_TEXT,
-              LLAMA4_TEXT, GPT_OSS):
+              LLAMA4_TEXT, GPT_OSS, ERNIE4_5_MOE, PHIMOE, GRANITEMOE, GRANITEMOESHARED, GRANITEMOEHYBRID,
+              HUNYUAN_V1_MOE, MINIMAX_M2, MINIMAX):
     FAMILIES[_spec.model_type] = _spec
     for _alias in _spec.aliases:
         FAMILIES[_alias] = _spec

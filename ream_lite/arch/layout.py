@@ -39,7 +39,15 @@ def fp8_block_size(config: dict) -> tuple[int, int] | None:
     block = quant.get("weight_block_size")
     for group in (quant.get("config_groups") or {}).values():
         block = block or ((group or {}).get("weights") or {}).get("block_structure")
-    return (int(block[0]), int(block[1])) if block else None
+    if not block:
+        return None
+    try:
+        rows, cols = (int(b) for b in block)
+        if rows > 0 and cols > 0:
+            return rows, cols
+    except (TypeError, ValueError):
+        pass
+    raise ReamLiteError(f"quantization_config: FP8 block size {block!r} is not two positive integers ([128, 128])")
 
 
 def split_multimodal_config(config: dict, where: str = "model") -> tuple[dict, dict | None, tuple[str, ...]]:
@@ -296,9 +304,24 @@ class ModelLayout:
         cfg._attn_implementation = self.spec.attn_implementation or attn_implementation  # (gpt_oss: eager only)
         return cfg
 
+    def _require_known_expert_tensors(self) -> None:
+        """Every tensor in a layer's routed-experts namespace must be one the writer renames, merges or drops with
+        its expert: an unknown one (the static activation `input_scale` of AutoFP8 / compressed-tensors static
+        releases) would be copied under its old expert number, attached to another expert."""
+        for info in self.moe_layers:
+            ns = self.moe_key(info.index, self.spec.experts_prefix) + "."
+            known = set(self.expert_keys(info.index))
+            unknown = [k for k in self.layer_keys(info.index) if k.startswith(ns) and k not in known]
+            if unknown:
+                raise ReamLiteError(
+                    f"{self.path}: {unknown[0]} (and {len(unknown) - 1} more) belongs to one routed expert but is "
+                    "not a weight ream-lite can merge or renumber (static activation scales?); use a release with "
+                    "dynamic activation scaling or the unquantized one")
+
     def require_decodable(self) -> None:
         """Refuse quantized checkpoints whose weights ream-lite cannot decode (GPTQ, AWQ, bnb 8-bit ...); FP8
         block-scaled, MXFP4 and bnb 4-bit weights are decoded on read (`checkpoint.stored`)."""
+        self._require_known_expert_tensors()
         unscaled = [k for k, t in self.reader.tensors.items() if t.encoding == "fp8_unscaled"]
         if unscaled:
             raise ReamLiteError(f"{self.path}: quantized checkpoint ({self.reader.entry(unscaled[0]).dtype}): "

@@ -33,6 +33,7 @@ from collections.abc import Iterable
 
 import torch
 
+from ream_lite.checkpoint.format import shape_numel
 from ream_lite.errors import ReamLiteError
 
 QUANT_TYPES = ("nf4", "fp4")
@@ -170,6 +171,12 @@ def read_quant_state(t: torch.Tensor) -> dict:
         raise ReamLiteError("bnb 4-bit quant_state is not JSON") from None
 
 
+def state_dtype(state: dict) -> torch.dtype | None:
+    """The dtype a quant_state records ("bfloat16", or "torch.bfloat16" as some writers put it), if it is one."""
+    dtype = getattr(torch, str(state.get("dtype", "")).replace("torch.", ""), None)
+    return dtype if isinstance(dtype, torch.dtype) else None
+
+
 def decode_bnb4(parts: dict[str, torch.Tensor], dtype: torch.dtype | None = None) -> torch.Tensor:
     """The values of a bnb 4-bit weight from its parts (suffix -> tensor: "" the packed codes, ".absmax",
     ".quant_map", ".quant_state.bitsandbytes__nf4|fp4", and for double quant ".nested_absmax",
@@ -181,12 +188,10 @@ def decode_bnb4(parts: dict[str, torch.Tensor], dtype: torch.dtype | None = None
     try:
         shape = tuple(int(s) for s in state["shape"])
         blocksize = int(state["blocksize"])
-        stored_dtype = getattr(torch, state.get("dtype", "float32"))
+        stored_dtype = state_dtype(state) or torch.float32
     except (KeyError, TypeError, ValueError, AttributeError):
         raise ReamLiteError(f"bnb 4-bit quant_state lacks shape / blocksize / dtype: {state}") from None
-    n = 1
-    for s in shape:
-        n *= s
+    n = shape_numel(shape)
     code = parts[".quant_map"].float() if ".quant_map" in parts else quant_map(state_key[0].rsplit("__", 1)[1])
     absmax = parts[".absmax"]
     if ".nested_absmax" in parts:

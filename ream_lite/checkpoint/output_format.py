@@ -69,7 +69,7 @@ class OutputFormat:
         if target == "decoded":
             return value.to(self.decode_to or self.compute_dtype)
         parts = self.encode(name, value, like)
-        out_like = like if target == "stored" else _bnb_like(name, like, parts)
+        out_like = like if target == "stored" else _bnb_like(name, like)
         by_suffix = {k[len(name):]: v for k, v in parts.items()}
         return stored.decode(out_like, by_suffix, dtype)
 
@@ -97,6 +97,6 @@ class OutputFormat:
         return "as stored"
 
 
-def _bnb_like(name: str, like: StoredTensor, parts: dict[str, torch.Tensor]) -> StoredTensor:
-    """A StoredTensor describing freshly bnb-encoded `parts` (only what decoding needs)."""
+def _bnb_like(name: str, like: StoredTensor) -> StoredTensor:
+    """A StoredTensor for `like` freshly bnb-encoded as `name` (decoding reads the rest from the parts' quant_state)."""
     return StoredTensor(name, "bnb4", like.shape, {}, None)

@@ -219,8 +219,8 @@ def _declared_fp8_block(directory: Path) -> tuple[int, int] | None:
 
     try:
         return fp8_block_size(json.loads((directory / "config.json").read_text()))
-    except (OSError, ValueError, TypeError, AttributeError, IndexError):
-        return None
+    except (OSError, ValueError, TypeError, AttributeError, IndexError, ReamLiteError):
+        return None  # (ModelLayout reports a malformed block size; a bare reader falls back to 128 x 128)
 
 
 def load_config_dict(directory: str | os.PathLike) -> dict:

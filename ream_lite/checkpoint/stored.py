@@ -10,13 +10,13 @@ values through `CheckpointReader.get`, and copies a tensor with all its parts wh
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 
 from ream_lite.checkpoint import fp8
+from ream_lite.checkpoint.bnb4 import BNB4_SUFFIXES
 from ream_lite.checkpoint.format import TensorEntry, shape_numel
 from ream_lite.errors import ReamLiteError
 
@@ -29,8 +29,7 @@ FP8_SCALE = "_scale_inv"  # DeepSeek-V3 / Qwen3-FP8 / Kimi-K2 ("fp8" quant_metho
 FP8_CT_SCALE = "_scale"  # compressed-tensors float-quantized (llm-compressor): per tensor, channel or block
 FP8_SCALES = (FP8_SCALE, FP8_CT_SCALE)
 MX_BLOCKS, MX_SCALES = "_blocks", "_scales"
-BNB_SUFFIXES = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map", ".quant_state.bitsandbytes__nf4",
-                ".quant_state.bitsandbytes__fp4")
+BNB_SUFFIXES = BNB4_SUFFIXES  # (the last two: the packed quant_state of nf4 / fp4)
 
 
 @dataclass(frozen=True)
@@ -120,10 +119,7 @@ def _fp8_grid(key: str, e: TensorEntry, scale: TensorEntry, block: tuple[int, in
     `block` (quantization_config.weight_block_size / block_structure)."""
     *lead, r, c = e.shape
     shape = tuple(scale.shape)
-    n = 1
-    for s in shape:
-        n *= s
-    if n == 1 and not lead:
+    if shape_numel(shape) == 1 and not lead:
         return (r, c)
     if shape in ((*lead, r, 1), (*lead, r)):
         return (1, c)
@@ -139,19 +135,21 @@ def fp8_scale_suffix(t: StoredTensor) -> str:
 
 
 def _bnb_state(key: str, parts: dict[str, TensorEntry]) -> tuple[tuple[int, ...], int, torch.dtype | None]:
-    """(original shape, blocksize, dtype) of a bnb 4-bit weight, from its packed quant_state JSON (read at index time:
-    a few hundred bytes)."""
+    """(original shape, blocksize, dtype) of a bnb 4-bit weight, from its packed quant_state JSON (read at index
+    time: a few hundred bytes)."""
+    from ream_lite.checkpoint.bnb4 import read_quant_state, state_dtype
+
     sfx = next(s for s in parts if s.startswith(".quant_state."))
     e = parts[sfx]
     with open(e.path, "rb") as f:
         f.seek(e.start)
-        state = json.loads(bytes(f.read(e.nbytes)).decode("utf-8"))
+        raw = torch.frombuffer(bytearray(f.read(e.nbytes)), dtype=torch.uint8)
     try:
-        dtype = getattr(torch, str(state.get("dtype", "")).replace("torch.", ""), None)
-        return tuple(int(s) for s in state["shape"]), int(state["blocksize"]), \
-            dtype if isinstance(dtype, torch.dtype) else None
-    except (KeyError, TypeError, ValueError):
-        raise ReamLiteError(f"{e.path}: {key}{sfx}: quant_state has no shape or blocksize") from None
+        state = read_quant_state(raw)
+        return tuple(int(s) for s in state["shape"]), int(state["blocksize"]), state_dtype(state)
+    except (ReamLiteError, KeyError, TypeError, ValueError):
+        raise ReamLiteError(f"{e.path}: {key}{sfx}: not a bitsandbytes quant_state (JSON with shape, blocksize)"
+                            ) from None
 
 
 def decode(t: StoredTensor, parts: dict[str, torch.Tensor], dtype: torch.dtype | None, row0: int = 0

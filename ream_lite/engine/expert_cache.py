@@ -34,7 +34,12 @@ _EXACT_WIDENING = {(torch.bfloat16, torch.float32), (torch.float16, torch.float3
 def holds_exactly(layout: ModelLayout, layer: int, dtype: torch.dtype) -> bool:
     """Whether `layer`'s stored expert values survive a cast to `dtype` unchanged (so a copy in `dtype` serves loads
     in any dtype exactly)."""
-    stored = {layout.reader.entry(k).torch_dtype for k in layout.expert_keys(layer)}
+    entries = [layout.reader.entry(k) for k in layout.expert_keys(layer)]
+    if any(t.encoding == "mxfp4" for t in entries):  # e2m1 (2 significant bits) x 2^k: exact in bf16 and float32
+        return dtype in (torch.bfloat16, torch.float32) and all(
+            t.encoding == "mxfp4" or (t.torch_dtype, dtype) in _EXACT_WIDENING or t.torch_dtype == dtype
+            for t in entries)
+    stored = {t.torch_dtype for t in entries}
     return all(s == dtype or (s, dtype) in _EXACT_WIDENING for s in stored)
 
 

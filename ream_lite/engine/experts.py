@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from ream_lite import timing
 from ream_lite.arch import fused
 from ream_lite.arch.layout import ModelLayout
+from ream_lite.checkpoint.format import shape_numel
 from ream_lite.engine.router import ExpertTokens
 
 
@@ -110,17 +111,10 @@ def expert_bytes(layout: ModelLayout, layer: int, dtype: torch.dtype) -> int:
     """Bytes one expert of `layer` takes once decoded to `dtype`."""
     info = layout.layers[layer]
     if info.expert_storage == "fused":
-        numel = sum(_numel(layout.reader.shape(k)) for k in layout.expert_keys(layer)) // info.num_experts
+        numel = sum(shape_numel(layout.reader.shape(k)) for k in layout.expert_keys(layer)) // info.num_experts
     else:
-        numel = sum(_numel(layout.reader.shape(k)) for k in layout.per_expert_keys(layer, 0))
+        numel = sum(shape_numel(layout.reader.shape(k)) for k in layout.per_expert_keys(layer, 0))
     return numel * torch.empty(0, dtype=dtype).element_size()
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 def _runs(ids: list[int]) -> list[tuple[int, int]]:

@@ -140,6 +140,6 @@ def build_merged_experts(
         plan.perms.update(solved)
         # on the host (N' merged experts may not fit next to a chunk), rounded once as written: what is written, and
         # what the sequential pass and the guard then run, are the same numbers
-        out[c] = merged_as_written(layout, plan.layer, c, merged, output, value_dtype)
+        out[c] = merged_as_written(layout, plan.layer, c, plan.kept.index(c), merged, output, value_dtype)
         del w, weights
     return out
