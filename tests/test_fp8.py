@@ -298,3 +298,22 @@ def test_quantized_checkpoint_mistakes_are_one_line_errors(fp8_dirs, tmp_path):
         r = CliRunner().invoke(main, ["compress", str(src), str(tmp_path / "out"), "--experts", "4", *args])
         assert r.exit_code == 2 and message in r.output and "Traceback" not in r.output, r.output
         assert not (tmp_path / "out").exists()
+
+
+def test_compressed_tensors_loader_holds_the_values_we_decode(tmp_path):
+    """transformers with the compressed-tensors package loads a float-quantized checkpoint (ours, written in kind)
+    with the weights ream-lite decodes: experts decompressed bit for bit, Linear weights kept FP8 whose Q x scale
+    is ours. (Its forward differs: it also quantizes activations to FP8 per token, which ream-lite, computing with
+    the decoded weights, does not emulate.)"""
+    pytest.importorskip("compressed_tensors")
+    model = build_model("qwen3_moe")
+    d = convert_to_fp8(save_model(model, tmp_path / "src"), tmp_path / "ct", scheme="channel")
+    compress(d, tmp_path / "out", "--experts", "4", "--method", "ream", "--guard", "off")
+    r = CheckpointReader(tmp_path / "out")
+    sd = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).state_dict()
+    for i in range(3):
+        q = f"model.layers.{i}.self_attn.q_proj.weight"
+        assert torch.equal(sd[q].float() * sd[q + "_scale"].float(), r.get(q, dtype=torch.float32))
+        gate = torch.stack([r.get(f"model.layers.{i}.mlp.experts.{e}.gate_proj.weight", dtype=torch.float32)
+                            for e in range(4)])
+        assert torch.equal(sd[f"model.layers.{i}.mlp.experts.gate_up_proj"][:, :16].float(), gate)
