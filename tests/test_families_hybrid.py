@@ -16,7 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from stats_oracle import moe_block_inputs, streamed_stats
 from test_compress import compress
-from test_streamer import stream_logits
+from test_streamer import assert_loads_and_streams_as_transformers_runs_it, stream_logits
 from tiny_models import VOCAB, build_model, reference_logits, save_model
 from transformers import AutoModelForCausalLM
 
@@ -115,12 +115,7 @@ def test_merged_output_loads_and_streams_as_transformers_runs_it(model_dirs, cal
     if family == "llama4_text":
         assert layout.reader.shape("model.layers.1.feed_forward.experts.gate_up_proj") == (5, 32, 24)
         assert layout.reader.shape("model.layers.3.feed_forward.experts.down_proj") == (5, 12, 32)
-    m = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
-    assert set(m.state_dict()) == set(model.state_dict())
-    ids = torch.randint(0, VOCAB, (3, 19), generator=torch.Generator().manual_seed(7))
-    ref = reference_logits(m, ids)
-    assert torch.isfinite(ref).all()
-    torch.testing.assert_close(stream_logits(out, ids), ref, atol=1e-4, rtol=1e-4)
+    assert_loads_and_streams_as_transformers_runs_it(out, model, AutoModelForCausalLM)
 
 
 def test_paper_ream_merges_llama4_experts(model_dirs, calib_file, tmp_path):

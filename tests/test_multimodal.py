@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 from test_compress import compress, masked_reference
 from test_eval import write_data
-from test_streamer import stream_logits
+from test_streamer import assert_loads_and_streams_as_transformers_runs_it, stream_logits
 from tiny_models import MULTIMODAL, VOCAB, build_multimodal, reference_logits, save_model
 from transformers import AutoModelForImageTextToText, AutoTokenizer
 
@@ -170,12 +170,7 @@ def test_guarded_ream_merge_loads_and_streams_as_transformers_runs_it(mm_dirs, c
     compress(src, out, "--experts", "5", "--method", "ream", "--calib", str(calib_file))
     layout = ModelLayout(str(out))
     assert layout.multimodal == "qwen3_5_moe" and {x.num_experts for x in layout.moe_layers} == {5}
-    m = AutoModelForImageTextToText.from_pretrained(out, dtype=torch.float32)
-    assert set(m.state_dict()) == set(model.state_dict())
-    ids = torch.randint(0, VOCAB, (3, 19), generator=torch.Generator().manual_seed(7))
-    ref = reference_logits(m, ids)
-    assert torch.isfinite(ref).all()
-    torch.testing.assert_close(stream_logits(out, ids), ref, atol=1e-4, rtol=1e-4)
+    assert_loads_and_streams_as_transformers_runs_it(out, model, AutoModelForImageTextToText)
 
 
 def test_plan_apply_and_eval(mm_dirs, calib_file, tmp_path):

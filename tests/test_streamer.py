@@ -26,6 +26,17 @@ def stream_logits(directory, ids, tier="host", experts_per_chunk=None, device="c
     return out
 
 
+def assert_loads_and_streams_as_transformers_runs_it(out, model, model_class):
+    """A compressed output `out` loads with `model_class` with `model`'s parameter names, and the streamer's logits
+    on it equal transformers' forward of it (merged experts written in the layout transformers reads)."""
+    m = model_class.from_pretrained(out, dtype=torch.float32)
+    assert set(m.state_dict()) == set(model.state_dict())
+    ids = torch.randint(0, VOCAB, (3, 19), generator=torch.Generator().manual_seed(7))
+    ref = reference_logits(m, ids)
+    assert torch.isfinite(ref).all()
+    torch.testing.assert_close(stream_logits(out, ids), ref, atol=1e-4, rtol=1e-4)
+
+
 @pytest.fixture(scope="module")
 def ids():
     g = torch.Generator().manual_seed(1)
