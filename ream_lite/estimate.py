@@ -223,6 +223,8 @@ class CompressionEstimate:
     notes: list[str] = field(default_factory=list)
     snapshot_every: str | int = "auto"  # --snapshot-every
     steps: int = 0  # layers compressed, one after the other (MTP layers unless dropped)
+    # how the output stores its tensors (--out-dtype / --quantize): sizes above are by it; compress writes with it
+    output_format: OutputFormat | None = None
 
     # -- totals -------------------------------------------------------------------------------------------------
     @property
@@ -397,6 +399,7 @@ class CompressionEstimate:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["memory"] = {**asdict(self.memory), "all_stores_bytes": self.memory.all_stores_bytes}
+        d["output_format"] = self.output_format.describe if self.output_format is not None else None
         d.update(
             peak_device_bytes=self.peak_device_bytes, peak_phase=self.peak_phase,
             work_dir_bytes=self.work_dir_bytes, read_bytes=self.read_bytes, read_once_bytes=self.read_once_bytes,
@@ -525,6 +528,7 @@ def estimate_compression(
         embed_bytes=r.entry(layout.spec.embed_key).nbytes,
         output_bytes=output, output_disk_bytes=output_disk, resume_bytes=_resume_bytes(cfg, memory), rates=rates,
         snapshot_every=parse_snapshot_every(cfg.snapshot_every), steps=len(compression_steps(layout, cfg.drop_mtp)),
+        output_format=fmt,
     )
     est.notes = _notes(est, device)
     return est

@@ -46,7 +46,6 @@ from ream_lite.stats_io import check_reusable, load_layer_stats, read_stats_info
 from ream_lite.write_output import (
     compression_steps,
     copy_non_layer_tensors,
-    make_output_format,
     output_config,
     validate_output_path,
     write_layer,
@@ -262,7 +261,7 @@ def _compress(layout: ModelLayout, cfg: CompressConfig, echo: Callable[[str], No
         echo(line)
     streamer = LayerStreamer(layout, cfg.stream)
     streamer.plan = est.memory
-    streamer.output_format = make_output_format(layout, n_keep, cfg.out_dtype, cfg.quantize, cfg.double_quant)
+    streamer.output_format = est.output_format
     rc = layout.router_config
     identity = run_identity(layout, cfg, streamer, seqs)
     manifest = resumable_run(cfg, identity, streamer)
@@ -434,7 +433,7 @@ def compress_from_stats(layout: ModelLayout, cfg: CompressConfig, n_keep: int) -
     est = estimate_compression(layout, cfg, n_keep, measure=False)
     check_disk_space(cfg.output, est.output_disk_bytes)
     writer = CheckpointWriter(cfg.output, cfg.max_shard_bytes, overwrite=cfg.overwrite,
-                              output=make_output_format(layout, n_keep, cfg.out_dtype, cfg.quantize, cfg.double_quant))
+                              output=est.output_format)
     calibration = {**info.get("calibration", {}), "from_stats": str(cfg.from_stats)}
 
     def side_files(d: Path) -> None:

@@ -100,16 +100,9 @@ def fp8_quantization_config(block: tuple[int, int]) -> dict:
 def fp8_release_encode(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
     """FP8 as the DeepSeek-V3 / Qwen3-FP8 releases quantize: scale = block amax / 448 (not a power of two), so a
     test can tell bytes copied from the input from bytes encoded by ream-lite (power-of-two scales)."""
-    from ream_lite.checkpoint.fp8 import FP8_MAX
+    from ream_lite.checkpoint import fp8
 
-    *lead, r, c = w.shape
-    br, bc = block
-    x = torch.nn.functional.pad(w.float(), (0, -c % bc, 0, -r % br))
-    nr, nc = x.shape[-2] // br, x.shape[-1] // bc
-    blocks = x.reshape(*lead, nr, br, nc, bc)
-    scale = (blocks.abs().amax(dim=(-3, -1)) / FP8_MAX).clamp_min(1e-12)
-    q = (blocks / scale[..., :, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-    return q.reshape(*lead, nr * br, nc * bc)[..., :r, :c].contiguous(), scale.float()
+    return fp8.encode(w, block, power_of_two=False)
 
 
 def is_fp8_release_weight(spec, key: str, ndim: int) -> bool:

@@ -168,7 +168,7 @@ def make_output_format(layout: ModelLayout, n_keep: int, out_dtype: str = "store
                             "to FP8 / MXFP4 / bnb-4bit checkpoints; the tensors are written as stored)")
     if quantize is None:
         return OutputFormat(decode_to=decode_to)
-    from ream_lite.checkpoint.bnb4 import bnb4_skip_modules, bnb4_target_keys
+    from ream_lite.checkpoint.bnb4 import bnb4_targets_and_skips
 
     if layout.multimodal:  # transformers would quantize the wrapper's modules (vision tower too) by their names
         raise ReamLiteError(f"--quantize: not supported for a multimodal '{layout.multimodal}' checkpoint; compress "
@@ -177,9 +177,7 @@ def make_output_format(layout: ModelLayout, n_keep: int, out_dtype: str = "store
     compute = decode_to or checkpoint_dtype(layout.config)
     if compute == torch.float32:
         compute = torch.bfloat16
-    hf_config = _output_hf_config(layout, n_keep)
-    skip = bnb4_skip_modules(hf_config)
-    targets = bnb4_target_keys(hf_config, skip)
+    targets, skip = bnb4_targets_and_skips(_output_hf_config(layout, n_keep))
     # transformers quantizes modules by their names in its model; a module it expects in another layout than the
     # one ream-lite writes (Llama-4 swaps its fused experts for per-expert Linear modules) cannot be served
     elsewhere = sorted(k for k in targets if k not in layout.reader)

@@ -12,6 +12,7 @@ from ream_lite.checkpoint.bnb4 import (
     bnb4_quantization_config,
     bnb4_skip_modules,
     bnb4_target_keys,
+    bnb4_targets_and_skips,
     decode_bnb4,
     dynamic_map,
     encode_bnb4,
@@ -232,6 +233,7 @@ def test_target_keys_are_transformers_linear4bit(tiny_moe):
     assert targets == linear4
     assert targets == {f"model.layers.{i}.self_attn.{p}_proj.weight" for i in range(3) for p in "qkvo"}
     assert bnb4_skip_modules(model.config) == ["lm_head"]
+    assert bnb4_targets_and_skips(model.config) == (targets, ["lm_head"])  # (one build of the meta model)
 
 
 @pytest.mark.parametrize("quant_type,double", [("nf4", False), ("fp4", True)])

@@ -213,15 +213,16 @@ class ModelLayout:
         return tuple(self.moe_key(layer, f"{ep}.{expert}.{n}.weight") for n in self.spec.expert_proj_names)  # type: ignore[return-value]
 
     def fused_keys(self, layer: int) -> tuple[str, str]:
-        # an empty experts_prefix: the fused tensors sit directly in the block (Granite's input_linear.weight)
-        ep = f"{self.spec.experts_prefix}." if self.spec.experts_prefix else ""
-        return self.moe_key(layer, f"{ep}{self.spec.fused_gate_up}"), self.moe_key(layer, f"{ep}{self.spec.fused_down}")
+        return self._fused_key(layer, self.spec.fused_gate_up), self._fused_key(layer, self.spec.fused_down)
 
     def fused_bias_keys(self, layer: int) -> tuple[str, ...]:
         """The fused experts' bias tensors (gate_up bias, down bias), for families whose experts have them."""
-        names = self.spec.fused_bias_names or ()
+        return tuple(self._fused_key(layer, n) for n in self.spec.fused_bias_names or ())
+
+    def _fused_key(self, layer: int, name: str) -> str:
+        # an empty experts_prefix: the fused tensors sit directly in the block (Granite's input_linear.weight)
         ep = f"{self.spec.experts_prefix}." if self.spec.experts_prefix else ""
-        return tuple(self.moe_key(layer, f"{ep}{n}") for n in names)
+        return self.moe_key(layer, f"{ep}{name}")
 
     def expert_keys(self, layer: int) -> list[str]:
         """Every checkpoint key that holds routed-expert weights (or biases) of `layer`."""

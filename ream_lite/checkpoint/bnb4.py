@@ -327,7 +327,18 @@ def bnb4_target_keys(hf_config, skip_modules: Iterable[str] | None = None) -> se
     model's `_keep_in_fp32_modules`. GPT-2 style `Conv1D` (transposed, which transformers also converts) is not
     included: no MoE family uses it."""
     model = _meta_model(hf_config)
-    skips = set(_default_skips(model) if skip_modules is None else skip_modules)
-    skips |= set(getattr(model, "_keep_in_fp32_modules", None) or ())
+    return _target_keys(model, _default_skips(model) if skip_modules is None else skip_modules)
+
+
+def bnb4_targets_and_skips(hf_config) -> tuple[set[str], list[str]]:
+    """(`bnb4_target_keys`, `bnb4_skip_modules`) of `hf_config` with transformers' default skips, from one build of
+    the model on `meta` (a large model's takes seconds)."""
+    model = _meta_model(hf_config)
+    skips = _default_skips(model)
+    return _target_keys(model, skips), sorted(skips)
+
+
+def _target_keys(model, skip_modules: Iterable[str]) -> set[str]:
+    skips = set(skip_modules) | set(getattr(model, "_keep_in_fp32_modules", None) or ())
     return {f"{name}.weight" for name, m in model.named_modules()
             if type(m) is torch.nn.Linear and not _skipped(name, skips)}

@@ -44,9 +44,12 @@ def decode(q: torch.Tensor, scale: torch.Tensor, block: tuple[int, int], dtype: 
     return w if dtype == torch.float32 else w.to(dtype)
 
 
-def encode(w: torch.Tensor, block: tuple[int, int] = DEFAULT_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+def encode(w: torch.Tensor, block: tuple[int, int] = DEFAULT_BLOCK, power_of_two: bool = True
+           ) -> tuple[torch.Tensor, torch.Tensor]:
     """(Q float8_e4m3fn, S float32) with power-of-two block scales; decode(Q, S) approximates w within FP8's
-    relative step (2^-4 of each value, rounding to nearest) and reproduces w exactly where w = decode(...)."""
+    relative step (2^-4 of each value, rounding to nearest) and reproduces w exactly where w = decode(...).
+    `power_of_two=False`: scale = the block's absolute maximum / 448, as the DeepSeek-V3 / Qwen3-FP8 releases are
+    quantized (their values do not decode exactly into bf16; ream-lite's tests make such releases with it)."""
     *lead, r, c = w.shape
     br, bc = block
     pr, pc = -r % br, -c % bc
@@ -56,9 +59,10 @@ def encode(w: torch.Tensor, block: tuple[int, int] = DEFAULT_BLOCK) -> tuple[tor
     nr, nc = (r + pr) // br, (c + pc) // bc
     blocks = x.reshape(*lead, nr, br, nc, bc)
     amax = blocks.abs().amax(dim=(-3, -1))  # [..., nr, nc]
-    # smallest 2^k with amax / 2^k <= 448; an all-zero block gets scale 1 (any scale decodes zeros to zeros)
-    exp = torch.ceil(torch.log2(torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))))
-    scale = torch.exp2(exp)
+    # an all-zero block gets scale 1 (any scale decodes zeros to zeros)
+    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    if power_of_two:  # the smallest 2^k with amax / 2^k <= 448
+        scale = torch.exp2(torch.ceil(torch.log2(scale)))
     q = (blocks / scale[..., :, None, :, None]).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
     q = q.reshape(*lead, nr * br, nc * bc)[..., :r, :c].contiguous()
     return q, scale.float().contiguous()

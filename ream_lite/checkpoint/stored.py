@@ -16,7 +16,7 @@ from typing import Literal
 import torch
 
 from ream_lite.checkpoint import fp8
-from ream_lite.checkpoint.bnb4 import BNB4_SUFFIXES
+from ream_lite.checkpoint.bnb4 import group_bnb4_keys
 from ream_lite.checkpoint.format import TensorEntry, shape_numel
 from ream_lite.errors import ReamLiteError
 
@@ -29,7 +29,6 @@ FP8_SCALE = "_scale_inv"  # DeepSeek-V3 / Qwen3-FP8 / Kimi-K2 ("fp8" quant_metho
 FP8_CT_SCALE = "_scale"  # compressed-tensors float-quantized (llm-compressor): per tensor, channel or block
 FP8_SCALES = (FP8_SCALE, FP8_CT_SCALE)
 MX_BLOCKS, MX_SCALES = "_blocks", "_scales"
-BNB_SUFFIXES = BNB4_SUFFIXES  # (the last two: the packed quant_state of nf4 / fp4)
 
 
 @dataclass(frozen=True)
@@ -84,6 +83,7 @@ def group_entries(entries: dict[str, TensorEntry], fp8_block: tuple[int, int]) -
     """The logical tensors of a checkpoint's physical entries (every entry belongs to exactly one)."""
     out: dict[str, StoredTensor] = {}
     owned: set[str] = set()
+    bnb = group_bnb4_keys(entries)  # weight key -> {suffix: key} of its bnb 4-bit parts
     for k, e in entries.items():
         fp8_scale = next((sfx for sfx in FP8_SCALES if k + sfx in entries), None)
         if fp8_scale is not None and e.dtype.startswith("F8"):
@@ -100,8 +100,8 @@ def group_entries(entries: dict[str, TensorEntry], fp8_block: tuple[int, int]) -
             # the logical tensor is the unquantized release's: [.., in, out] (x @ W), the transpose of the blocks
             out[base] = StoredTensor(base, "mxfp4", (*lead, groups * 32, out_dim), {MX_BLOCKS: e, MX_SCALES: s})
             owned.update((k, base + MX_SCALES))
-        elif any(k + sfx in entries for sfx in BNB_SUFFIXES[-2:]):
-            parts = {"": e} | {sfx: entries[k + sfx] for sfx in BNB_SUFFIXES if k + sfx in entries}
+        elif k in bnb:
+            parts = {sfx: entries[key] for sfx, key in bnb[k].items()}
             shape, blocksize, dtype = _bnb_state(k, parts)
             out[k] = StoredTensor(k, "bnb4", shape, parts, (blocksize,), dtype)
             owned.update(k + sfx for sfx in parts)

@@ -76,7 +76,7 @@ class LayerExpertCache:
     encoded checkpoint, its stored parts beside them: `keeps_encoded`)."""
 
     def __init__(self, layout: ModelLayout, layer: int, dtype: torch.dtype, device: torch.device | str):
-        self.layer, self.dtype = layer, dtype
+        self.layer, self.dtype, self.device = layer, dtype, device
         n = layout.layers[layer].num_experts
         self.encoded: list[list[tuple[StoredTensor, dict[str, torch.Tensor]]]] | None = None
         if keeps_encoded(layout, layer):
@@ -92,9 +92,7 @@ class LayerExpertCache:
     def _decoded(self, ids: list[int], dtype: torch.dtype) -> ExpertWeights:
         """Experts `ids` decoded from the kept stored parts: `load_experts`'s values (the same decode of the same
         bytes on the same device)."""
-        first = self.encoded[ids[0]] if ids else None
-        dev = next(iter(first[0][1].values())).device if first else "cpu"
-        out = [torch.empty((len(ids), *t.shape), dtype=dtype, device=dev) for t, _ in (first or [])]
+        out = [torch.empty((len(ids), *t.shape), dtype=dtype, device=self.device) for t, _ in self.encoded[0]]
         for j, e in enumerate(ids):
             for dst, (t, parts) in zip(out, self.encoded[e]):
                 dst[j].copy_(stored.decode(t, parts, dtype))
