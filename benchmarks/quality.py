@@ -22,26 +22,35 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from ream_lite.engine.streamer import StreamOptions
 from ream_lite.evaluate import Evaluator
 from ream_lite.methods import MethodOptions
 from ream_lite.pipeline import CompressConfig, compress
+from ream_lite.refit import RefitOptions
 
-# (label, method, options, compress kwargs)
+OFF, ON = RefitOptions("off"), RefitOptions("on")
+# (label, method, options, compress kwargs). "--guard off" is each paper's algorithm; the default of `compress` is
+# the guard with `--refit auto` for every method (reap-refit, ream-guard)
 VARIANTS = {
-    "reap": ("reap", {}, {}),
-    "frequency": ("frequency", {}, {"sequential": False}),
-    "ean": ("ean", {}, {}),
-    "random": ("random", {}, {"sequential": False}),
-    "hc-smoe": ("hc-smoe", {}, {}),
-    "m-smoe": ("m-smoe", {}, {}),
+    "reap": ("reap", {}, {"guard": "off"}),
+    "reap-refit": ("reap", {}, {}),  # default: refit judged on held-out tokens
+    "reap-refit-on": ("reap", {}, {"guard": "off", "refit": ON}),  # refit on every statistics token, unjudged
+    "frequency": ("frequency", {}, {"sequential": False, "guard": "off"}),
+    "ean": ("ean", {}, {"guard": "off"}),
+    "random": ("random", {}, {"sequential": False, "guard": "off"}),
+    "hc-smoe": ("hc-smoe", {}, {"guard": "off"}),
+    "m-smoe": ("m-smoe", {}, {"guard": "off"}),
     "ream": ("ream", {}, {"guard": "off"}),
+    "ream-refit-on": ("ream", {}, {"guard": "off", "refit": ON}),
     "ream-C2": ("ream", {"group_size": 2}, {"guard": "off"}),
+    "ream-C2-refit-on": ("ream", {"group_size": 2}, {"guard": "off", "refit": ON}),
     "ream-C4": ("ream", {"group_size": 4}, {"guard": "off"}),
     "ream-C8": ("ream", {"group_size": 8}, {"guard": "off"}),
-    "ream-guard": ("ream", {}, {"guard": "group"}),
+    "ream-guard": ("ream", {}, {"guard": "group"}),  # default of compress: guard + refit auto
+    "ream-guard-norefit": ("ream", {}, {"guard": "group", "refit": OFF}),
     "ream-guard-layer": ("ream", {}, {"guard": "layer"}),
 }
 
@@ -60,6 +69,8 @@ def main() -> None:
                     help="calibration source, repeatable (default: the testbed's data/calib.jsonl; 'builtin' = the "
                     "corpus shipped with ream-lite)")
     ap.add_argument("--mix", default=None, help="domain ratios, as compress --mix")
+    ap.add_argument("--refit-ridge", type=float, default=None, help="ridge of every refit variant (default: compress's)")
+    ap.add_argument("--refit-sweeps", type=int, default=None, help="sweeps of every refit variant")
     args = ap.parse_args()
     tb = Path(args.testbed)
     model, calib, data = tb / "tiny-qwen3-moe", tb / "data" / "calib.jsonl", tb / "data" / "eval.jsonl"
@@ -79,6 +90,7 @@ def main() -> None:
         keep = n - int(round(n * ratio))
         for label in args.methods:
             method, mopts, kw = VARIANTS[label]
+            kw = with_refit_settings(kw, args.refit_ridge, args.refit_sweeps)
             for seed in args.seeds:
                 out = work / f"{label}-{keep}-{seed}"
                 t = time.perf_counter()
@@ -93,7 +105,8 @@ def main() -> None:
                 shutil.rmtree(out)
                 row = {"method": label, "keep": keep, "seed": seed, "compress_s": round(secs, 1),
                        "overall": r.overall, "domains": r.domains,
-                       "guard": [L["guard"] for L in plan["layers"] if "guard" in L]}
+                       "guard": [L["guard"] for L in plan["layers"] if "guard" in L],
+                       "refit": [L.get("refit") for L in plan["layers"]]}
                 runs.append(row)
                 o = r.overall
                 print(f"{label:<10} {n}->{keep} seed {seed}: KL {o['kl']:.4f} top-1 {o['top1_agreement']:.3f} "
@@ -104,6 +117,13 @@ def main() -> None:
         Path(args.json).write_text(json.dumps(runs, indent=1))
     report(runs, ev.domains)
     report_guard(runs)
+
+
+def with_refit_settings(kw: dict, ridge: float | None, sweeps: int | None) -> dict:
+    """The variant's compress arguments with the benchmark's --refit-ridge / --refit-sweeps."""
+    base = kw.get("refit", RefitOptions())
+    changes = {k: v for k, v in (("ridge", ridge), ("sweeps", sweeps)) if v is not None}
+    return {**kw, "refit": replace(base, **changes)} if changes else kw
 
 
 def _ms(values: list[float]) -> str:
@@ -140,7 +160,8 @@ def report_guard(runs: list[dict]) -> None:
         cells = []
         for g in r["guard"]:
             e = {c["name"]: c["error"] for c in g["candidates"]}
-            cells.append(f"{g['chosen']} {e[g['chosen']]:.3f}/{e['reap']:.3f}")
+            base = next(iter(e))  # REAP, or the method's own plan
+            cells.append(f"{g['chosen']} {e[g['chosen']]:.3f}/{e[base]:.3f}")
         print(f"| {r['method']} | {r['keep']} | {r['seed']} | " + " | ".join(cells) + f" | {r['compress_s']} s |")
 
 

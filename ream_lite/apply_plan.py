@@ -17,7 +17,13 @@ from ream_lite.checkpoint.writer import DEFAULT_MAX_SHARD_BYTES, CheckpointWrite
 from ream_lite.errors import ReamLiteError
 from ream_lite.methods.plan import LayerPlan
 from ream_lite.report import PLAN_NAME, dumps
-from ream_lite.write_output import compression_steps, make_output_format, validate_output_path, write_planned
+from ream_lite.write_output import (
+    compression_steps,
+    make_output_format,
+    refit_used,
+    validate_output_path,
+    write_planned,
+)
 
 
 def read_plan(path: str | Path) -> dict:
@@ -97,7 +103,26 @@ def apply_plan(plan_path: str, model: str, output: str, overwrite: bool = False,
         def side_files(d: Path) -> None:
             (d / PLAN_NAME).write_text(dumps(plan))
 
-        return write_planned(layout, plans, int(plan["experts"]["after"]), bool(plan.get("drop_mtp", False)), writer,
-                             torch.device(device), progress, side_files)
+        source = refit_source(plan_path, plans, trust_remote_code)
+        try:
+            return write_planned(layout, plans, int(plan["experts"]["after"]), bool(plan.get("drop_mtp", False)),
+                                 writer, torch.device(device), progress, side_files, source)
+        finally:
+            if source is not None:
+                source.close()
     finally:
         layout.close()
+
+
+def refit_source(plan_path: str, plans: dict[int, LayerPlan], trust_remote_code: bool) -> ModelLayout | None:
+    """The compressed output the plan was read from, when its layers were refit (their fitted experts are copied
+    from it); None when nothing was refit."""
+    if not any(refit_used(p) for p in plans.values()):
+        return None
+    d = Path(plan_path)
+    d = d if d.is_dir() else d.parent
+    try:
+        return ModelLayout(str(d), trust_remote_code=trust_remote_code)
+    except ReamLiteError as e:
+        raise ReamLiteError(f"the plan refit experts to calibration tokens; apply copies them from the compressed "
+                            f"output the plan belongs to, but {d} is not one ({e})") from None

@@ -154,6 +154,32 @@ def _calibration_options(fn):
     return fn
 
 
+def _refit_options(fn):
+    """The least-squares refit of the kept experts: shared by `compress` and `plan`."""
+    opts = [
+        click.option("--refit", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+                     help="after each layer's plan, re-solve the kept (and merged) experts' down projections by ridge "
+                     "least squares so the compressed layer reproduces the original layer's routed output on the "
+                     "calibration tokens. 'auto': used where the guard's held-out tokens (never fitted on) show it "
+                     "beats the unfitted plan by more than 2 standard errors; for methods other than ream this turns "
+                     "the guard on (holding out --holdout of the sequences); with --guard off nothing is refit (the "
+                     "paper's algorithm exactly). 'on': always refit (unjudged with --guard off). 'off': never"),
+        click.option("--refit-sweeps", default=2, show_default=True,
+                     help="block coordinate descent sweeps over the kept experts"),
+        click.option("--refit-ridge", default=1e-2, show_default=True,
+                     help="ridge pulling each expert towards the plan's, in units of the mean diagonal of its Gram"),
+    ]
+    for o in reversed(opts):
+        fn = o(fn)
+    return fn
+
+
+def _refit(refit: str, refit_sweeps: int, refit_ridge: float):
+    from ream_lite.refit import RefitOptions
+
+    return RefitOptions(mode=refit, sweeps=refit_sweeps, ridge=refit_ridge)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120})
 @click.version_option(__version__, prog_name="ream-lite")
 @click.option("-v", "--verbose", is_flag=True, help="log progress details")
@@ -233,10 +259,12 @@ def eval_cmd(model, data, reference, seq_len, max_tokens, tokenizer, as_json, **
 @click.option("--align", type=click.Choice(["act+weight", "act", "weight", "none"]), default="act+weight",
               show_default=True, help="neuron alignment cost before merging")
 @click.option("--guard", type=click.Choice(["group", "layer", "off"]), default=None,
-              help="REAM only (default 'group'): judge plans per layer on held-out calibration sequences by the "
-              "error of the layer's output, and write REAP pruning unless a REAM plan (a ladder of group sizes, "
+              help="default 'group': judge plans per layer on held-out calibration sequences by the error of the "
+              "layer's output. REAM: write REAP pruning unless a REAM plan (a ladder of group sizes, "
               "nearest-centroid grouping) beats it by more than 2 standard errors ('layer'); 'group' also tries "
-              "undoing single merged groups; 'off' = the paper's algorithm exactly")
+              "undoing single merged groups. Every method: judge the --refit. 'off' = the paper's algorithm exactly "
+              "(no held-out tokens, no refit)")
+@_refit_options
 @click.option("--holdout", default=0.1, show_default=True,
               help="share of calibration sequences the guard holds out of the statistics to judge plans on")
 @click.option("--no-sequential", is_flag=True,
@@ -277,7 +305,8 @@ def eval_cmd(model, data, reference, seq_len, max_tokens, tokenizer, as_json, **
 @_user_errors
 def compress(model, output, experts, method, calib, mix, packing, chat_template, num_sequences, seq_len, seed, saliency, saliency_gate, grouping,
              group_size, no_gate_logit_sim, no_gated_sim, align, guard, holdout, no_sequential, drop_mtp, max_shard_size,
-             out_dtype, quantize, double_quant, tokenizer, save_stats, from_stats, overwrite, resume, snapshot_every, **stream) -> None:
+             out_dtype, quantize, double_quant, tokenizer, save_stats, from_stats, overwrite, resume, snapshot_every,
+             refit, refit_sweeps, refit_ridge, **stream) -> None:
     """Compress MODEL into OUTPUT with fewer routed experts per MoE layer, one layer at a time.
 
     Writes a checkpoint in MODEL's own layout and key names (loads with transformers'
@@ -300,7 +329,7 @@ def compress(model, output, experts, method, calib, mix, packing, chat_template,
         num_sequences=num_sequences, seq_len=seq_len, seed=seed, sequential=not no_sequential, overwrite=overwrite,
         drop_mtp=drop_mtp, max_shard_bytes=_bytes_option("--max-shard-size", max_shard_size), tokenizer=tokenizer,
         guard=guard, holdout=holdout, stream=opts, resume=resume, snapshot_every=snapshot_every,
-        command=_command_line(),
+        command=_command_line(), refit=_refit(refit, refit_sweeps, refit_ridge),
         save_stats=save_stats, from_stats=from_stats, out_dtype=out_dtype, quantize=quantize,
         double_quant=double_quant,
     )
@@ -337,7 +366,8 @@ def apply_cmd(plan, model, output, device, max_shard_size, overwrite, trust_remo
               help="experts to keep per MoE layer: a count (96) or a fraction of the current count (0.75)")
 @click.option("--method", type=click.Choice(sorted(METHOD_NAMES)), default="ream", show_default=True)
 @click.option("--guard", type=click.Choice(["group", "layer", "off"]), default=None,
-              help="as for compress (default 'group' for ream, else 'off')")
+              help="as for compress (default 'group'; 'off' for other methods than ream with --refit off)")
+@_refit_options
 @_calibration_options
 @click.option("--holdout", default=0.1, show_default=True, help="share of sequences the guard holds out")
 @click.option("--no-sequential", is_flag=True, help="as for compress: no re-run of the compressed layers")
@@ -347,7 +377,7 @@ def apply_cmd(plan, model, output, device, max_shard_size, overwrite, trust_remo
 @_stream_options
 @_user_errors
 def plan_cmd(model, output, experts, method, guard, calib, mix, num_sequences, seq_len, holdout, no_sequential, drop_mtp,
-             no_measure, as_json, **stream) -> None:
+             no_measure, as_json, refit, refit_sweeps, refit_ridge, **stream) -> None:
     """What `compress MODEL OUTPUT` with the same options will need, from MODEL's headers only, before any work.
 
     \b
@@ -391,7 +421,7 @@ def plan_cmd(model, output, experts, method, guard, calib, mix, num_sequences, s
     cfg = CompressConfig(model=model, output=target, experts=experts, method=method, calib=list(calib), mix=mix,
                          num_sequences=num_sequences,
                          seq_len=seq_len, sequential=not no_sequential, drop_mtp=drop_mtp, guard=guard,
-                         holdout=holdout, stream=opts)
+                         holdout=holdout, stream=opts, refit=_refit(refit, refit_sweeps, refit_ridge))
     n_keep = resolve_keep(layout, experts)
     validate(layout, n_keep, cfg)
     est = estimate_compression(layout, cfg, n_keep, measure=not no_measure)

@@ -69,6 +69,23 @@ def compress_stores(dtype: torch.dtype, holdout_sequences: int, sequences: int) 
     return 2 + 3 * (4 / elt) * holdout_sequences / max(sequences, 1)
 
 
+def refit_stores(dtype: torch.dtype, holdout_sequences: int, sequences: int) -> float:
+    """The refit's target / residual buffer (float32, statistics tokens) in the same units: placed after the others
+    (`MemoryPlan.side_tier`)."""
+    elt = torch.empty(0, dtype=dtype).element_size()
+    return (4 / elt) * (sequences - holdout_sequences) / max(sequences, 1)
+
+
+def refits_per_layer(cfg: CompressConfig, merging: bool) -> int:
+    """Plans `compress` refits per MoE layer (ream_lite.refit): the chosen one, and REAP's too when the guard may
+    choose a merge; 0 without refit."""
+    if not cfg.refits:
+        return 0
+    if cfg.guard_mode == "off" or cfg.refit.mode == "on":
+        return 1
+    return 2 if merging else 1
+
+
 def expected_holdout(cfg: CompressConfig, sequences: int) -> int:
     """Held-out sequences `compress` will keep for the guard: the calibration's own per-domain counts, as given
     when every domain has text enough."""
@@ -82,7 +99,8 @@ def expected_holdout(cfg: CompressConfig, sequences: int) -> int:
 class MergeShape:
     """The size of what one MoE layer's planning produces: candidates, merged groups, alignment work."""
 
-    judged: int  # candidate plans the guard judges on held-out tokens (0 without the guard)
+    judged: int  # candidate plans the guard judges on held-out tokens (0 without the guard), refits included
+    refits: int  # plans refit per MoE layer (ream_lite.refit)
     merged_groups: int  # most merged groups of any candidate
     largest_group: int  # most experts in one merged group (centroid included)
     merge_reads: int  # experts read to build the merged experts of every merging candidate
@@ -109,12 +127,12 @@ def _synthetic_stats(n: int, seed: int, hidden: int = 8) -> LayerStats:
 
 
 def merge_shape(n: int, n_keep: int, n_group: int, method: str, options: MethodOptions, guard_mode: str,
-                seed: int = 0) -> MergeShape:
+                seed: int = 0, cfg: CompressConfig | None = None) -> MergeShape:
     stats = _synthetic_stats(n, seed)
     if guard_mode == "off":
         plans = [METHODS[method].plan(MethodInput(stats, n_keep, n_group, options, seed))]
     else:
-        plans = [c.plan for c in candidate_plans(stats, n_keep, n_group, options, seed)]
+        plans = [c.plan for c in candidate_plans(stats, n_keep, n_group, options, seed, method)]
     merging: list[LayerPlan] = [p for p in plans if p.merged_groups()]
     # the activation pass of `passes.alignment_stats`: every pair of every plan, one chunk per centroid
     pairs = {pair for p in plans if needs_activation_pass(p) for pair in alignment_pairs(p)}
@@ -125,8 +143,10 @@ def merge_shape(n: int, n_keep: int, n_group: int, method: str, options: MethodO
     groups = max((len(p.merged_groups()) for p in merging), default=0)
     guarded = guard_mode != "off"
     refine = guard_mode == "group" and bool(merging)  # the greedy pass's refined candidate, judged too
+    refits = refits_per_layer(cfg, bool(merging)) if cfg is not None else 0
     return MergeShape(
-        judged=len(plans) + refine if guarded else 0,
+        judged=len(plans) + refine + refits if guarded else 0,
+        refits=refits,
         merged_groups=groups,
         largest_group=max((len(m) for p in merging for m in p.merged_groups().values()), default=0),
         merge_reads=sum(len(m) for p in merging for m in p.merged_groups().values()),
@@ -225,6 +245,8 @@ class CompressionEstimate:
     steps: int = 0  # layers compressed, one after the other (MTP layers unless dropped)
     # how the output stores its tensors (--out-dtype / --quantize): sizes above are by it; compress writes with it
     output_format: OutputFormat | None = None
+    refit_sweeps: int = 0  # --refit-sweeps, --refit-ridge (when the layers are refit)
+    refit_ridge: float = 0.0
 
     # -- totals -------------------------------------------------------------------------------------------------
     @property
@@ -350,6 +372,10 @@ class CompressionEstimate:
                        f"float64 Grams, chunks of up to {g.largest_alignment_chunk} experts")
         if g.judged:
             out.append(f"  guard          {g.judged} candidate plans judged per MoE layer on held-out tokens")
+        if g.refits:
+            out.append(f"  refit          {g.refits} plan{'s' if g.refits > 1 else ''} refit per MoE layer "
+                       f"({self.refit_sweeps} sweeps, ridge {self.refit_ridge:g}): a float32 target / residual "
+                       f"buffer of the statistics tokens, {_size(m.side_store_bytes)}, {tiers[m.side_tier]}")
         out += [
             f"  peak device    {_size(self.peak_device_bytes)} (during the {self.peak_phase}), budget "
             f"{_size(m.device_budget)}" if m.device != "cpu" else
@@ -467,7 +493,7 @@ def estimate_compression(
     e_decoded = max(expert_bytes(layout, x.index, dtype) for x in layout.moe_layers)
     inter = e_decoded // elt // (3 * hidden)  # from the tensors: families name the config key differently
 
-    shape = merge_shape(rc.num_experts, n_keep, rc.n_group, cfg.method, cfg.options, cfg.guard_mode, cfg.seed)
+    shape = merge_shape(rc.num_experts, n_keep, rc.n_group, cfg.method, cfg.options, cfg.guard_mode, cfg.seed, cfg)
     # float64 [I, I] cross Gram per aligned pair and per-neuron norms per expert, accumulated on the device; with
     # the guard they stay alive while every candidate runs expert chunk by expert chunk, so they are reserved
     # beside the chunk
@@ -481,13 +507,13 @@ def estimate_compression(
     memory = plan_memory(
         layout, tokens, device, dtype, opts.max_gpu_memory, opts.max_cpu_memory, opts.tokens_per_batch,
         opts.store_tier, reserve, compress_stores(dtype, held, n_seq), cfg.seq_len, opts.expert_cache,
-        max(align_bytes, merge_bytes) - reserve,
+        max(align_bytes, merge_bytes) - reserve, refit_stores(dtype, held, n_seq) if cfg.refits else 0.0,
     )
 
     # device bytes per phase of an MoE layer, on top of the layer's weights, activations, device-tier stores and
     # expert cache
     base = memory.max_layer_dense_bytes + memory.activation_bytes - reserve + memory.expert_cache_bytes
-    base += memory.all_stores_bytes if memory.store_tier == "device" else 0
+    base += (memory.all_stores_bytes if memory.store_tier == "device" else 0) + memory.side_bytes("device")
     phases = {"expert chunks": memory.peak_device_bytes}
     if shape.alignment_pairs:
         phases["alignment pass"] = base + align_bytes
@@ -505,7 +531,7 @@ def estimate_compression(
     # merged experts are held as written: stored bytes for plain tensors, decoded (compute dtype) for encoded ones
     encoded = any(r.entry(k).is_encoded for x in layout.moe_layers for k in layout.expert_keys(x.index)[:3])
     merged_host = shape.merged_sets * shape.merged_groups * (e_decoded if encoded else e_stored)
-    host_store = memory.all_stores_bytes if memory.store_tier == "host" else 0
+    host_store = (memory.all_stores_bytes if memory.store_tier == "host" else 0) + memory.side_bytes("host")
     runtime = RUNTIME_HOST_BYTES.get(device.type, RUNTIME_HOST_BYTES["cpu"])
     if device.type == "cpu":  # one memory: the device figures are host memory
         host_peak = max(phases.values()) + host_store + merged_host + runtime
@@ -523,7 +549,7 @@ def estimate_compression(
         model=str(layout.path), family=layout.spec.model_type, method=cfg.method, guard=cfg.guard_mode,
         sequential=cfg.sequential, experts=rc.num_experts, kept=n_keep, sequences=n_seq, seq_len=cfg.seq_len,
         tokens=tokens, holdout_sequences=held, memory=memory, merge=shape, layers=layers, phases=phases,
-        gram_bytes=gram_bytes,
+        gram_bytes=gram_bytes, refit_sweeps=cfg.refit.sweeps, refit_ridge=cfg.refit.ridge,
         host_peak_bytes=host_peak, merged_host_bytes=merged_host, input_bytes=r.total_bytes(), other_bytes=other,
         embed_bytes=r.entry(layout.spec.embed_key).nbytes,
         output_bytes=output, output_disk_bytes=output_disk, resume_bytes=_resume_bytes(cfg, memory), rates=rates,
@@ -705,6 +731,17 @@ def _moe_work(
             routed=held * k * expert * (originals + shape.judged) + shape.undo_groups * undo_tokens * expert,
         )
         reads += n * originals + n_keep * shape.judged + shape.undo_groups
+    if shape.refits:  # ream_lite.refit, per fitted plan: the routing index, the residual of the plan, then per sweep
+        # each routed token's gate / up twice (accumulate, update), its down projection twice, the expert's Gram
+        # and cross term; the statistics pass adds y up (the first fit), later fits run the original block again
+        sweeps = cfg.refit.sweeps
+        per_token = 6.0 * h * inter + sweeps * (12.0 * h * inter + 2.0 * inter * inter)
+        work = work + Work(
+            layers=stats_tokens * route(n_keep, 1) * shape.refits + stats_tokens * route(n, chunks) * (shape.refits - 1),
+            routed=stats_tokens * k * (per_token * shape.refits + expert * shape.refits))
+        # expert loads: the plan's chunks once per sweep and for the residual, the refit experts' float32 values
+        # once per sweep (their output values), and the original experts for every fit after the first
+        reads += shape.refits * (n_keep * (1 + 2 * sweeps)) + n * (shape.refits - 1)
     if seq:  # the compressed block run again to produce the next layer's input
         work = work + Work(layers=tokens * route(n_keep, kept_chunks), routed=tokens * k * expert)
         reads += n_keep

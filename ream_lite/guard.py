@@ -39,6 +39,7 @@ from ream_lite.methods import METHODS, LayerPlan, MethodInput, MethodOptions
 from ream_lite.methods.grouping import auto_group_size
 from ream_lite.methods.stats import LayerStats
 from ream_lite.passes import alignment_stats, compressed_loader, merge_plan, presolve_alignments
+from ream_lite.refit import Refitter
 
 log = logging.getLogger(__name__)
 GUARD_MODES = ("group", "layer", "off")
@@ -53,6 +54,7 @@ class Candidate:
     undone: list[int] = field(default_factory=list)  # greedy pass: centroids whose merge was undone
     per_sequence: torch.Tensor | None = None  # each held-out sequence's share of `error`
     stderr: float = 0.0  # standard error of (error - REAP's error), from the per-sequence differences
+    versus: str | None = None  # refit candidates: whose error `stderr` is the difference to (else REAP's)
 
     @property
     def score(self) -> float:
@@ -65,6 +67,8 @@ class Candidate:
              "score": self.score, "merged_groups": len(self.plan.merged_groups())}
         if self.undone:
             d["undone"] = self.undone
+        if self.versus:
+            d["versus"] = self.versus
         return d
 
 
@@ -82,16 +86,19 @@ def group_size_ladder(num_experts: int, n_keep: int, n_group: int = 1) -> list[i
     return sorted(s for s in sizes if lower <= s <= cap)
 
 
-def candidate_plans(stats: LayerStats, n_keep: int, n_group: int, options: MethodOptions, seed: int
-                    ) -> list[Candidate]:
+def candidate_plans(stats: LayerStats, n_keep: int, n_group: int, options: MethodOptions, seed: int,
+                    method: str = "ream") -> list[Candidate]:
     """REAP first, then REAM at every group size of the ladder, then REAM with every removed expert merged into
     its most similar centroid (pseudo-pruning hands removed experts to the most salient centroids first, whatever
     their similarity; near-copies of each other are only merged together this way when neither is the most
-    salient)."""
+    salient). Any other method: its own plan alone (the guard then judges only its refit)."""
     def plan(method: str, opts: MethodOptions) -> LayerPlan:
         p = METHODS[method].plan(MethodInput(stats, n_keep, n_group, opts, seed))
         p.validate()
         return p
+
+    if method != "ream":
+        return [Candidate(method, plan(method, options))]
 
     out = [Candidate("reap", plan("reap", options))]
     if options.grouping != "pseudo-prune":
@@ -221,11 +228,12 @@ class _UndoDelta:
 
 def guarded_plan(
     streamer: LayerStreamer, block: MoEBlock, h_stats: HiddenStateStore, judge: HeldOutJudge, stats: LayerStats,
-    n_keep: int, options: MethodOptions, seed: int, mode: str,
+    n_keep: int, options: MethodOptions, seed: int, mode: str, method: str = "ream", refitter: Refitter | None = None,
 ) -> tuple[LayerPlan, dict]:
     """Judge every candidate on the held-out slice and return the chosen plan (with its record in `plan.guard`)
-    and its merged experts. Only the chosen and the best merging candidate's merged experts are kept at once."""
-    cands = candidate_plans(stats, n_keep, block.router_cfg.n_group, options, seed)
+    and its merged experts. Only the chosen and the best merging candidate's merged experts are kept at once.
+    With a `refitter`, the choice is then refit (and REAP too, when a merge was chosen) and judged again."""
+    cands = candidate_plans(stats, n_keep, block.router_cfg.n_group, options, seed, method)
     acts = alignment_stats(streamer, block, h_stats, [c.plan for c in cands])  # one pass for every candidate
     perms: dict = {}  # (centroid, member) -> alignment, solved once for all candidates
     presolve_alignments(streamer, [c.plan for c in cands], acts, perms)  # (on all cores, where that is free)
@@ -262,6 +270,8 @@ def guarded_plan(
             consider(refined, refined_merged)
     assert chosen is not None
     cand, merged = chosen
+    if refitter is not None:
+        cand, merged = judged_refit(streamer, judge, refitter, cands, cand, merged)
     cand.plan.guard = {
         "mode": mode,
         "holdout_sequences": len(judge.x.lengths),
@@ -270,3 +280,41 @@ def guarded_plan(
         "chosen": cand.name,
     }
     return cand.plan, merged
+
+
+def paired_stderr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Standard error of sum(a) - sum(b) from the held-out sequences' paired differences."""
+    diff = a - b
+    return float(diff.std() * diff.numel() ** 0.5) if diff.numel() > 1 else 0.0
+
+
+def judged_refit(streamer: LayerStreamer, judge: HeldOutJudge, refitter: Refitter, cands: list[Candidate],
+                 chosen: Candidate, merged: dict) -> tuple[Candidate, dict]:
+    """Refit REAP's plan and, when the guard chose a merge, that plan too; each fit is judged on the held-out
+    tokens (which it never saw) and replaces the incumbent only when it beats it by more than Z_MARGIN standard
+    errors of their paired difference. `--refit on` takes the chosen plan's fit whatever it scores. Every fit is
+    recorded among the candidates, and the chosen plan's `refit` says what was fitted and whether it was used."""
+    bases = [cands[0]] + ([chosen] if chosen is not cands[0] else [])
+    if refitter.opts.mode == "on":
+        bases = [chosen]
+    best, best_merged, tried = chosen, merged, {}
+    for base in bases:
+        base_merged = merged if base is chosen else {}
+        fitted, record = refitter.fit(base.plan, base_merged, compressed_loader(streamer, base.plan, base_merged))
+        plan = replace(base.plan, refit=record)
+        cand = Candidate(f"{base.name} +refit", plan, versus=best.name)
+        judge.judge(cand, compressed_loader(streamer, plan, fitted), keep_as_start=False)
+        cand.stderr = paired_stderr(cand.per_sequence, best.per_sequence)
+        record.update(heldout_error_before=base.error, heldout_error=cand.error, heldout_stderr=cand.stderr,
+                      versus=best.name)
+        log.info("layer %d: %s e=%.5f (+- %.5f vs %s)", plan.layer, cand.name, cand.error, cand.stderr, best.name)
+        cands.append(cand)
+        tried[base.name] = record
+        if cand.score < best.error or refitter.opts.mode == "on":
+            best, best_merged = cand, fitted
+    used = best.plan.refit is not None
+    if used:
+        best.plan.refit["used"] = True
+    else:  # the unfitted plan stays: its record says which fit was tried and lost
+        best.plan.refit = {**tried.get(best.name, next(iter(tried.values()))), "used": False}
+    return best, best_merged

@@ -16,7 +16,7 @@ PAPERS = {"ream": "REAM, arXiv 2604.04356", "reap": "REAP, arXiv 2510.13999"}
 
 def _choices(layers: list[dict]) -> str:
     """One line on what the guard chose, e.g. '3 layers pruned (REAP), 1 merged (ream-C4 (auto))'."""
-    chosen = Counter(L["guard"]["chosen"] for L in layers if "guard" in L)
+    chosen = Counter(L["guard"]["chosen"].removesuffix(" +refit") for L in layers if "guard" in L)
     if not chosen:
         return ""
     pruned = chosen.pop("reap", 0)
@@ -111,7 +111,28 @@ def method_lines(report: dict) -> list[str]:
                 + "." + (f" Choices: {_choices(report['layers'])}." if _choices(report["layers"]) else ""),
                 "- the paper's algorithm unchanged: `ream-lite compress ... --guard off`",
             ]
+    lines += refit_lines(report["layers"])
     return lines
+
+
+def refit_lines(layers: list[dict]) -> list[str]:
+    """What the least-squares refit did (ream_lite.refit), if it ran."""
+    tried = [L["refit"] for L in layers if L.get("refit")]
+    if not tried:
+        return []
+    used = [r for r in tried if r.get("used")]
+    judged = any("heldout_error" in r for r in tried)
+    line = (f"- **refit experts**: in {len(used)} of {len(layers)} MoE layers the kept experts' down projections were "
+            f"re-fitted by ridge least squares ({tried[0]['sweeps']} sweeps, ridge {tried[0]['ridge']:g}) so that the "
+            "compressed layer reproduces the original layer's routed output on the calibration tokens")
+    if judged:
+        line += ("; a fit was used only where it lowered the error on held-out calibration sequences by more than "
+                 "2 standard errors (`--refit auto`)")
+    if used:
+        before = sum(r["calib_error_before"] for r in used) / len(used)
+        after = sum(r["calib_error_after"] for r in used) / len(used)
+        line += f". Mean relative layer error on the calibration tokens of the refit layers: {before:.3f} -> {after:.3f}"
+    return [line + ". Without it: `--refit off`."]
 
 
 def structure_line(layers: list[dict]) -> str:

@@ -10,7 +10,7 @@ from ream_lite import timing
 from ream_lite.engine.experts import ExpertWeights
 from ream_lite.engine.router import Routing, route
 from ream_lite.engine.store import Batch, HiddenStateStore
-from ream_lite.engine.streamer import LayerStreamer, MoEBlock
+from ream_lite.engine.streamer import LayerStreamer, MoEBlock, Observers
 from ream_lite.errors import ReamLiteError
 from ream_lite.lsap import shared_pool
 from ream_lite.methods import LayerPlan, MethodOptions
@@ -20,15 +20,16 @@ from ream_lite.methods.stats import AlignmentCollector, LayerStats, StatsCollect
 
 def collect_stats(
     streamer: LayerStreamer, block: MoEBlock, h: HiddenStateStore, method, opts: MethodOptions,
-    out: HiddenStateStore | None = None,
+    out: HiddenStateStore | None = None, also=None,
 ) -> LayerStats:
     """One pass of the MoE block over its cached inputs with the statistics `method` needs (adding the original
-    MoE output into `out` when given, for non-sequential compression)."""
+    MoE output into `out` when given, for non-sequential compression; `also`: another observer fed by the same
+    pass, e.g. the refit's target)."""
     rc = block.router_cfg
     gate = collected_gate(opts.saliency_gate)
     collector = StatsCollector(rc.num_experts, h.hidden, block.act, rc.kind, dense=method.needs_dense(opts),
                                gate=gate, gram=method.needs_gram(opts))
-    streamer.run_moe(block, h, out, observer=collector)
+    streamer.run_moe(block, h, out, observer=collector if also is None else Observers(collector, also))
     return collector.result()
 
 
@@ -133,15 +134,15 @@ def merge_plan(
 
 
 def compressed_loader(streamer: LayerStreamer, plan: LayerPlan, merged: dict):
-    """Load experts of the compressed layer by position (0..N'-1): merged ones from memory, the others as
-    `streamer.experts` gives them (the layer's expert cache, or the checkpoint)."""
+    """Load experts of the compressed layer by position (0..N'-1): merged (or refit) ones from memory, the others
+    as `streamer.experts` gives them (the layer's expert cache, or the checkpoint)."""
     kept = plan.kept
 
     def load(positions: list[int]) -> ExpertWeights:
         ids = [kept[p] for p in positions]
         w = streamer.experts(plan.layer, ids, copy=bool(merged))  # (merged experts are written into the chunk)
         for j, e in enumerate(ids):
-            if e in merged and len(plan.groups[e]) > 1:
+            if e in merged:
                 for dst, t in zip(w.parts, merged[e], strict=True):  # (gate, up, down[, biases])
                     dst[j].copy_(t)
         w.ids = list(positions)

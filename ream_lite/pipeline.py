@@ -40,6 +40,7 @@ from ream_lite.methods.grouping import auto_group_size
 from ream_lite.methods.stats import LayerStats, collected_gate
 from ream_lite.model_card import model_card
 from ream_lite.passes import RoutingCounter, check_finite, collect_stats, compressed_loader, merge_plan, routing_counts
+from ream_lite.refit import REFIT_MODES, Refitter, RefitOptions
 from ream_lite.report import Meter, versions, write_report
 from ream_lite.resume import ResumeLog, RunIdentity, SnapshotSchedule, input_fingerprint, tokens_hash
 from ream_lite.stats_io import check_reusable, load_layer_stats, read_stats_info, save_layer_stats, start_stats_dir
@@ -79,7 +80,8 @@ class CompressConfig:
     quantize: str | None = None  # nf4 | fp4: Linear weights written in bitsandbytes 4-bit
     double_quant: bool = False  # bnb 4-bit with quantized statistics
     tokenizer: str | None = None
-    guard: str | None = None  # group | layer | off; None = "group" for REAM, "off" for every other method
+    guard: str | None = None  # group | layer | off; None = "group" (REAM; other methods: when refit is not off)
+    refit: RefitOptions = field(default_factory=RefitOptions)  # least-squares refit of the kept experts
     holdout: float = 0.1  # share of calibration sequences the guard judges plans on (never used for statistics)
     stream: StreamOptions = field(default_factory=StreamOptions)
     resume: bool = False  # continue the interrupted run recorded in OUT.partial
@@ -90,7 +92,19 @@ class CompressConfig:
 
     @property
     def guard_mode(self) -> str:
-        return self.guard or ("group" if self.method == "ream" else "off")
+        """The guard judges plans on held-out tokens: REAM's candidates, and for every method the refit (`--refit
+        auto`). Saved statistics hold no held-out tokens: --from-stats runs unguarded unless told otherwise."""
+        if self.guard:
+            return self.guard
+        if self.method == "ream" or (self.refit.mode == "auto" and not self.from_stats):
+            return "group"
+        return "off"
+
+    @property
+    def refits(self) -> bool:
+        """Whether a layer's plan is refit: judged on held-out tokens under the guard (auto), or always (on). With
+        --guard off, auto means the paper's algorithm exactly: no refit."""
+        return self.refit.mode == "on" or (self.refit.mode == "auto" and self.guard_mode != "off")
 
 
 def parse_experts(text: str | float) -> float:
@@ -159,9 +173,17 @@ def validate(layout: ModelLayout, n_keep: int, cfg: CompressConfig) -> None:
         raise ReamLiteError("--num-sequences must be at least 1 and --seq-len at least 2")
     if cfg.guard_mode not in GUARD_MODES:
         raise ReamLiteError(f"--guard {cfg.guard_mode}: choose from {', '.join(GUARD_MODES)}")
+    if cfg.refit.mode not in REFIT_MODES:
+        raise ReamLiteError(f"--refit {cfg.refit.mode}: choose from {', '.join(REFIT_MODES)}")
+    if cfg.refit.sweeps < 1 or not cfg.refit.ridge > 0:
+        raise ReamLiteError("--refit-sweeps must be at least 1 and --refit-ridge above 0")
+    if cfg.refits and cfg.from_stats:
+        raise ReamLiteError("the refit fits experts to calibration tokens, which saved statistics do not hold; "
+                            "pass --refit off with --from-stats")
     if cfg.guard_mode != "off":
-        if cfg.method != "ream":
-            raise ReamLiteError(f"--guard {cfg.guard_mode} chooses between REAM and REAP plans; it needs --method ream")
+        if cfg.method != "ream" and not cfg.refits:
+            raise ReamLiteError(f"--guard {cfg.guard_mode} chooses between REAM and REAP plans, and judges the refit; "
+                                "it needs --method ream or --refit auto")
         if not 0 < cfg.holdout < 1:
             raise ReamLiteError(f"--holdout {cfg.holdout}: the held-out share must be between 0 and 1")
         if cfg.num_sequences < 2:
@@ -475,26 +497,36 @@ def compress_moe_layer(
     split = n - n_holdout
     h_stats = h.view(0, split) if n_holdout else h
     out_stats = None if cfg.sequential else (out.view(0, split) if n_holdout else out)
-    with timing.phase("stats"):
-        stats = collect_stats(streamer, block, h_stats, method, cfg.options, out_stats)
-    check_finite(stats)
-    if on_stats is not None:
-        on_stats(stats)
-    if cfg.guard_mode == "off":
-        plan = method.plan(MethodInput(stats, n_keep, block.router_cfg.n_group, cfg.options, cfg.seed))
-        plan.validate()
-        merged = merge_plan(streamer, block, h_stats, plan)
-    else:
-        h_hold = h.view(split, n)
-        if not cfg.sequential:  # the original output of the held-out sequences too
-            streamer.run_moe(block, h_hold, out.view(split, n))
-        with timing.phase("guard"):  # (its alignment pass, assignments and merges are timed as such)
-            judge = HeldOutJudge(streamer, block, h_hold)
-            try:
-                plan, merged = guarded_plan(streamer, block, h_stats, judge, stats, n_keep, cfg.options, cfg.seed,
-                                            cfg.guard_mode)
-            finally:
-                judge.close()
+    # the refit's target, the original routed output of the statistics tokens, is added up by the same pass
+    refitter = Refitter(streamer, block, h_stats, cfg.refit) if cfg.refits else None
+    try:
+        with timing.phase("stats"):
+            stats = collect_stats(streamer, block, h_stats, method, cfg.options, out_stats,
+                                  also=refitter.observer() if refitter else None)
+        check_finite(stats)
+        if on_stats is not None:
+            on_stats(stats)
+        if cfg.guard_mode == "off":
+            plan = method.plan(MethodInput(stats, n_keep, block.router_cfg.n_group, cfg.options, cfg.seed))
+            plan.validate()
+            merged = merge_plan(streamer, block, h_stats, plan)
+            if refitter is not None:  # --refit on without held-out tokens: fitted, not judged
+                merged, plan.refit = refitter.fit(plan, merged, compressed_loader(streamer, plan, merged))
+                plan.refit["used"] = True
+        else:
+            h_hold = h.view(split, n)
+            if not cfg.sequential:  # the original output of the held-out sequences too
+                streamer.run_moe(block, h_hold, out.view(split, n))
+            with timing.phase("guard"):  # (its alignment pass, assignments and merges are timed as such)
+                judge = HeldOutJudge(streamer, block, h_hold)
+                try:
+                    plan, merged = guarded_plan(streamer, block, h_stats, judge, stats, n_keep, cfg.options,
+                                                cfg.seed, cfg.guard_mode, cfg.method, refitter)
+                finally:
+                    judge.close()
+    finally:
+        if refitter is not None:
+            refitter.close()
     compressed = block.restricted(plan.kept)
     stats_tokens = h_stats.total_tokens
     plan.tokens = stats_tokens

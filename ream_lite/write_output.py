@@ -200,19 +200,51 @@ def _output_hf_config(layout: ModelLayout, n_keep: int):
 def write_planned(
     layout: ModelLayout, plans: dict[int, LayerPlan], n_keep: int, drop_mtp: bool, writer: CheckpointWriter,
     device: torch.device, progress: bool, side_files: Callable[[Path], None],
+    refit_source: ModelLayout | None = None,
 ) -> Path:
     """A whole compressed checkpoint from decided plans (MoE layer index -> plan): merged experts from the weights
     alone (the plans carry their alignments), written in compress's order; `side_files(dir)` adds the plan,
-    report and card before the output is moved into place."""
+    report and card before the output is moved into place. Experts a plan refit (fitted to calibration tokens,
+    which apply does not have) are copied from `refit_source`, the compressed output the plan comes from."""
     try:
         copy_non_layer_tensors(writer, layout)
         for info in tqdm(compression_steps(layout, drop_mtp), desc="write", disable=not progress):
             plan = plans.get(info.index)
+            value_dtype = checkpoint_dtype(layout.config)
             merged = build_merged_experts(layout, plan, None, device, output=writer.output,
-                                          value_dtype=checkpoint_dtype(layout.config)) if plan is not None else {}
+                                          value_dtype=value_dtype) if plan is not None else {}
+            if plan is not None and refit_used(plan):
+                merged.update(refit_experts(layout, refit_source, plan, value_dtype))
             write_layer(writer, layout, info.index, plan, merged)
         side_files(writer.tmp_dir)
         return writer.finish(output_config(layout, n_keep, drop_mtp, writer.output), source_dir=layout.path)
     except BaseException:
         writer.abort()
         raise
+
+
+def refit_used(plan: LayerPlan) -> bool:
+    return bool(plan.refit and plan.refit.get("used"))
+
+
+def refit_experts(layout: ModelLayout, source: ModelLayout | None, plan: LayerPlan, value_dtype: torch.dtype
+                  ) -> dict[int, tuple[torch.Tensor, ...]]:
+    """The experts `plan` refit, as `compress` wrote them into `source` (their output positions), checked against the
+    plan's digest: expert id -> its parts, as `write_layer` takes merged experts."""
+    from ream_lite.engine.experts import load_experts
+    from ream_lite.refit import refit_digest
+
+    ids = [int(e) for e in plan.refit.get("experts", [])]
+    if source is None:
+        raise ReamLiteError(f"layer {plan.layer}: the plan refit experts {ids} to calibration tokens; apply copies "
+                            "them from the compressed output the plan belongs to: pass that directory as PLAN")
+    out = {}
+    for e in ids:
+        pos = plan.kept.index(e)
+        like = layout.reader.entry(layout.expert_keys(plan.layer)[0])
+        dtype = value_dtype if like.is_encoded else like.torch_dtype
+        out[e] = load_experts(source, plan.layer, [pos], dtype, "cpu").expert(0)
+    if refit_digest([out[e] for e in ids]) != plan.refit.get("sha256"):
+        raise ReamLiteError(f"layer {plan.layer}: the refit experts in {source.path} are not the ones the plan "
+                            "recorded (sha256 differs); was the output changed?")
+    return out

@@ -59,7 +59,9 @@ def test_pruning_oracle(model_dirs, calib_file, tmp_path, family, method):
     model, src = model_dirs[family]
     n = ModelLayout(str(src)).router_config.num_experts
     keep = n // 2
-    compress(src, tmp_path / "out", "--experts", str(keep), "--method", method, "--calib", str(calib_file))
+    # (the pruning identity holds for the plan as it is: --refit off, which also leaves the guard off)
+    compress(src, tmp_path / "out", "--experts", str(keep), "--method", method, "--calib", str(calib_file),
+             "--refit", "off")
     plan = json.loads((tmp_path / "out" / "ream_plan.json").read_text())
     removed = {L["layer"]: sorted(set(range(n)) - set(L["kept"])) for L in plan["layers"]}
     assert all(len(v) == n - keep for v in removed.values()) and plan["layers"]
@@ -197,7 +199,7 @@ def test_recompressing_writes_its_own_plan(model_dirs, calib_file, tmp_path):
     (["--no-gate-logit-sim", "--no-gated-sim"], "no similarity"),
     (["--max-shard-size", "5XB"], "--max-shard-size"),
     (["--num-sequences", "0"], "--num-sequences"),
-    (["--method", "reap", "--guard", "group"], "--method ream"),
+    (["--method", "reap", "--guard", "group", "--refit", "off"], "--method ream or --refit auto"),
     (["--holdout", "1.5"], "--holdout"),
     (["--num-sequences", "1"], "at least 2 calibration sequences"),
 ])

@@ -23,6 +23,7 @@ from ream_lite.engine.streamer import StreamOptions
 from ream_lite.errors import ReamLiteError
 from ream_lite.estimate import estimate_compression
 from ream_lite.pipeline import CompressConfig, compress, resolve_keep, validate
+from ream_lite.refit import RefitOptions
 from ream_lite.sparse_checkpoint import write_sparse_checkpoint
 
 
@@ -165,13 +166,23 @@ def test_guard_candidates_and_buffers_match_a_real_run(model_dirs, tmp_path):
                                   stream=StreamOptions(device="cpu", progress=False), **settings))
     record = json.loads((out / "ream_plan.json").read_text())
     est = estimate(src, 6, **settings)
-    assert {len(x["guard"]["candidates"]) for x in record["layers"]} == {est.merge.judged}
+    # REAP's refit, and the chosen merge's when a merge was chosen: the estimate counts both (its upper bound)
+    refits = [sum(c["name"].endswith("+refit") for c in x["guard"]["candidates"]) for x in record["layers"]]
+    assert est.merge.refits == 2 and all(1 <= r <= 2 for r in refits)
+    judged = {len(x["guard"]["candidates"]) + 2 - r for x, r in zip(record["layers"], refits)}
+    assert judged == {est.merge.judged}
     held = record["calibration"]["holdout_sequences"]
     assert est.holdout_sequences == held > 0
     assert est.memory.stores == pytest.approx(2 + 3 * held / 20)  # float32 guard buffers in a float32 model
+    # the refit's float32 target of the statistics tokens, placed after them (here with them, in host RAM)
+    assert est.memory.side_store_bytes == pytest.approx(est.memory.store_bytes * (20 - held) / 20, abs=1)
+    assert est.memory.side_tier == "host"
     assert est.merge.alignment_pairs > 0 and "merge" in est.phases and est.merged_host_bytes > 0
-    pruned = estimate(src, 6, method="reap")
+    pruned = estimate(src, 6, method="reap", refit=RefitOptions("off"))
     assert pruned.merge.judged == 0 and pruned.merged_host_bytes == 0 and set(pruned.phases) == {"expert chunks"}
+    assert pruned.memory.side_store_bytes == 0
+    fitted = estimate(src, 6, method="reap")  # the default: REAP's plan and its refit judged
+    assert fitted.merge.judged == 2 and fitted.merge.refits == 1 and fitted.memory.side_store_bytes > 0
 
 
 def test_plan_command_prints_a_table_and_json(model_dirs, tmp_path):
@@ -185,7 +196,7 @@ def test_plan_command_prints_a_table_and_json(model_dirs, tmp_path):
     for word in ("peak memory", "output", "resume", "work dir", "reads", "FLOPs", "estimate", "floor"):
         assert word in r.output
     r = run("plan", src, tmp_path / "out", "--experts", 0.75, "--method", "reap", "--device", "cpu", "--no-measure",
-            "--json")
+            "--json", "--refit", "off")
     assert r.exit_code == 0, r.output
     d = json.loads(r.output)
     assert d["kept"] == 12 and d["guard"] == "off" and d["memory"]["store_tier"] == "host"
@@ -237,8 +248,11 @@ def test_qwen3_30b_at_paper_calibration_fits_a_24gb_card(qwen3_30b_shape, no_cud
     m = est.memory
     assert m.tokens == 3072 * 512 and m.dtype == "bfloat16"
     assert est.peak_device_bytes <= 20 * GiB
-    # the two working buffers + the guard's float32 held-out buffers (6 GiB each in bf16) fit beside the experts
+    # the two working buffers + the guard's float32 held-out buffers (6 GiB each in bf16) fit beside the experts;
+    # the refit's float32 target of the statistics tokens (1.8 x 6 GiB) does not, and goes to host RAM
     assert m.store_tier == "device" and m.all_stores_bytes == pytest.approx(2.6 * 6 * GiB, rel=0.01)
+    assert m.side_tier == "host" and m.side_store_bytes == pytest.approx(1.8 * 6 * GiB, rel=0.01)
+    assert est.host_peak_bytes >= m.side_store_bytes
     assert m.experts_per_chunk == 128 and all(x.chunks == 1 for x in est.layers)
     assert est.output_bytes == est.input_bytes - 4 * 32 * (3 * 768 * 2048 + 2048) * 2  # experts and router rows
     assert est.work_dir_bytes == 0 and est.resume_bytes == 2 * 6 * GiB

@@ -82,6 +82,13 @@ class MemoryPlan:
     layer_experts_bytes: int = 0  # every routed expert of the largest MoE layer, decoded
     expert_cache: str = "auto"  # as asked: auto | off
     cache_experts: bool = False  # an MoE layer's experts are read once and kept on the device while it is compressed
+    # one more buffer placed after the others, in what room they leave (the refit's float32 target / residual):
+    # the hidden states keep their tier, and this one alone goes to host RAM or the work dir when it must
+    side_store_bytes: int = 0
+    side_tier: Tier = "host"
+
+    def side_bytes(self, tier: str) -> int:
+        return self.side_store_bytes if self.side_tier == tier else 0
 
     @property
     def all_stores_bytes(self) -> int:
@@ -95,19 +102,19 @@ class MemoryPlan:
     @property
     def peak_device_bytes(self) -> int:
         chunk = self.experts_per_chunk * self.expert_bytes
-        store = self.all_stores_bytes if self.store_tier == "device" else 0
+        store = (self.all_stores_bytes if self.store_tier == "device" else 0) + self.side_bytes("device")
         return self.max_layer_dense_bytes + chunk + store + self.activation_bytes + self.expert_cache_bytes
 
     @property
     def peak_host_bytes(self) -> int:
-        store = self.all_stores_bytes if self.store_tier == "host" else 0
+        store = (self.all_stores_bytes if self.store_tier == "host" else 0) + self.side_bytes("host")
         if self.device == "cpu":
             return self.peak_device_bytes + store
         return store + self.max_layer_dense_bytes  # staging of weights on their way to the device
 
     @property
     def disk_bytes(self) -> int:
-        return self.all_stores_bytes if self.store_tier == "disk" else 0
+        return (self.all_stores_bytes if self.store_tier == "disk" else 0) + self.side_bytes("disk")
 
     def lines(self) -> list[str]:
         g = lambda b: f"{b / GiB:.2f} GiB"  # noqa: E731
@@ -144,6 +151,7 @@ def plan_memory(
     seq_len: int = 4096,
     expert_cache: str = "auto",
     phase_bytes: int = 0,
+    side_stores: float = 0.0,
 ) -> MemoryPlan:
     """The plan for `tokens` hidden states. `phase_bytes`: the most device bytes a pass of the caller holds in place
     of an expert chunk (the alignment pass's chunk, a merge in float32), beside which the expert cache must fit.
@@ -192,6 +200,18 @@ def plan_memory(
     layer_experts = max(m.num_experts * expert_bytes(layout, m.index, dtype) + encoded_cache_bytes(layout, m.index)
                         for m in moe)
     cached = expert_cache == "auto" and layer_experts + max(chunk * e_bytes, phase_bytes) <= left
+    # the side buffer in the room the rest leaves (never at the cost of the chunk, the cache or the other buffers)
+    side_bytes = int(side_stores * store_bytes)
+    device_room = left - max(chunk * e_bytes, phase_bytes) - (layer_experts if cached else 0)
+    host_room = host_budget - (int(stores * store_bytes) if tier == "host" else 0)
+    if side_bytes and store_tier != "auto":
+        side_tier = tier
+    elif device.type != "cpu" and side_bytes <= device_room:
+        side_tier = "device"
+    elif side_bytes <= (device_room if device.type == "cpu" else host_room):
+        side_tier = "host"
+    else:
+        side_tier = "disk"
     return MemoryPlan(
         device=str(device),
         dtype=str(dtype).replace("torch.", ""),
@@ -210,4 +230,6 @@ def plan_memory(
         layer_experts_bytes=layer_experts,
         expert_cache=expert_cache,
         cache_experts=cached,
+        side_store_bytes=side_bytes,
+        side_tier=side_tier,
     )

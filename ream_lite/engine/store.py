@@ -130,6 +130,21 @@ class HiddenStateStore:
         self._count("work_dir_read", dst)
         self._count("work_dir_written", dst)
 
+    def gather(self, rows: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+        """Rows `rows` (flat token indices, int64 on the host) as [len(rows), H] on `device`: the tokens one expert
+        was routed, wherever they are in the buffer (the refit's per-expert passes)."""
+        with timing.phase("store"):
+            idx = rows.to(self.buf.device)
+            x = self.buf.index_select(0, idx).to(device)
+        self._count("work_dir_read", x)
+        return x
+
+    def put(self, rows: torch.Tensor, value: torch.Tensor) -> None:
+        """Overwrite rows `rows` (distinct flat token indices) with `value` [len(rows), H]."""
+        with timing.phase("store"):
+            self.buf.index_copy_(0, rows.to(self.buf.device), value.to(self.buf.device, self.dtype))
+        self._count("work_dir_written", value)
+
     def _count(self, name: str, t: torch.Tensor) -> None:
         """Bytes moved through the disk tier's file (the benchmarks' work-dir traffic; page cache included)."""
         if self.tier == "disk":

@@ -53,6 +53,21 @@ class MoEObserver(Protocol):
     ) -> None: ...
 
 
+class Observers:
+    """Several observers fed by one pass over the experts (each sees every call, in order)."""
+
+    def __init__(self, *observers):
+        self.observers = [o for o in observers if o is not None]
+
+    def on_routing(self, *args) -> None:
+        for o in self.observers:
+            o.on_routing(*args)
+
+    def on_experts(self, *args) -> None:
+        for o in self.observers:
+            o.on_experts(*args)
+
+
 class _MoECapture(nn.Module):
     """Stands in for the MoE block inside the decoder layer: remembers its input, contributes nothing."""
 
@@ -165,11 +180,13 @@ class LayerStreamer:
         )
         return self.plan
 
-    def new_store(self, lengths: list[int], dtype: torch.dtype | None = None) -> HiddenStateStore:
-        """A hidden-state buffer for sequences of `lengths`, in the planned tier (compute dtype by default)."""
+    def new_store(self, lengths: list[int], dtype: torch.dtype | None = None, tier: str | None = None
+                  ) -> HiddenStateStore:
+        """A hidden-state buffer for sequences of `lengths`, in the planned tier (compute dtype by default; `tier`:
+        another, e.g. the plan's `side_tier`)."""
         assert self.plan is not None
         return HiddenStateStore(
-            lengths, int(self.hf_config.hidden_size), dtype or self.dtype, self.plan.store_tier, self.device,
+            lengths, int(self.hf_config.hidden_size), dtype or self.dtype, tier or self.plan.store_tier, self.device,
             self.opts.work_dir,
         )
 

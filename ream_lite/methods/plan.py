@@ -26,6 +26,7 @@ class LayerPlan:
     perms: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
     frequency_after: list[int] | None = None  # tokens routed to each kept expert by the compressed layer
     tokens: int | None = None  # calibration tokens the statistics saw
+    refit: dict | None = None  # the least-squares refit (ream_lite.refit): settings, errors, whether it was used
 
     @property
     def kept(self) -> list[int]:
@@ -52,6 +53,7 @@ class LayerPlan:
             "align": self.align,
             "scores": self.scores,
             **({"guard": self.guard} if self.guard is not None else {}),
+            **({"refit": self.refit} if self.refit is not None else {}),
             **({"frequency_after": self.frequency_after} if self.frequency_after is not None else {}),
             **({"permutations": self.perms_json()} if self.align != "none" and self.merged_groups() else {}),
         }
@@ -78,7 +80,7 @@ class LayerPlan:
             c, m = (int(x) for x in pair.split("-"))
             perms[(c, m)] = torch.from_numpy(np.frombuffer(base64.b64decode(b64), dtype="<i4").astype(np.int64))
         plan = cls(int(d["layer"]), int(d["num_experts"]), d["method"], groups, weights, d.get("align", "none"),
-                   d.get("scores", {}), d.get("guard"), perms)
+                   d.get("scores", {}), d.get("guard"), perms, refit=d.get("refit"))
         plan.validate()
         return plan
 
