@@ -736,9 +736,12 @@ def _moe_work(
         # and cross term; the statistics pass adds y up (the first fit), later fits run the original block again
         sweeps = cfg.refit.sweeps
         per_token = 6.0 * h * inter + sweeps * (12.0 * h * inter + 2.0 * inter * inter)
+        # and per expert and sweep a solve: the Cholesky factor (float64) and the triangular solves for H rows
+        solves = shape.refits * sweeps * n_keep
         work = work + Work(
             layers=stats_tokens * route(n_keep, 1) * shape.refits + stats_tokens * route(n, chunks) * (shape.refits - 1),
-            routed=stats_tokens * k * (per_token * shape.refits + expert * shape.refits))
+            routed=stats_tokens * k * (per_token * shape.refits + expert * shape.refits),
+            float64=solves * (inter**3 / 3 + 2.0 * inter * inter * h))
         # expert loads: the plan's chunks once per sweep and for the residual, the refit experts' float32 values
         # once per sweep (their output values), and the original experts for every fit after the first
         reads += shape.refits * (n_keep * (1 + 2 * sweeps)) + n * (shape.refits - 1)

@@ -179,9 +179,7 @@ class Refitter:
                         e = plan.kept[p]
                         written = self._as_written(plan, p, e, merged, fitted)
                         new = down_matrix(ExpertWeights([e], *(t[None] for t in written)), 0).to(dev)
-                        delta = new - cur
-                        if bool((delta != 0).any()):
-                            subtract(w, j, p, delta)
+                        subtract(w, j, p, new - cur)  # (no check for a zero change: on a GPU it would wait)
                         current[p] = new
                         out[e] = written
                         solved += 1
@@ -190,7 +188,7 @@ class Refitter:
         fitted_ids = sorted(plan.kept[p] for p in current)
         record = {"sweeps": self.opts.sweeps, "ridge": self.opts.ridge, "experts": fitted_ids,
                   "calib_error_before": before, "calib_error_after": after,
-                  "sha256": refit_digest([out[e] for e in fitted_ids])}
+                  "sha256": refit_digest([fitted_parts(out[e]) for e in fitted_ids])}
         log.info("layer %d: refit %d experts, calibration error %.5f -> %.5f", plan.layer, len(current), before,
                  after)
         return out, record
@@ -211,9 +209,14 @@ class Refitter:
         self.store.close()
 
 
+def fitted_parts(parts: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """What the refit changes in an expert's (gate, up, down[, gate_bias, up_bias, down_bias]): down (and its bias)."""
+    return (parts[2], *parts[5:6])
+
+
 def refit_digest(experts: list[tuple[torch.Tensor, ...]]) -> str:
-    """sha256 of the fitted experts' values (every part, as float32, in order): `apply` checks the experts it copies
-    from a compressed output against the plan with it."""
+    """sha256 of the fitted parts' values (as float32, in order): `apply` checks the experts it copies from a
+    compressed output against the plan with it."""
     h = hashlib.sha256()
     for parts in experts:
         for t in parts:

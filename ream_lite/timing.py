@@ -27,7 +27,7 @@ from contextlib import contextmanager
 
 PHASES = ("read", "store", "write", "snapshot")
 # parts of the compute, by pass (each excludes the reads, stores and writes inside it)
-PASSES = ("attention", "stats", "alignment", "assignment", "merge", "guard", "sequential")
+PASSES = ("attention", "stats", "alignment", "assignment", "merge", "guard", "refit", "sequential")
 
 _enabled = False
 _sync_cuda = False

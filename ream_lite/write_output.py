@@ -232,7 +232,7 @@ def refit_experts(layout: ModelLayout, source: ModelLayout | None, plan: LayerPl
     """The experts `plan` refit, as `compress` wrote them into `source` (their output positions), checked against the
     plan's digest: expert id -> its parts, as `write_layer` takes merged experts."""
     from ream_lite.engine.experts import load_experts
-    from ream_lite.refit import refit_digest
+    from ream_lite.refit import fitted_parts, refit_digest
 
     ids = [int(e) for e in plan.refit.get("experts", [])]
     if source is None:
@@ -244,7 +244,7 @@ def refit_experts(layout: ModelLayout, source: ModelLayout | None, plan: LayerPl
         like = layout.reader.entry(layout.expert_keys(plan.layer)[0])
         dtype = value_dtype if like.is_encoded else like.torch_dtype
         out[e] = load_experts(source, plan.layer, [pos], dtype, "cpu").expert(0)
-    if refit_digest([out[e] for e in ids]) != plan.refit.get("sha256"):
+    if refit_digest([fitted_parts(out[e]) for e in ids]) != plan.refit.get("sha256"):
         raise ReamLiteError(f"layer {plan.layer}: the refit experts in {source.path} are not the ones the plan "
                             "recorded (sha256 differs); was the output changed?")
     return out
