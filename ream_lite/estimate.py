@@ -531,6 +531,8 @@ def estimate_compression(
     # merged experts are held as written: stored bytes for plain tensors, decoded (compute dtype) for encoded ones
     encoded = any(r.entry(k).is_encoded for x in layout.moe_layers for k in layout.expert_keys(x.index)[:3])
     merged_host = shape.merged_sets * shape.merged_groups * (e_decoded if encoded else e_stored)
+    if shape.refits:  # a fit holds every kept expert as written (its new down projection beside gate and up)
+        merged_host += n_keep * (e_decoded if encoded else e_stored)
     host_store = (memory.all_stores_bytes if memory.store_tier == "host" else 0) + memory.side_bytes("host")
     runtime = RUNTIME_HOST_BYTES.get(device.type, RUNTIME_HOST_BYTES["cpu"])
     if device.type == "cpu":  # one memory: the device figures are host memory

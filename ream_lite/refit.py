@@ -139,7 +139,7 @@ class Refitter:
         n = len(plan.kept)
         size = s.plan.experts_per_chunk if s.plan else n
         chunks = [list(range(a, min(a + size, n))) for a in range(0, n, size)]
-        current: dict[int, torch.Tensor] = {}  # position -> fitted [H, D] down matrix (as written), float32
+        fitted_at: set[int] = set()  # positions fitted so far: their current values are out[kept[p]] (as written)
         out = dict(merged)
 
         def features(w: ExpertWeights, j: int, rows: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -157,7 +157,6 @@ class Refitter:
                     subtract(w, j, p, down_matrix(w, j).to(dev))
                 del w
             before = self._sq() / y_sq
-            solved = 0
             for _ in range(self.opts.sweeps):
                 for ids in chunks:
                     w = load(ids)
@@ -166,7 +165,9 @@ class Refitter:
                         if rows_p.numel() == 0:
                             continue
                         w0 = down_matrix(w, j).to(dev)
-                        cur = current.get(p, w0)
+                        e = plan.kept[p]
+                        cur = down_matrix(ExpertWeights([e], *(t[None] for t in out[e])), 0).to(dev) \
+                            if p in fitted_at else w0
                         d = w0.shape[1]
                         gram = torch.zeros(d, d, dtype=torch.float64, device=dev)
                         cross = torch.zeros(w0.shape[0], d, dtype=torch.float64, device=dev)
@@ -176,20 +177,18 @@ class Refitter:
                             gram += (f.T @ f).double()
                             cross += (t.T @ f).double()
                         fitted = ridge_solve(gram, cross, w0, self.opts.ridge)
-                        e = plan.kept[p]
                         written = self._as_written(plan, p, e, merged, fitted)
                         new = down_matrix(ExpertWeights([e], *(t[None] for t in written)), 0).to(dev)
                         subtract(w, j, p, new - cur)  # (no check for a zero change: on a GPU it would wait)
-                        current[p] = new
+                        fitted_at.add(p)
                         out[e] = written
-                        solved += 1
                     del w
             after = self._sq() / y_sq
-        fitted_ids = sorted(plan.kept[p] for p in current)
+        fitted_ids = sorted(plan.kept[p] for p in fitted_at)
         record = {"sweeps": self.opts.sweeps, "ridge": self.opts.ridge, "experts": fitted_ids,
                   "calib_error_before": before, "calib_error_after": after,
                   "sha256": refit_digest([fitted_parts(out[e]) for e in fitted_ids])}
-        log.info("layer %d: refit %d experts, calibration error %.5f -> %.5f", plan.layer, len(current), before,
+        log.info("layer %d: refit %d experts, calibration error %.5f -> %.5f", plan.layer, len(fitted_ids), before,
                  after)
         return out, record
 
