@@ -2,14 +2,17 @@
 
     python benchmarks/quality.py [--testbed ../shared/testbed] [--seeds 0 1 2] [--ratios 0.25 0.5]
                                  [--methods reap frequency ...] [--json results.json] [--model DIR]
+                                 [--num-sequences 96] [--seq-len 256] [--refit-ridge R] [--refit-sweeps S]
 
 Calibrates on data/calib.jsonl (default 96 x 256 tokens, 32 sequences per domain, as the testbed's reference
 figures), evaluates on all of data/eval.jsonl against the original model: perplexity, KL(original || compressed)
 per predicted token and top-1 agreement, overall and per domain. The seed picks the calibration sample (and the
 experts, for `random`). The reference is streamed once; each compressed model is streamed against it.
-`ream*` variants without "guard" in their name are the paper's algorithm (`--guard off`); `ream-guard` is the
-default of `ream-lite compress` (guard `group`), `ream-guard-layer` chooses among whole candidates only. For guarded
-runs the table below the figures says which candidate each layer chose. `--model` points at another model with the
+`reap`, `ream`, `ream-C*` and the other baselines are the papers' algorithms (`--guard off`, no refit); `ream-guard`
+is the default of `ream-lite compress` (guard `group`, then the refit judged on held-out tokens), `reap-refit` the
+default of `compress --method reap`, `ream-guard-norefit` the guard alone, `*-refit-on` the paper's plan refit on
+every statistics token without a judge; `ream-guard-layer` chooses among whole candidates only. For guarded runs
+the table below the figures says which candidate each layer chose. `--model` points at another model with the
 testbed's tokenizer (e.g. an upcycled one trained with the testbed's scripts).
 """
 

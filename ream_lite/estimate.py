@@ -584,8 +584,15 @@ def _notes(est: CompressionEstimate, device: torch.device) -> list[str]:
     if est.host_peak_bytes > physical_ram():
         notes.append(f"expected host peak {_size(est.host_peak_bytes)} exceeds this machine's RAM "
                      f"({_size(physical_ram())}); lower --max-cpu-memory so hidden states go to disk")
+    if est.merge.refits and est.tokens - est.holdout_sequences * est.seq_len < REFIT_ADVISED_TOKENS:
+        notes.append(f"the refit fits the kept experts to the statistics tokens and gains from more of them: on the "
+                     f"testbed at 16 -> 8 experts KL 0.49 with 96 x 256 tokens, 0.39 with 256 x 512 (REAP alone: "
+                     f"1.00 both, docs/quality.md); at least --num-sequences 256 --seq-len 512 is advised")
     notes.append("time leaves out tokenizing the calibration text and copying weights between host and device")
     return notes
+
+
+REFIT_ADVISED_TOKENS = 256 * 512 * 9 // 10  # the default calibration's statistics tokens (10% held out)
 
 
 def _non_expert_keys(layout: ModelLayout, info: LayerLayout) -> list[str]:
