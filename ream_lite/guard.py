@@ -243,8 +243,7 @@ def guarded_plan(
     def consider(cand: Candidate, merged: dict) -> None:
         nonlocal chosen
         reap = cands[0]  # judged first
-        diff = cand.per_sequence - reap.per_sequence
-        cand.stderr = float(diff.std() * diff.numel() ** 0.5) if diff.numel() > 1 and cand is not reap else 0.0
+        cand.stderr = paired_stderr(cand.per_sequence, reap.per_sequence) if cand is not reap else 0.0
         log.info("layer %d: %s e=%.5f (+- %.5f vs REAP)", stats.layer, cand.name, cand.error, cand.stderr)
         if chosen is None or cand.score < chosen[0].score:  # ties: the earlier, REAP before any merge
             chosen = (cand, merged)

@@ -161,8 +161,8 @@ class Refitter:
                 for ids in chunks:
                     w = load(ids)
                     for j, p in enumerate(ids):
-                        rows_p, _ = index.of(p)
-                        if rows_p.numel() == 0:
+                        routed = index.of(p)
+                        if routed[0].numel() == 0:
                             continue
                         w0 = down_matrix(w, j).to(dev)
                         e = plan.kept[p]
@@ -171,7 +171,7 @@ class Refitter:
                         d = w0.shape[1]
                         gram = torch.zeros(d, d, dtype=torch.float64, device=dev)
                         cross = torch.zeros(w0.shape[0], d, dtype=torch.float64, device=dev)
-                        for rows, g in self._blocks(*index.of(p)):
+                        for rows, g in self._blocks(*routed):
                             f = features(w, j, rows, g)
                             t = self.store.gather(rows, dev) + f @ cur.T
                             gram += (f.T @ f).double()

@@ -238,12 +238,9 @@ def refit_experts(layout: ModelLayout, source: ModelLayout | None, plan: LayerPl
     if source is None:
         raise ReamLiteError(f"layer {plan.layer}: the plan refit experts {ids} to calibration tokens; apply copies "
                             "them from the compressed output the plan belongs to: pass that directory as PLAN")
-    out = {}
-    for e in ids:
-        pos = plan.kept.index(e)
-        like = layout.reader.entry(layout.expert_keys(plan.layer)[0])
-        dtype = value_dtype if like.is_encoded else like.torch_dtype
-        out[e] = load_experts(source, plan.layer, [pos], dtype, "cpu").expert(0)
+    like = layout.reader.entry(layout.expert_keys(plan.layer)[0])
+    dtype = value_dtype if like.is_encoded else like.torch_dtype  # (as `compress` held them: `merged_as_written`)
+    out = {e: load_experts(source, plan.layer, [plan.kept.index(e)], dtype, "cpu").expert(0) for e in ids}
     if refit_digest([fitted_parts(out[e]) for e in ids]) != plan.refit.get("sha256"):
         raise ReamLiteError(f"layer {plan.layer}: the refit experts in {source.path} are not the ones the plan "
                             "recorded (sha256 differs); was the output changed?")
