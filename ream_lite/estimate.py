@@ -748,7 +748,7 @@ def _moe_work(
         # and per expert and sweep a solve: the Cholesky factor (float64) and the triangular solves for H rows
         solves = shape.refits * sweeps * n_keep
         work = work + Work(
-            layers=stats_tokens * route(n_keep, 1) * shape.refits + stats_tokens * route(n, chunks) * (shape.refits - 1),
+            layers=stats_tokens * (route(n_keep, 1) * shape.refits + route(n, chunks) * (shape.refits - 1)),
             routed=stats_tokens * k * (per_token * shape.refits + expert * shape.refits),
             float64=solves * (inter**3 / 3 + 2.0 * inter * inter * h))
         # expert loads: the plan's chunks once per sweep and for the residual, the refit experts' float32 values

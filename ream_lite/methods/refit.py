@@ -55,8 +55,8 @@ def ridge_lambda(gram: torch.Tensor, ridge: float) -> float:
 def ridge_solve(gram: torch.Tensor, cross: torch.Tensor, w0: torch.Tensor, ridge: float) -> torch.Tensor:
     """argmin over W [H, D] of  tr(W G W^T) - 2 tr(C W^T) + lam ||W - W0||^2, returned in float64 (solved as
     below): the down projection that best maps the features onto the expert's target, pulled towards `w0` (the
-    plan's expert). `gram` [D, D] =
-    sum f f^T, `cross` [H, D] = sum t f^T, both float64. Without tokens (G = 0) it returns w0."""
+    plan's expert). `gram` [D, D] = sum f f^T, `cross` [H, D] = sum t f^T, both float64. Without tokens (G = 0) it
+    returns w0."""
     lam = ridge_lambda(gram, ridge)
     if not lam > 0:
         return w0.double().clone()
