@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 
 from ream_lite.arch.layout import ModelLayout
+from ream_lite.checkpoint import files
+from ream_lite.checkpoint.lock import OutputLock
 from ream_lite.checkpoint.writer import DEFAULT_MAX_SHARD_BYTES, CheckpointWriter
 from ream_lite.errors import ReamLiteError
 from ream_lite.methods.plan import LayerPlan
@@ -98,18 +100,19 @@ def apply_plan(plan_path: str, model: str, output: str, overwrite: bool = False,
         n_keep = int(plan["experts"]["after"])
         output_format = make_output_format(layout, n_keep, fmt.get("out_dtype", "stored"), fmt.get("quantize"),
                                            bool(fmt.get("double_quant", False)))
-        writer = CheckpointWriter(output, max_shard_bytes, overwrite=overwrite, output=output_format)
+        with OutputLock(output, "ream-lite apply"):  # (one run per output, as compress)
+            writer = CheckpointWriter(output, max_shard_bytes, overwrite=overwrite, output=output_format)
 
-        def side_files(d: Path) -> None:
-            (d / PLAN_NAME).write_text(dumps(plan))
+            def side_files(d: Path) -> None:
+                files.write_file(d / PLAN_NAME, dumps(plan), PLAN_NAME)
 
-        source = refit_source(plan_path, plans, trust_remote_code)
-        try:
-            return write_planned(layout, plans, int(plan["experts"]["after"]), bool(plan.get("drop_mtp", False)),
-                                 writer, torch.device(device), progress, side_files, source)
-        finally:
-            if source is not None:
-                source.close()
+            source = refit_source(plan_path, plans, trust_remote_code)
+            try:
+                return write_planned(layout, plans, int(plan["experts"]["after"]), bool(plan.get("drop_mtp", False)),
+                                     writer, torch.device(device), progress, side_files, source)
+            finally:
+                if source is not None:
+                    source.close()
     finally:
         layout.close()
 

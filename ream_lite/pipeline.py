@@ -26,6 +26,8 @@ from ream_lite import timing
 from ream_lite.arch.layout import ModelLayout
 from ream_lite.calib import CalibrationSet, build_calibration
 from ream_lite.calib.text import load_tokenizer
+from ream_lite.checkpoint import files
+from ream_lite.checkpoint.lock import OutputLock
 from ream_lite.checkpoint.writer import DEFAULT_MAX_SHARD_BYTES, CheckpointWriter, partial_dir
 from ream_lite.diskspace import check_disk_space
 from ream_lite.engine.store import HiddenStateStore
@@ -212,7 +214,10 @@ def compress(cfg: CompressConfig, echo: Callable[[str], None] | None = None) -> 
     """Compress `cfg.model` into `cfg.output`; `echo` receives the plan's lines before any work (default: logged)."""
     layout = ModelLayout(cfg.model, trust_remote_code=cfg.stream.trust_remote_code)
     try:
-        return _compress(layout, cfg, echo or (lambda line: log.info("plan: %s", line)))
+        n_keep = resolve_keep(layout, cfg.experts)
+        validate(layout, n_keep, cfg)
+        with OutputLock(cfg.output, cfg.command or "ream-lite compress"):  # (one run per output)
+            return _compress(layout, cfg, n_keep, echo or (lambda line: log.info("plan: %s", line)))
     finally:
         layout.close()
 
@@ -261,9 +266,7 @@ def resumable_run(cfg: CompressConfig, identity: RunIdentity, streamer: LayerStr
     return manifest
 
 
-def _compress(layout: ModelLayout, cfg: CompressConfig, echo: Callable[[str], None]) -> Path:
-    n_keep = resolve_keep(layout, cfg.experts)
-    validate(layout, n_keep, cfg)
+def _compress(layout: ModelLayout, cfg: CompressConfig, n_keep: int, echo: Callable[[str], None]) -> Path:
     schedule = SnapshotSchedule(cfg.snapshot_every)  # (checks --snapshot-every before any work)
     if cfg.resume and not cfg.overwrite and Path(cfg.output).exists() and not partial_dir(Path(cfg.output)).exists():
         log.warning("%s is complete; nothing to resume", cfg.output)
@@ -359,13 +362,20 @@ def _compress(layout: ModelLayout, cfg: CompressConfig, echo: Callable[[str], No
                              before_publish=resume_log.remove)
     except BaseException as e:
         close_stores(h, out)
+        if isinstance(e, files.DiskFull):
+            e = disk_full_advice(e, est, writer, cfg)
         m = resume_log.load()
         if m is None:  # nothing recorded yet: nothing worth keeping
             writer.abort()
+            if isinstance(e, files.DiskFull):
+                raise ReamLiteError(f"{e}; free space, then run the command again") from None
             raise
         writer.close_files()
         how = f"{m['steps_done']} of {m['total_steps']} layers are done in {writer.tmp_dir}; " \
               "run the same command with --resume to continue"
+        if isinstance(e, files.DiskFull):
+            raise ReamLiteError(f"{e}; free space, then run the same command with --resume: {m['steps_done']} of "
+                                f"{m['total_steps']} layers are done in {writer.tmp_dir}") from None
         if isinstance(e, KeyboardInterrupt):
             raise ReamLiteError(f"interrupted: {how}") from None
         if isinstance(e, ReamLiteError):
@@ -374,13 +384,24 @@ def _compress(layout: ModelLayout, cfg: CompressConfig, echo: Callable[[str], No
         raise
 
 
+def disk_full_advice(e: files.DiskFull, est, writer: CheckpointWriter, cfg: CompressConfig) -> files.DiskFull:
+    """`e` with how much more the run needs on that disk: the rest of the output and its resume snapshots when
+    the full disk holds the output, the spilled hidden states when it holds the work dir."""
+    if e.what.startswith("hidden states"):  # (HiddenStateStore's spill file)
+        more, what = est.work_dir_bytes, "the hidden states (--work-dir)"
+    else:
+        more, what = max(0, est.output_disk_bytes - writer.bytes_written) + est.resume_bytes, "the output"
+    e.args = (f"{e.args[0]}; about {more / 2**30:.2f} GiB more are needed for {what}",)
+    return e
+
+
 def resumed_hidden(streamer: LayerStreamer, resume_log: ResumeLog, manifest: dict) -> HiddenStateStore | None:
     """The hidden states of the snapshot a resumed run starts from; None when every step is done."""
     path = resume_log.hidden_path(manifest)
     if path is None:
         return None
     h = streamer.new_store(manifest["hidden"]["lengths"])
-    h.load(path)
+    h.load(path, manifest["hidden"]["checksum"])
     return h
 
 
@@ -424,7 +445,7 @@ def write_side_files(d: Path, layout: ModelLayout, cfg: CompressConfig, n_keep: 
     report = build_report(layout, cfg, n_keep, calibration, layers, run, writer, first_run)
     for note in write_report(d, report):
         log.warning("%s", note)
-    (d / "README.md").write_text(model_card(report, output_name=Path(cfg.output).name))
+    files.write_file(d / "README.md", model_card(report, output_name=Path(cfg.output).name), "the model card")
 
 
 def compress_from_stats(layout: ModelLayout, cfg: CompressConfig, n_keep: int) -> Path:

@@ -20,6 +20,7 @@ Plots (PNG, next to the JSON files; matplotlib is optional: `pip install ream-li
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import sys
@@ -144,9 +145,11 @@ def dumps(report: dict) -> str:
 
 def write_json(out_dir: Path, report: dict) -> None:
     """ream_report.json (everything) and ream_plan.json (the deterministic part)."""
+    from ream_lite.checkpoint import files  # (not at the top: the checkpoint package imports this module)
+
     out_dir = Path(out_dir)
-    (out_dir / REPORT_NAME).write_text(dumps(report))
-    (out_dir / PLAN_NAME).write_text(dumps(plan_json(report)))
+    files.write_file(out_dir / REPORT_NAME, dumps(report), REPORT_NAME)
+    files.write_file(out_dir / PLAN_NAME, dumps(plan_json(report)), PLAN_NAME)
 
 
 def write_report(out_dir: Path, report: dict) -> list[str]:
@@ -247,7 +250,11 @@ def new_figure(width: float, height: float):
 
 
 def save(fig, path: Path) -> None:
-    fig.savefig(path, format="png", metadata={"Software": None})
+    from ream_lite.checkpoint import files
+
+    png = io.BytesIO()
+    fig.savefig(png, format="png", metadata={"Software": None})
+    files.write_file(path, png.getvalue(), Path(path).name)
 
 
 def _size(report: dict) -> tuple[float, float]:

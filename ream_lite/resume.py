@@ -15,6 +15,11 @@ shard, shards begun, record files, a newer hidden-state file) is discarded or ov
 the steps after s. Since the saved hidden states are exactly those step s + 1 would have read, and every
 computation is seeded, the resumed run's output is byte for byte an uninterrupted one's.
 
+Damage is detected, not carried into the model: every record file ends with a checksum line (`files.sealed`), the
+manifest holds the hidden-state file's checksum, the entry batches hold a checksum of every tensor written (the
+writer checks the partial shards against them on resume), and the input fingerprint holds content samples of
+every input shard, so an input rewritten in place (same names, shapes, size and even modification time) is refused.
+
 When snapshots are taken is `SnapshotSchedule`'s choice (`--snapshot-every`): the hidden states are one
 [tokens x hidden] buffer (6 GiB at the paper's calibration size of Qwen3-30B-A3B), so a snapshot after every layer
 can take a large share of the run. After the last step a record without hidden states is always committed (unless
@@ -26,7 +31,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,11 +39,14 @@ from pathlib import Path
 import torch
 
 from ream_lite.arch.layout import ModelLayout
+from ream_lite.checkpoint import files
 from ream_lite.checkpoint.writer import RESUME_MANIFEST, RESUME_SUBDIR
 from ream_lite.engine.store import HiddenStateStore
 from ream_lite.errors import ReamLiteError
 
-FORMAT = 2  # 2: records in files of their own, snapshots at intervals; 1: every record in the manifest, every layer
+# 3: records sealed with checksums, tensor checksums, sampled input contents; 2: records in files of their own,
+# snapshots at intervals; 1: every record in the manifest, every layer
+FORMAT = 3
 LAYERS, SHARDS = "layers", "shards"  # subdirectories of the record files (see the module docstring)
 
 # --snapshot-every auto: a snapshot when the time since the last one reaches AUTO_COST_RATIO times what the last
@@ -51,18 +58,41 @@ AUTO_COST_RATIO = 20
 AUTO_MAX_INTERVAL_S = 30 * 60
 
 
+# content samples of each input shard in the fingerprint: SAMPLE_BLOCKS blocks of SAMPLE_BYTES, evenly spread
+# (a shard this small or smaller is hashed whole): 512 KiB read per shard, ~80 MiB for a 163-shard DeepSeek-V3
+SAMPLE_BLOCKS = 8
+SAMPLE_BYTES = 64 * 1024
+
+
 def input_fingerprint(layout: ModelLayout) -> dict:
-    """What identifies the input model without reading its weights: config.json, and per shard its size,
-    modification time and a hash of its header (names, dtypes, shapes and offsets of every tensor)."""
+    """What identifies the input model without reading all its weights: config.json, and per shard its size,
+    modification time, a hash of its header (names, dtypes, shapes and offsets of every tensor) and a checksum of
+    evenly spread samples of its contents (`content_sample`)."""
     shards = {}
     for path in sorted({e.path for e in layout.reader.entries.values()}):
         st = os.stat(path)
         with open(path, "rb") as f:
             n = int.from_bytes(f.read(8), "little")
             header = hashlib.sha256(f.read(n)).hexdigest()
-        shards[Path(path).name] = {"bytes": st.st_size, "mtime_ns": st.st_mtime_ns, "header_sha256": header}
+            sample = content_sample(f, st.st_size)
+        shards[Path(path).name] = {"bytes": st.st_size, "mtime_ns": st.st_mtime_ns, "header_sha256": header,
+                                   "content_sample": sample}
     config = hashlib.sha256((layout.path / "config.json").read_bytes()).hexdigest()
     return {"config_sha256": config, "shards": shards}
+
+
+def content_sample(f, size: int) -> str:
+    """Checksum of SAMPLE_BLOCKS blocks spread evenly over the open file `f` of `size` bytes (the first starting
+    at 0, the last ending at the end), or of the whole file when it is no larger."""
+    crc = files.Checksum()
+    if size <= SAMPLE_BLOCKS * SAMPLE_BYTES:
+        starts = range(0, size, SAMPLE_BYTES)
+    else:
+        stride = (size - SAMPLE_BYTES) / (SAMPLE_BLOCKS - 1)
+        starts = [round(i * stride) for i in range(SAMPLE_BLOCKS)]
+    for a in starts:
+        crc.update(os.pread(f.fileno(), min(SAMPLE_BYTES, size - a), a))
+    return crc.value
 
 
 def tokens_hash(sequences: list[torch.Tensor]) -> str:
@@ -94,7 +124,14 @@ class RunIdentity:
         if recorded.get("inputs") != self.inputs:
             old_shards, new_shards = recorded.get("inputs", {}).get("shards", {}), self.inputs["shards"]
             diff = sorted(n for n in set(old_shards) | set(new_shards) if old_shards.get(n) != new_shards.get(n))
-            return "the input model changed" + (f" ({diff[0]})" if diff else " (config.json)")
+            if not diff:
+                return "the input model changed (config.json)"
+            old, new = old_shards.get(diff[0]) or {}, new_shards.get(diff[0]) or {}
+            what = next((k for k in ("bytes", "header_sha256", "content_sample", "mtime_ns")
+                         if old.get(k) != new.get(k)), "")
+            how = {"bytes": "size", "header_sha256": "tensor index", "content_sample": "contents",
+                   "mtime_ns": "modification time"}.get(what, "presence")
+            return f"the input model changed ({diff[0]}: {how})"
         if recorded.get("calibration") != self.calibration:
             return "the calibration tokens differ (calibration files or tokenizer changed)"
         return None
@@ -186,14 +223,18 @@ class ResumeLog:
         if not self.path.exists():
             return None
         try:
-            manifest = json.loads(self.path.read_text())
-        except (OSError, json.JSONDecodeError):
+            raw = self.path.read_bytes()
+            text = files.unseal(raw)
+            manifest = json.loads(text if text is not None else raw)
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
             raise ReamLiteError(f"{self.path}: unreadable resume record; start over with --overwrite") from None
-        if manifest.get("format") != FORMAT:
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+            fmt = manifest.get("format") if isinstance(manifest, dict) else None
             raise ReamLiteError(
                 f"{self.partial} holds an interrupted run recorded by another version of ream-lite (resume format "
-                f"{manifest.get('format')}, this version reads {FORMAT}); finish it with that version, or start over "
-                "with --overwrite")
+                f"{fmt}, this version reads {FORMAT}); finish it with that version, or start over with --overwrite")
+        if text is None:
+            raise _damaged(self.path)
         try:
             w = manifest["writer"]
             layers = [self._read(LAYERS, f"{i:05d}") for i in range(manifest["layers"])]
@@ -209,28 +250,30 @@ class ResumeLog:
         them), then the records not yet on disk, then the manifest that points to them."""
         self.dir.mkdir(parents=True, exist_ok=True)
         name = None
+        hidden_sum = None
         if hidden is not None:
             name = f"hidden-{steps_done:05d}.bin"
-            hidden.save(self.dir / name)
+            hidden_sum = hidden.save(self.dir / name)
             self.snapshots += 1
             self.bytes_written += hidden.nbytes
         self._store_layers(layers)
         manifest = {
             "format": FORMAT, "settings": identity.settings, "inputs": identity.inputs,
             "calibration": identity.calibration, "steps_done": steps_done, "total_steps": total_steps,
-            "hidden": {"file": name, "lengths": hidden.lengths} if hidden is not None else None,
+            "hidden": {"file": name, "lengths": hidden.lengths, "checksum": hidden_sum} if hidden is not None
+            else None,
             "layers": len(layers), "first_run": first_run,
             "writer": {"shards": self._store_shards(writer_state["shards"]),
                        "bytes_written": writer_state["bytes_written"]},
         }
         tmp = self.dir / (RESUME_MANIFEST + ".tmp")
         self._write(tmp, manifest)
-        os.replace(tmp, self.path)
-        _sync_dir(self.dir)
-        _sync_dir(self.partial)  # the shard files' own directory entries, for power loss
+        files.replace(tmp, self.path)
+        files.sync_dir(self.dir)
+        files.sync_dir(self.partial)  # the shard files' own directory entries, for power loss
         for p in self.dir.glob("hidden-*.bin"):  # older snapshots: no manifest points to them any more
             if p.name != name:
-                p.unlink()
+                files.remove(p)
 
     def _store_layers(self, layers: list) -> None:
         """The layer records past those stored, a file each."""
@@ -238,7 +281,7 @@ class ResumeLog:
             (self.dir / LAYERS).mkdir(exist_ok=True)
             for i in range(self._layers, len(layers)):
                 self._write(self.dir / LAYERS / f"{i:05d}.json", layers[i])
-            _sync_dir(self.dir / LAYERS)
+            files.sync_dir(self.dir / LAYERS)
             self._layers = len(layers)
 
     def _store_shards(self, shards: list[dict]) -> list[dict]:
@@ -251,31 +294,36 @@ class ResumeLog:
             stored, batches = self._shards[i]
             names = list(s["entries"])  # (a shard's entries are only ever appended to)
             if len(names) > stored:
-                batch = {k: s["entries"][k] for k in names[stored:]}
+                batch = {"entries": {k: s["entries"][k] for k in names[stored:]},
+                         "sums": {k: s["sums"][k] for k in names[stored:]}}
                 self._write(self.dir / SHARDS / f"{i:05d}-{batches:05d}.json", batch)
                 stored, batches = len(names), batches + 1
                 self._shards[i] = (stored, batches)
             out.append({"file": s["file"], "data_bytes": s["data_bytes"], "closed": s["closed"], "batches": batches})
-        _sync_dir(self.dir / SHARDS)
+        files.sync_dir(self.dir / SHARDS)
         return out
 
     def _shard(self, i: int, rec: dict) -> dict:
         """Shard i's writer state: its manifest record with its entries gathered from its batch files."""
-        entries = {}
+        entries, sums = {}, {}
         for j in range(rec["batches"]):
-            entries.update(self._read(SHARDS, f"{i:05d}-{j:05d}"))
-        return {"file": rec["file"], "entries": entries, "data_bytes": rec["data_bytes"], "closed": rec["closed"]}
+            batch = self._read(SHARDS, f"{i:05d}-{j:05d}")
+            entries.update(batch["entries"])
+            sums.update(batch["sums"])
+        return {"file": rec["file"], "entries": entries, "sums": sums, "data_bytes": rec["data_bytes"],
+                "closed": rec["closed"]}
 
     def _write(self, path: Path, obj) -> None:
-        data = (json.dumps(obj) + "\n").encode()
-        with open(path, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        data = files.sealed(json.dumps(obj))
+        files.write_file(path, data, "the resume record", durable=True)
         self.bytes_written += len(data)
 
     def _read(self, kind: str, stem: str):
-        return json.loads((self.dir / kind / f"{stem}.json").read_text())
+        path = self.dir / kind / f"{stem}.json"
+        text = files.unseal(path.read_bytes())
+        if text is None:
+            raise _damaged(path)
+        return json.loads(text)
 
     def hidden_path(self, manifest: dict) -> Path | None:
         """The snapshot's hidden states; None when every step is done (only finishing the output is left)."""
@@ -283,17 +331,9 @@ class ResumeLog:
 
     def remove(self) -> None:
         if self.dir.exists():
-            shutil.rmtree(self.dir)
+            files.remove(self.dir)
 
 
-def _sync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+def _damaged(path: Path) -> ReamLiteError:
+    return ReamLiteError(f"{path}: resume record damaged since it was written (checksum mismatch); the layers it "
+                         "records cannot be trusted: start over with --overwrite")

@@ -16,6 +16,7 @@ import torch
 from click.testing import CliRunner
 from tiny_models import build_model, save_model, save_mtp_model
 
+from ream_lite.checkpoint import files
 from ream_lite.checkpoint.writer import CheckpointWriter
 from ream_lite.cli import main
 from ream_lite.engine.store import HiddenStateStore
@@ -65,8 +66,9 @@ def ctrl_c_at_layer(layer: int):
 
 def manifest_steps(out: Path) -> int:
     try:
-        return json.loads((out.with_name(out.name + ".partial") / "resume" / "manifest.json").read_text())["steps_done"]
-    except (OSError, json.JSONDecodeError, KeyError):
+        raw = (out.with_name(out.name + ".partial") / "resume" / "manifest.json").read_bytes()
+        return json.loads(files.unseal(raw))["steps_done"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError):
         return 0
 
 
@@ -274,9 +276,11 @@ def test_each_commit_writes_only_what_finished_since_the_last(tmp_path):
         if step % 10 == 1:  # a new shard every 10 layers
             for s in shards:
                 s["closed"] = True
-            shards.append({"file": f"shard-{len(shards):05d}.tmp", "entries": {}, "data_bytes": 0, "closed": False})
+            shards.append({"file": f"shard-{len(shards):05d}.tmp", "entries": {}, "sums": {}, "data_bytes": 0,
+                           "closed": False})
         shards[-1]["entries"].update({f"layers.{step}.w{k}": {"dtype": "F32", "shape": [1000],
                                       "data_offsets": [0, 4000]} for k in range(100)})
+        shards[-1]["sums"].update({f"layers.{step}.w{k}": f"crc32:{k:08x}" for k in range(100)})
         before = log.bytes_written
         state = json.loads(json.dumps({"shards": shards, "bytes_written": 4000 * step}))
         log.commit(identity, step, 31, state, layers, hidden, {"command": None, "model": "m"})
@@ -304,7 +308,7 @@ def test_an_older_resume_format_is_refused_with_a_clear_message(five_layers, cal
     with ctrl_c_at_layer(2):
         assert run(*args(five_layers, out, calib_file)).exit_code == 2
     manifest = out.with_name("out.partial") / "resume" / "manifest.json"
-    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "format": 1}))
+    manifest.write_text(json.dumps({**json.loads(files.unseal(manifest.read_bytes())), "format": 1}))
     r = run(*args(five_layers, out, calib_file, "--resume"))
     assert r.exit_code == 2 and "another version of ream-lite (resume format 1" in r.output
     assert "--overwrite" in r.output

@@ -10,7 +10,10 @@ Resume: `state()` flushes and syncs what was written and returns a small JSON-ab
 entries and data length so far). A writer built with `resume=state` truncates the open shard back to that length
 (however much was appended after the state, even if the shard was closed since), deletes shards begun after it, and
 carries on appending: the shards it finally closes are byte for byte those of a writer that was never interrupted,
-because a shard's header is only written, whole, when it is closed.
+because a shard's header is only written, whole, when it is closed. The state carries a checksum of every tensor's
+bytes (`sums`), and a resumed writer checks the partial output against them (and the closed shards' headers against
+their entries) before it appends anything: a partial output damaged since (a flipped byte, a file edited or zeroed)
+is refused, never silently carried into the model.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from pathlib import Path
 import torch
 
 from ream_lite import timing
+from ream_lite.checkpoint import files
 from ream_lite.checkpoint.format import DTYPE_NAMES, encode_header
 from ream_lite.checkpoint.output_format import OutputFormat
 from ream_lite.checkpoint.reader import INDEX_NAME, SINGLE_NAME, CheckpointReader
@@ -58,20 +62,31 @@ class _Shard:
         self.path = path
         self.reserve = reserve
         self.entries: dict[str, dict] = {}
+        self.sums: dict[str, str] = {}  # tensor name -> checksum of its bytes (files.Checksum)
         self.data_bytes = 0
         # exact length of the compact JSON header so far: {"__metadata__":{...}} plus ',"name":{...}' per tensor
         self.header_bytes = len(encode_header({}, self.METADATA))
         if resume is None:
-            self.file = open(path, "wb")
+            files.boundary("write", path)
+            with files.reporting_full(path, "an output shard"):
+                self.file = open(path, "wb")
         else:  # reopen, drop whatever was appended after the recorded state, and replay the entries
             self.file = open(path, "r+b")
             for name, e in resume["entries"].items():
                 nbytes = e["data_offsets"][1] - e["data_offsets"][0]
                 self.add(name, e["dtype"], e["shape"], nbytes)
+            self.sums = dict(resume["sums"])
             if self.data_bytes != resume["data_bytes"]:
                 raise ReamLiteError(f"{path}: resume record is inconsistent; start over with --overwrite")
+            files.boundary("write", path)
             self.file.truncate(8 + reserve + self.data_bytes)
         self.file.seek(8 + reserve + self.data_bytes)
+
+    def write(self, name: str, data, crc: files.Checksum) -> None:
+        """Append bytes of tensor `name` (in pieces: `crc` accumulates them; the last piece's caller stores it)."""
+        files.write(self.file, data, self.path, "an output shard")
+        crc.update(data)
+        self.sums[name] = crc.value
 
     def entry_json_bytes(self, name: str, dtype: str, shape: list[int], nbytes: int) -> int:
         entry = {name: {"dtype": dtype, "shape": shape, "data_offsets": [self.data_bytes, self.data_bytes + nbytes]}}
@@ -84,21 +99,38 @@ class _Shard:
 
     def state(self) -> dict:
         if not self.file.closed:
-            self.file.flush()
-            os.fsync(self.file.fileno())
-        return {"file": self.path.name, "entries": self.entries, "data_bytes": self.data_bytes,
+            files.sync(self.file, self.path, "an output shard")
+        return {"file": self.path.name, "entries": self.entries, "sums": self.sums, "data_bytes": self.data_bytes,
                 "closed": self.file.closed}
 
-    def close(self) -> None:
+    def header(self) -> bytes:
+        """The 8-byte length and the header region, as `close` writes them."""
         header = encode_header(self.entries, self.METADATA, reserve=self.reserve)
         if len(header) != self.reserve:  # cannot happen: shards are rolled over before the header overflows
             raise RuntimeError("safetensors header overflowed its reserved space")
+        return len(header).to_bytes(8, "little") + header
+
+    def close(self) -> None:
         self.file.seek(0)
-        self.file.write(len(header).to_bytes(8, "little"))
-        self.file.write(header)
-        self.file.flush()
-        os.fsync(self.file.fileno())
+        files.write(self.file, self.header(), self.path, "an output shard")
+        files.sync(self.file, self.path, "an output shard")
         self.file.close()
+
+    def verify(self, reader: Callable[[int, int], bytes]) -> str | None:
+        """Why the bytes on disk (`reader(offset, nbytes)`) are not what this shard's record says, or None: each
+        tensor's checksum, and for a closed shard its header."""
+        if isinstance(self.file, _Closed) and reader(0, 8 + self.reserve) != self.header():
+            return "its header differs from the one written"
+        for name, e in self.entries.items():
+            a, b = e["data_offsets"]
+            crc = files.Checksum()
+            for off in range(a, b, COPY_CHUNK):
+                crc.update(reader(8 + self.reserve + off, min(COPY_CHUNK, b - off)))
+            if name not in self.sums:
+                return f"no checksum recorded for {name}"
+            if crc.value != self.sums[name]:
+                return f"the bytes of {name} differ from those written"
+        return None
 
 
 class _Closed:
@@ -136,32 +168,45 @@ class CheckpointWriter:
                 raise ReamLiteError(f"{self.tmp_dir} holds an interrupted compression; continue it with the same "
                                     "`ream-lite compress ... --resume`, or pass --overwrite to discard it")
             if self.tmp_dir.exists():
-                shutil.rmtree(self.tmp_dir)
+                files.remove(self.tmp_dir)
+            files.boundary("write", self.tmp_dir)
             self.tmp_dir.mkdir(parents=True)
             return
         keep = {rec["file"] for rec in resume["shards"]}
         for p in self.tmp_dir.glob("shard-*.tmp"):  # begun after the recorded state
             if p.name not in keep:
-                p.unlink()
+                files.remove(p)
         for i, rec in enumerate(resume["shards"]):
             path = self.tmp_dir / rec["file"]
             if not path.exists():  # killed inside finish(), after it gave this shard its final name: take it back
                 named = sorted(self.tmp_dir.glob(f"model-{i + 1:05d}-of-*.safetensors"))
                 named += [self.tmp_dir / SINGLE_NAME] if i == 0 and (self.tmp_dir / SINGLE_NAME).exists() else []
                 if named:
-                    os.replace(named[0], path)
+                    files.replace(named[0], path)
             if not path.exists():
                 raise ReamLiteError(f"{path}: missing from the partial output; start over with --overwrite")
             if rec["closed"]:  # complete on disk (header written): only its bookkeeping is needed
                 shard = _Shard.__new__(_Shard)
                 shard.path, shard.reserve, shard.entries = path, HEADER_RESERVE, rec["entries"]
-                shard.data_bytes, shard.file = rec["data_bytes"], _Closed()
+                shard.sums, shard.data_bytes, shard.file = dict(rec["sums"]), rec["data_bytes"], _Closed()
             else:
                 shard = _Shard(path, HEADER_RESERVE, resume=rec)
                 self._current = shard
             self._shards.append(shard)
             self._names.update(rec["entries"])
         self.bytes_written = resume["bytes_written"]
+        self._verify()
+
+    def _verify(self) -> None:
+        """Check the partial output against the resume record before appending to it: read back once, bounded
+        by what was written (the price of never carrying a damaged byte into the model unnoticed)."""
+        with open_reader() as read:
+            for shard in self._shards:
+                why = shard.verify(lambda off, n, p=shard.path: read(p, off, n))
+                if why:
+                    raise ReamLiteError(
+                        f"{shard.path}: the partial output was damaged since it was written ({why}); "
+                        "start over with --overwrite")
 
     def state(self) -> dict:
         """What has been written so far, flushed and synced to disk: the record a resumed writer starts from."""
@@ -198,8 +243,7 @@ class CheckpointWriter:
             raise ReamLiteError(f"cannot store dtype {t.dtype} in safetensors")
         nbytes = t.numel() * t.element_size()
         shard = self._shard_for(name, dtype, list(t.shape), nbytes)
-        if nbytes:
-            shard.file.write(t.reshape(-1).view(torch.uint8).numpy().data)
+        shard.write(name, t.reshape(-1).view(torch.uint8).numpy().data if nbytes else b"", files.Checksum())
         self.bytes_written += nbytes
 
     def add_like(self, name: str, value: torch.Tensor, like: StoredTensor) -> None:
@@ -221,11 +265,13 @@ class CheckpointWriter:
 
     def _copy_entry(self, reader: CheckpointReader, e, name: str) -> None:
         shard = self._shard_for(name, e.dtype, list(e.shape), e.nbytes)
+        crc = files.Checksum()
+        shard.write(name, b"", crc)
         for off in range(0, e.nbytes, COPY_CHUNK):
             n = min(COPY_CHUNK, e.nbytes - off)
             data = reader._read(e.path, e.start + off, n)
             with timing.phase("write"):
-                shard.file.write(data)
+                shard.write(name, data, crc)
         self.bytes_written += e.nbytes
 
     # -- finish -------------------------------------------------------------------------------------------------
@@ -250,30 +296,35 @@ class CheckpointWriter:
         total = 0
         for i, shard in enumerate(self._shards):
             final = SINGLE_NAME if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-            os.replace(shard.path, self.tmp_dir / final)
+            files.replace(shard.path, self.tmp_dir / final)
             for k in shard.entries:
                 weight_map[k] = final
             total += shard.data_bytes
         if n > 1:
             index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-            (self.tmp_dir / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+            files.write_file(self.tmp_dir / INDEX_NAME, json.dumps(index, indent=2) + "\n", "the index")
         if source_dir is not None:
             copy_side_files(Path(source_dir), self.tmp_dir)
-        (self.tmp_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        files.write_file(self.tmp_dir / "config.json", json.dumps(config, indent=2) + "\n", "config.json")
         if self.out_dir.exists() and not self.overwrite:
             raise ReamLiteError(f"{self.out_dir} appeared while writing; not overwriting it")
         if before_publish is not None:
             before_publish()
         if self.out_dir.exists():
-            shutil.rmtree(self.out_dir)
-        os.replace(self.tmp_dir, self.out_dir)
+            files.remove(self.out_dir)
+        files.replace(self.tmp_dir, self.out_dir)
+        files.sync_dir(self.out_dir.parent)
         return self.out_dir
 
     def close_files(self) -> None:
-        """Close open shard files and keep the partial output (to resume from its last recorded state)."""
+        """Close open shard files and keep the partial output (to resume from its last recorded state). Bytes a
+        full disk refused are dropped: the resume truncates the shard to its recorded length anyway."""
         for s in self._shards:
             if not s.file.closed:
-                s.file.close()
+                try:
+                    s.file.close()
+                except OSError:
+                    pass
 
     def abort(self) -> None:
         self.close_files()
@@ -287,4 +338,23 @@ def copy_side_files(src: Path, dst: Path) -> None:
             continue
         if p.name.endswith(WEIGHT_SUFFIXES) or p.name in OWN_FILES:
             continue
-        shutil.copy2(p, dst / p.name)
+        files.copy_file(p, dst / p.name, p.name)
+
+
+class open_reader:  # noqa: N801 (a context manager used like a function)
+    """`read(path, offset, nbytes)` over files opened once each, closed on exit."""
+
+    def __enter__(self):
+        self._open: dict[Path, object] = {}
+
+        def read(path: Path, offset: int, nbytes: int) -> bytes:
+            f = self._open.get(path)
+            if f is None:
+                f = self._open[path] = open(path, "rb")
+            return os.pread(f.fileno(), nbytes, offset)  # type: ignore[attr-defined]
+
+        return read
+
+    def __exit__(self, *exc) -> None:
+        for f in self._open.values():
+            f.close()  # type: ignore[attr-defined]

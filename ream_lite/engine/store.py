@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from ream_lite import timing
+from ream_lite.checkpoint import files
 from ream_lite.errors import ReamLiteError
 
 Tier = Literal["device", "host", "disk"]
@@ -65,15 +66,18 @@ class HiddenStateStore:
             itemsize = torch.empty(0, dtype=dtype).element_size()
             need = self.total_tokens * hidden * itemsize
             free = shutil.disk_usage(wd).free
-            if need > free:  # the file is sparse: a full disk would otherwise surface as SIGBUS mid-run
+            if need > free:  # (the clearer message, before files.allocate would fail)
                 raise ReamLiteError(f"{wd}: {need / 2**30:.1f} GiB needed for hidden states, {free / 2**30:.1f} GiB free")
             fd, name = tempfile.mkstemp(prefix="hidden-", suffix=".bin", dir=wd)
-            os.close(fd)
             try:
-                mm = np.memmap(name, dtype=np.dtype(f"u{itemsize}"), mode="w+", shape=shape)
+                # the disk is reserved now: a disk filled by something else later cannot turn a store into a
+                # SIGBUS in the middle of a layer
+                files.allocate(fd, need, name, "hidden states (the --work-dir spill)")
+                mm = np.memmap(name, dtype=np.dtype(f"u{itemsize}"), mode="r+", shape=shape)
             except OSError as e:
                 raise ReamLiteError(f"{wd}: cannot create the hidden-state file ({e.strerror})") from None
             finally:
+                os.close(fd)
                 # unlinked at once: the mapping keeps the data alive, and nothing is left behind after a kill
                 os.unlink(name)
             # a torch view of the memory map; numpy has no bfloat16, so map unsigned ints and reinterpret
@@ -153,29 +157,40 @@ class HiddenStateStore:
     def _row_chunks(self, max_bytes: int = 64 * 1024**2) -> range:
         return range(0, self.total_tokens, max(1, max_bytes // max(1, self.hidden * self.buf.element_size())))
 
-    def save(self, path: str | os.PathLike) -> None:
-        """Write the buffer's raw bytes to `path` in bounded chunks and sync it (the resume snapshot)."""
+    def save(self, path: str | os.PathLike) -> str:
+        """Write the buffer's raw bytes to `path` in bounded chunks and sync it (the resume snapshot); returns
+        their checksum (files.Checksum), which `load` checks."""
         step = self._row_chunks().step
-        with open(path, "wb") as f:
+        crc = files.Checksum()
+        files.boundary("write", path)
+        with files.reporting_full(path, "the resume snapshot"), open(path, "wb") as f:
             for a in self._row_chunks():
                 rows = self.buf[a : a + step].to("cpu").contiguous()
-                f.write(rows.view(torch.uint8).numpy().data)
+                data = rows.view(torch.uint8).numpy().data
+                files.write(f, data, path, "the resume snapshot")
+                crc.update(data)
                 timing.count_bytes("snapshot_written", rows.numel() * rows.element_size())
-            f.flush()
-            os.fsync(f.fileno())
+            files.sync(f, path, "the resume snapshot")
+        return crc.value
 
-    def load(self, path: str | os.PathLike) -> None:
-        """Fill the buffer from a file written by `save` for the same sequence lengths, hidden size and dtype."""
+    def load(self, path: str | os.PathLike, checksum: str | None = None) -> None:
+        """Fill the buffer from a file written by `save` for the same sequence lengths, hidden size and dtype;
+        refuse it when its bytes do not match `checksum` (what `save` returned)."""
         elt = self.buf.element_size()
         if Path(path).stat().st_size != self.total_tokens * self.hidden * elt:
             raise ReamLiteError(f"{path}: saved hidden states do not match this run; start over with --overwrite")
         step = self._row_chunks().step
+        crc = files.Checksum()
         with open(path, "rb") as f:
             for a in self._row_chunks():
                 n = min(step, self.total_tokens - a)
                 raw = bytearray(f.read(n * self.hidden * elt))
+                crc.update(raw)
                 rows = torch.frombuffer(raw, dtype=torch.uint8).view(self.dtype).view(n, self.hidden)
                 self.buf[a : a + n].copy_(rows)
+        if checksum is not None and crc.value != checksum:
+            raise ReamLiteError(f"{path}: saved hidden states damaged since they were written (checksum mismatch); "
+                                "start over with --overwrite")
 
     def close(self) -> None:
         self.buf = None  # type: ignore[assignment]
