@@ -28,6 +28,7 @@ from ream_lite.engine.experts import ExpertWeights, add_routed_output
 from ream_lite.engine.router import route
 from ream_lite.engine.store import Batch, HiddenStateStore
 from ream_lite.engine.streamer import LayerStreamer, MoEBlock
+from ream_lite.errors import ReamLiteError
 from ream_lite.methods.plan import LayerPlan
 from ream_lite.methods.refit import down_matrix, refit_features, ridge_solve
 from ream_lite.written import merged_as_written
@@ -176,7 +177,13 @@ class Refitter:
                             t = self.store.gather(rows, dev) + f @ cur.T
                             gram += (f.T @ f).double()
                             cross += (t.T @ f).double()
-                        fitted = ridge_solve(gram, cross, w0, self.opts.ridge)
+                        try:
+                            fitted = ridge_solve(gram, cross, w0, self.opts.ridge)
+                        except torch.linalg.LinAlgError:  # (Inf / NaN activations: overflow or a corrupt input)
+                            raise ReamLiteError(
+                                f"layer {self.block.layer}, expert {e}: the refit's normal equations are not finite (the activations "
+                                "overflow in the compute dtype, or the weights or config.json are corrupt); try "
+                                "--dtype float32 or --refit off") from None
                         written = self._as_written(plan, p, e, merged, fitted)
                         new = down_matrix(ExpertWeights([e], *(t[None] for t in written)), 0).to(dev)
                         subtract(w, j, p, new - cur)  # (no check for a zero change: on a GPU it would wait)

@@ -8,6 +8,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
+from ream_lite.arch.config_check import check_config
 from ream_lite.arch.families import FAMILIES
 from ream_lite.arch.spec import ArchSpec, RouterConfig
 from ream_lite.checkpoint.reader import CheckpointReader, load_config_dict, resolve_model_path
@@ -181,6 +182,7 @@ class ModelLayout:
         self.reader = CheckpointReader(self.path, fp8_block=fp8_block_size(self.config))
         if self.wrapper_config is not None:
             self.spec = multimodal_spec(self.spec, list(self.reader.keys()), str(self.path))
+        check_config(self.config, self.spec, {k: t.shape for k, t in self.reader.tensors.items()}, str(self.path))
         self.num_layers = int(self.config["num_hidden_layers"])
         extra = int(self.config.get(self.spec.mtp_layers_key, 0) or 0) if self.spec.mtp_layers_key else 0
         # MTP layers are listed only when the checkpoint really has them (transformers' save_pretrained drops them)

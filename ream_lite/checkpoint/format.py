@@ -38,6 +38,7 @@ DTYPES: dict[str, torch.dtype] = {
     "BOOL": torch.bool,
 }
 DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+ITEMSIZE: dict[str, int] = {k: torch.empty(0, dtype=v).element_size() for k, v in DTYPES.items()}
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library's own limit
 
@@ -76,7 +77,10 @@ def shape_numel(shape: tuple[int, ...]) -> int:
 
 
 def read_header(path: str) -> tuple[dict[str, TensorEntry], dict[str, str]]:
-    """Parse a safetensors header and check that the file holds every byte the header promises."""
+    """Parse a safetensors header and check it as the safetensors library does, before anything reads a tensor:
+    a JSON object of entries with a known dtype, a shape of whole numbers and byte offsets that match it, laid end
+    to end over exactly the file's data (no overlap, no gap, nothing after). A hostile or damaged file is refused in
+    one line, having read at most its header (bounded by the file's size and MAX_HEADER_BYTES)."""
     import os
 
     try:
@@ -87,29 +91,62 @@ def read_header(path: str) -> tuple[dict[str, TensorEntry], dict[str, str]]:
                 raise ReamLiteError(f"{path}: not a safetensors file (shorter than 8 bytes)")
             (n,) = struct.unpack("<Q", raw_len)
             if n > MAX_HEADER_BYTES or 8 + n > size:
-                raise ReamLiteError(f"{path}: corrupt or truncated safetensors header")
+                raise ReamLiteError(f"{path}: corrupt or truncated safetensors header (its length field says "
+                                    f"{n:,} bytes, the file has {size:,})")
             header = json.loads(f.read(n).decode("utf-8"))
     except OSError as e:
         raise ReamLiteError(f"{path}: cannot read ({e.strerror})") from None
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         raise ReamLiteError(f"{path}: corrupt safetensors header (not JSON)") from None
+    if not isinstance(header, dict):
+        raise ReamLiteError(f"{path}: corrupt safetensors header (not a JSON object)")
     base = 8 + n
     meta = header.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise ReamLiteError(f"{path}: corrupt safetensors header (__metadata__ must map names to strings)")
     entries: dict[str, TensorEntry] = {}
-    data_end = 0
     for name, info in header.items():
-        try:
-            b, e = info["data_offsets"]
-            entry = TensorEntry(path, info["dtype"], tuple(int(s) for s in info["shape"]), base + b, base + e)
-        except (KeyError, TypeError, ValueError):
-            raise ReamLiteError(f"{path}: corrupt safetensors header entry for {name!r}") from None
-        entries[name] = entry
-        data_end = max(data_end, entry.end)
+        entries[name] = _entry(path, name, info, base)
+    data_end = _check_layout(path, entries, base)
     if data_end > size:
         raise ReamLiteError(
             f"{path}: truncated shard ({size:,} bytes on disk, header needs {data_end:,}); re-download it"
         )
+    if data_end < size:
+        raise ReamLiteError(f"{path}: corrupt shard ({size - data_end:,} bytes after the last tensor)")
     return entries, meta
+
+
+def _entry(path: str, name: str, info, base: int) -> TensorEntry:
+    """One header entry, checked: known dtype, shape of whole numbers >= 0, offsets whose span the shape fills."""
+    def bad(why: str) -> ReamLiteError:
+        return ReamLiteError(f"{path}: corrupt safetensors header entry for {name!r} ({why})")
+
+    if not isinstance(info, dict):
+        raise bad("not an object")
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise bad(f"dtype {dtype!r} is not one ream-lite can read or copy; known: {', '.join(DTYPES)}")
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        raise bad(f"shape {shape!r} is not a list of whole numbers >= 0")
+    if (not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets)
+            or not 0 <= offsets[0] <= offsets[1]):
+        raise bad(f"data_offsets {offsets!r} are not two whole numbers 0 <= begin <= end")
+    need = shape_numel(tuple(shape)) * ITEMSIZE[dtype]
+    if offsets[1] - offsets[0] != need:
+        raise bad(f"{offsets[1] - offsets[0]:,} bytes for a {dtype} tensor of shape {shape}, which needs {need:,}")
+    return TensorEntry(path, dtype, tuple(shape), base + offsets[0], base + offsets[1])
+
+
+def _check_layout(path: str, entries: dict[str, TensorEntry], base: int) -> int:
+    """The entries' byte ranges tile the data region from its start without overlap or gap; returns its end."""
+    end = base
+    for name, e in sorted(entries.items(), key=lambda kv: (kv[1].start, kv[1].end)):
+        if e.start != end:
+            how = "overlaps the previous tensor" if e.start < end else f"leaves {e.start - end:,} bytes unused before it"
+            raise ReamLiteError(f"{path}: corrupt safetensors header entry for {name!r} (its data {how})")
+        end = e.end
+    return end
 
 
 def encode_header(entries: dict[str, dict], metadata: dict[str, str] | None, reserve: int = 0) -> bytes:

@@ -60,6 +60,7 @@ class CheckpointReader:
         if not self.dir.is_dir():
             raise ReamLiteError(f"{directory}: no such directory")
         self.entries: dict[str, TensorEntry] = {}
+        self._index: dict[str, str] | None = None  # model.safetensors.index.json's weight_map, when there is one
         self.shard_metadata: dict[str, dict[str, str]] = {}
         for shard in self._shard_files():
             entries, meta = read_header(str(shard))
@@ -68,6 +69,11 @@ class CheckpointReader:
                 if k in self.entries:
                     raise ReamLiteError(f"{self.dir}: tensor {k} appears in two shards")
                 self.entries[k] = e
+        if self._index is not None:  # every tensor the index names is where it says
+            for k, shard in self._index.items():
+                if k not in self.entries or Path(self.entries[k].path).name != Path(shard).name:
+                    raise ReamLiteError(f"{self.dir / INDEX_NAME}: names tensor {k} in {shard}, which does not hold "
+                                        "it (an index from another download?)")
         block = fp8_block or _declared_fp8_block(self.dir) or DEFAULT_BLOCK
         self.tensors: dict[str, StoredTensor] = stored.group_entries(self.entries, tuple(block))
         self.bytes_read = 0
@@ -76,10 +82,7 @@ class CheckpointReader:
     def _shard_files(self) -> list[Path]:
         index = self.dir / INDEX_NAME
         if index.exists():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError):
-                raise ReamLiteError(f"{index}: corrupt index (no weight_map)") from None
+            self._index = weight_map = read_index(index)
             names = sorted(set(weight_map.values()))
             missing = [n for n in names if not (self.dir / n).exists()]
             if missing:
@@ -211,6 +214,33 @@ class CheckpointReader:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def read_index(path: Path) -> dict[str, str]:
+    """The weight_map of a model.safetensors.index.json, checked: tensor name -> shard file name, a plain name
+    inside the model directory (no absolute path, no `..`: an index must not point ream-lite at files elsewhere;
+    the shard itself may be a symlink, as in the Hugging Face cache)."""
+    try:
+        raw = path.read_bytes()
+        if len(raw) > MAX_INDEX_BYTES:
+            raise ReamLiteError(f"{path}: {len(raw):,} bytes; not a plausible index")
+        index = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+        raise ReamLiteError(f"{path}: corrupt index (not JSON)") from None
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ReamLiteError(f"{path}: corrupt index (no weight_map)")
+    for k, shard in weight_map.items():
+        if not isinstance(shard, str) or not shard:
+            raise ReamLiteError(f"{path}: corrupt index (tensor {k} maps to {shard!r}, not a file name)")
+        p = Path(shard)
+        if p.is_absolute() or len(p.parts) != 1 or p.name in (".", "..") or "\\" in shard:
+            raise ReamLiteError(f"{path}: tensor {k} maps to {shard!r}; an index may only name shard files inside "
+                                "the model directory")
+    return weight_map
+
+
+MAX_INDEX_BYTES = 256 * 1024 * 1024  # (DeepSeek-V3's index is ~9 MB)
 
 
 def _declared_fp8_block(directory: Path) -> tuple[int, int] | None:

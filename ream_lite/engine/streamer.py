@@ -144,21 +144,54 @@ class LayerStreamer:
         require_device(self.device)
         self.dtype = self.opts.dtype or checkpoint_dtype(layout.config)
         self.hf_config = layout.hf_config(self.opts.attn_implementation)
-        with torch.device("meta"):
-            self.skeleton = AutoModelForCausalLM.from_config(self.hf_config, dtype=self.dtype)
-        self.base = self.skeleton.get_decoder()
-        if not hasattr(self.base, "layers"):  # Llama4ForCausalLM's get_decoder() misses its `model` (prefix mismatch)
-            self.base = self.skeleton.model
-        # the rotary embedding holds computed (non-persistent) buffers: build it for real; it is tiny
-        # (none in a NoPE model: Granite-4.0 hybrids with position_embedding_type "nope")
-        rotary = getattr(self.base, "rotary_emb", None)
-        self.rotary = type(rotary)(config=self.hf_config).to(self.device) if rotary is not None else None
+        try:  # (a config.json transformers cannot build from: one line, not its traceback)
+            with torch.device("meta"):
+                self.skeleton = AutoModelForCausalLM.from_config(self.hf_config, dtype=self.dtype)
+            self.base = self.skeleton.get_decoder()
+            if not hasattr(self.base, "layers"):  # Llama4ForCausalLM's get_decoder() misses its `model`
+                self.base = self.skeleton.model
+            # the rotary embedding holds computed (non-persistent) buffers: build it for real; it is tiny
+            # (none in a NoPE model: Granite-4.0 hybrids with position_embedding_type "nope")
+            rotary = getattr(self.base, "rotary_emb", None)
+            self.rotary = type(rotary)(config=self.hf_config).to(self.device) if rotary is not None else None
+        except Exception as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ReamLiteError(f"{layout.path}: transformers cannot build the model config.json describes "
+                                f"({type(e).__name__}: {first})") from None
+        self._check_shapes()
         self.router_cfg = layout.router_config
         self.act = expert_activation(layout.spec, self.hf_config)  # (gpt_oss: its clamped SwiGLU)
         self.plan: MemoryPlan | None = None
         self._cache: LayerExpertCache | None = None  # the open layer's experts (`layer_experts`)
         # how the output stores what a method writes: merged experts are run as written (`merged_as_written`)
         self.output_format = OutputFormat()
+
+    def _check_shapes(self) -> None:
+        """Every tensor the model built from config.json has, that the checkpoint stores under the same name, has
+        the checkpoint's shape: a config that disagrees with the weights is refused before any work, not at the
+        first layer that loads them (routed experts are checked by ModelLayout, against the router)."""
+        r, spec = self.layout.reader, self.layout.spec
+        experts = f".{spec.moe_disk}.{spec.experts_prefix}"
+        prefix = spec.layers_prefix + "."
+        for name, t in self.skeleton.state_dict().items():
+            disk = name.replace(f".{spec.moe_attr}.", f".{spec.moe_disk}.") if name.startswith(prefix) else name
+            if experts in disk:
+                continue
+            if disk in r and tuple(t.shape) != tuple(r.shape(disk)):
+                raise ReamLiteError(f"{self.layout.path}: {disk} is stored as {list(r.shape(disk))}, config.json "
+                                    f"describes {list(t.shape)}; the config does not belong to these weights")
+        # a layer the config makes dense where the checkpoint has a router, or the reverse (a wrong
+        # first_k_dense_replace, mlp_only_layers or decoder_sparse_step): the layers the checkpoint routes must all
+        # be built with one block class, which no layer it does not route is built with
+        built = {info.index: type(getattr(self.base.layers[info.index], spec.moe_attr, None))
+                 for info in self.layout.decoder_layers if info.index < len(self.base.layers)}
+        moe = {built[i] for i in built if self.layout.layers[i].is_moe}
+        for i, cls in built.items():
+            routed = self.layout.layers[i].is_moe
+            if (routed and len(moe) > 1) or (not routed and cls in moe):
+                has, says = ("a router", f"a {cls.__name__}") if routed else ("no router", "an MoE block")
+                raise ReamLiteError(f"{self.layout.path}: layer {i} has {has} in the checkpoint, config.json "
+                                    f"describes {says} there; the config does not belong to these weights")
 
     # -- planning -----------------------------------------------------------------------------------------------
     def make_plan(
@@ -205,7 +238,12 @@ class LayerStreamer:
             if key not in r:
                 raise ReamLiteError(f"{self.layout.path}: missing tensor {key}")
             state[name] = r.get(key, dtype=t.dtype if t.is_floating_point() else None, device=self.device)
-        module.load_state_dict(state, strict=True)
+        try:
+            module.load_state_dict(state, strict=True)
+        except RuntimeError as e:
+            detail = next((x.strip() for x in str(e).splitlines() if "size mismatch" in x), str(e).splitlines()[0])
+            raise ReamLiteError(f"{self.layout.path}: {key_prefix}: the checkpoint's tensors do not fit the model "
+                                f"config.json describes ({detail})") from None
         return module.eval()
 
     def _meta_layer(self, i: int) -> nn.Module:
