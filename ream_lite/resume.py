@@ -224,16 +224,20 @@ class ResumeLog:
             return None
         try:
             raw = self.path.read_bytes()
-            text = files.unseal(raw)
+        except OSError as e:
+            raise ReamLiteError(f"{self.path}: unreadable resume record ({e.strerror}); start over with "
+                                "--overwrite") from None
+        text = files.unseal(raw)
+        try:  # (unsealed: a record of an older version, which holds one JSON line, or a damaged one)
             manifest = json.loads(text if text is not None else raw)
-        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
-            raise ReamLiteError(f"{self.path}: unreadable resume record; start over with --overwrite") from None
-        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-            fmt = manifest.get("format") if isinstance(manifest, dict) else None
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise _damaged(self.path) from None
+        if isinstance(manifest, dict) and manifest.get("format") not in (FORMAT, None):
             raise ReamLiteError(
                 f"{self.partial} holds an interrupted run recorded by another version of ream-lite (resume format "
-                f"{fmt}, this version reads {FORMAT}); finish it with that version, or start over with --overwrite")
-        if text is None:
+                f"{manifest.get('format')}, this version reads {FORMAT}); finish it with that version, or start "
+                "over with --overwrite")
+        if text is None or not isinstance(manifest, dict):
             raise _damaged(self.path)
         try:
             w = manifest["writer"]
@@ -248,7 +252,10 @@ class ResumeLog:
                hidden: HiddenStateStore | None, first_run: dict) -> None:
         """Record that `steps_done` steps are finished: hidden states first (None when no step is left to read
         them), then the records not yet on disk, then the manifest that points to them."""
-        self.dir.mkdir(parents=True, exist_ok=True)
+        with files.reporting_full(self.dir, "the resume record"):
+            self.dir.mkdir(parents=True, exist_ok=True)
+            (self.dir / LAYERS).mkdir(exist_ok=True)
+            (self.dir / SHARDS).mkdir(exist_ok=True)
         name = None
         hidden_sum = None
         if hidden is not None:
@@ -278,7 +285,6 @@ class ResumeLog:
     def _store_layers(self, layers: list) -> None:
         """The layer records past those stored, a file each."""
         if len(layers) > self._layers:
-            (self.dir / LAYERS).mkdir(exist_ok=True)
             for i in range(self._layers, len(layers)):
                 self._write(self.dir / LAYERS / f"{i:05d}.json", layers[i])
             files.sync_dir(self.dir / LAYERS)
@@ -287,7 +293,6 @@ class ResumeLog:
     def _store_shards(self, shards: list[dict]) -> list[dict]:
         """The tensor entries each shard got since the last commit, as one batch file; returns what the manifest
         keeps of every shard (its file, data length, whether it is closed, how many batches hold its entries)."""
-        (self.dir / SHARDS).mkdir(exist_ok=True)
         self._shards += [(0, 0)] * (len(shards) - len(self._shards))
         out = []
         for i, s in enumerate(shards):

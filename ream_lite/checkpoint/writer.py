@@ -111,8 +111,11 @@ class _Shard:
         return len(header).to_bytes(8, "little") + header
 
     def close(self) -> None:
-        self.file.seek(0)
-        files.write(self.file, self.header(), self.path, "an output shard")
+        header = self.header()
+        files.boundary("write", self.path)
+        with files.reporting_full(self.path, "an output shard"):  # (the seek flushes buffered bytes)
+            self.file.seek(0)
+            self.file.write(header)
         files.sync(self.file, self.path, "an output shard")
         self.file.close()
 
@@ -170,7 +173,8 @@ class CheckpointWriter:
             if self.tmp_dir.exists():
                 files.remove(self.tmp_dir)
             files.boundary("write", self.tmp_dir)
-            self.tmp_dir.mkdir(parents=True)
+            with files.reporting_full(self.tmp_dir, "the partial output"):
+                self.tmp_dir.mkdir(parents=True)
             return
         keep = {rec["file"] for rec in resume["shards"]}
         for p in self.tmp_dir.glob("shard-*.tmp"):  # begun after the recorded state
