@@ -36,7 +36,9 @@ def _user_errors(fn):
         try:
             return fn(*args, **kwargs)
         except ReamLiteError as e:
-            click.echo(f"error: {e}", err=True)
+            # one line, also where the message quotes another library's multi-line error (transformers' config
+            # validation)
+            click.echo("error: " + " ".join(x.strip() for x in str(e).splitlines() if x.strip()), err=True)
             sys.exit(2)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)

@@ -12,9 +12,13 @@ Nothing here runs in a normal `ream-lite` command; it only installs `files.on_bo
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
+import shutil
 import struct
+import subprocess
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,6 +26,38 @@ from pathlib import Path
 from ream_lite.checkpoint import files
 
 KILLED = 137  # the exit status a killed child reports (as a shell shows SIGKILL)
+# ream_report.json holds wall times and peak memory: the one output file that differs between two runs
+VARYING = ("ream_report.json",)
+
+
+def digests(d: Path) -> dict[str, str]:
+    """sha256 of every file of an output directory but VARYING."""
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(Path(d).iterdir())
+            if p.name not in VARYING}
+
+
+class CompressRun:
+    """One `ream-lite compress` command line into `out`, run in this process (click's runner): `run()` gives the
+    exit status, `invoke()` the whole result. A resumed run is the same line plus --resume."""
+
+    def __init__(self, src: Path, out: Path, *args: str):
+        self.out = Path(out)
+        self.partial = self.out.with_name(self.out.name + ".partial")
+        self.args = ["compress", str(src), str(out), *args]
+
+    def invoke(self, *extra: str):
+        from click.testing import CliRunner
+
+        from ream_lite.cli import main
+
+        return CliRunner().invoke(main, [*self.args, *extra])
+
+    def __call__(self, *extra: str) -> int:
+        return self.invoke(*extra).exit_code
+
+    def clear(self) -> None:
+        for d in (self.out, self.partial):
+            shutil.rmtree(d, ignore_errors=True)
 
 
 def boundaries(run: Callable[[], object]) -> list[tuple[str, Path]]:
@@ -88,6 +124,42 @@ def killed_at(run: Callable[[], int], k: int, timeout_s: float = 300.0) -> int:
             os.waitpid(pid, 0)
             raise TimeoutError(f"the run killed at boundary {k} did not end within {timeout_s:.0f} s")
         time.sleep(0.01)
+
+
+@contextmanager
+def small_disk(directory: Path, size: str = "16m") -> Iterator[bool]:
+    """Mount a small real filesystem (tmpfs) on `directory` for the block where this process may (root), and
+    yield True; else yield False (the caller injects ENOSPC instead: `disk_fills`)."""
+    real = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(directory)],
+                          capture_output=True, check=False).returncode == 0
+    try:
+        yield real
+    finally:
+        if real:
+            subprocess.run(["umount", "-l", str(directory)], capture_output=True, check=False)
+
+
+@contextmanager
+def disk_fills(disk: Path, real: bool, when: Callable[[str, Path], bool]) -> Iterator[dict]:
+    """Within the block, the disk of `disk` fills up at the first boundary (kind, path) for which `when` is true:
+    a ballast file `disk/ballast` takes all its free space (a real filesystem: the write that follows fails
+    for real), or the operation fails with ENOSPC (injection). The yielded dict's "filled" says whether it did."""
+    state = {"filled": False}
+
+    def hook(kind: str, path: Path) -> None:
+        if state["filled"] or not when(kind, path):
+            return
+        state["filled"] = True
+        if not real:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        with open(disk / "ballast", "wb") as f:
+            f.write(b"\0" * shutil.disk_usage(disk).free)
+
+    previous, files.on_boundary = files.on_boundary, hook
+    try:
+        yield state
+    finally:
+        files.on_boundary = previous
 
 
 def flip_byte(path: Path, offset: int) -> None:

@@ -2,20 +2,15 @@
 full disk, damaged partial outputs and inputs, a second run into the same output. Hostile and malformed input
 files are in test_hostile_files.py. `benchmarks/faults.py` runs the same with larger counts."""
 
-import errno
-import hashlib
 import json
 import shutil
-import subprocess
 from collections import Counter
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
 from ream_lite import faults
-from ream_lite.checkpoint import files
 from ream_lite.checkpoint.lock import OutputLock, lock_path
 from ream_lite.cli import main
 
@@ -24,31 +19,17 @@ KILL_POINTS = 24  # boundaries killed at in the suite (every sync, rename and re
 RANDOM_FLIPS = 12  # random bytes of a partial output damaged, each resumed
 
 
-def digests(d: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.iterdir())
-            if p.name != "ream_report.json"}  # (wall times and peak memory)
+digests = faults.digests
 
 
-class Run:
-    """One compress command line of a tiny 3-layer Qwen3-MoE into `out`, snapshots after every layer, several
-    output shards (so that finishing renames files), REAP (no process pool: the kill harness forks)."""
+class Run(faults.CompressRun):
+    """The tiny 3-layer Qwen3-MoE into `out`, snapshots after every layer, several output shards (so that
+    finishing renames files), REAP (no process pool: the kill harness forks)."""
 
     def __init__(self, src: Path, out: Path, calib: Path, *extra: str):
-        self.out = out
-        self.partial = out.with_name(out.name + ".partial")
-        self.args = ["compress", str(src), str(out), "--experts", "5", "--calib", str(calib), "--seq-len", "32",
-                     "--num-sequences", "12", "--device", "cpu", "--method", "reap", "--snapshot-every", "layer",
-                     "--max-shard-size", "60KB", *extra]
-
-    def invoke(self, *extra: str):
-        return CliRunner().invoke(main, [*self.args, *extra])
-
-    def __call__(self, *extra: str) -> int:
-        return self.invoke(*extra).exit_code
-
-    def clear(self) -> None:
-        for d in (self.out, self.partial):
-            shutil.rmtree(d, ignore_errors=True)
+        super().__init__(src, out, "--experts", "5", "--calib", str(calib), "--seq-len", "32", "--num-sequences",
+                         "12", "--device", "cpu", "--method", "reap", "--snapshot-every", "layer",
+                         "--max-shard-size", "60KB", *extra)
 
 
 def one_line_error(result) -> str:
@@ -98,39 +79,15 @@ def test_killed_at_write_boundaries_resumes_byte_identical(reference):
 # -- a full disk ---------------------------------------------------------------------------------------------------
 @pytest.fixture
 def small_disk(tmp_path):
-    """A real 16 MiB filesystem (tmpfs) where this process may mount one, else a plain directory whose writes the
-    test fails with ENOSPC by injection. Yields (directory, real)."""
+    """(directory, real): a real 16 MiB filesystem where this process may mount one, else a plain directory whose
+    writes the test fails with ENOSPC by injection."""
     d = tmp_path / "small"
     d.mkdir()
-    real = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(d)], capture_output=True).returncode == 0
-    try:
+    with faults.small_disk(d) as real:
         yield d, real
-    finally:
-        if real:
-            subprocess.run(["umount", "-l", str(d)], capture_output=True)
 
 
-@contextmanager
-def disk_fills(disk: Path, real: bool, when):
-    """Within the block, the disk `disk` fills up at the first boundary (kind, path) for which `when` is true: a
-    ballast file takes all its free space (real filesystem) or the operation fails with ENOSPC (injection)."""
-    state = {"filled": False}
-
-    def hook(kind: str, path: Path) -> None:
-        if state["filled"] or not when(kind, path):
-            return
-        state["filled"] = True
-        if not real:
-            raise OSError(errno.ENOSPC, "No space left on device", str(path))
-        with open(disk / "ballast", "wb") as f:
-            free = shutil.disk_usage(disk).free
-            f.write(b"\0" * free)  # (tmpfs: exact; what does not fit raises, and the disk is full either way)
-
-    previous, files.on_boundary = files.on_boundary, hook
-    try:
-        yield state
-    finally:
-        files.on_boundary = previous
+disk_fills = faults.disk_fills
 
 
 def resume_after_freeing(run: Run, disk: Path, ref: dict, resume: bool = True) -> None:
@@ -154,10 +111,10 @@ def test_disk_full_in_the_output_says_how_much_and_resumes(small_disk, model_dir
     ref = _uninterrupted(run)
     recorded = run.partial / "resume" / "manifest.json"
     if where == "shard":  # a tensor of a later layer, after a snapshot
-        when = lambda kind, path: kind == "write" and path.suffix == ".tmp" and recorded.exists()  # noqa: E731
+        when = lambda kind, path: kind == "write" and path.suffix == ".tmp" and recorded.exists()
     else:  # the second hidden-state snapshot
         when = lambda kind, path: kind == "write" and path.name.startswith("hidden-0000") and path.name != \
-            "hidden-00001.bin"  # noqa: E731
+            "hidden-00001.bin"
     try:
         with disk_fills(disk, real, when) as state:
             r = run.invoke()
@@ -189,7 +146,7 @@ def test_disk_full_in_the_work_dir(small_disk, model_dirs, calib_file, tmp_path)
 @pytest.fixture(scope="module")
 def interrupted(reference, tmp_path_factory):
     """A pristine partial output: the reference run stopped (Ctrl-C) as it began its last layer, two recorded."""
-    import ream_lite.pipeline as pipeline
+    from ream_lite import pipeline
 
     run, _, ref = reference
     run.clear()
@@ -264,13 +221,13 @@ def test_random_damage_is_detected_or_harmless(interrupted):
     import random
 
     rng = random.Random(0)
-    run, pristine, _ = interrupted
+    _, pristine, _ = interrupted
     candidates = [p.relative_to(pristine) for p in sorted(pristine.rglob("*")) if p.is_file() and p.stat().st_size]
     outcomes = Counter()
     for _ in range(RANDOM_FLIPS):
         rel = rng.choice(candidates)
         offset = rng.randrange((pristine / rel).stat().st_size)
-        outcome, _ = resume_damaged(interrupted, lambda partial: faults.flip_byte(partial / rel, offset))
+        outcome, _ = resume_damaged(interrupted, lambda partial, r=rel, o=offset: faults.flip_byte(partial / r, o))
         outcomes[outcome] += 1
     print(f"random damage: {dict(outcomes)}")
     assert outcomes["refused"] >= RANDOM_FLIPS // 3, outcomes  # (most bytes of a partial output are recorded)
@@ -283,7 +240,7 @@ def test_input_rewritten_in_place_is_refused(model_dirs, calib_file, tmp_path):
     src = tmp_path / "src"
     shutil.copytree(model_dirs["qwen3_moe"][1], src)
     run = Run(src, tmp_path / "out", calib_file)
-    import ream_lite.pipeline as pipeline
+    from ream_lite import pipeline
 
     real = pipeline.compress_layer
     pipeline.compress_layer = lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt) if a[2] == 1 else real(*a, **k)

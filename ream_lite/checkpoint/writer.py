@@ -21,7 +21,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -345,20 +346,19 @@ def copy_side_files(src: Path, dst: Path) -> None:
         files.copy_file(p, dst / p.name, p.name)
 
 
-class open_reader:  # noqa: N801 (a context manager used like a function)
+@contextmanager
+def open_reader() -> Iterator[Callable[[Path, int, int], bytes]]:
     """`read(path, offset, nbytes)` over files opened once each, closed on exit."""
+    opened: dict[Path, object] = {}
 
-    def __enter__(self):
-        self._open: dict[Path, object] = {}
+    def read(path: Path, offset: int, nbytes: int) -> bytes:
+        f = opened.get(path)
+        if f is None:
+            f = opened[path] = open(path, "rb")  # noqa: SIM115 (closed below)
+        return os.pread(f.fileno(), nbytes, offset)  # type: ignore[attr-defined]
 
-        def read(path: Path, offset: int, nbytes: int) -> bytes:
-            f = self._open.get(path)
-            if f is None:
-                f = self._open[path] = open(path, "rb")
-            return os.pread(f.fileno(), nbytes, offset)  # type: ignore[attr-defined]
-
-        return read
-
-    def __exit__(self, *exc) -> None:
-        for f in self._open.values():
+    try:
+        yield read
+    finally:
+        for f in opened.values():
             f.close()  # type: ignore[attr-defined]
