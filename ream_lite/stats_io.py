@@ -83,7 +83,10 @@ def read_stats_info(directory: str | Path) -> dict:
 
 def check_reusable(info: dict, inputs: dict, saliency_gate: str, needs_dense: bool, needs_gram: bool) -> None:
     """Refuse statistics that cannot stand for this run: other model, sequential, other gate, missing fields."""
-    if info.get("inputs") != inputs:
+    # (statistics saved before the fingerprint sampled shard contents lack those samples: compared without them)
+    older = {**inputs, "shards": {n: {k: v for k, v in rec.items() if k != "content_sample"}
+                                  for n, rec in inputs.get("shards", {}).items()}}
+    if info.get("inputs") not in (inputs, older):
         raise ReamLiteError("the statistics were collected on another model (or the model changed)")
     if info.get("sequential", True):
         raise ReamLiteError("the statistics were collected sequentially (they depend on how earlier layers were "

@@ -347,15 +347,27 @@ def copy_side_files(src: Path, dst: Path) -> None:
 
 
 @contextmanager
-def open_reader() -> Iterator[Callable[[Path, int, int], bytes]]:
-    """`read(path, offset, nbytes)` over files opened once each, closed on exit."""
+def open_reader() -> Iterator[Callable[[Path, int, int], memoryview]]:
+    """`read(path, offset, nbytes)` over files opened once each, closed on exit: a view of the bytes read (fewer
+    at the end of the file) in one reused buffer, valid until the next read."""
     opened: dict[Path, object] = {}
+    buf = bytearray()
 
-    def read(path: Path, offset: int, nbytes: int) -> bytes:
+    def read(path: Path, offset: int, nbytes: int) -> memoryview:
+        nonlocal buf
         f = opened.get(path)
         if f is None:
             f = opened[path] = open(path, "rb")  # noqa: SIM115 (closed below)
-        return os.pread(f.fileno(), nbytes, offset)  # type: ignore[attr-defined]
+        if len(buf) < nbytes:
+            buf = bytearray(nbytes)
+        view = memoryview(buf)[:nbytes]
+        got = 0
+        while got < nbytes:
+            n = os.preadv(f.fileno(), [view[got:]], offset + got)  # type: ignore[attr-defined]
+            if n == 0:
+                break
+            got += n
+        return view[:got]
 
     try:
         yield read
