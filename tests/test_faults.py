@@ -77,14 +77,19 @@ def test_killed_at_write_boundaries_resumes_byte_identical(reference):
 
 
 # -- a full disk ---------------------------------------------------------------------------------------------------
-@pytest.fixture
-def small_disk(tmp_path):
-    """(directory, real): a real 16 MiB filesystem where this process may mount one, else a plain directory whose
-    writes the test fails with ENOSPC by injection."""
+@pytest.fixture(params=["real", "injected"])
+def small_disk(tmp_path, request):
+    """(directory, real): a real 16 MiB filesystem (tmpfs; skipped where this process may not mount one), or a
+    plain directory whose writes the test fails with ENOSPC by injection."""
     d = tmp_path / "small"
     d.mkdir()
+    if request.param == "injected":
+        yield d, False
+        return
     with faults.small_disk(d) as real:
-        yield d, real
+        if not real:
+            pytest.skip("cannot mount a tmpfs here (not root): the injected variant runs instead")
+        yield d, True
 
 
 disk_fills = faults.disk_fills

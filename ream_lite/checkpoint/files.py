@@ -23,7 +23,8 @@ from pathlib import Path
 
 from ream_lite.errors import ReamLiteError
 
-# called as on_boundary(kind, path) before every operation below; kind: write | sync | rename | remove | allocate
+# called as on_boundary(kind, path) before every operation below; kind: write | sync | rename | remove | allocate.
+# (Inside the full-disk handling: an ENOSPC it raises, as the fault tests inject one, is reported as a real one.)
 on_boundary: Callable[[str, Path], None] | None = None
 
 _FULL = {errno.ENOSPC, errno.EDQUOT}
@@ -65,15 +66,15 @@ def reporting_full(path: str | os.PathLike, what: str = "") -> Iterator[None]:
 
 def write(f, data, path: str | os.PathLike, what: str = "") -> None:
     """f.write(data) for the open file `f` of `path`."""
-    boundary("write", path)
     with reporting_full(path, what):
+        boundary("write", path)
         f.write(data)
 
 
 def sync(f, path: str | os.PathLike, what: str = "") -> None:
     """Flush `f`'s buffer and fsync it (a full disk may show only now, when buffered bytes reach the kernel)."""
-    boundary("sync", path)
     with reporting_full(path, what):
+        boundary("sync", path)
         f.flush()
         os.fsync(f.fileno())
 
@@ -81,17 +82,18 @@ def sync(f, path: str | os.PathLike, what: str = "") -> None:
 def write_file(path: str | os.PathLike, data: bytes | str, what: str = "", durable: bool = False) -> None:
     """Write a whole (small) file; `durable`: fsync it before returning."""
     raw = data.encode() if isinstance(data, str) else data
-    boundary("write", path)
-    with reporting_full(path, what), open(path, "wb") as f:
-        f.write(raw)
-        if durable:
-            f.flush()
-            os.fsync(f.fileno())
+    with reporting_full(path, what):
+        boundary("write", path)
+        with open(path, "wb") as f:
+            f.write(raw)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
 
 
 def copy_file(src: str | os.PathLike, dst: str | os.PathLike, what: str = "") -> None:
-    boundary("write", dst)
     with reporting_full(dst, what):
+        boundary("write", dst)
         shutil.copy2(src, dst)
 
 
@@ -114,10 +116,10 @@ def allocate(fd: int, nbytes: int, path: str | os.PathLike, what: str = "") -> N
     """Reserve `nbytes` of disk for the open file descriptor `fd` now, so that a disk filling up later cannot fail writes into
     it (for a memory-mapped file that failure is a SIGBUS, not an error). Filesystems without fallocate get
     plain zeros written by the C library: slower, as safe."""
-    boundary("allocate", path)
-    if nbytes <= 0:
-        return
     with reporting_full(path, what):
+        boundary("allocate", path)
+        if nbytes <= 0:
+            return
         try:
             os.posix_fallocate(fd, 0, nbytes)
         except OSError as e:

@@ -68,9 +68,9 @@ class _Shard:
         # exact length of the compact JSON header so far: {"__metadata__":{...}} plus ',"name":{...}' per tensor
         self.header_bytes = len(encode_header({}, self.METADATA))
         if resume is None:
-            files.boundary("write", path)
             with files.reporting_full(path, "an output shard"):
-                self.file = open(path, "wb")
+                files.boundary("write", path)
+                self.file = open(path, "wb")  # noqa: SIM115 (closed by close / close_files)
         else:  # reopen, drop whatever was appended after the recorded state, and replay the entries
             self.file = open(path, "r+b")
             for name, e in resume["entries"].items():
@@ -113,8 +113,8 @@ class _Shard:
 
     def close(self) -> None:
         header = self.header()
-        files.boundary("write", self.path)
         with files.reporting_full(self.path, "an output shard"):  # (the seek flushes buffered bytes)
+            files.boundary("write", self.path)
             self.file.seek(0)
             self.file.write(header)
         files.sync(self.file, self.path, "an output shard")
@@ -173,8 +173,8 @@ class CheckpointWriter:
                                     "`ream-lite compress ... --resume`, or pass --overwrite to discard it")
             if self.tmp_dir.exists():
                 files.remove(self.tmp_dir)
-            files.boundary("write", self.tmp_dir)
             with files.reporting_full(self.tmp_dir, "the partial output"):
+                files.boundary("write", self.tmp_dir)
                 self.tmp_dir.mkdir(parents=True)
             return
         keep = {rec["file"] for rec in resume["shards"]}

@@ -162,15 +162,17 @@ class HiddenStateStore:
         their checksum (files.Checksum), which `load` checks."""
         step = self._row_chunks().step
         crc = files.Checksum()
-        files.boundary("write", path)
-        with files.reporting_full(path, "the resume snapshot"), open(path, "wb") as f:
-            for a in self._row_chunks():
-                rows = self.buf[a : a + step].to("cpu").contiguous()
-                data = rows.view(torch.uint8).numpy().data
-                files.write(f, data, path, "the resume snapshot")
-                crc.update(data)
-                timing.count_bytes("snapshot_written", rows.numel() * rows.element_size())
-            files.sync(f, path, "the resume snapshot")
+        # (the outer handler also covers the close, which flushes what a full disk refused)
+        with files.reporting_full(path, "the resume snapshot"):
+            files.boundary("write", path)
+            with open(path, "wb") as f:
+                for a in self._row_chunks():
+                    rows = self.buf[a : a + step].to("cpu").contiguous()
+                    data = rows.view(torch.uint8).numpy().data
+                    files.write(f, data, path, "the resume snapshot")
+                    crc.update(data)
+                    timing.count_bytes("snapshot_written", rows.numel() * rows.element_size())
+                files.sync(f, path, "the resume snapshot")
         return crc.value
 
     def load(self, path: str | os.PathLike, checksum: str | None = None) -> None:
