@@ -104,6 +104,18 @@ def glm_45_air(num_layers: int, dense_layers: int | None = None):
     )
 
 
+def glm_5(num_layers: int, dense_layers: int | None = None):
+    """GLM-5 (glm_moe_dsa): hidden 6144, DeepSeek sparse attention (MLA with a lightning indexer of 32 heads of 128
+    keeping 2048 keys per query), 256 experts x 2048, top-8, one shared expert, sigmoid router with correction bias
+    (one group), routed scaling 2.5, first 3 layers dense (12288), vocab 154880: transformers' defaults for it."""
+    from transformers import GlmMoeDsaConfig
+
+    dense = _dense(3, num_layers, dense_layers)
+    return GlmMoeDsaConfig(num_hidden_layers=num_layers, first_k_dense_replace=dense,
+                           mlp_layer_types=["dense"] * dense + ["sparse"] * (num_layers - dense),
+                           tie_word_embeddings=False)
+
+
 SHAPES = {
     "qwen3-30b-a3b": qwen3_30b_a3b,
     "qwen3-next-80b": qwen3_next_80b,
@@ -111,8 +123,9 @@ SHAPES = {
     "kimi-k2": kimi_k2,
     "gpt-oss-120b": gpt_oss_120b,
     "glm-4.5-air": glm_45_air,
+    "glm-5": glm_5,
 }
 
 # the released models' decoder layer counts, for projections to the full model
 FULL_LAYERS = {"qwen3-30b-a3b": 48, "qwen3-next-80b": 48, "deepseek-v3": 61, "kimi-k2": 61, "gpt-oss-120b": 36,
-               "glm-4.5-air": 46}
+               "glm-4.5-air": 46, "glm-5": 78}

@@ -112,6 +112,26 @@ def _more_family_config(tf, family: str):
                                 layer_types=["linear_attention", "full_attention", "linear_attention"], block_size=8,
                                 mlp_alpha_factor=1.3, mlp_beta_factor=0.7, linear_attn_alpha_factor=0.9,
                                 linear_attn_beta_factor=1.1, full_attn_alpha_factor=1.2, full_attn_beta_factor=0.8)
+    return _deepseek_like_config(tf, family)
+
+
+def _deepseek_like_config(tf, family: str):
+    """dots1, glm4_moe_lite, deepseek_v32, glm_moe_dsa: DeepSeek-V3's MoE (4 groups of 4 experts, 2 groups chosen,
+    a selection bias, scaling) under each family's attention; layer 0 dense."""
+    moe = dict(moe_intermediate_size=16, n_routed_experts=16, num_experts_per_tok=2, n_group=4, topk_group=2,
+               n_shared_experts=1, routed_scaling_factor=2.5, intermediate_size=48, norm_topk_prob=True)
+    mla = dict(kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8)
+    if family == "dots1":
+        return tf.Dots1Config(**COMMON, **moe, head_dim=8, first_k_dense_replace=1)
+    if family == "glm4_moe_lite":
+        return tf.Glm4MoeLiteConfig(**{**COMMON, "num_key_value_heads": 4}, **moe, **mla,
+                                    mlp_layer_types=["dense", "sparse", "sparse"])
+    # DeepSeek sparse attention: an indexer keeps index_topk keys per query (8 of up to 32: the tests see it act)
+    dsa = dict(index_topk=8, index_head_dim=8, index_n_heads=2, first_k_dense_replace=1)
+    if family == "deepseek_v32":
+        return tf.DeepseekV32Config(**{**COMMON, "num_key_value_heads": 4}, **moe, **mla, **dsa)
+    if family == "glm_moe_dsa":
+        return tf.GlmMoeDsaConfig(**{**COMMON, "num_key_value_heads": 4}, **moe, **mla, **dsa)
     return None
 
 
@@ -120,7 +140,9 @@ FAMILIES = ["qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "deepseek_v3", "glm4_m
 # added together (tests/test_families_more.py covers what is special about each)
 MORE_FAMILIES = ["ernie4_5_moe", "phimoe", "granitemoe", "granitemoeshared", "granitemoehybrid", "hunyuan_v1_moe",
                  "minimax_m2", "minimax"]
-FAMILIES += MORE_FAMILIES
+# DeepSeek-V3's MoE under other attention (tests/test_families_deepseek_like.py)
+DEEPSEEK_LIKE = ["dots1", "glm4_moe_lite", "deepseek_v32", "glm_moe_dsa"]
+FAMILIES += MORE_FAMILIES + DEEPSEEK_LIKE
 
 
 # where transformers holds the router of a family whose in-memory names differ from the checkpoint's (or whose

@@ -244,10 +244,40 @@ MINIMAX = ArchSpec(
     "writes them)",
 )
 
+# DeepSeek-V3's router, shared experts and MTP layers under other attention (the decoder layer's own modules run it)
+DOTS1 = replace(
+    DEEPSEEK_V3, model_type="dots1", num_experts_keys=("n_routed_experts", "num_local_experts"), mtp_layers_key=None,
+    aliases=(),
+    notes="dots.llm1: DeepSeek-V3's router (float32 sigmoid + e_score_correction_bias, group-limited top-k, "
+    "renormalised, routed_scaling_factor) and shared experts under Qwen3-style attention (q/k norms); "
+    "first_k_dense_replace dense layers; no MTP",
+)
+
+GLM4_MOE_LITE = replace(
+    DEEPSEEK_V3, model_type="glm4_moe_lite", num_experts_keys=("n_routed_experts", "num_local_experts"),
+    aliases=(),
+    notes="GLM-4.7-Flash: DeepSeek-V3's router and shared experts under multi-head latent attention; dense layers "
+    "where mlp_layer_types says (default: the first); MTP layers as DeepSeek-V3's",
+)
+
+DEEPSEEK_V32 = replace(
+    DEEPSEEK_V3, model_type="deepseek_v32", num_experts_keys=("n_routed_experts", "num_local_experts"), aliases=(),
+    materialised_mask=True,
+    notes="DeepSeek-V3.2: DeepSeek-V3's MoE and MTP layers; its sparse attention (a lightning indexer choosing "
+    "index_topk keys per query) is run by transformers' own module, the indexer's weights copied unchanged",
+)
+
+GLM_MOE_DSA = replace(
+    DEEPSEEK_V3, model_type="glm_moe_dsa", num_experts_keys=("n_routed_experts", "num_local_experts"), aliases=(),
+    materialised_mask=True,
+    notes="GLM-5: DeepSeek-V3's router and shared experts under DeepSeek sparse attention (transformers' module, the "
+    "indexer copied unchanged); dense layers per mlp_layer_types / first_k_dense_replace; MTP layers as DeepSeek-V3's",
+)
+
 FAMILIES: dict[str, ArchSpec] = {}
 for _spec in (QWEN3_MOE, QWEN2_MOE, MIXTRAL, OLMOE, DEEPSEEK_V3, GLM4_MOE, QWEN3_NEXT, QWEN3_5_MOE_TEXT,
               LLAMA4_TEXT, GPT_OSS, ERNIE4_5_MOE, PHIMOE, GRANITEMOE, GRANITEMOESHARED, GRANITEMOEHYBRID,
-              HUNYUAN_V1_MOE, MINIMAX_M2, MINIMAX):
+              HUNYUAN_V1_MOE, MINIMAX_M2, MINIMAX, DOTS1, GLM4_MOE_LITE, DEEPSEEK_V32, GLM_MOE_DSA):
     FAMILIES[_spec.model_type] = _spec
     for _alias in _spec.aliases:
         FAMILIES[_alias] = _spec

@@ -78,6 +78,9 @@ class ArchSpec:
     # hybrid models (Qwen3-Next, Qwen3.5, Llama-4): each decoder layer gets the mask of its config.layer_types entry
     # (full / sliding / chunked / linear attention), as the transformers model builds one mask per layer type
     mask_by_layer_type: bool = False
+    # the attention mask is always built as a tensor, never left to the kernel's is_causal (DeepSeek sparse
+    # attention: its indexer scores keys against the mask)
+    materialised_mask: bool = False
     # an MTP module stored outside the decoder layers (Qwen3-Next / Qwen3.5 `mtp.*`, which transformers drops): the
     # engine cannot run it, and copied unchanged its router would disagree with the compressed expert count, so the
     # output leaves these tensors out and sets `detached_mtp_key` to 0 (with a warning)

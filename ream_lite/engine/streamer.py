@@ -352,8 +352,11 @@ class LayerStreamer:
         if self.layout.spec.mask_by_layer_type and layer is not None:
             fn = self._layer_type_mask_fn(layer)
         # no KV cache: the keyword is `cache` in newer transformers, `past_key_values` (deprecated) before
-        no_cache = "cache" if "cache" in inspect.signature(fn).parameters else "past_key_values"
-        mask = fn(config=self.hf_config, inputs_embeds=x, attention_mask=None, position_ids=pos, **{no_cache: None})
+        params = inspect.signature(fn).parameters
+        extra = {"cache" if "cache" in params else "past_key_values": None}
+        if self.layout.spec.materialised_mask and "allow_is_causal_skip" in params:
+            extra["allow_is_causal_skip"] = False
+        mask = fn(config=self.hf_config, inputs_embeds=x, attention_mask=None, position_ids=pos, **extra)
         return mask, pos, self.rotary(x, pos) if self.rotary is not None else None
 
     def _layer_type_mask_fn(self, layer: int) -> Callable:
