@@ -1,10 +1,11 @@
-"""DeepSeek-V3's MoE under other attention: dots1 (dots.llm1), glm4_moe_lite (GLM-4.7-Flash), deepseek_v32
-(DeepSeek-V3.2) and glm_moe_dsa (GLM-5), the last two with DeepSeek sparse attention.
+"""DeepSeek-style MoE families: dots1 (dots.llm1), glm4_moe_lite (GLM-4.7-Flash), deepseek_v32
+(DeepSeek-V3.2) and glm_moe_dsa (GLM-5), DeepSeek-V3's MoE, the middle two with DeepSeek sparse attention; and
+deepseek_v2 (DeepSeek-V2 / V2-Lite), with its own softmax router.
 
 The generic tests run them from FAMILIES: test_streamer (streamed logits == transformers' forward; the sparse
 attention's indexer sees a materialised causal mask, as the model gives it), test_router, test_compress's pruning
-oracle. Here: merged outputs load in transformers and generate, the indexer's weights are copied unchanged, and
-inspect / plan read GLM-5 at its real shape.
+oracle. Here: merged outputs load in transformers and generate, the indexer's weights are copied unchanged,
+inspect / plan read GLM-5 at its real shape, and DeepSeek-V2's router by hand in both its top-k methods.
 """
 
 import json
@@ -93,3 +94,30 @@ def test_glm5_real_shape_inspect_and_plan(tmp_path, monkeypatch):
     # the default's guard candidates merge large groups (issue 18): where they overrun the card, plan says so
     est = plan()
     assert est.peak_device_bytes <= budget or any("above the device budget" in x for x in est.lines())
+
+
+@pytest.mark.parametrize("method", ["greedy", "group_limited_greedy"])
+def test_deepseek_v2_router_by_hand(method):
+    """DeepSeek-V2's softmax router, as transformers runs it: greedy (V2-Lite) ignores the groups;
+    group_limited_greedy keeps the topk_group groups whose best expert is best; weights scaled, never
+    renormalised."""
+    from tiny_models import build_model, router_of
+
+    from ream_lite.arch.families import FAMILIES
+    from ream_lite.engine.router import route
+
+    model = build_model("deepseek_v2", topk_method=method)
+    cfg = FAMILIES["deepseek_v2"].router_config(model.config.to_dict())
+    assert (cfg.n_group, cfg.topk_group) == ((4, 2) if method == "group_limited_greedy" else (1, 1))
+    assert cfg.scaling == 2.5 and not cfg.renormalize and cfg.kind == "softmax_topk"
+    owner, weight, _, call = router_of(model, 1)
+    x = torch.randn(64, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        _, ref_w, ref_i = call(x)
+    ours = route(x, weight.detach(), cfg)
+    order_ref, order = ref_i.sort(-1), ours.indices.sort(-1)
+    assert torch.equal(order_ref.values, order.values)
+    assert torch.allclose(ref_w.gather(1, order_ref.indices), ours.weights.gather(1, order.indices), atol=1e-6)
+    if method == "group_limited_greedy":  # the choice really is limited: some token's best experts span > 2 groups
+        groups = (ours.logits.softmax(-1).topk(6, dim=-1).indices // 4)
+        assert any(len(set(g.tolist())) > 2 for g in groups)

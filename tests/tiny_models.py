@@ -132,6 +132,9 @@ def _deepseek_like_config(tf, family: str):
         return tf.DeepseekV32Config(**{**COMMON, "num_key_value_heads": 4}, **moe, **mla, **dsa)
     if family == "glm_moe_dsa":
         return tf.GlmMoeDsaConfig(**{**COMMON, "num_key_value_heads": 4}, **moe, **mla, **dsa)
+    if family == "deepseek_v2":  # its softmax router, group-limited (groups scored by their best expert), scaled
+        return tf.DeepseekV2Config(**{**COMMON, "num_key_value_heads": 4}, **{**moe, "norm_topk_prob": False},
+                                   **mla, topk_method="group_limited_greedy", first_k_dense_replace=1)
     return None
 
 
@@ -141,7 +144,7 @@ FAMILIES = ["qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "deepseek_v3", "glm4_m
 MORE_FAMILIES = ["ernie4_5_moe", "phimoe", "granitemoe", "granitemoeshared", "granitemoehybrid", "hunyuan_v1_moe",
                  "minimax_m2", "minimax"]
 # DeepSeek-V3's MoE under other attention (tests/test_families_deepseek_like.py)
-DEEPSEEK_LIKE = ["dots1", "glm4_moe_lite", "deepseek_v32", "glm_moe_dsa"]
+DEEPSEEK_LIKE = ["dots1", "glm4_moe_lite", "deepseek_v32", "glm_moe_dsa", "deepseek_v2"]
 FAMILIES += MORE_FAMILIES + DEEPSEEK_LIKE
 
 

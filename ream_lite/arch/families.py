@@ -274,10 +274,23 @@ GLM_MOE_DSA = replace(
     "indexer copied unchanged); dense layers per mlp_layer_types / first_k_dense_replace; MTP layers as DeepSeek-V3's",
 )
 
+DEEPSEEK_V2 = ArchSpec(
+    model_type="deepseek_v2",
+    num_experts_keys=("n_routed_experts", "num_experts"),
+    shared_expert_attr="shared_experts",
+    renormalize_key=None,
+    router_fp32=True,
+    softmax_scaled=True,
+    topk_method_key="topk_method",
+    notes="DeepSeek-V2 / V2-Lite: float32 softmax over all experts, top-k (topk_method greedy) or top-k within the "
+    "topk_group groups with the best expert (group_limited_greedy), weights times routed_scaling_factor and never "
+    "renormalised (as transformers runs it); shared experts; first_k_dense_replace dense layers; latent attention",
+)
+
 FAMILIES: dict[str, ArchSpec] = {}
 for _spec in (QWEN3_MOE, QWEN2_MOE, MIXTRAL, OLMOE, DEEPSEEK_V3, GLM4_MOE, QWEN3_NEXT, QWEN3_5_MOE_TEXT,
               LLAMA4_TEXT, GPT_OSS, ERNIE4_5_MOE, PHIMOE, GRANITEMOE, GRANITEMOESHARED, GRANITEMOEHYBRID,
-              HUNYUAN_V1_MOE, MINIMAX_M2, MINIMAX, DOTS1, GLM4_MOE_LITE, DEEPSEEK_V32, GLM_MOE_DSA):
+              HUNYUAN_V1_MOE, MINIMAX_M2, MINIMAX, DOTS1, GLM4_MOE_LITE, DEEPSEEK_V32, GLM_MOE_DSA, DEEPSEEK_V2):
     FAMILIES[_spec.model_type] = _spec
     for _alias in _spec.aliases:
         FAMILIES[_alias] = _spec

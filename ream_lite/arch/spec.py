@@ -108,6 +108,11 @@ class ArchSpec:
     jitter_key: str | None = None  # config key of RouterConfig.jitter_eps (PhiMoE: router_jitter_noise)
     # config key of the routed scaling factor of sigmoid routers; None: the family never scales (MiniMax-M2)
     scaling_key: str | None = "routed_scaling_factor"
+    # -- DeepSeek-V2: a softmax router that also scales by scaling_key and may be group-limited --
+    softmax_scaled: bool = False  # softmax_topk weights times config[scaling_key]
+    # config key naming the top-k method ("greedy" | "group_limited_greedy", DeepSeek-V2's topk_method): groups
+    # (n_group / topk_group, each scored by its best expert) limit the choice only for "group_limited_greedy"
+    topk_method_key: str | None = None
     # config keys of scalar multipliers the decoder applies around its blocks (transformers config defaults when the
     # checkpoint's config leaves them out): the MoE block's output (Granite residual_multiplier, MiniMax
     # mlp_beta_factor; the layer's own module applies the same factor to everything else), the token embeddings
@@ -136,14 +141,17 @@ class ArchSpec:
             top_k=_uniform(config[self.top_k_key], self.top_k_key),
             renormalize=renorm,
             scaling=float(config.get(scaling_key, 1.0) or 1.0)
-            if self.router_kind == "sigmoid_grouped_topk" and scaling_key
+            if (self.router_kind == "sigmoid_grouped_topk" or self.softmax_scaled) and scaling_key
             else 1.0,
-            n_group=int(config.get("n_group", 1) or 1),
-            topk_group=int(config.get("topk_group", 1) or 1),
+            n_group=int(config.get("n_group", 1) or 1) if self._grouped(config) else 1,
+            topk_group=int(config.get("topk_group", 1) or 1) if self._grouped(config) else 1,
             fp32_logits=self.router_fp32,
             renorm_min=float(config.get(self.renorm_min_key) or 0.0) if self.renorm_min_key else 0.0,
             jitter_eps=float(config.get(self.jitter_key) or 0.0) if self.jitter_key else 0.0,
         )
+
+    def _grouped(self, config: dict) -> bool:
+        return self.topk_method_key is None or config.get(self.topk_method_key) == "group_limited_greedy"
 
     def config_scalar(self, config, key: str | None) -> float:
         """A multiplier named by one of the *_key fields, from a transformers config object (1.0 if no key)."""

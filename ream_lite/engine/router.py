@@ -63,6 +63,14 @@ def route(x: torch.Tensor, weight: torch.Tensor, cfg: RouterConfig, bias: torch.
         else:
             logits = F.linear(x, weight.to(x.dtype)).float()
         probs = torch.softmax(logits, dim=-1)
+        if cfg.n_group > 1:  # DeepSeek-V2's group_limited_greedy: groups scored by their best expert
+            n, per_group = probs.shape[-1], probs.shape[-1] // cfg.n_group
+            group_scores = probs.view(-1, cfg.n_group, per_group).max(dim=-1).values
+            group_idx = torch.topk(group_scores, k=cfg.topk_group, dim=-1, sorted=False)[1]
+            group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1.0)
+            keep = group_mask.unsqueeze(-1).expand(-1, cfg.n_group, per_group).reshape(-1, n).bool()
+            top_w, top_i = torch.topk(probs.masked_fill(~keep, 0.0), cfg.top_k, dim=-1, sorted=False)
+            return Routing(logits, top_i, top_w * cfg.scaling, probs)
         if bias is None:
             top_w, top_i = torch.topk(probs, cfg.top_k, dim=-1)
         else:  # Ernie-4.5: the selection bias is added to the probabilities for the choice only
@@ -73,7 +81,7 @@ def route(x: torch.Tensor, weight: torch.Tensor, cfg: RouterConfig, bias: torch.
             if cfg.renorm_min > 0:
                 denom = denom.clamp(min=cfg.renorm_min)
             top_w = top_w / denom
-        return Routing(logits, top_i, top_w, probs)
+        return Routing(logits, top_i, top_w * cfg.scaling if cfg.scaling != 1.0 else top_w, probs)
     if cfg.kind == "sparsemixer":
         return _sparsemixer(x, weight, cfg)
     if cfg.kind == "sigmoid_grouped_topk":
