@@ -1,4 +1,4 @@
-"""What is special about ernie4_5_moe, phimoe, granitemoe(shared), hunyuan_v1_moe, minimax and minimax_m2.
+"""What is special about ernie4_5_moe, phimoe, granitemoe(shared), hunyuan_v1_moe, minimax, minimax_m2 and jamba.
 
 The generic tests run them from FAMILIES: test_streamer (streamed logits == transformers' forward), test_router (our
 router == transformers' router module on random inputs), test_compress's pruning oracle (the pruned output loads in
@@ -157,7 +157,7 @@ def test_granite_fused_experts_written_fused_and_merges_load(model_dirs, calib_f
     assert torch.isfinite(reference_logits(m, torch.randint(0, VOCAB, (1, 8)))).all()
 
 
-@pytest.mark.parametrize("family", ["ernie4_5_moe", "hunyuan_v1_moe", "phimoe"])
+@pytest.mark.parametrize("family", ["ernie4_5_moe", "hunyuan_v1_moe", "phimoe", "jamba"])
 def test_merged_outputs_load(model_dirs, calib_file, tmp_path, family):
     model, src = model_dirs[family]
     compress(src, tmp_path / "out", "--experts", "4", "--method", "ream", "--calib", str(calib_file), "--guard", "off")

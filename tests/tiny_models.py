@@ -107,6 +107,11 @@ def _more_family_config(tf, family: str):
     if family == "minimax_m2":
         return tf.MiniMaxM2Config(**COMMON, head_dim=8, intermediate_size=16, num_local_experts=8,
                                   num_experts_per_tok=2)
+    if family == "jamba":  # Mamba (MoE), attention (dense), Mamba (MoE)
+        return tf.JambaConfig(**COMMON, intermediate_size=16, num_experts=8, num_experts_per_tok=2,
+                              attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=0,
+                              mamba_d_state=8, mamba_d_conv=3, mamba_expand=2, mamba_dt_rank=4,
+                              use_mamba_kernels=False)
     if family == "minimax":  # lightning blocks of 8 tokens: test sequences span several
         return tf.MiniMaxConfig(**COMMON, head_dim=8, intermediate_size=16, num_local_experts=8, num_experts_per_tok=2,
                                 layer_types=["linear_attention", "full_attention", "linear_attention"], block_size=8,
@@ -142,7 +147,7 @@ FAMILIES = ["qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "deepseek_v3", "glm4_m
             "llama4_text", "gpt_oss"]
 # added together (tests/test_families_more.py covers what is special about each)
 MORE_FAMILIES = ["ernie4_5_moe", "phimoe", "granitemoe", "granitemoeshared", "granitemoehybrid", "hunyuan_v1_moe",
-                 "minimax_m2", "minimax"]
+                 "minimax_m2", "minimax", "jamba"]
 # DeepSeek-V3's MoE under other attention (tests/test_families_deepseek_like.py)
 DEEPSEEK_LIKE = ["dots1", "glm4_moe_lite", "deepseek_v32", "glm_moe_dsa", "deepseek_v2"]
 FAMILIES += MORE_FAMILIES + DEEPSEEK_LIKE

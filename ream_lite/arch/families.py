@@ -287,10 +287,25 @@ DEEPSEEK_V2 = ArchSpec(
     "renormalised (as transformers runs it); shared experts; first_k_dense_replace dense layers; latent attention",
 )
 
+JAMBA = ArchSpec(
+    model_type="jamba",
+    num_experts_keys=("num_experts", "num_local_experts"),
+    final_norm_key="model.final_layernorm.weight",
+    moe_attr="feed_forward",
+    moe_disk="feed_forward",
+    router_weight="router.weight",
+    moe_intermediate_key="intermediate_size",
+    renormalize_key=None,
+    mask_by_layer_type=True,
+    notes="Jamba: softmax -> top-k, never renormalised; Mamba and attention layers per attn_layer_period / offset "
+    "(Mamba run by transformers' own module without a cache, whole sequences, no positions), MoE feed-forward per "
+    "expert_layer_period / offset, the others dense",
+)
+
 FAMILIES: dict[str, ArchSpec] = {}
 for _spec in (QWEN3_MOE, QWEN2_MOE, MIXTRAL, OLMOE, DEEPSEEK_V3, GLM4_MOE, QWEN3_NEXT, QWEN3_5_MOE_TEXT,
               LLAMA4_TEXT, GPT_OSS, ERNIE4_5_MOE, PHIMOE, GRANITEMOE, GRANITEMOESHARED, GRANITEMOEHYBRID,
-              HUNYUAN_V1_MOE, MINIMAX_M2, MINIMAX, DOTS1, GLM4_MOE_LITE, DEEPSEEK_V32, GLM_MOE_DSA, DEEPSEEK_V2):
+              HUNYUAN_V1_MOE, MINIMAX_M2, MINIMAX, DOTS1, GLM4_MOE_LITE, DEEPSEEK_V32, GLM_MOE_DSA, DEEPSEEK_V2, JAMBA):
     FAMILIES[_spec.model_type] = _spec
     for _alias in _spec.aliases:
         FAMILIES[_alias] = _spec

@@ -459,7 +459,9 @@ class LayerStreamer:
     # -- head ---------------------------------------------------------------------------------------------------
     def norm_module(self, weight_key: str) -> nn.Module:
         """The model's final-norm class filled with the weight `weight_key` (final norm, MTP enorm/hnorm ...)."""
-        return self._fill(copy.deepcopy(self.base.norm), weight_key.rsplit(".", 1)[0])
+        # (the final norm's class, whatever the decoder calls it: `norm`, Jamba's `final_layernorm`)
+        name = self.layout.spec.final_norm_key.rsplit(".", 2)[-2]
+        return self._fill(copy.deepcopy(getattr(self.base, name, None) or self.base.norm), weight_key.rsplit(".", 1)[0])
 
     def head(self) -> tuple[nn.Module, torch.Tensor]:
         norm = self.norm_module(self.layout.spec.final_norm_key)
