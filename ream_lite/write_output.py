@@ -94,7 +94,7 @@ def write_layer(writer: CheckpointWriter, layout: ModelLayout, layer: int, plan:
                     like = r.entry(o)
                     if writer.output.keeps_stored(name, like):
                         for sfx, t in parts.items():
-                            writer.add(name + sfx, t)
+                            writer.add(like.part_name(sfx, name), t)
                     else:  # (--out-dtype, --quantize: decoded from those bytes, then written as asked)
                         writer.add_like(name, stored.decode(like, {k: t.cpu() for k, t in parts.items()}, None), like)
             else:

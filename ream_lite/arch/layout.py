@@ -30,7 +30,9 @@ _INHERITED_KEYS = ("dtype", "torch_dtype", "quantization_config")
 log = logging.getLogger(__name__)
 
 # quantization_config.quant_method values whose weights the reader decodes (checkpoint/stored.py)
-DECODABLE_QUANT_METHODS = ("fp8", "mxfp4", "bitsandbytes", "compressed-tensors")
+DECODABLE_QUANT_METHODS = ("fp8", "mxfp4", "bitsandbytes", "compressed-tensors", "modelopt")
+# compressed-tensors formats whose weights the reader decodes: FP8 ("float-quantized"), NVFP4
+COMPRESSED_TENSORS_FORMATS = ("float-quantized", "nvfp4-pack-quantized")
 
 
 def fp8_block_size(config: dict) -> tuple[int, int] | None:
@@ -323,7 +325,7 @@ class ModelLayout:
 
     def require_decodable(self) -> None:
         """Refuse quantized checkpoints whose weights ream-lite cannot decode (GPTQ, AWQ, bnb 8-bit ...); FP8
-        block-scaled, MXFP4 and bnb 4-bit weights are decoded on read (`checkpoint.stored`)."""
+        block-scaled, MXFP4, NVFP4 and bnb 4-bit weights are decoded on read (`checkpoint.stored`)."""
         self._require_known_expert_tensors()
         unscaled = [k for k, t in self.reader.tensors.items() if t.encoding == "fp8_unscaled"]
         if unscaled:
@@ -331,16 +333,22 @@ class ModelLayout:
                                 f"{unscaled[0]} is {UNSCALED_FP8_MESSAGE}")
         quant = self.config.get("quantization_config") or {}
         method = quant.get("quant_method")
-        if method == "compressed-tensors" and quant.get("format") != "float-quantized":
+        if method == "compressed-tensors" and quant.get("format") not in COMPRESSED_TENSORS_FORMATS:
             raise ReamLiteError(f"{self.path}: compressed-tensors checkpoint in format {quant.get('format')!r}; "
-                                "ream-lite decodes its FP8 'float-quantized' format only: use the unquantized release")
+                                "ream-lite decodes its FP8 'float-quantized' and 'nvfp4-pack-quantized' formats only: "
+                                "use the unquantized release")
+        if method == "modelopt":
+            algo = quant.get("quant_algo") or (quant.get("quantization") or {}).get("quant_algo")
+            if algo != "NVFP4":
+                raise ReamLiteError(f"{self.path}: ModelOpt checkpoint quantized as {algo!r}; ream-lite decodes its "
+                                    "NVFP4 only: use the unquantized release")
         if method is None or method in DECODABLE_QUANT_METHODS:
             if method == "bitsandbytes" and quant.get("load_in_8bit"):
                 raise ReamLiteError(f"{self.path}: bitsandbytes 8-bit checkpoints cannot be decoded; use the "
                                     "unquantized or a 4-bit release")
             return
         raise ReamLiteError(
-            f"{self.path}: quantized checkpoint ({method}); ream-lite decodes FP8 block-scaled, MXFP4 and "
+            f"{self.path}: quantized checkpoint ({method}); ream-lite decodes FP8 block-scaled, MXFP4, NVFP4 and "
             "bitsandbytes 4-bit weights only: use the model's unquantized release"
         )
 

@@ -70,7 +70,7 @@ class OutputFormat:
             return value.to(self.decode_to or self.compute_dtype)
         parts = self.encode(name, value, like)
         out_like = like if target == "stored" else _bnb_like(name, like)
-        by_suffix = {k[len(name):]: v for k, v in parts.items()}
+        by_suffix = {stored.part_suffix(k, name): v for k, v in parts.items()}
         return stored.decode(out_like, by_suffix, dtype)
 
     def config(self, config: dict, bnb_skip: tuple[str, ...] | list[str] | None = None) -> dict:

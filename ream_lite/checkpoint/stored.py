@@ -2,7 +2,11 @@
 
 A quantized checkpoint stores a weight as parts: FP8 block-scaled `X.weight` + `X.weight_scale_inv`; MXFP4
 `X_blocks` + `X_scales` (logical name `X`); bitsandbytes 4-bit `X.weight` + `X.weight.absmax`,
-`X.weight.quant_map`, `X.weight.quant_state.bitsandbytes__nf4` (+ nested statistics). The reader groups the parts
+`X.weight.quant_map`, `X.weight.quant_state.bitsandbytes__nf4` (+ nested statistics); NVFP4 (checkpoint/nvfp4.py)
+`X.weight_packed` + `X.weight_scale` + `X.weight_global_scale` (compressed-tensors) or `X.weight` + `X.weight_scale` +
+`X.weight_scale_2` (ModelOpt), each with the module's activation scale beside it (`X.input_global_scale`,
+`X.input_scale`): a part whose suffix starts with "/" is a sibling of the weight (`X.` + the rest), not `X.weight`
++ suffix, so that it is renamed, kept and dropped with its expert. The reader groups the parts
 into one `StoredTensor` named as the weight is named in an unquantized checkpoint, with its decoded shape, so the
 rest of ream-lite (layouts, streamer, writer) sees the same names and shapes whatever the encoding, reads decoded
 values through `CheckpointReader.get`, and copies a tensor with all its parts when it is kept as stored.
@@ -21,7 +25,7 @@ from ream_lite.checkpoint.format import TensorEntry, shape_numel
 from ream_lite.errors import ReamLiteError
 
 # fp8_unscaled: FP8 values without a block scale (per-tensor / per-channel schemes): indexed, never decoded
-Encoding = Literal["plain", "fp8_block", "mxfp4", "bnb4", "fp8_unscaled"]
+Encoding = Literal["plain", "fp8_block", "mxfp4", "bnb4", "fp8_unscaled", "nvfp4"]
 UNSCALED_FP8_MESSAGE = ("FP8 without a weight_scale_inv block scale; only block-scaled FP8 (DeepSeek-V3 / Qwen3 FP8 "
                         "style) can be decoded")
 
@@ -29,6 +33,8 @@ FP8_SCALE = "_scale_inv"  # DeepSeek-V3 / Qwen3-FP8 / Kimi-K2 ("fp8" quant_metho
 FP8_CT_SCALE = "_scale"  # compressed-tensors float-quantized (llm-compressor): per tensor, channel or block
 FP8_SCALES = (FP8_SCALE, FP8_CT_SCALE)
 MX_BLOCKS, MX_SCALES = "_blocks", "_scales"
+NV_PACKED, NV_SCALE, NV_GLOBAL, NV_SCALE_2 = "_packed", "_scale", "_global_scale", "_scale_2"
+NV_INPUT = {NV_GLOBAL: "/input_global_scale", NV_SCALE_2: "/input_scale"}  # the activation scale beside each form
 
 
 @dataclass(frozen=True)
@@ -44,7 +50,7 @@ class StoredTensor:
 
     @property
     def main(self) -> TensorEntry:
-        return self.parts[""] if "" in self.parts else self.parts[MX_BLOCKS]
+        return next(self.parts[k] for k in ("", MX_BLOCKS, NV_PACKED) if k in self.parts)
 
     @property
     def path(self) -> str:
@@ -76,7 +82,21 @@ class StoredTensor:
 
     def part_name(self, suffix: str, name: str | None = None) -> str:
         """The on-disk key of part `suffix` for this tensor stored under logical name `name` (default its own)."""
-        return (name or self.name) + suffix
+        return part_name(suffix, name or self.name)
+
+
+def part_name(suffix: str, name: str) -> str:
+    """The on-disk key of part `suffix` of logical tensor `name` ("/x": the sibling `x` of the weight)."""
+    if suffix.startswith("/"):
+        return name.rsplit(".", 1)[0] + "." + suffix[1:]
+    return name + suffix
+
+
+def part_suffix(key: str, name: str) -> str:
+    """The suffix of on-disk key `key` among the parts of logical tensor `name` (part_name's inverse)."""
+    if key.startswith(name):
+        return key[len(name):]
+    return "/" + key.rsplit(".", 1)[1]
 
 
 def group_entries(entries: dict[str, TensorEntry], fp8_block: tuple[int, int]) -> dict[str, StoredTensor]:
@@ -85,6 +105,13 @@ def group_entries(entries: dict[str, TensorEntry], fp8_block: tuple[int, int]) -
     owned: set[str] = set()
     bnb = group_bnb4_keys(entries)  # weight key -> {suffix: key} of its bnb 4-bit parts
     for k, e in entries.items():
+        nv = _nvfp4_parts(k, e, entries)
+        if nv is not None:
+            base, parts = nv
+            *lead, rows, half = parts[NV_PACKED if NV_PACKED in parts else ""].shape
+            out[base] = StoredTensor(base, "nvfp4", (*lead, rows, 2 * half), parts, (16,))
+            owned.update(part_name(sfx, base) for sfx in parts)
+            continue
         fp8_scale = next((sfx for sfx in FP8_SCALES if k + sfx in entries), None)
         if fp8_scale is not None and e.dtype.startswith("F8"):
             block = _fp8_grid(k, e, entries[k + fp8_scale], fp8_block)
@@ -111,6 +138,29 @@ def group_entries(entries: dict[str, TensorEntry], fp8_block: tuple[int, int]) -
         unscaled = e.dtype.startswith("F8") and e.dtype != "F8_E8M0"
         out[k] = StoredTensor(k, "fp8_unscaled" if unscaled else "plain", e.shape, {"": e})
     return out
+
+
+def _nvfp4_parts(key: str, e: TensorEntry, entries: dict[str, TensorEntry]
+                 ) -> tuple[str, dict[str, TensorEntry]] | None:
+    """(logical name, parts) when `key` is the codes of an NVFP4 weight: compressed-tensors' `X.weight_packed` or
+    ModelOpt's uint8 `X.weight` beside `X.weight_scale` (E4M3) and `X.weight_scale_2`; else None."""
+    if key.endswith(".weight" + NV_PACKED) and e.dtype == "U8":
+        base, main, tensor_scale = key[: -len(NV_PACKED)], NV_PACKED, NV_GLOBAL
+    elif key.endswith(".weight") and e.dtype == "U8" and key + NV_SCALE_2 in entries:
+        base, main, tensor_scale = key, "", NV_SCALE_2
+    else:
+        return None
+    scale, ts = entries.get(base + NV_SCALE), entries.get(base + tensor_scale)
+    *lead, rows, half = e.shape if e.shape else (0, 0)
+    if (scale is None or ts is None or scale.dtype != "F8_E4M3" or tuple(scale.shape) != (*lead, rows, half // 8)
+            or ts.numel != 1):
+        raise ReamLiteError(f"{e.path}: {key}: not an NVFP4 weight (needs {base}{NV_SCALE} E4M3 "
+                            f"[..., {rows}, {half // 8}] and a one-element {base}{tensor_scale})")
+    parts = {main: e, NV_SCALE: scale, tensor_scale: ts}
+    sibling = part_name(NV_INPUT[tensor_scale], base)
+    if sibling in entries:
+        parts[NV_INPUT[tensor_scale]] = entries[sibling]
+    return base, parts
 
 
 def _fp8_grid(key: str, e: TensorEntry, scale: TensorEntry, block: tuple[int, int]) -> tuple[int, int]:
@@ -178,9 +228,42 @@ def decode(t: StoredTensor, parts: dict[str, torch.Tensor], dtype: torch.dtype |
         from ream_lite.checkpoint.bnb4 import decode_bnb4
 
         return decode_bnb4(parts, dtype)
+    if t.encoding == "nvfp4":
+        from ream_lite.checkpoint.nvfp4 import decode_nvfp4
+
+        inverted = NV_SCALE_2 in t.parts
+        codes = parts[NV_PACKED if NV_PACKED in t.parts else ""]
+        return decode_nvfp4(codes, parts[NV_SCALE], parts[NV_SCALE_2 if inverted else NV_GLOBAL], inverted, dtype)
+    if t.encoding == "nvfp4":
+        return _encode_nvfp4(t, name, value)
     if t.encoding == "fp8_unscaled":
         raise ReamLiteError(f"{t.path}: {t.name} is {UNSCALED_FP8_MESSAGE}")
     raise ValueError(t.encoding)
+
+
+def _encode_nvfp4(t: StoredTensor, name: str, value: torch.Tensor) -> dict[str, torch.Tensor]:
+    """`value` as an NVFP4 weight like `t`: fresh block scales under `t`'s own tensor scale (the merged expert is
+    written in place of `t`'s expert, whose gate and up projections share one tensor scale, as fused NVFP4 MoE kernels
+    require), and `t`'s activation scale (its expert's inputs)."""
+    from ream_lite.checkpoint.nvfp4 import encode_nvfp4
+
+    inverted = NV_SCALE_2 in t.parts
+    ts_sfx = NV_SCALE_2 if inverted else NV_GLOBAL
+    ts = read_entry(t.parts[ts_sfx])
+    codes, scales = encode_nvfp4(value, ts, inverted)
+    out = {part_name("" if inverted else NV_PACKED, name): codes, name + NV_SCALE: scales, name + ts_sfx: ts}
+    if NV_INPUT[ts_sfx] in t.parts:
+        out[part_name(NV_INPUT[ts_sfx], name)] = read_entry(t.parts[NV_INPUT[ts_sfx]])
+    return out
+
+
+def read_entry(e: TensorEntry) -> torch.Tensor:
+    """A small stored tensor (a scale), read directly from its file."""
+    with open(e.path, "rb") as f:
+        f.seek(e.start)
+        raw = bytearray(f.read(e.nbytes))
+    return torch.frombuffer(raw, dtype=e.torch_dtype).reshape(e.shape).clone() if raw else torch.empty(
+        e.shape, dtype=e.torch_dtype)
 
 
 def encode(t: StoredTensor, name: str, value: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -207,7 +290,34 @@ def encode(t: StoredTensor, name: str, value: torch.Tensor) -> dict[str, torch.T
         # in the dtype the input's quant_state records (what transformers then computes in)
         return encode_bnb4(name, value.to(t.value_dtype or value.dtype), quant_type, blocksize=t.block[0],
                            compress_statistics=".nested_absmax" in t.parts)
+    if t.encoding == "nvfp4":
+        return _encode_nvfp4(t, name, value)
     if t.encoding == "fp8_unscaled":
         raise ReamLiteError(f"{t.path}: {t.name} is {UNSCALED_FP8_MESSAGE}")
     raise ValueError(t.encoding)
+
+
+def _encode_nvfp4(t: StoredTensor, name: str, value: torch.Tensor) -> dict[str, torch.Tensor]:
+    """`value` as an NVFP4 weight like `t`: fresh block scales under `t`'s own tensor scale (the merged expert is
+    written in place of `t`'s expert, whose gate and up projections share one tensor scale, as fused NVFP4 MoE kernels
+    require), and `t`'s activation scale (its expert's inputs)."""
+    from ream_lite.checkpoint.nvfp4 import encode_nvfp4
+
+    inverted = NV_SCALE_2 in t.parts
+    ts_sfx = NV_SCALE_2 if inverted else NV_GLOBAL
+    ts = read_entry(t.parts[ts_sfx])
+    codes, scales = encode_nvfp4(value, ts, inverted)
+    out = {part_name("" if inverted else NV_PACKED, name): codes, name + NV_SCALE: scales, name + ts_sfx: ts}
+    if NV_INPUT[ts_sfx] in t.parts:
+        out[part_name(NV_INPUT[ts_sfx], name)] = read_entry(t.parts[NV_INPUT[ts_sfx]])
+    return out
+
+
+def read_entry(e: TensorEntry) -> torch.Tensor:
+    """A small stored tensor (a scale), read directly from its file."""
+    with open(e.path, "rb") as f:
+        f.seek(e.start)
+        raw = bytearray(f.read(e.nbytes))
+    return torch.frombuffer(raw, dtype=e.torch_dtype).reshape(e.shape).clone() if raw else torch.empty(
+        e.shape, dtype=e.torch_dtype)
 
