@@ -1,5 +1,6 @@
 """DeepSeek-style MoE families: dots1 (dots.llm1), glm4_moe_lite (GLM-4.7-Flash), deepseek_v32
-(DeepSeek-V3.2) and glm_moe_dsa (GLM-5), DeepSeek-V3's MoE, the middle two with DeepSeek sparse attention; and
+(DeepSeek-V3.2), glm_moe_dsa (GLM-5), exaone_moe (K-EXAONE, sliding / global attention, its selection bias stored on
+the block) and solar_open (Solar Open), DeepSeek-V3's MoE, V3.2 and GLM-5 with DeepSeek sparse attention; and
 deepseek_v2 (DeepSeek-V2 / V2-Lite), with its own softmax router.
 
 The generic tests run them from FAMILIES: test_streamer (streamed logits == transformers' forward; the sparse
@@ -38,8 +39,10 @@ def test_merged_output_loads_and_generates(model_dirs, calib_file, tmp_path, fam
     model, src = model_dirs[family]
     run("compress", src, tmp_path / "out", "--experts", 8, "--method", "ream", "--calib", calib_file, "--seq-len",
         32, "--num-sequences", 12, "--device", "cpu")
+    from ream_lite.arch.families import FAMILIES
+
     cfg = json.loads((tmp_path / "out" / "config.json").read_text())
-    assert cfg["n_routed_experts"] == 8
+    assert [cfg[k] for k in FAMILIES[family].num_experts_keys if k in cfg] == [8]
     m = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
     assert set(m.state_dict()) == set(model.state_dict())
     out = m.generate(torch.randint(3, VOCAB, (1, 6)), max_new_tokens=5, do_sample=False)

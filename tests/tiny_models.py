@@ -137,6 +137,13 @@ def _deepseek_like_config(tf, family: str):
         return tf.DeepseekV32Config(**{**COMMON, "num_key_value_heads": 4}, **moe, **mla, **dsa)
     if family == "glm_moe_dsa":
         return tf.GlmMoeDsaConfig(**{**COMMON, "num_key_value_heads": 4}, **moe, **mla, **dsa)
+    if family == "exaone_moe":  # a sliding-window layer, a global one, a sliding one; layer 0 dense
+        return tf.ExaoneMoeConfig(**COMMON, **{k: v for k, v in moe.items() if k != "n_routed_experts"},
+                                  num_experts=16, num_shared_experts=1, head_dim=8, sliding_window=8,
+                                  layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                                  mlp_layer_types=["dense", "sparse", "sparse"])
+    if family == "solar_open":
+        return tf.SolarOpenConfig(**COMMON, **moe, head_dim=8)
     if family == "deepseek_v2":  # its softmax router, group-limited (groups scored by their best expert), scaled
         return tf.DeepseekV2Config(**{**COMMON, "num_key_value_heads": 4}, **{**moe, "norm_topk_prob": False},
                                    **mla, topk_method="group_limited_greedy", first_k_dense_replace=1)
@@ -149,7 +156,7 @@ FAMILIES = ["qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "deepseek_v3", "glm4_m
 MORE_FAMILIES = ["ernie4_5_moe", "phimoe", "granitemoe", "granitemoeshared", "granitemoehybrid", "hunyuan_v1_moe",
                  "minimax_m2", "minimax", "jamba"]
 # DeepSeek-V3's MoE under other attention (tests/test_families_deepseek_like.py)
-DEEPSEEK_LIKE = ["dots1", "glm4_moe_lite", "deepseek_v32", "glm_moe_dsa", "deepseek_v2"]
+DEEPSEEK_LIKE = ["dots1", "glm4_moe_lite", "deepseek_v32", "glm_moe_dsa", "deepseek_v2", "exaone_moe", "solar_open"]
 FAMILIES += MORE_FAMILIES + DEEPSEEK_LIKE
 
 
@@ -164,6 +171,7 @@ _ROUTERS = {
     "granitemoehybrid": ("block_sparse_moe", "router", None, "router"),
     "hunyuan_v1_moe": ("mlp", "gate.wg", None, "gate"),
     "minimax_m2": ("mlp", "gate", "e_score_correction_bias", "gate+bias"),
+    "exaone_moe": ("mlp", "gate", "gate.e_score_correction_bias", "gate"),
 }
 
 

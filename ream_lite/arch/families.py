@@ -287,6 +287,20 @@ DEEPSEEK_V2 = ArchSpec(
     "renormalised (as transformers runs it); shared experts; first_k_dense_replace dense layers; latent attention",
 )
 
+EXAONE_MOE = replace(
+    DEEPSEEK_V3, model_type="exaone_moe", num_experts_keys=("num_experts", "num_local_experts"), mtp_layers_key=None,
+    aliases=(), mask_by_layer_type=True, router_bias="e_score_correction_bias",
+    notes="EXAONE MoE (K-EXAONE): DeepSeek-V3's router (float32 sigmoid + e_score_correction_bias, stored on the "
+    "block as mlp.e_score_correction_bias, group-limited top-k, routed_scaling_factor) and a shared expert; sliding-window and global attention per layer_types, dense "
+    "layers per mlp_layer_types",
+)
+
+SOLAR_OPEN = replace(
+    DEEPSEEK_V3, model_type="solar_open", num_experts_keys=("n_routed_experts", "num_local_experts"),
+    mtp_layers_key=None, aliases=(),
+    notes="Solar Open: DeepSeek-V3's router and shared experts under grouped-query attention; every layer MoE",
+)
+
 JAMBA = ArchSpec(
     model_type="jamba",
     num_experts_keys=("num_experts", "num_local_experts"),
@@ -305,7 +319,7 @@ JAMBA = ArchSpec(
 FAMILIES: dict[str, ArchSpec] = {}
 for _spec in (QWEN3_MOE, QWEN2_MOE, MIXTRAL, OLMOE, DEEPSEEK_V3, GLM4_MOE, QWEN3_NEXT, QWEN3_5_MOE_TEXT,
               LLAMA4_TEXT, GPT_OSS, ERNIE4_5_MOE, PHIMOE, GRANITEMOE, GRANITEMOESHARED, GRANITEMOEHYBRID,
-              HUNYUAN_V1_MOE, MINIMAX_M2, MINIMAX, DOTS1, GLM4_MOE_LITE, DEEPSEEK_V32, GLM_MOE_DSA, DEEPSEEK_V2, JAMBA):
+              HUNYUAN_V1_MOE, MINIMAX_M2, MINIMAX, DOTS1, GLM4_MOE_LITE, DEEPSEEK_V32, GLM_MOE_DSA, DEEPSEEK_V2, JAMBA, EXAONE_MOE, SOLAR_OPEN):
     FAMILIES[_spec.model_type] = _spec
     for _alias in _spec.aliases:
         FAMILIES[_alias] = _spec
