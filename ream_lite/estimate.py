@@ -51,7 +51,7 @@ from ream_lite.methods.apply import alignment_pairs, needs_activation_pass
 from ream_lite.methods.stats import LayerStats
 from ream_lite.rates import Rates, default_rates, measure_rates
 from ream_lite.resume import expected_snapshots, parse_snapshot_every
-from ream_lite.write_output import compression_steps, detached_mtp_keys, make_output_format
+from ream_lite.write_output import compression_steps, make_output_format, non_layer_keys
 
 if TYPE_CHECKING:  # pipeline imports this module
     from ream_lite.pipeline import CompressConfig
@@ -523,10 +523,8 @@ def estimate_compression(
     fmt = make_output_format(layout, n_keep, cfg.out_dtype, cfg.quantize, cfg.double_quant)
     layers = [_layer_cost(layout, info, cfg, n_keep, memory, shape, tokens, held, inter, fmt)
               for info in layout.layers]
-    r, layer_prefix = layout.reader, f"{layout.spec.layers_prefix}."
-    detached = detached_mtp_keys(layout)  # (never written: copy_non_layer_tensors leaves them out)
-    other = sum(written_bytes(fmt, k, t) for k, t in r.tensors.items()
-                if not k.startswith(layer_prefix) and k not in detached)
+    r = layout.reader
+    other = sum(written_bytes(fmt, k, r.entry(k)) for k in non_layer_keys(layout, cfg.drop_mtp))
     e_stored = max(_stored_expert_bytes(layout, x) for x in layout.moe_layers)
     # merged experts are held as written: stored bytes for plain tensors, decoded (compute dtype) for encoded ones
     encoded = any(r.entry(k).is_encoded for x in layout.moe_layers for k in layout.expert_keys(x.index)[:3])
@@ -663,7 +661,9 @@ def _layer_cost(
     # the rest of the layer: ~2 FLOPs per parameter per token (not the router, counted per pass; not an MTP
     # layer's embedding or head, which are looked up or unused), plus causal attention scores and mixing
     skip = _router_keys(layout, info) if info.is_moe else set()
-    skip |= {f"{info.prefix}.{layout.spec.mtp_embed}", f"{info.prefix}.shared_head.head.weight"} if info.is_mtp else set()
+    spec = layout.spec
+    skip |= {spec.mtp_key(info.prefix, spec.mtp_embed), spec.mtp_key(info.prefix, spec.mtp_head)} if info.is_mtp \
+        else set()
     params = sum(r.entry(k).numel for k in keys if k not in skip)
     heads = int(c.get("num_attention_heads") or 1)
     head_dim = int(c.get("head_dim") or int(c["hidden_size"]) // heads)
@@ -688,9 +688,16 @@ def _mtp_read_correction(layout: ModelLayout, info: LayerLayout) -> int:
     r, spec = layout.reader, layout.spec
     mtp = [x for x in layout.layers if x.is_mtp]
     k = mtp.index(info)
-    prev_norm = spec.final_norm_key if k == 0 else f"{mtp[k - 1].prefix}.{spec.mtp_head_norm}"
-    own = [f"{info.prefix}.shared_head.head.weight", f"{info.prefix}.{spec.mtp_head_norm}"]
-    return r.entry(prev_norm).nbytes - sum(r.entry(key).nbytes for key in own if key in r)
+    prev_norm = spec.final_norm_key if k == 0 else spec.mtp_key(mtp[k - 1].prefix, spec.mtp_head_norm)
+    in_layer = set(layout.layer_keys(info.index))
+    own = [spec.mtp_key(info.prefix, spec.mtp_head), spec.mtp_key(info.prefix, spec.mtp_head_norm)]
+    # input parts kept apart from the layer (Qwen3-Next's mtp.fc, mtp.pre_fc_norm_*) are copied with the tensors
+    # outside the layers, and read once more to make the layer's input
+    apart = [spec.mtp_key(info.prefix, n) for n in (spec.mtp_enorm, spec.mtp_hnorm, spec.mtp_proj)]
+    if spec.mtp_key(info.prefix, spec.mtp_embed) not in r:  # (no embedding of its own: the model's, read again)
+        apart.append(spec.embed_key)
+    return (r.entry(prev_norm).nbytes - sum(r.entry(key).nbytes for key in own if key in in_layer)
+            + sum(r.entry(key).nbytes for key in apart if key in r and key not in in_layer))
 
 
 def _cached_dtypes(layout: ModelLayout, info: LayerLayout, memory: MemoryPlan) -> str:

@@ -316,7 +316,7 @@ def _compress(layout: ModelLayout, cfg: CompressConfig, n_keep: int, echo: Calla
     h = out = None
     try:
         if manifest is None:
-            copy_non_layer_tensors(writer, layout)
+            copy_non_layer_tensors(writer, layout, cfg.drop_mtp)
             h = streamer.embed(seqs)
         else:
             h = resumed_hidden(streamer, resume_log, manifest)
@@ -327,7 +327,7 @@ def _compress(layout: ModelLayout, cfg: CompressConfig, n_keep: int, echo: Calla
             if step >= n_dec:  # an MTP layer: fed as the model feeds it at inference (see ArchSpec)
                 j = step - n_dec  # MTP layer j sees token t + j + 1 at position t
                 prev_norm = layout.spec.final_norm_key if j == 0 else \
-                    f"{steps[step - 1].prefix}.{layout.spec.mtp_head_norm}"
+                    layout.spec.mtp_key(steps[step - 1].prefix, layout.spec.mtp_head_norm)
                 x = streamer.mtp_inputs(info.index, [s[j:] for s in seqs], h, prev_norm)
                 h.close()
                 h = x

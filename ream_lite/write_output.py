@@ -38,23 +38,33 @@ def compression_steps(layout: ModelLayout, drop_mtp: bool) -> list[LayerLayout]:
     return layout.decoder_layers + ([] if drop_mtp else [x for x in layout.layers if x.is_mtp])
 
 
-def copy_non_layer_tensors(writer: CheckpointWriter, layout: ModelLayout) -> None:
+def copy_non_layer_tensors(writer: CheckpointWriter, layout: ModelLayout, drop_mtp: bool = False) -> None:
     """Embeddings, final norm, lm_head, ...: unchanged, copied first (the order every output is written in)."""
-    layer_prefix = f"{layout.spec.layers_prefix}."
-    detached = detached_mtp_keys(layout)
-    if detached:
-        log.warning("%s: leaving out the %d tensors of the checkpoint's MTP block (%s*): ream-lite cannot compress "
-                    "it, and unchanged it would not match the new expert count; the output sets %s = 0",
-                    layout.path, len(detached), layout.spec.detached_mtp_prefix, layout.spec.detached_mtp_key)
-    for k in layout.reader.keys():
-        if not k.startswith(layer_prefix) and k not in detached:
-            writer.copy_from(layout.reader, k)
+    dropped = dropped_mtp_keys(layout, drop_mtp)
+    if dropped and not drop_mtp:
+        log.warning("%s: leaving out the %d tensors of the checkpoint's MTP block (%s*): its layers were not found, "
+                    "and unchanged it would not match the new expert count; the output sets %s = 0",
+                    layout.path, len(dropped), layout.spec.detached_mtp_prefix, layout.spec.detached_mtp_key)
+    for k in non_layer_keys(layout, drop_mtp):
+        writer.copy_from(layout.reader, k)
 
 
-def detached_mtp_keys(layout: ModelLayout) -> set[str]:
-    """Keys of an MTP block stored outside the decoder layers (ArchSpec.detached_mtp_prefix): never written."""
+def non_layer_keys(layout: ModelLayout, drop_mtp: bool) -> list[str]:
+    """The tensors outside every layer, written unchanged: embeddings, final norm, lm_head, and the parts of an MTP
+    block kept apart from its layer (Qwen3-Next's mtp.fc, mtp.pre_fc_norm_*, mtp.norm) unless it is dropped."""
+    spec = layout.spec
+    prefixes = (f"{spec.layers_prefix}.", *((f"{spec.mtp_layers_prefix}.",) if spec.mtp_layers_prefix else ()))
+    dropped = dropped_mtp_keys(layout, drop_mtp)
+    return [k for k in layout.reader.keys() if not k.startswith(prefixes) and k not in dropped]
+
+
+def dropped_mtp_keys(layout: ModelLayout, drop_mtp: bool) -> set[str]:
+    """Keys of an MTP block stored outside the decoder layers (ArchSpec.detached_mtp_prefix) that are not written:
+    all of them with --drop-mtp, or when its layers are not there to compress (config says none)."""
     prefix = layout.spec.detached_mtp_prefix
-    return {k for k in layout.reader.keys() if k.startswith(prefix)} if prefix else set()
+    if not prefix or not (drop_mtp or not any(x.is_mtp for x in layout.layers)):
+        return set()
+    return {k for k in layout.reader.keys() if k.startswith(prefix)}
 
 
 def write_layer(writer: CheckpointWriter, layout: ModelLayout, layer: int, plan: LayerPlan | None, merged: dict,
@@ -141,7 +151,7 @@ def output_config(layout: ModelLayout, n_keep: int, drop_mtp: bool, output: Outp
             out[key] = n_keep
     if drop_mtp and layout.spec.mtp_layers_key:
         out[layout.spec.mtp_layers_key] = 0
-    if layout.spec.detached_mtp_key and out.get(layout.spec.detached_mtp_key):
+    if layout.spec.detached_mtp_key and out.get(layout.spec.detached_mtp_key) and dropped_mtp_keys(layout, drop_mtp):
         out[layout.spec.detached_mtp_key] = 0  # its tensors are not written (copy_non_layer_tensors)
     out = layout.wrap_config(out)  # a multimodal checkpoint's: the wrapper's config, these edits in its text_config
     if output is not None:
@@ -207,7 +217,7 @@ def write_planned(
     report and card before the output is moved into place. Experts a plan refit (fitted to calibration tokens,
     which apply does not have) are copied from `refit_source`, the compressed output the plan comes from."""
     try:
-        copy_non_layer_tensors(writer, layout)
+        copy_non_layer_tensors(writer, layout, drop_mtp)
         for info in tqdm(compression_steps(layout, drop_mtp), desc="write", disable=not progress):
             plan = plans.get(info.index)
             value_dtype = checkpoint_dtype(layout.config)

@@ -2,8 +2,8 @@
 released: the text model under the wrapper's key prefix and text_config, the vision tower and projector copied byte
 for byte, the output's config.json still the wrapper's (text_config edited), loadable with the wrapper class.
 
-The Qwen3.5 tiny checkpoint also carries an `mtp.*` block, as the releases do: left out, text_config's
-mtp_num_hidden_layers = 0, as for the text model (test_families_hybrid).
+The Qwen3.5 tiny checkpoint also carries an `mtp.*` block, as the releases do: kept at the checkpoint's top level and
+compressed as for the text model (test_families_hybrid), its layer the MoE layer after the decoder layers.
 """
 
 import json
@@ -31,7 +31,7 @@ WRAPPERS = list(MULTIMODAL)
 PREFIXES = {"qwen3_5_moe": ("model.language_model.", "lm_head.weight", ("model.visual.",)),
             "llama4": ("language_model.model.", "language_model.lm_head.weight",
                        ("vision_model.", "multi_modal_projector."))}
-MOE_LAYERS = {"qwen3_5_moe": [0, 1, 2], "llama4": [1, 3]}
+MOE_LAYERS = {"qwen3_5_moe": [0, 1, 2, 3], "llama4": [1, 3]}  # (Qwen3.5: 3 is its MTP layer, mtp.layers.0)
 
 
 def add_mtp_block(d):
@@ -98,7 +98,8 @@ def test_layout_finds_the_text_model_under_the_wrapper_prefix(mm_dirs, wrapper):
     keys = list(layout.reader.keys())
     vision_keys = [k for k in keys if k.startswith(vision)]
     assert vision_keys and not any(k.startswith(spec.layers_prefix + ".") for k in vision_keys)
-    assert all(text_keys_only(layout.layer_keys(x.index), wrapper) for x in layout.layers)
+    assert all(text_keys_only(layout.layer_keys(x.index), wrapper) for x in layout.decoder_layers)
+    assert all(k.startswith("mtp.layers.0.") for x in layout.layers if x.is_mtp for k in layout.layer_keys(x.index))
     # the wrapper's config is kept for the output, its text_config without what the layout took from the wrapper
     wrapped = layout.wrap_config(dict(layout.config))
     assert wrapped == json.loads((d / "config.json").read_text())
@@ -140,7 +141,7 @@ def test_pruning_oracle(mm_dirs, calib_file, tmp_path, wrapper):
     assert {k: v for k, v in after.items() if k != "text_config"} == \
         {k: v for k, v in before.items() if k != "text_config"}
     experts_key = "num_experts" if wrapper == "qwen3_5_moe" else "num_local_experts"
-    edits = {experts_key: 4, **({"mtp_num_hidden_layers": 0} if wrapper == "qwen3_5_moe" else {})}
+    edits = {experts_key: 4}
     assert after["text_config"] == {**before["text_config"], **edits}
     assert (out / "preprocessor_config.json").read_text() == (src / "preprocessor_config.json").read_text()
     assert "AutoModelForImageTextToText.from_pretrained" in (out / "README.md").read_text()
@@ -150,13 +151,18 @@ def test_pruning_oracle(mm_dirs, calib_file, tmp_path, wrapper):
     va, vb = sorted(k for k in a.keys() if k.startswith(vision)), sorted(k for k in b.keys() if k.startswith(vision))
     assert va and va == vb
     assert all(a.read_raw(k) == b.read_raw(k) for k in va)
-    assert not [k for k in b.keys() if k.startswith("mtp.")]  # the detached MTP block is left out (Qwen3.5)
+    if wrapper == "qwen3_5_moe":  # the MTP block kept at the top level, its MoE pruned with its own plan
+        mtp = lambda r: {k for k in r.keys() if k.startswith("mtp.") and ".experts." not in k}  # noqa: E731
+        assert mtp(a) == mtp(b) and all(a.read_raw(k) == b.read_raw(k) for k in mtp(a) if ".mlp.gate." not in k)
+        assert b.shape("mtp.layers.0.mlp.gate.weight")[0] == 4
 
     pruned = AutoModelForImageTextToText.from_pretrained(out, dtype=torch.float32)
     assert type(pruned).__name__.endswith("ForConditionalGeneration")
     assert getattr(pruned.config.text_config, experts_key) == 4
     ids = torch.randint(0, VOCAB, (3, 21), generator=torch.Generator().manual_seed(5))
-    oracle = masked_reference(build_multimodal(wrapper), removed, ids)  # a fresh copy: the oracle patches routers
+    # a fresh copy: the oracle patches routers (the decoder layers': transformers runs no MTP layer)
+    n_dec = mm_dirs[wrapper][0].config.text_config.num_hidden_layers
+    oracle = masked_reference(build_multimodal(wrapper), {i: v for i, v in removed.items() if i < n_dec}, ids)
     got = reference_logits(pruned, ids)
     torch.testing.assert_close(got, oracle, atol=1e-4, rtol=1e-4)
     assert (got - reference_logits(build_multimodal(wrapper), ids)).abs().max() > 1e-3  # pruning changed something

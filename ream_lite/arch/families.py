@@ -68,11 +68,18 @@ QWEN3_NEXT = ArchSpec(
     mask_by_layer_type=True,
     detached_mtp_prefix="mtp.",
     detached_mtp_key="mtp_num_hidden_layers",
+    mtp_layers_key="mtp_num_hidden_layers",
+    mtp_layers_prefix="mtp.layers",
+    mtp_enorm="/mtp.pre_fc_norm_embedding.weight",
+    mtp_hnorm="/mtp.pre_fc_norm_hidden.weight",
+    mtp_proj="/mtp.fc.weight",
+    mtp_head_norm="/mtp.norm.weight",
     notes="Qwen2-MoE routing (softmax -> top-k -> norm_topk_prob) plus a sigmoid-gated shared expert; hybrid "
     "layers per layer_types: Gated DeltaNet linear attention (no cache, whole sequences) and gated full attention "
     "with partial rotary; dense layers where mlp_only_layers / decoder_sparse_step say. The released MTP block "
-    "(mtp.* keys, which transformers drops) is left out of the output with mtp_num_hidden_layers = 0: its own "
-    "512-expert MoE cannot be run or compressed here, and copied unchanged it would disagree with the new count",
+    "(mtp.* keys, which transformers drops): fc(cat(pre_fc_norm_embedding(embed(t+1)), pre_fc_norm_hidden(h_t))) "
+    "through one full-attention MoE layer (mtp.layers.0) and mtp.norm, compressed like the decoder layers on the "
+    "hidden states it sees (--drop-mtp leaves it out)",
 )
 
 QWEN3_5_MOE_TEXT = ArchSpec(
@@ -85,9 +92,15 @@ QWEN3_5_MOE_TEXT = ArchSpec(
     mask_by_layer_type=True,
     detached_mtp_prefix="mtp.",
     detached_mtp_key="mtp_num_hidden_layers",
+    mtp_layers_key="mtp_num_hidden_layers",
+    mtp_layers_prefix="mtp.layers",
+    mtp_enorm="/mtp.pre_fc_norm_embedding.weight",
+    mtp_hnorm="/mtp.pre_fc_norm_hidden.weight",
+    mtp_proj="/mtp.fc.weight",
+    mtp_head_norm="/mtp.norm.weight",
     notes="Qwen3.5 MoE text model: Qwen3-Next's layout (hybrid Gated DeltaNet / gated attention, sigmoid-gated "
     "shared expert) with top-k weights always renormalised and multimodal rotary (text positions: all three "
-    "sections equal); every layer MoE; mtp.* left out as for Qwen3-Next",
+    "sections equal); every layer MoE; its mtp.* block kept and compressed as Qwen3-Next's",
 )
 
 LLAMA4_TEXT = ArchSpec(

@@ -189,6 +189,10 @@ class ModelLayout:
         extra = int(self.config.get(self.spec.mtp_layers_key, 0) or 0) if self.spec.mtp_layers_key else 0
         # MTP layers are listed only when the checkpoint really has them (transformers' save_pretrained drops them)
         present_mtp = [i for i in range(self.num_layers, self.num_layers + extra) if self.layer_keys(i)]
+        if self.spec.mtp_layers_prefix and len(present_mtp) > 1:
+            raise ReamLiteError(f"{self.path}: an MTP block of {len(present_mtp)} layers under "
+                                f"{self.spec.mtp_layers_prefix}.*; ream-lite runs a one-layer block only: pass "
+                                "--drop-mtp to leave it out")
         self.layers = [self._resolve_layer(i, is_mtp=False) for i in range(self.num_layers)]
         self.layers += [self._resolve_layer(i, is_mtp=True) for i in present_mtp]
         if not any(layer.is_moe for layer in self.layers):
@@ -209,8 +213,15 @@ class ModelLayout:
         return {**self.wrapper_config, "text_config": {k: v for k, v in text.items() if k not in self._inherited}}
 
     # -- keys ---------------------------------------------------------------------------------------------------
+    def layer_prefix(self, layer: int) -> str:
+        """Where layer `layer` is stored: `{layers_prefix}.{i}`, or an MTP layer k of a family that keeps them apart
+        at `{mtp_layers_prefix}.{k}` (Qwen3-Next's mtp.layers.0)."""
+        if self.spec.mtp_layers_prefix and layer >= self.num_layers:
+            return f"{self.spec.mtp_layers_prefix}.{layer - self.num_layers}"
+        return f"{self.spec.layers_prefix}.{layer}"
+
     def moe_key(self, layer: int, rel: str) -> str:
-        return f"{self.spec.layers_prefix}.{layer}.{self.spec.moe_disk}.{rel}"
+        return f"{self.layer_prefix(layer)}.{self.spec.moe_disk}.{rel}"
 
     def per_expert_keys(self, layer: int, expert: int) -> tuple[str, str, str]:
         ep = self.spec.experts_prefix
@@ -238,7 +249,7 @@ class ModelLayout:
         return []
 
     def layer_keys(self, layer: int) -> list[str]:
-        prefix = f"{self.spec.layers_prefix}.{layer}."
+        prefix = f"{self.layer_prefix(layer)}."
         return [k for k in self.reader.keys() if k.startswith(prefix)]
 
     @property
@@ -249,7 +260,7 @@ class ModelLayout:
 
     # -- resolution ---------------------------------------------------------------------------------------------
     def _resolve_layer(self, i: int, is_mtp: bool) -> LayerLayout:
-        prefix = f"{self.spec.layers_prefix}.{i}"
+        prefix = self.layer_prefix(i)
         if self.moe_key(i, self.spec.router_weight) not in self.reader:
             return LayerLayout(i, prefix, False, "none", 0, is_mtp)
         n = self.reader.shape(self.moe_key(i, self.spec.router_weight))[0]

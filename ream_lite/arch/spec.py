@@ -69,21 +69,24 @@ class ArchSpec:
     mtp_layers_key: str | None = None  # DeepSeek-V3 / GLM: extra next-token-prediction layers after the last one
     # an MTP layer k (index num_hidden_layers + k) computes eh_proj(cat(enorm(embed(t+1)), hnorm(h_t))) and runs a
     # decoder block on it; h_t is the main model's final-normed output (the previous MTP layer's, normed by its
-    # shared_head.norm, for k > 0). Names relative to the MTP layer.
+    # shared_head.norm, for k > 0). Names relative to the MTP layer, or, starting with "/", keys of the checkpoint
+    # (`mtp_key`): Qwen3-Next's one MTP block keeps them beside its layer (mtp.fc, mtp.pre_fc_norm_*, mtp.norm).
     mtp_embed: str = "embed_tokens.weight"
     mtp_enorm: str = "enorm.weight"
     mtp_hnorm: str = "hnorm.weight"
     mtp_proj: str = "eh_proj.weight"
     mtp_head_norm: str = "shared_head.norm.weight"
+    mtp_head: str = "shared_head.head.weight"  # an MTP layer's own copy of the head (never run: the lm_head is)
+    # where MTP layers are stored when not as decoder layers num_hidden_layers + k: MTP layer k at `{prefix}.{k}`
+    mtp_layers_prefix: str | None = None
     # hybrid models (Qwen3-Next, Qwen3.5, Llama-4): each decoder layer gets the mask of its config.layer_types entry
     # (full / sliding / chunked / linear attention), as the transformers model builds one mask per layer type
     mask_by_layer_type: bool = False
     # the attention mask is always built as a tensor, never left to the kernel's is_causal (DeepSeek sparse
     # attention: its indexer scores keys against the mask)
     materialised_mask: bool = False
-    # an MTP module stored outside the decoder layers (Qwen3-Next / Qwen3.5 `mtp.*`, which transformers drops): the
-    # engine cannot run it, and copied unchanged its router would disagree with the compressed expert count, so the
-    # output leaves these tensors out and sets `detached_mtp_key` to 0 (with a warning)
+    # an MTP module stored outside the decoder layers (Qwen3-Next / Qwen3.5 `mtp.*`, which transformers drops): every
+    # key under this prefix belongs to it; with --drop-mtp none is written and `detached_mtp_key` is set to 0
     detached_mtp_prefix: str | None = None
     detached_mtp_key: str | None = None
     # fused experts stored input-major, as Llama-4 holds them: gate_up_proj [E, H, 2I] (gate columns then up
@@ -149,6 +152,10 @@ class ArchSpec:
             renorm_min=float(config.get(self.renorm_min_key) or 0.0) if self.renorm_min_key else 0.0,
             jitter_eps=float(config.get(self.jitter_key) or 0.0) if self.jitter_key else 0.0,
         )
+
+    def mtp_key(self, layer_prefix: str, name: str) -> str:
+        """The checkpoint key of MTP part `name` (mtp_enorm, ...) of the MTP layer stored at `layer_prefix`."""
+        return name[1:] if name.startswith("/") else f"{layer_prefix}.{name}"
 
     def _grouped(self, config: dict) -> bool:
         return self.topk_method_key is None or config.get(self.topk_method_key) == "group_limited_greedy"

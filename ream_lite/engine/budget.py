@@ -172,8 +172,8 @@ def plan_memory(
     for layer in layout.layers:
         expert_keys = set(layout.expert_keys(layer.index))
         if layer.is_mtp:  # the MTP embedding and head are used before / outside the layer, not with it
-            prefix = f"{layer.prefix}."
-            expert_keys |= {prefix + layout.spec.mtp_embed, prefix + "shared_head.head.weight"}
+            spec = layout.spec
+            expert_keys |= {spec.mtp_key(layer.prefix, spec.mtp_embed), spec.mtp_key(layer.prefix, spec.mtp_head)}
         nbytes = sum(
             layout.reader.entry(k).numel * elt
             for k in layout.layer_keys(layer.index)

@@ -249,9 +249,15 @@ class LayerStreamer:
     def _meta_layer(self, i: int) -> nn.Module:
         if i < len(self.base.layers):
             return copy.deepcopy(self.base.layers[i])
-        # an MTP layer: the family's decoder layer class, built for that index (MoE, past the dense ones)
+        # an MTP layer: the family's decoder layer class, built for that index (MoE, past the dense ones; a full
+        # attention layer where the config types its layers: Qwen3-Next's MTP block)
+        config = self.hf_config
+        types = getattr(config, "layer_types", None)
+        if types is not None and i >= len(types):
+            config = copy.deepcopy(config)
+            config.layer_types = list(types) + ["full_attention"] * (i + 1 - len(types))
         with torch.device("meta"):
-            return type(self.base.layers[-1])(self.hf_config, i).to(self.dtype)
+            return type(self.base.layers[-1])(config, i).to(self.dtype)
 
     def build_layer(self, i: int) -> tuple[nn.Module, MoEBlock | None, _MoECapture | None]:
         spec, info = self.layout.spec, self.layout.layers[i]
@@ -475,12 +481,12 @@ class LayerStreamer:
         p < T - 1, where h is `previous` (the last decoder layer's output, or the previous MTP layer's)."""
         spec, r = self.layout.spec, self.layout.reader
         prefix = self.layout.layers[i].prefix
-        embed_key = f"{prefix}.{spec.mtp_embed}" if f"{prefix}.{spec.mtp_embed}" in r else spec.embed_key
-        emb = r.get(embed_key, dtype=self.dtype, device=self.device)
+        embed_key = spec.mtp_key(prefix, spec.mtp_embed)
+        emb = r.get(embed_key if embed_key in r else spec.embed_key, dtype=self.dtype, device=self.device)
         prev_norm = self.norm_module(previous_norm_key)
-        enorm = self.norm_module(f"{prefix}.{spec.mtp_enorm}")
-        hnorm = self.norm_module(f"{prefix}.{spec.mtp_hnorm}")
-        proj = r.get(f"{prefix}.{spec.mtp_proj}", dtype=self.dtype, device=self.device)
+        enorm = self.norm_module(spec.mtp_key(prefix, spec.mtp_enorm))
+        hnorm = self.norm_module(spec.mtp_key(prefix, spec.mtp_hnorm))
+        proj = r.get(spec.mtp_key(prefix, spec.mtp_proj), dtype=self.dtype, device=self.device)
         store = self.new_store([len(s) - 1 for s in sequences])
         with torch.inference_mode():
             for b in previous.batches(self.opts.tokens_per_batch):
