@@ -3,13 +3,17 @@
     python benchmarks/formats_quality.py [--testbed ../shared/testbed] [--keep 12] [--methods reap ream-guard ream]
 
 The testbed model (float32) is written as an FP8 block-scaled release (128 x 128 blocks, DeepSeek-style scales,
-`ream_lite.testing.convert_to_fp8`). Every model is evaluated on all of data/eval.jsonl against the float32
-original (KL per predicted token, top-1 agreement, perplexity):
+`ream_lite.testing.convert_to_fp8`) and as an NVFP4 release (compressed-tensors nvfp4-pack-quantized,
+`convert_to_nvfp4`). Every model is evaluated on all of data/eval.jsonl against the float32 original (KL per
+predicted token, top-1 agreement, perplexity):
 
-- the FP8 release itself (the cost of FP8),
+- the FP8 and NVFP4 releases themselves (the cost of the format),
 - each method on the float32 model,
 - each method on the FP8 release, written back as FP8 (default) and decoded to bf16 (`--out-dtype bf16`),
+- each method on the NVFP4 release, written back as NVFP4,
 - each method on the float32 model with `--quantize nf4` (the attention weights in bitsandbytes 4-bit).
+
+`--sources` picks which of these compressions run (default all).
 
 If writing back in kind were lossy beyond FP8, "method on FP8 -> FP8" would sit above "FP8" + "method"; merged
 experts re-encoded with fresh scales are the only new rounding.
@@ -27,9 +31,12 @@ from pathlib import Path
 from ream_lite.engine.streamer import StreamOptions
 from ream_lite.evaluate import Evaluator
 from ream_lite.pipeline import CompressConfig, compress
-from ream_lite.testing import convert_to_fp8
+from ream_lite.testing import convert_to_fp8, convert_to_nvfp4
 
 METHODS = {"reap": ("reap", {}), "ream": ("ream", {"guard": "off"}), "ream-guard": ("ream", {"guard": "group"})}
+# compressions per method: (input, compress options)
+SOURCES = {"float32": ("float32", {}), "FP8 -> FP8": ("fp8", {}), "FP8 -> bf16": ("fp8", {"out_dtype": "bf16"}),
+           "NVFP4 -> NVFP4": ("nvfp4", {}), "float32 -> nf4": ("float32", {"quantize": "nf4"})}
 
 
 def main() -> None:
@@ -39,13 +46,15 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     ap.add_argument("--num-sequences", type=int, default=96)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--sources", nargs="+", default=list(SOURCES), choices=list(SOURCES))
     args = ap.parse_args()
     tb = Path(args.testbed)
     model, calib, data = tb / "tiny-qwen3-moe", tb / "data" / "calib.jsonl", tb / "data" / "eval.jsonl"
     work = Path(tempfile.mkdtemp(prefix="ream-formats-"))
     opts = StreamOptions(device="cpu", progress=False)
     ev = Evaluator(str(data), str(model), reference=str(model), seq_len=256, options=opts)
-    fp8 = convert_to_fp8(model, work / "fp8", (128, 128))
+    inputs = {"float32": model, "fp8": convert_to_fp8(model, work / "fp8", (128, 128)),
+              "nvfp4": convert_to_nvfp4(model, work / "nvfp4")}
     rows = []
 
     def measure(label: str, path: Path, secs: float | None = None) -> None:
@@ -57,12 +66,12 @@ def main() -> None:
               f"{size / 2**20:6.2f} MiB" + (f"  ({secs:.0f} s)" if secs else ""), flush=True)
 
     measure("float32 original", model)
-    measure("FP8 release", fp8)
+    measure("FP8 release", inputs["fp8"])
+    measure("NVFP4 release", inputs["nvfp4"])
     for label in args.methods:
         method, kw = METHODS[label]
-        for src_name, src, extra in (("float32", model, {}), ("FP8 -> FP8", fp8, {}),
-                                     ("FP8 -> bf16", fp8, {"out_dtype": "bf16"}),
-                                     ("float32 -> nf4", model, {"quantize": "nf4"})):
+        for src_name in args.sources:
+            src, extra = inputs[SOURCES[src_name][0]], SOURCES[src_name][1]
             out = work / f"{label}-{src_name.replace(' ', '')}"
             t = time.perf_counter()
             compress(CompressConfig(model=str(src), output=str(out), experts=args.keep, method=method,

@@ -154,6 +154,57 @@ def convert_to_fp8(src: str | Path, out: str | Path, block: tuple[int, int] = (1
     return result
 
 
+def convert_to_nvfp4(src: str | Path, out: str | Path, form: str = "ct", seed: int = 0,
+                     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
+    """An NVFP4 copy of checkpoint `src`, as llm-compressor (`form` "ct": compressed-tensors nvfp4-pack-quantized)
+    or ModelOpt ("modelopt") release one: the 2-D Linear weights of the decoder layers (`is_fp8_release_weight`'s
+    pick) as E2M1 codes with E4M3 block scales under a float32 tensor scale (gate and up of each expert, and q / k /
+    v, sharing one, as llm-compressor fuses them for their kernels), an activation scale beside each (random: nothing
+    here calibrates activations), the quantization_config added. One tensor in memory at a time (and its partner)."""
+    from ream_lite.arch.layout import ModelLayout
+    from ream_lite.checkpoint.nvfp4 import encode_nvfp4, global_scale
+
+    fused = (("gate_proj", "up_proj"), ("q_proj", "k_proj", "v_proj"))
+    layout = ModelLayout(str(src))
+    r = layout.reader
+    w = CheckpointWriter(out, max_shard_bytes=max_shard_bytes, overwrite=True)
+    g = torch.Generator().manual_seed(seed)
+    for k in list(r.keys()):
+        shape = r.shape(k)
+        if not is_fp8_release_weight(layout.spec, k, len(shape)) or len(shape) != 2 or shape[1] % 16:
+            w.copy_from(r, k)
+            continue
+        module, proj = k[: -len(".weight")].rsplit(".", 1)
+        group = next((f for f in fused if proj in f), (proj,))
+        gs = torch.stack([global_scale(r.get(f"{module}.{p}.weight", dtype=torch.float32)) for p in group
+                          if f"{module}.{p}.weight" in r]).amin(0)
+        codes, scales = encode_nvfp4(r.get(k, dtype=torch.float32), gs, inverted=False)
+        act = torch.rand(1, generator=g) * 100 + 50
+        name = f"{module}.{proj}"
+        if form == "ct":
+            parts = {".weight_packed": codes, ".weight_scale": scales, ".weight_global_scale": gs,
+                     ".input_global_scale": act}
+        else:
+            parts = {".weight": codes, ".weight_scale": scales, ".weight_scale_2": (1 / gs).reshape(()),
+                     ".input_scale": (1 / act).reshape(())}
+        for sfx, t in parts.items():
+            w.add(name + sfx, t)
+    cfg = dict(layout.config)
+    if form == "ct":
+        weights = {"num_bits": 4, "type": "float", "strategy": "tensor_group", "group_size": 16, "symmetric": True}
+        cfg["quantization_config"] = {
+            "quant_method": "compressed-tensors", "format": "nvfp4-pack-quantized", "quantization_status": "compressed",
+            "config_groups": {"group_0": {"targets": ["Linear"], "format": "nvfp4-pack-quantized", "weights": weights,
+                                          "input_activations": {**weights, "dynamic": "local"}}},
+            "ignore": ["lm_head", f"re:.*{layout.spec.moe_disk}.{layout.spec.router_weight.rsplit('.', 1)[0]}$"]}
+    else:
+        cfg["quantization_config"] = {"quant_method": "modelopt", "quant_algo": "NVFP4", "group_size": 16,
+                                      "exclude_modules": ["lm_head", f"*{layout.spec.moe_disk}.gate"]}
+    result = w.finish(cfg, source_dir=layout.path)
+    layout.close()
+    return result
+
+
 def write_decoded_copy(src: str | Path, out: str | Path) -> Path:
     """A plain float32 copy of checkpoint `src` holding the values ream-lite's reader decodes, without the
     quantization_config: what transformers loads as an oracle for a quantized input's values."""

@@ -15,10 +15,9 @@ from tiny_models import VOCAB, build_model, reference_logits, save_model
 
 from ream_lite.checkpoint import CheckpointReader
 from ream_lite.checkpoint.nvfp4 import decode_nvfp4, encode_nvfp4, global_scale
+from ream_lite.testing import convert_to_nvfp4
 
 ct = pytest.importorskip("compressed_tensors")
-QUANTIZED = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "gate_proj", "up_proj",
-             "down_proj")
 
 
 def ct_scheme():
@@ -60,47 +59,6 @@ def test_codec_equals_compressed_tensors(shape):
     assert ((dq - w).abs() <= step * 1.0 + 1e-12).all()
 
 
-def write_nvfp4(plain_dir, out, form: str):
-    """The plain checkpoint `plain_dir` as an NVFP4 release: every attention and expert projection of the decoder
-    layers encoded (router, norms, embeddings and head left plain, as releases do), gate and up of each expert under
-    one tensor scale (as llm-compressor fuses them), an activation scale beside each; `form` ct | modelopt."""
-    shutil.copytree(plain_dir, out)
-    sd = load_file(str(out / "model.safetensors"))
-    new = {}
-    g = torch.Generator().manual_seed(3)
-    for k, v in sd.items():
-        module = k[: -len(".weight")] if k.endswith(".weight") else None
-        if module is None or not module.startswith("model.layers.") or not module.endswith(QUANTIZED):
-            new[k] = v
-            continue
-        gs = global_scale(v)
-        if module.endswith("gate_proj") or module.endswith("up_proj"):  # one scale for the pair
-            other = module.rsplit(".", 1)[0] + (".up_proj" if module.endswith("gate_proj") else ".gate_proj")
-            gs = torch.minimum(gs, global_scale(sd[other + ".weight"]))
-        codes, scales = encode_nvfp4(v, gs, inverted=False)
-        act = torch.rand(1, generator=g) * 100 + 50
-        if form == "ct":
-            new.update({f"{module}.weight_packed": codes, f"{module}.weight_scale": scales,
-                        f"{module}.weight_global_scale": gs, f"{module}.input_global_scale": act})
-        else:
-            new.update({f"{module}.weight": codes, f"{module}.weight_scale": scales,
-                        f"{module}.weight_scale_2": (1 / gs).reshape(()), f"{module}.input_scale": (1 / act).reshape(())})
-    save_file(new, str(out / "model.safetensors"), metadata={"format": "pt"})
-    cfg = json.loads((out / "config.json").read_text())
-    if form == "ct":
-        cfg["quantization_config"] = {"quant_method": "compressed-tensors", "format": "nvfp4-pack-quantized",
-                                      "quantization_status": "compressed", "ignore": ["lm_head", "re:.*mlp.gate$"],
-                                      "config_groups": {"group_0": {"targets": ["Linear"], "format": "nvfp4-pack-quantized",
-                                                                    "weights": {"num_bits": 4, "type": "float",
-                                                                                "strategy": "tensor_group",
-                                                                                "group_size": 16, "symmetric": True}}}}
-    else:
-        cfg["quantization_config"] = {"quant_method": "modelopt", "quant_algo": "NVFP4", "group_size": 16,
-                                      "exclude_modules": ["lm_head", "*mlp.gate"]}
-    (out / "config.json").write_text(json.dumps(cfg))
-    return out
-
-
 @pytest.fixture(scope="module")
 def nvfp4_dirs(model_dirs, tmp_path_factory):
     """(transformers' model of the NVFP4 values, loaded from their decoded copy; {form: the NVFP4 release dir})."""
@@ -108,7 +66,7 @@ def nvfp4_dirs(model_dirs, tmp_path_factory):
 
     _, plain = model_dirs["qwen3_moe"]
     root = tmp_path_factory.mktemp("nvfp4")
-    dirs = {form: write_nvfp4(plain, root / form, form) for form in ("ct", "modelopt")}
+    dirs = {form: convert_to_nvfp4(plain, root / form, form) for form in ("ct", "modelopt")}
     decoded = root / "decoded"
     shutil.copytree(plain, decoded)
     with CheckpointReader(dirs["ct"]) as r:
