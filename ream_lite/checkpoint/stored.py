@@ -234,36 +234,9 @@ def decode(t: StoredTensor, parts: dict[str, torch.Tensor], dtype: torch.dtype |
         inverted = NV_SCALE_2 in t.parts
         codes = parts[NV_PACKED if NV_PACKED in t.parts else ""]
         return decode_nvfp4(codes, parts[NV_SCALE], parts[NV_SCALE_2 if inverted else NV_GLOBAL], inverted, dtype)
-    if t.encoding == "nvfp4":
-        return _encode_nvfp4(t, name, value)
     if t.encoding == "fp8_unscaled":
         raise ReamLiteError(f"{t.path}: {t.name} is {UNSCALED_FP8_MESSAGE}")
     raise ValueError(t.encoding)
-
-
-def _encode_nvfp4(t: StoredTensor, name: str, value: torch.Tensor) -> dict[str, torch.Tensor]:
-    """`value` as an NVFP4 weight like `t`: fresh block scales under `t`'s own tensor scale (the merged expert is
-    written in place of `t`'s expert, whose gate and up projections share one tensor scale, as fused NVFP4 MoE kernels
-    require), and `t`'s activation scale (its expert's inputs)."""
-    from ream_lite.checkpoint.nvfp4 import encode_nvfp4
-
-    inverted = NV_SCALE_2 in t.parts
-    ts_sfx = NV_SCALE_2 if inverted else NV_GLOBAL
-    ts = read_entry(t.parts[ts_sfx])
-    codes, scales = encode_nvfp4(value, ts, inverted)
-    out = {part_name("" if inverted else NV_PACKED, name): codes, name + NV_SCALE: scales, name + ts_sfx: ts}
-    if NV_INPUT[ts_sfx] in t.parts:
-        out[part_name(NV_INPUT[ts_sfx], name)] = read_entry(t.parts[NV_INPUT[ts_sfx]])
-    return out
-
-
-def read_entry(e: TensorEntry) -> torch.Tensor:
-    """A small stored tensor (a scale), read directly from its file."""
-    with open(e.path, "rb") as f:
-        f.seek(e.start)
-        raw = bytearray(f.read(e.nbytes))
-    return torch.frombuffer(raw, dtype=e.torch_dtype).reshape(e.shape).clone() if raw else torch.empty(
-        e.shape, dtype=e.torch_dtype)
 
 
 def encode(t: StoredTensor, name: str, value: torch.Tensor) -> dict[str, torch.Tensor]:
