@@ -124,3 +124,20 @@ def test_deepseek_v2_router_by_hand(method):
     if method == "group_limited_greedy":  # the choice really is limited: some token's best experts span > 2 groups
         groups = (ours.logits.softmax(-1).topk(6, dim=-1).indices // 4)
         assert any(len(set(g.tolist())) > 2 for g in groups)
+
+
+@pytest.mark.parametrize("family", ["deepseek_v32", "glm4_moe_lite", "glm_moe_dsa"])
+def test_mtp_layer_is_compressed_as_deepseek_v3s(calib_file, tmp_path, family):
+    """An MTP layer after the decoder layers, as the releases store it: built past the per-layer config lists
+    (mlp_layer_types, GLM-5's indexer_types), compressed, kept with the new count."""
+    from tiny_models import save_mtp_model
+
+    from ream_lite.checkpoint import CheckpointReader
+
+    d = save_mtp_model(tmp_path / "src", family)
+    run("compress", d, tmp_path / "out", "--experts", 8, "--calib", calib_file, "--seq-len", 32, "--num-sequences", 12,
+        "--device", "cpu")
+    plan = json.loads((tmp_path / "out" / "ream_plan.json").read_text())
+    assert [L["layer"] for L in plan["layers"]] == [1, 2, 3]  # (3: the MTP layer)
+    with CheckpointReader(tmp_path / "out") as r:
+        assert r.shape("model.layers.3.mlp.gate.weight")[0] == 8 and "model.layers.3.eh_proj.weight" in r

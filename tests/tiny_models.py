@@ -287,14 +287,14 @@ def save_model(model, directory: Path, layout: str = "per_expert", max_shard_siz
     return directory
 
 
-def save_mtp_model(directory: Path) -> Path:
-    """The tiny DeepSeek-V3 with one MTP layer stored after the last decoder layer, as released checkpoints have it
-    (transformers' save_pretrained drops MTP layers, so they are added to the file by hand)."""
+def save_mtp_model(directory: Path, family: str = "deepseek_v3") -> Path:
+    """The tiny DeepSeek-V3 (or a family with its MTP layers) with one MTP layer stored after the last decoder layer,
+    as released checkpoints have it (transformers' save_pretrained drops MTP layers, so they are added by hand)."""
     import json
 
     from safetensors.torch import load_file
 
-    d = save_model(build_model("deepseek_v3"), directory)
+    d = save_model(build_model(family), directory)
     sd = load_file(str(d / "model.safetensors"))
     g = torch.Generator().manual_seed(0)
     for k, v in list(sd.items()):

@@ -251,11 +251,14 @@ class LayerStreamer:
             return copy.deepcopy(self.base.layers[i])
         # an MTP layer: the family's decoder layer class, built for that index (MoE, past the dense ones; a full
         # attention layer where the config types its layers: Qwen3-Next's MTP block)
-        config = self.hf_config
-        types = getattr(config, "layer_types", None)
-        if types is not None and i >= len(types):
-            config = copy.deepcopy(config)
-            config.layer_types = list(types) + ["full_attention"] * (i + 1 - len(types))
+        config = copy.deepcopy(self.hf_config)
+        # per-layer lists indexed by the layer number, extended to it: an MTP layer attends fully (running its own
+        # sparse-attention indexer) and routes (Qwen3-Next's layer_types; GLM-4.7-Flash's, DeepSeek-V3.2's and
+        # GLM-5's mlp_layer_types; GLM-5's indexer_types)
+        for key, kind in (("layer_types", "full_attention"), ("mlp_layer_types", "sparse"), ("indexer_types", "full")):
+            types = getattr(config, key, None)
+            if isinstance(types, (list, tuple)) and i >= len(types):
+                setattr(config, key, list(types) + [kind] * (i + 1 - len(types)))
         with torch.device("meta"):
             return type(self.base.layers[-1])(config, i).to(self.dtype)
 
