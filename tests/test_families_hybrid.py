@@ -8,7 +8,6 @@ and compressed, or left out with --drop-mtp.
 """
 
 import json
-import logging
 import math
 
 import pytest
