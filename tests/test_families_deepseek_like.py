@@ -1,6 +1,7 @@
 """DeepSeek-style MoE families: dots1 (dots.llm1), glm4_moe_lite (GLM-4.7-Flash), deepseek_v32
 (DeepSeek-V3.2), glm_moe_dsa (GLM-5), exaone_moe (K-EXAONE, sliding / global attention, its selection bias stored on
-the block) and solar_open (Solar Open), DeepSeek-V3's MoE, V3.2 and GLM-5 with DeepSeek sparse attention; and
+the block), solar_open (Solar Open) and kimi_linear (Kimi-Linear, read and written under its release names), DeepSeek-V3's
+MoE, V3.2 and GLM-5 with DeepSeek sparse attention; and
 deepseek_v2 (DeepSeek-V2 / V2-Lite), with its own softmax router.
 
 The generic tests run them from FAMILIES: test_streamer (streamed logits == transformers' forward; the sparse

@@ -144,6 +144,14 @@ def _deepseek_like_config(tf, family: str):
                                   mlp_layer_types=["dense", "sparse", "sparse"])
     if family == "solar_open":
         return tf.SolarOpenConfig(**COMMON, **moe, head_dim=8)
+    if family == "kimi_linear":  # KDA (linear), latent attention, KDA; layer 0 dense; written as released
+        return tf.KimiLinearConfig(**{**COMMON, "num_key_value_heads": 4}, intermediate_size=48,
+                                   moe_intermediate_size=16, num_experts=16, num_experts_per_token=2, num_expert_group=4,
+                                   topk_group=2, num_shared_experts=1, moe_renormalize=True, routed_scaling_factor=2.5,
+                                   kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_dim=8,
+                                   v_head_dim=8, first_k_dense_replace=1,
+                                   linear_attn_config={"head_dim": 8, "num_heads": 4, "short_conv_kernel_size": 3,
+                                                       "full_attn_layers": [2], "kda_layers": [1, 3]})
     if family == "deepseek_v2":  # its softmax router, group-limited (groups scored by their best expert), scaled
         return tf.DeepseekV2Config(**{**COMMON, "num_key_value_heads": 4}, **{**moe, "norm_topk_prob": False},
                                    **mla, topk_method="group_limited_greedy", first_k_dense_replace=1)
@@ -156,7 +164,8 @@ FAMILIES = ["qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "deepseek_v3", "glm4_m
 MORE_FAMILIES = ["ernie4_5_moe", "phimoe", "granitemoe", "granitemoeshared", "granitemoehybrid", "hunyuan_v1_moe",
                  "minimax_m2", "minimax", "jamba"]
 # DeepSeek-V3's MoE under other attention (tests/test_families_deepseek_like.py)
-DEEPSEEK_LIKE = ["dots1", "glm4_moe_lite", "deepseek_v32", "glm_moe_dsa", "deepseek_v2", "exaone_moe", "solar_open"]
+DEEPSEEK_LIKE = ["dots1", "glm4_moe_lite", "deepseek_v32", "glm_moe_dsa", "deepseek_v2", "exaone_moe", "solar_open",
+                 "kimi_linear"]
 FAMILIES += MORE_FAMILIES + DEEPSEEK_LIKE
 
 

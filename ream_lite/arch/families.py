@@ -314,6 +314,21 @@ SOLAR_OPEN = replace(
     notes="Solar Open: DeepSeek-V3's router and shared experts under grouped-query attention; every layer MoE",
 )
 
+KIMI_LINEAR = replace(
+    DEEPSEEK_V3, model_type="kimi_linear", num_experts_keys=("num_experts", "num_local_experts"),
+    moe_disk="block_sparse_moe", expert_proj_names=("w1", "w3", "w2"), top_k_key="num_experts_per_token",
+    renormalize_key="moe_renormalize", n_group_key="num_expert_group", mtp_layers_key=None, aliases=(),
+    mask_by_layer_type=True,
+    disk_renames=((".mlp.", ".block_sparse_moe."), (".forget_gate.", ".")),
+    disk_concat=(("self_attn.conv1d.weight",
+                  ("self_attn.q_conv1d.weight", "self_attn.k_conv1d.weight", "self_attn.v_conv1d.weight")),),
+    notes="Kimi-Linear: DeepSeek-V3's router (float32 sigmoid + e_score_correction_bias, renormalised per "
+    "moe_renormalize, routed_scaling_factor) and shared experts; Kimi Delta Attention (linear) and latent attention "
+    "layers per layer_types (linear_attn_config); as released, block_sparse_moe.* (dense MLPs too) with experts "
+    "w1 / w3 / w2, the KDA forget-gate tensors beside the attention's and its q / k / v convolutions apart (read "
+    "renamed and stacked as transformers loads them, written as released)",
+)
+
 JAMBA = ArchSpec(
     model_type="jamba",
     num_experts_keys=("num_experts", "num_local_experts"),
@@ -332,7 +347,7 @@ JAMBA = ArchSpec(
 FAMILIES: dict[str, ArchSpec] = {}
 for _spec in (QWEN3_MOE, QWEN2_MOE, MIXTRAL, OLMOE, DEEPSEEK_V3, GLM4_MOE, QWEN3_NEXT, QWEN3_5_MOE_TEXT,
               LLAMA4_TEXT, GPT_OSS, ERNIE4_5_MOE, PHIMOE, GRANITEMOE, GRANITEMOESHARED, GRANITEMOEHYBRID,
-              HUNYUAN_V1_MOE, MINIMAX_M2, MINIMAX, DOTS1, GLM4_MOE_LITE, DEEPSEEK_V32, GLM_MOE_DSA, DEEPSEEK_V2, JAMBA, EXAONE_MOE, SOLAR_OPEN):
+              HUNYUAN_V1_MOE, MINIMAX_M2, MINIMAX, DOTS1, GLM4_MOE_LITE, DEEPSEEK_V32, GLM_MOE_DSA, DEEPSEEK_V2, JAMBA, EXAONE_MOE, SOLAR_OPEN, KIMI_LINEAR):
     FAMILIES[_spec.model_type] = _spec
     for _alias in _spec.aliases:
         FAMILIES[_alias] = _spec

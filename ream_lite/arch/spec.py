@@ -111,6 +111,12 @@ class ArchSpec:
     jitter_key: str | None = None  # config key of RouterConfig.jitter_eps (PhiMoE: router_jitter_noise)
     # config key of the routed scaling factor of sigmoid routers; None: the family never scales (MiniMax-M2)
     scaling_key: str | None = "routed_scaling_factor"
+    # releases whose tensors transformers renames or concatenates when it loads them (its conversion mapping), as
+    # data: (in-memory substring, on-disk substring) renames, applied in order, and (in-memory suffix, on-disk
+    # suffixes) concatenations along dim 0 (Kimi-Linear's stacked q/k/v convolutions)
+    disk_renames: tuple[tuple[str, str], ...] = ()
+    disk_concat: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    n_group_key: str = "n_group"  # config key of RouterConfig.n_group (Kimi-Linear: num_expert_group)
     # -- DeepSeek-V2: a softmax router that also scales by scaling_key and may be group-limited --
     softmax_scaled: bool = False  # softmax_topk weights times config[scaling_key]
     # config key naming the top-k method ("greedy" | "group_limited_greedy", DeepSeek-V2's topk_method): groups
@@ -146,12 +152,22 @@ class ArchSpec:
             scaling=float(config.get(scaling_key, 1.0) or 1.0)
             if (self.router_kind == "sigmoid_grouped_topk" or self.softmax_scaled) and scaling_key
             else 1.0,
-            n_group=int(config.get("n_group", 1) or 1) if self._grouped(config) else 1,
+            n_group=int(config.get(self.n_group_key, 1) or 1) if self._grouped(config) else 1,
             topk_group=int(config.get("topk_group", 1) or 1) if self._grouped(config) else 1,
             fp32_logits=self.router_fp32,
             renorm_min=float(config.get(self.renorm_min_key) or 0.0) if self.renorm_min_key else 0.0,
             jitter_eps=float(config.get(self.jitter_key) or 0.0) if self.jitter_key else 0.0,
         )
+
+    def disk_keys(self, key: str) -> tuple[str, ...]:
+        """The checkpoint key(s) holding the in-memory tensor `key` (a module's parameter name under its checkpoint
+        prefix): renamed by `disk_renames`, and several keys, concatenated along dim 0, where `disk_concat` says."""
+        for memory, disk in self.disk_renames:
+            key = key.replace(memory, disk)
+        for suffix, parts in self.disk_concat:
+            if key.endswith(suffix):
+                return tuple(key[: -len(suffix)] + p for p in parts)
+        return (key,)
 
     def mtp_key(self, layer_prefix: str, name: str) -> str:
         """The checkpoint key of MTP part `name` (mtp_enorm, ...) of the MTP layer stored at `layer_prefix`."""

@@ -175,8 +175,10 @@ class LayerStreamer:
         prefix = spec.layers_prefix + "."
         for name, t in self.skeleton.state_dict().items():
             disk = name.replace(f".{spec.moe_attr}.", f".{spec.moe_disk}.") if name.startswith(prefix) else name
-            if experts in disk:
+            keys = spec.disk_keys(disk)
+            if experts in disk or len(keys) > 1:  # (concatenations: checked when the layer is filled)
                 continue
+            disk = keys[0]
             if disk in r and tuple(t.shape) != tuple(r.shape(disk)):
                 raise ReamLiteError(f"{self.layout.path}: {disk} is stored as {list(r.shape(disk))}, config.json "
                                     f"describes {list(t.shape)}; the config does not belong to these weights")
@@ -233,11 +235,15 @@ class LayerStreamer:
         module.to_empty(device=self.device)
         r = self.layout.reader
         state = {}
+        spec = self.layout.spec
         for name, t in module.state_dict().items():
-            key = f"{key_prefix}.{name}"
-            if key not in r:
-                raise ReamLiteError(f"{self.layout.path}: missing tensor {key}")
-            state[name] = r.get(key, dtype=t.dtype if t.is_floating_point() else None, device=self.device)
+            keys = spec.disk_keys(f"{key_prefix}.{name}")  # (renamed, or concatenated: ArchSpec.disk_renames)
+            missing = [k for k in keys if k not in r]
+            if missing:
+                raise ReamLiteError(f"{self.layout.path}: missing tensor {missing[0]}")
+            dtype = t.dtype if t.is_floating_point() else None
+            parts = [r.get(k, dtype=dtype, device=self.device) for k in keys]
+            state[name] = parts[0] if len(parts) == 1 else torch.cat(parts)
         try:
             module.load_state_dict(state, strict=True)
         except RuntimeError as e:
