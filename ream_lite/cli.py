@@ -271,7 +271,10 @@ def eval_cmd(model, data, reference, seq_len, max_tokens, tokenizer, as_json, **
               help="share of calibration sequences the guard holds out of the statistics to judge plans on")
 @click.option("--no-sequential", is_flag=True,
               help="statistics of every layer from the original model (default: from the already compressed layers)")
-@click.option("--drop-mtp", is_flag=True, help="write the model without its MTP (multi-token prediction) layers: DeepSeek-V3 / GLM / GLM-5 MTP layers, the Qwen3-Next / Qwen3.5 mtp.* block (by default they are kept and compressed like the decoder layers, on the hidden states they see; a serving engine then still accepts speculative tokens)")
+@click.option("--drop-mtp", is_flag=True,
+              help="write the model without its MTP (multi-token prediction) layers: DeepSeek-V3 / GLM / GLM-5 MTP "
+              "layers, the Qwen3-Next / Qwen3.5 mtp.* block (by default they are kept and compressed like the decoder "
+              "layers, on the hidden states they see; a serving engine then still accepts speculative tokens)")
 @click.option("--max-shard-size", default="5GB", show_default=True, help="largest output shard")
 @click.option("--out-dtype", type=click.Choice(["stored", "bf16", "fp16", "fp32"]), default="stored",
               show_default=True,

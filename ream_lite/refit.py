@@ -181,9 +181,9 @@ class Refitter:
                             fitted = ridge_solve(gram, cross, w0, self.opts.ridge)
                         except torch.linalg.LinAlgError:  # (Inf / NaN activations: overflow or a corrupt input)
                             raise ReamLiteError(
-                                f"layer {self.block.layer}, expert {e}: the refit's normal equations are not finite (the activations "
-                                "overflow in the compute dtype, or the weights or config.json are corrupt); try "
-                                "--dtype float32 or --refit off") from None
+                                f"layer {self.block.layer}, expert {e}: the refit's normal equations are not finite "
+                                "(the activations overflow in the compute dtype, or the weights or config.json are "
+                                "corrupt); try --dtype float32 or --refit off") from None
                         written = self._as_written(plan, p, e, merged, fitted)
                         new = down_matrix(ExpertWeights([e], *(t[None] for t in written)), 0).to(dev)
                         subtract(w, j, p, new - cur)  # (no check for a zero change: on a GPU it would wait)

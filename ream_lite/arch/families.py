@@ -257,32 +257,31 @@ MINIMAX = ArchSpec(
     "writes them)",
 )
 
-# DeepSeek-V3's router, shared experts and MTP layers under other attention (the decoder layer's own modules run it)
+# DeepSeek-V3's router, shared experts and MTP layers under other attention (the decoder layer's own modules run it);
+# configs name the expert count n_routed_experts (transformers maps num_local_experts onto it)
+_DEEPSEEK_MOE = replace(DEEPSEEK_V3, num_experts_keys=("n_routed_experts", "num_local_experts"), aliases=())
+
 DOTS1 = replace(
-    DEEPSEEK_V3, model_type="dots1", num_experts_keys=("n_routed_experts", "num_local_experts"), mtp_layers_key=None,
-    aliases=(),
+    _DEEPSEEK_MOE, model_type="dots1", mtp_layers_key=None,
     notes="dots.llm1: DeepSeek-V3's router (float32 sigmoid + e_score_correction_bias, group-limited top-k, "
     "renormalised, routed_scaling_factor) and shared experts under Qwen3-style attention (q/k norms); "
     "first_k_dense_replace dense layers; no MTP",
 )
 
 GLM4_MOE_LITE = replace(
-    DEEPSEEK_V3, model_type="glm4_moe_lite", num_experts_keys=("n_routed_experts", "num_local_experts"),
-    aliases=(),
+    _DEEPSEEK_MOE, model_type="glm4_moe_lite",
     notes="GLM-4.7-Flash: DeepSeek-V3's router and shared experts under multi-head latent attention; dense layers "
     "where mlp_layer_types says (default: the first); MTP layers as DeepSeek-V3's",
 )
 
 DEEPSEEK_V32 = replace(
-    DEEPSEEK_V3, model_type="deepseek_v32", num_experts_keys=("n_routed_experts", "num_local_experts"), aliases=(),
-    materialised_mask=True,
+    _DEEPSEEK_MOE, model_type="deepseek_v32", materialised_mask=True,
     notes="DeepSeek-V3.2: DeepSeek-V3's MoE and MTP layers; its sparse attention (a lightning indexer choosing "
     "index_topk keys per query) is run by transformers' own module, the indexer's weights copied unchanged",
 )
 
 GLM_MOE_DSA = replace(
-    DEEPSEEK_V3, model_type="glm_moe_dsa", num_experts_keys=("n_routed_experts", "num_local_experts"), aliases=(),
-    materialised_mask=True,
+    _DEEPSEEK_MOE, model_type="glm_moe_dsa", materialised_mask=True,
     notes="GLM-5: DeepSeek-V3's router and shared experts under DeepSeek sparse attention (transformers' module, the "
     "indexer copied unchanged); dense layers per mlp_layer_types / first_k_dense_replace; MTP layers as DeepSeek-V3's",
 )
@@ -301,23 +300,22 @@ DEEPSEEK_V2 = ArchSpec(
 )
 
 EXAONE_MOE = replace(
-    DEEPSEEK_V3, model_type="exaone_moe", num_experts_keys=("num_experts", "num_local_experts"), mtp_layers_key=None,
-    aliases=(), mask_by_layer_type=True, router_bias="e_score_correction_bias",
+    _DEEPSEEK_MOE, model_type="exaone_moe", num_experts_keys=("num_experts", "num_local_experts"), mtp_layers_key=None,
+    mask_by_layer_type=True, router_bias="e_score_correction_bias",
     notes="EXAONE MoE (K-EXAONE): DeepSeek-V3's router (float32 sigmoid + e_score_correction_bias, stored on the "
     "block as mlp.e_score_correction_bias, group-limited top-k, routed_scaling_factor) and a shared expert; sliding-window and global attention per layer_types, dense "
     "layers per mlp_layer_types",
 )
 
 SOLAR_OPEN = replace(
-    DEEPSEEK_V3, model_type="solar_open", num_experts_keys=("n_routed_experts", "num_local_experts"),
-    mtp_layers_key=None, aliases=(),
+    _DEEPSEEK_MOE, model_type="solar_open", mtp_layers_key=None,
     notes="Solar Open: DeepSeek-V3's router and shared experts under grouped-query attention; every layer MoE",
 )
 
 KIMI_LINEAR = replace(
-    DEEPSEEK_V3, model_type="kimi_linear", num_experts_keys=("num_experts", "num_local_experts"),
+    _DEEPSEEK_MOE, model_type="kimi_linear", num_experts_keys=("num_experts", "num_local_experts"),
     moe_disk="block_sparse_moe", expert_proj_names=("w1", "w3", "w2"), top_k_key="num_experts_per_token",
-    renormalize_key="moe_renormalize", n_group_key="num_expert_group", mtp_layers_key=None, aliases=(),
+    renormalize_key="moe_renormalize", n_group_key="num_expert_group", mtp_layers_key=None,
     mask_by_layer_type=True,
     disk_renames=((".mlp.", ".block_sparse_moe."), (".forget_gate.", ".")),
     disk_concat=(("self_attn.conv1d.weight",
@@ -347,7 +345,8 @@ JAMBA = ArchSpec(
 FAMILIES: dict[str, ArchSpec] = {}
 for _spec in (QWEN3_MOE, QWEN2_MOE, MIXTRAL, OLMOE, DEEPSEEK_V3, GLM4_MOE, QWEN3_NEXT, QWEN3_5_MOE_TEXT,
               LLAMA4_TEXT, GPT_OSS, ERNIE4_5_MOE, PHIMOE, GRANITEMOE, GRANITEMOESHARED, GRANITEMOEHYBRID,
-              HUNYUAN_V1_MOE, MINIMAX_M2, MINIMAX, DOTS1, GLM4_MOE_LITE, DEEPSEEK_V32, GLM_MOE_DSA, DEEPSEEK_V2, JAMBA, EXAONE_MOE, SOLAR_OPEN, KIMI_LINEAR):
+              HUNYUAN_V1_MOE, MINIMAX_M2, MINIMAX, DOTS1, GLM4_MOE_LITE, DEEPSEEK_V32, GLM_MOE_DSA, DEEPSEEK_V2, JAMBA,
+              EXAONE_MOE, SOLAR_OPEN, KIMI_LINEAR):
     FAMILIES[_spec.model_type] = _spec
     for _alias in _spec.aliases:
         FAMILIES[_alias] = _spec

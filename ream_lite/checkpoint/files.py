@@ -113,9 +113,9 @@ def remove(path: str | os.PathLike) -> None:
 
 
 def allocate(fd: int, nbytes: int, path: str | os.PathLike, what: str = "") -> None:
-    """Reserve `nbytes` of disk for the open file descriptor `fd` now, so that a disk filling up later cannot fail writes into
-    it (for a memory-mapped file that failure is a SIGBUS, not an error). Filesystems without fallocate get
-    plain zeros written by the C library: slower, as safe."""
+    """Reserve `nbytes` of disk for the open file descriptor `fd` now, so that a disk filling up later cannot fail
+    writes into it (for a memory-mapped file that failure is a SIGBUS, not an error). Filesystems without fallocate
+    get plain zeros written by the C library: slower, as safe."""
     with reporting_full(path, what):
         boundary("allocate", path)
         if nbytes <= 0:
@@ -147,8 +147,8 @@ class Checksum:
     tell accidental damage (a flipped byte, a torn or zeroed block) from good data; not a defence against a
     deliberate forgery, which the resume never needs."""
 
-    def __init__(self, value: str | None = None):
-        self.crc = 0 if value is None else int(value.split(":", 1)[1], 16)
+    def __init__(self) -> None:
+        self.crc = 0
 
     def update(self, data) -> Checksum:
         self.crc = zlib.crc32(data, self.crc)

@@ -191,11 +191,8 @@ def _bnb_state(key: str, parts: dict[str, TensorEntry]) -> tuple[tuple[int, ...]
 
     sfx = next(s for s in parts if s.startswith(".quant_state."))
     e = parts[sfx]
-    with open(e.path, "rb") as f:
-        f.seek(e.start)
-        raw = torch.frombuffer(bytearray(f.read(e.nbytes)), dtype=torch.uint8)
     try:
-        state = read_quant_state(raw)
+        state = read_quant_state(read_entry(e).reshape(-1).view(torch.uint8))  # (its bytes, whatever the dtype)
         return tuple(int(s) for s in state["shape"]), int(state["blocksize"]), state_dtype(state)
     except (ReamLiteError, KeyError, TypeError, ValueError):
         raise ReamLiteError(f"{e.path}: {key}{sfx}: not a bitsandbytes quant_state (JSON with shape, blocksize)"

@@ -84,7 +84,8 @@ class _Shard:
         self.file.seek(8 + reserve + self.data_bytes)
 
     def write(self, name: str, data, crc: files.Checksum) -> None:
-        """Append bytes of tensor `name` (in pieces: `crc` accumulates them; the last piece's caller stores it)."""
+        """Append bytes of tensor `name` (in pieces: `crc` accumulates them, and holds the tensor's checksum after
+        its last piece)."""
         files.write(self.file, data, self.path, "an output shard")
         crc.update(data)
         self.sums[name] = crc.value
@@ -96,6 +97,7 @@ class _Shard:
     def add(self, name: str, dtype: str, shape: list[int], nbytes: int) -> None:
         self.header_bytes += self.entry_json_bytes(name, dtype, shape, nbytes)
         self.entries[name] = {"dtype": dtype, "shape": shape, "data_offsets": [self.data_bytes, self.data_bytes + nbytes]}
+        self.sums[name] = files.Checksum().value  # (an empty tensor's; `write` updates it with the bytes)
         self.data_bytes += nbytes
 
     def state(self) -> dict:
@@ -248,7 +250,8 @@ class CheckpointWriter:
             raise ReamLiteError(f"cannot store dtype {t.dtype} in safetensors")
         nbytes = t.numel() * t.element_size()
         shard = self._shard_for(name, dtype, list(t.shape), nbytes)
-        shard.write(name, t.reshape(-1).view(torch.uint8).numpy().data if nbytes else b"", files.Checksum())
+        if nbytes:
+            shard.write(name, t.reshape(-1).view(torch.uint8).numpy().data, files.Checksum())
         self.bytes_written += nbytes
 
     def add_like(self, name: str, value: torch.Tensor, like: StoredTensor) -> None:
@@ -271,7 +274,6 @@ class CheckpointWriter:
     def _copy_entry(self, reader: CheckpointReader, e, name: str) -> None:
         shard = self._shard_for(name, e.dtype, list(e.shape), e.nbytes)
         crc = files.Checksum()
-        shard.write(name, b"", crc)
         for off in range(0, e.nbytes, COPY_CHUNK):
             n = min(COPY_CHUNK, e.nbytes - off)
             data = reader._read(e.path, e.start + off, n)

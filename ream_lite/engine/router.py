@@ -64,11 +64,8 @@ def route(x: torch.Tensor, weight: torch.Tensor, cfg: RouterConfig, bias: torch.
             logits = F.linear(x, weight.to(x.dtype)).float()
         probs = torch.softmax(logits, dim=-1)
         if cfg.n_group > 1:  # DeepSeek-V2's group_limited_greedy: groups scored by their best expert
-            n, per_group = probs.shape[-1], probs.shape[-1] // cfg.n_group
-            group_scores = probs.view(-1, cfg.n_group, per_group).max(dim=-1).values
-            group_idx = torch.topk(group_scores, k=cfg.topk_group, dim=-1, sorted=False)[1]
-            group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1.0)
-            keep = group_mask.unsqueeze(-1).expand(-1, cfg.n_group, per_group).reshape(-1, n).bool()
+            grouped = probs.view(-1, cfg.n_group, probs.shape[-1] // cfg.n_group)
+            keep = _kept_groups(grouped.max(dim=-1).values, cfg, probs.shape[-1])
             top_w, top_i = torch.topk(probs.masked_fill(~keep, 0.0), cfg.top_k, dim=-1, sorted=False)
             return Routing(logits, top_i, top_w * cfg.scaling, probs)
         if bias is None:
@@ -92,13 +89,10 @@ def route(x: torch.Tensor, weight: torch.Tensor, cfg: RouterConfig, bias: torch.
         scores = logits.sigmoid()
         choice = scores + bias.float() if bias is not None else scores
         n = weight.shape[0]
-        if cfg.n_group > 1:
+        if cfg.n_group > 1:  # groups scored by the sum of their best two
             per_group = n // cfg.n_group
             group_scores = choice.view(-1, cfg.n_group, per_group).topk(min(2, per_group), dim=-1)[0].sum(dim=-1)
-            group_idx = torch.topk(group_scores, k=cfg.topk_group, dim=-1, sorted=False)[1]
-            group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1.0)
-            keep = group_mask.unsqueeze(-1).expand(-1, cfg.n_group, per_group).reshape(-1, n).bool()
-            choice = choice.masked_fill(~keep, float("-inf"))
+            choice = choice.masked_fill(~_kept_groups(group_scores, cfg, n), float("-inf"))
         top_i = torch.topk(choice, k=cfg.top_k, dim=-1, sorted=False)[1]
         top_w = scores.gather(1, top_i)
         if cfg.renormalize:
@@ -115,6 +109,14 @@ def route(x: torch.Tensor, weight: torch.Tensor, cfg: RouterConfig, bias: torch.
     if cfg.kind == "topk_softmax":
         return _topk_softmax(x, weight, cfg, bias)
     raise ValueError(f"unknown router kind {cfg.kind}")
+
+
+def _kept_groups(group_scores: torch.Tensor, cfg: RouterConfig, n: int) -> torch.Tensor:
+    """bool [T, n]: the experts of each token's `cfg.topk_group` best-scoring groups (group_scores [T, n_group]),
+    for group-limited routing."""
+    group_idx = torch.topk(group_scores, k=cfg.topk_group, dim=-1, sorted=False)[1]
+    group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1.0)
+    return group_mask.unsqueeze(-1).expand(-1, cfg.n_group, n // cfg.n_group).reshape(-1, n).bool()
 
 
 def _topk_softmax(x: torch.Tensor, weight: torch.Tensor, cfg: RouterConfig, bias: torch.Tensor | None) -> Routing:
