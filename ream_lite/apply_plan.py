@@ -15,13 +15,14 @@ import torch
 from ream_lite.arch.layout import ModelLayout
 from ream_lite.checkpoint import files
 from ream_lite.checkpoint.lock import OutputLock
-from ream_lite.checkpoint.writer import DEFAULT_MAX_SHARD_BYTES, CheckpointWriter
+from ream_lite.checkpoint.writer import DEFAULT_MAX_SHARD_BYTES
 from ream_lite.errors import ReamLiteError
 from ream_lite.methods.plan import LayerPlan
 from ream_lite.report import PLAN_NAME, dumps
 from ream_lite.write_output import (
     compression_steps,
     make_output_format,
+    open_writer,
     refit_used,
     validate_output_path,
     write_planned,
@@ -101,7 +102,10 @@ def apply_plan(plan_path: str, model: str, output: str, overwrite: bool = False,
         output_format = make_output_format(layout, n_keep, fmt.get("out_dtype", "stored"), fmt.get("quantize"),
                                            bool(fmt.get("double_quant", False)))
         with OutputLock(output, "ream-lite apply"):  # (one run per output, as compress)
-            writer = CheckpointWriter(output, max_shard_bytes, overwrite=overwrite, output=output_format)
+            writer = open_writer(layout, output, n_keep, output_format, max_shard_bytes=max_shard_bytes,
+                                 overwrite=overwrite, record={"method": str(plan.get("method", "")), "source":
+                                                             layout.path.name, "experts_before":
+                                                             layout.router_config.num_experts})
 
             def side_files(d: Path) -> None:
                 files.write_file(d / PLAN_NAME, dumps(plan), PLAN_NAME)

@@ -774,7 +774,10 @@ def _moe_work(
 
 
 def _side_file_bytes(directory: Path) -> int:
-    """Tokenizer, generation config ...: what `copy_side_files` carries into the output."""
+    """Tokenizer, generation config ...: what `copy_side_files` carries into the output (nothing for a GGUF, which
+    holds its tokenizer)."""
+    if directory.is_file():
+        return 0
     return sum(p.stat().st_size for p in directory.iterdir()
                if p.is_file() and not p.name.startswith(".") and not p.name.endswith(WEIGHT_SUFFIXES)
                and p.name not in OWN_FILES)

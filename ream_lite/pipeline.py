@@ -49,6 +49,7 @@ from ream_lite.stats_io import check_reusable, load_layer_stats, read_stats_info
 from ream_lite.write_output import (
     compression_steps,
     copy_non_layer_tensors,
+    open_writer,
     output_config,
     validate_output_path,
     write_layer,
@@ -295,8 +296,9 @@ def _compress(layout: ModelLayout, cfg: CompressConfig, n_keep: int, echo: Calla
     written = manifest["writer"]["bytes_written"] if manifest else 0  # (a resumed run needs only the rest)
     check_disk_space(cfg.output, max(0, est.output_disk_bytes - written) + est.resume_bytes, cfg.stream.work_dir,
                      est.work_dir_bytes)
-    writer = CheckpointWriter(cfg.output, cfg.max_shard_bytes, overwrite=cfg.overwrite,
-                              resume=manifest["writer"] if manifest else None, output=streamer.output_format)
+    writer = open_writer(layout, cfg.output, n_keep, streamer.output_format, max_shard_bytes=cfg.max_shard_bytes,
+                         overwrite=cfg.overwrite, resume=manifest["writer"] if manifest else None,
+                         record=gguf_record(cfg, layout, n_keep))
     on_stats = None  # called with every MoE layer's statistics (--save-stats)
     if cfg.save_stats:
         stats_run = start_stats_dir(cfg.save_stats, {
@@ -382,6 +384,12 @@ def _compress(layout: ModelLayout, cfg: CompressConfig, n_keep: int, echo: Calla
             raise ReamLiteError(f"{e} ({how})") from None
         log.error("stopped: %s", how)
         raise
+
+
+def gguf_record(cfg: CompressConfig, layout: ModelLayout, n_keep: int) -> dict[str, str | int]:
+    """What a GGUF output's metadata records of the compression (`ream_lite.*` keys; the report says the rest)."""
+    return {"method": cfg.method, "guard": str(cfg.guard_mode), "source": layout.path.name,
+            "experts_before": layout.router_config.num_experts, "experts_after": n_keep}
 
 
 def disk_full_advice(e: files.DiskFull, est, writer: CheckpointWriter, cfg: CompressConfig) -> files.DiskFull:
@@ -475,8 +483,8 @@ def compress_from_stats(layout: ModelLayout, cfg: CompressConfig, n_keep: int) -
         plans[x.index] = plan
     est = estimate_compression(layout, cfg, n_keep, measure=False)
     check_disk_space(cfg.output, est.output_disk_bytes)
-    writer = CheckpointWriter(cfg.output, cfg.max_shard_bytes, overwrite=cfg.overwrite,
-                              output=est.output_format)
+    writer = open_writer(layout, cfg.output, n_keep, est.output_format, max_shard_bytes=cfg.max_shard_bytes,
+                         overwrite=cfg.overwrite, record=gguf_record(cfg, layout, n_keep))
     calibration = {**info.get("calibration", {}), "from_stats": str(cfg.from_stats)}
 
     def side_files(d: Path) -> None:

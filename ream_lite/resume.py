@@ -69,15 +69,21 @@ def input_fingerprint(layout: ModelLayout) -> dict:
     modification time, a hash of its header (names, dtypes, shapes and offsets of every tensor) and a checksum of
     evenly spread samples of its contents (`content_sample`)."""
     shards = {}
+    gguf_headers = layout.reader.gguf.header_digests if layout.gguf else {}
     for path in sorted({e.path for e in layout.reader.entries.values()}):
         st = os.stat(path)
         with open(path, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            header = hashlib.sha256(f.read(n)).hexdigest()
+            if layout.gguf:  # (its header: metadata and tensor index, up to the first tensor)
+                header = gguf_headers[Path(path).name]
+            else:
+                n = int.from_bytes(f.read(8), "little")
+                header = hashlib.sha256(f.read(n)).hexdigest()
             sample = content_sample(f, st.st_size)
         shards[Path(path).name] = {"bytes": st.st_size, "mtime_ns": st.st_mtime_ns, "header_sha256": header,
                                    "content_sample": sample}
-    config = hashlib.sha256((layout.path / "config.json").read_bytes()).hexdigest()
+    raw = json.dumps(layout.config, sort_keys=True).encode() if layout.gguf else (layout.path / "config.json"
+                                                                                   ).read_bytes()
+    config = hashlib.sha256(raw).hexdigest()
     return {"config_sha256": config, "shards": shards}
 
 

@@ -144,6 +144,20 @@ def _write_fused(writer: CheckpointWriter, r, key: str, kept: list[int], merged:
         writer.add(like.part_name(sfx, key), t)
 
 
+def open_writer(layout: ModelLayout, out: str | Path, n_keep: int, output: OutputFormat, *, max_shard_bytes: int,
+                overwrite: bool, resume: dict | None = None, record: dict | None = None):
+    """The writer of the output: safetensors shards (CheckpointWriter), or, for a GGUF input, one GGUF file with the
+    same metadata, tensor order and types (checkpoint/gguf_writer.py); both take the same calls."""
+    if not layout.gguf:
+        return CheckpointWriter(out, max_shard_bytes, overwrite=overwrite, resume=resume, output=output)
+    from ream_lite.checkpoint.gguf_writer import GGUFOutputWriter
+
+    if resume is not None and not all(s["file"].endswith(".gguf") for s in resume["shards"]):
+        raise ReamLiteError(f"{out}: the partial output is not a GGUF's; start over with --overwrite")
+    return GGUFOutputWriter(out, layout.reader, n_keep, {x.index for x in layout.moe_layers}, record or {},
+                            overwrite=overwrite, resume=resume, output=output)
+
+
 def output_config(layout: ModelLayout, n_keep: int, drop_mtp: bool, output: OutputFormat | None = None) -> dict:
     out = dict(layout.config)
     for key in layout.spec.num_experts_keys:
@@ -171,6 +185,9 @@ def make_output_format(layout: ModelLayout, n_keep: int, out_dtype: str = "store
     `quantize`, the weights transformers' bitsandbytes loader turns into 4-bit modules for the output's config."""
     if out_dtype not in OUT_DTYPES:
         raise ReamLiteError(f"--out-dtype {out_dtype}: expected one of {', '.join(OUT_DTYPES)}")
+    if layout.gguf and (out_dtype != "stored" or quantize is not None):
+        raise ReamLiteError(f"{layout.path}: a GGUF is compressed into a GGUF of the same types; --out-dtype and "
+                            "--quantize apply to safetensors checkpoints")
     decode_to = None if out_dtype == "stored" else {"bf16": torch.bfloat16, "fp16": torch.float16,
                                                      "fp32": torch.float32}[out_dtype]
     if decode_to is not None and not any(t.is_encoded for t in layout.reader.tensors.values()):

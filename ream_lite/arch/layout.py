@@ -176,12 +176,20 @@ class ModelLayout:
         self.path: Path = resolve_model_path(name_or_path)
         # a multimodal checkpoint (MULTIMODAL_WRAPPERS): `config` is its text model's (what everything reads),
         # `wrapper_config` the whole config.json, which the output keeps with the edited text_config inside
-        self.config, self.wrapper_config, self._inherited = split_multimodal_config(load_config_dict(self.path),
-                                                                                   str(self.path))
+        self.gguf = self.path.is_file()  # a GGUF file (resolve_model_path accepts no other file)
+        if self.gguf:  # read as the transformers checkpoint it was converted from, config built from its metadata
+            from ream_lite.checkpoint.gguf import GGUFCheckpoint
+
+            self.reader = GGUFCheckpoint(self.path)
+            raw_config = self.reader.config()
+        else:
+            raw_config = load_config_dict(self.path)
+        self.config, self.wrapper_config, self._inherited = split_multimodal_config(raw_config, str(self.path))
         self.spec: ArchSpec = detect_spec(self.config, str(self.path))
         self.trust_remote_code = trust_remote_code
         require_trusted_code(self.config, str(self.path), trust_remote_code)
-        self.reader = CheckpointReader(self.path, fp8_block=fp8_block_size(self.config))
+        if not self.gguf:
+            self.reader = CheckpointReader(self.path, fp8_block=fp8_block_size(self.config))
         if self.wrapper_config is not None:
             self.spec = multimodal_spec(self.spec, list(self.reader.keys()), str(self.path))
         check_config(self.config, self.spec, {k: t.shape for k, t in self.reader.tensors.items()}, str(self.path))

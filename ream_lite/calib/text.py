@@ -73,9 +73,11 @@ def load_tokenizer(model_dir: str | Path, tokenizer: str | None = None):
 
     src = tokenizer or str(model_dir)
     try:
+        if tokenizer is None and Path(src).is_file():  # a GGUF: transformers builds its tokenizer from the metadata
+            return AutoTokenizer.from_pretrained(str(Path(src).parent), gguf_file=Path(src).name)
         return AutoTokenizer.from_pretrained(src)
     except Exception as e:
-        raise ReamLiteError(f"{src}: cannot load a tokenizer ({type(e).__name__}); pass --tokenizer") from None
+        raise ReamLiteError(f"{src}: cannot load a tokenizer ({one_line(e)}); pass --tokenizer") from None
 
 
 def separator_id(tok) -> int | None:

@@ -30,6 +30,9 @@ class OutputFormat:
     double_quant: bool = False
     compute_dtype: torch.dtype = torch.bfloat16  # what a bnb model computes in (its quantization_config)
     skip_modules: tuple[str, ...] = ()  # modules transformers must leave unquantized (llm_int8_skip_modules)
+    # GGUF blocks of values read back (`readback`), by a digest of those values: writing them again writes these
+    # blocks, as llama.cpp quantized the merge (re-quantizing decoded Q5_K / Q6_K values is not always idempotent)
+    _written_blocks: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.quantize is not None and self.quantize not in QUANTIZE_TYPES:
@@ -58,6 +61,10 @@ class OutputFormat:
                                compress_statistics=self.double_quant)
         if target == "decoded":
             return {name: value.to(self.decode_to or self.compute_dtype)}
+        if like.encoding == "ggml" and self._written_blocks:
+            blocks = self._written_blocks.pop(_digest(name, value), None)
+            if blocks is not None:
+                return blocks
         return stored.encode(like, name, value)
 
     def readback(self, value: torch.Tensor, like: StoredTensor, name: str, dtype: torch.dtype) -> torch.Tensor:
@@ -71,6 +78,10 @@ class OutputFormat:
         parts = self.encode(name, value, like)
         out_like = like if target == "stored" else _bnb_like(name, like)
         by_suffix = {stored.part_suffix(k, name): v for k, v in parts.items()}
+        if like.encoding == "ggml":  # (float32: a block's values, scale times code, are exact there, not in bf16)
+            values = stored.decode(out_like, by_suffix, torch.float32)
+            self._written_blocks[_digest(name, values)] = parts
+            return values
         return stored.decode(out_like, by_suffix, dtype)
 
     def config(self, config: dict, bnb_skip: tuple[str, ...] | list[str] | None = None) -> dict:
@@ -95,6 +106,14 @@ class OutputFormat:
         if self.decode_to is not None:
             return f"decoded to {str(self.decode_to).replace('torch.', '')}"
         return "as stored"
+
+
+def _digest(name: str, value: torch.Tensor) -> tuple:
+    import hashlib
+
+    t = value.detach().contiguous().cpu()
+    return name, t.dtype, tuple(t.shape), hashlib.blake2b(t.reshape(-1).view(torch.uint8).numpy().data,
+                                                          digest_size=16).digest()
 
 
 def _bnb_like(name: str, like: StoredTensor) -> StoredTensor:

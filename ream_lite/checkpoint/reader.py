@@ -24,8 +24,10 @@ def resolve_model_path(name_or_path: str, revision: str | None = None) -> Path:
     """A local directory as is; otherwise a Hugging Face hub id, downloaded (weights, config, tokenizer only)."""
     p = Path(name_or_path).expanduser()
     if p.exists():
+        if p.is_file() and p.suffix == ".gguf":  # llama.cpp's single-file format (checkpoint/gguf.py)
+            return p
         if not p.is_dir():
-            raise ReamLiteError(f"{name_or_path}: expected a model directory, got a file")
+            raise ReamLiteError(f"{name_or_path}: expected a model directory or a .gguf file, got another file")
         return p
     looks_like_hub_id = name_or_path.count("/") == 1 and not name_or_path.startswith((".", "/", "~"))
     if not looks_like_hub_id:
@@ -170,7 +172,9 @@ class CheckpointReader:
             sfx = stored.fp8_scale_suffix(t)
             parts[sfx] = self._get_entry(t.parts[sfx], key, (a // br, -(-b // br)), None, device)
             row0 = a
-        elif len(t.shape) >= 3:  # fused [E, ...]: every part is indexed by expert along its first dimension
+        elif len(t.shape) >= 3 or t.encoding == "ggml":
+            # fused [E, ...]: every part is indexed by expert along its first dimension; a GGUF tensor's rows are
+            # whole blocks
             parts = {sfx: self._get_entry(e, key, rows, None, device) for sfx, e in t.parts.items()}
         else:
             raise ReamLiteError(f"{key}: row ranges of a 2-D {t.encoding} tensor are not supported")

@@ -25,7 +25,8 @@ from ream_lite.checkpoint.format import TensorEntry, shape_numel
 from ream_lite.errors import ReamLiteError
 
 # fp8_unscaled: FP8 values without a block scale (per-tensor / per-channel schemes): indexed, never decoded
-Encoding = Literal["plain", "fp8_block", "mxfp4", "bnb4", "fp8_unscaled", "nvfp4"]
+# ggml: a tensor of a GGUF file (checkpoint/gguf.py), any llama.cpp type; block = (its GGMLQuantizationType,)
+Encoding = Literal["plain", "fp8_block", "mxfp4", "bnb4", "fp8_unscaled", "nvfp4", "ggml"]
 UNSCALED_FP8_MESSAGE = ("FP8 without a weight_scale_inv block scale; only block-scaled FP8 (DeepSeek-V3 / Qwen3 FP8 "
                         "style) can be decoded")
 
@@ -231,6 +232,13 @@ def decode(t: StoredTensor, parts: dict[str, torch.Tensor], dtype: torch.dtype |
         inverted = NV_SCALE_2 in t.parts
         codes = parts[NV_PACKED if NV_PACKED in t.parts else ""]
         return decode_nvfp4(codes, parts[NV_SCALE], parts[NV_SCALE_2 if inverted else NV_GLOBAL], inverted, dtype)
+    if t.encoding == "ggml":
+        from ream_lite.checkpoint.ggml_blocks import decode as decode_ggml
+
+        x = parts[""]
+        if x.dtype != torch.uint8:  # F32 / F16 / BF16: values as stored
+            return x.to(dtype)
+        return decode_ggml(t.block[0], x, t.shape[-1], dtype)
     if t.encoding == "fp8_unscaled":
         raise ReamLiteError(f"{t.path}: {t.name} is {UNSCALED_FP8_MESSAGE}")
     raise ValueError(t.encoding)
@@ -262,6 +270,12 @@ def encode(t: StoredTensor, name: str, value: torch.Tensor) -> dict[str, torch.T
                            compress_statistics=".nested_absmax" in t.parts)
     if t.encoding == "nvfp4":
         return _encode_nvfp4(t, name, value)
+    if t.encoding == "ggml":  # its llama.cpp type, by llama.cpp's reference quantizer (checkpoint/ggml_blocks.py)
+        if t.main.dtype != "U8":
+            return {name: value.to(t.torch_dtype)}
+        from ream_lite.checkpoint.ggml_blocks import encode as encode_ggml
+
+        return {name: encode_ggml(t.block[0], value)}
     if t.encoding == "fp8_unscaled":
         raise ReamLiteError(f"{t.path}: {t.name} is {UNSCALED_FP8_MESSAGE}")
     raise ValueError(t.encoding)

@@ -1,0 +1,295 @@
+"""Writing a compressed GGUF: the input's metadata and tensors, with fewer experts, each tensor in its input type.
+
+A GGUF header lists every tensor with its type, shape and offset before any data, and for a compression all of
+these are known before the first layer is processed (each MoE layer keeps `n_keep` experts; the types are the
+input's). So the writer lays the file out once, writes the header, and then writes each tensor (or each expert's
+slot of a fused `ffn_*_exps` tensor) at its offset as the pipeline hands it over under its transformers name: kept
+experts as their stored blocks, merged experts quantized to the tensor's type (checkpoint/ggml_blocks.py), the
+router's kept rows. Memory: one tensor. The file sits in `<out>.partial/` until every slot is written.
+
+Resume: the positions never move, so the record is the set of tensors written with a checksum of each, kept in the
+shape of a safetensors writer's record of one open shard (resume.py stores either alike); a resumed writer lays the
+file out again from the input, checks the recorded bytes, then rewrites whatever came after the record.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ream_lite import timing
+from ream_lite.checkpoint import files
+from ream_lite.checkpoint.gguf import SPLIT_RE, GGUFCheckpoint, GGUFTensor
+from ream_lite.checkpoint.output_format import OutputFormat
+from ream_lite.checkpoint.stored import StoredTensor
+from ream_lite.checkpoint.writer import COPY_CHUNK, RESUME_MANIFEST, RESUME_SUBDIR, partial_dir
+from ream_lite.errors import ReamLiteError
+
+# metadata ream-lite adds to a GGUF it writes (llama.cpp ignores keys it does not know)
+RECORD_PREFIX = "ream_lite."
+
+
+@dataclass
+class Slot:
+    """Where one transformers-named tensor goes: a byte range of the output file."""
+
+    offset: int
+    nbytes: int
+
+
+def output_tensors(reader: GGUFCheckpoint, n_keep: int | None, moe_layers: set[int]) -> list[tuple[GGUFTensor, tuple]]:
+    """The output's tensors in the input's order, each with its new llama.cpp dimensions (`ne`): the fused experts
+    and the router of every MoE layer cut to `n_keep` experts."""
+    router = reader.arch.router
+    out = []
+    for t in reader.gguf.tensors:
+        ne = t.ne
+        parts = t.name.split(".", 2)
+        layer = int(parts[1]) if parts[0] == "blk" else None
+        if n_keep is not None and layer in moe_layers:
+            rel = parts[2]
+            if rel in reader.arch.expert_tensors:
+                ne = (*ne[:-1], n_keep)
+            elif rel == router:
+                ne = (ne[0], n_keep)
+        out.append((t, ne))
+    return out
+
+
+def nbytes_of(qtype: int, ne: tuple[int, ...]) -> int:
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    block, size = GGML_QUANT_SIZES[GGMLQuantizationType(qtype)]
+    n = 1
+    for x in ne:
+        n *= x
+    return n // block * size
+
+
+class GGUFOutputWriter:
+    """The GGUF counterpart of CheckpointWriter (the same calls), for a GGUF input compressed to `n_keep` experts."""
+
+    def __init__(self, out_dir: str | os.PathLike, reader: GGUFCheckpoint, n_keep: int | None, moe_layers: set[int],
+                 record: dict[str, str | int], overwrite: bool = False, resume: dict | None = None,
+                 output: OutputFormat | None = None):
+        self.out_dir = Path(out_dir)
+        self.output = output or OutputFormat()
+        if self.output.decode_to is not None or self.output.quantize is not None:
+            raise ReamLiteError("a GGUF is written as the input stores it: --out-dtype / --quantize do not apply")
+        self.tmp_dir = partial_dir(self.out_dir)
+        self.file = self.tmp_dir / output_name(reader)
+        if self.out_dir.exists() and not overwrite:
+            raise ReamLiteError(f"{self.out_dir} already exists; pass --overwrite to replace it")
+        self.overwrite = overwrite
+        self.reader = reader
+        self.layout = output_tensors(reader, n_keep, moe_layers)
+        self.record = record
+        self.n_keep = n_keep
+        self.bytes_written = 0
+        self.written: dict[str, str] = {}  # tensor name -> checksum of its bytes
+        if resume is None:
+            if (self.tmp_dir / RESUME_SUBDIR / RESUME_MANIFEST).exists() and not overwrite:
+                raise ReamLiteError(f"{self.tmp_dir} holds an interrupted compression; continue it with the same "
+                                    "`ream-lite compress ... --resume`, or pass --overwrite to discard it")
+            if self.tmp_dir.exists():
+                files.remove(self.tmp_dir)
+            with files.reporting_full(self.tmp_dir, "the partial output"):
+                files.boundary("write", self.tmp_dir)
+                self.tmp_dir.mkdir(parents=True)
+            data_start = self._write_header()
+        else:
+            data_start = self._header_end()
+        self.slots = self._slots(data_start)
+        self.size = data_start + sum(_pad(nbytes_of(t.qtype, ne), self.alignment) for t, ne in self.layout)
+        if resume is not None:
+            rec = resume["shards"][0] if len(resume.get("shards", [])) == 1 else {}
+            if rec.get("file") != self.file.name or not self.file.exists() or self.file.stat().st_size != self.size \
+                    or any(self.slots.get(n) != Slot(*e["slot"]) for n, e in rec["entries"].items()):
+                raise ReamLiteError(f"{self.file}: the partial output does not match its resume record; start over "
+                                    "with --overwrite")
+            self.written = dict(rec["sums"])
+            self.bytes_written = resume["bytes_written"]
+        self.f = open(self.file, "r+b")  # noqa: SIM115 (closed by finish / close_files)
+        if resume is None:
+            with files.reporting_full(self.file, "the output GGUF"):
+                files.boundary("write", self.file)
+                self.f.truncate(self.size)
+        else:
+            self._verify()
+
+    @property
+    def alignment(self) -> int:
+        return self.reader.gguf.alignment
+
+    # -- layout ---------------------------------------------------------------------------------------------------
+    def _write_header(self) -> int:
+        """Header, metadata and tensor index, as llama.cpp's gguf writer lays them out; returns where data begins."""
+        from gguf import GGUFValueType, GGUFWriter
+
+        g = self.reader.gguf
+        w = GGUFWriter(self.file, g.arch)
+        w.data_alignment = self.alignment
+        for key, f in g.fields.items():
+            if key == "general.architecture":
+                continue  # (GGUFWriter writes it first)
+            value = f.value
+            if key == f"{g.arch}.expert_count" and self.n_keep is not None:
+                value = self.n_keep
+            vtype = GGUFValueType(f.types[0])
+            sub = GGUFValueType(f.types[-1]) if vtype == GGUFValueType.ARRAY else None
+            w.add_key_value(key, value, vtype, sub)
+        for key, value in self.record.items():
+            w.add_key_value(RECORD_PREFIX + key, value,
+                            GGUFValueType.UINT32 if isinstance(value, int) else GGUFValueType.STRING)
+        for t, ne in self.layout:
+            w.add_tensor_info(t.name, tuple(reversed(ne)), np.dtype(np.float32), nbytes_of(t.qtype, ne), t.qtype)
+        with files.reporting_full(self.file, "the output GGUF"):
+            files.boundary("write", self.file)
+            w.write_header_to_file()
+            w.write_kv_data_to_file()
+            w.write_ti_data_to_file()
+            fout = w.fout[0]
+            end = fout.tell()
+            fout.write(b"\0" * (_pad(end, self.alignment) - end))
+            w.close()
+        return _pad(end, self.alignment)
+
+    def _header_end(self) -> int:
+        """Where the data of the partial output's GGUF begins (its header was written by the interrupted run)."""
+        from gguf import GGUFReader
+
+        try:
+            r = GGUFReader(self.file, "r")
+            start = int(r.data_offset)
+            del r
+            return start
+        except Exception:
+            raise ReamLiteError(f"{self.file}: the partial output's header is unreadable; start over with --overwrite"
+                                ) from None
+
+    def _slots(self, data_start: int) -> dict[str, Slot]:
+        """Output tensor name (transformers') -> its byte range."""
+        from ream_lite.checkpoint.gguf import hf_names
+
+        slots = {}
+        off = data_start
+        for t, ne in self.layout:
+            size = nbytes_of(t.qtype, ne)
+            names = hf_names(self.reader.arch, GGUFTensor(t.name, t.qtype, ne, t.path, 0, size))
+            per = size // len(names)
+            for i, name in enumerate(names):
+                slots[name] = Slot(off + i * per, per)
+            off += _pad(size, self.alignment)
+        return slots
+
+    # -- writing --------------------------------------------------------------------------------------------------
+    def _slot(self, name: str, nbytes: int) -> Slot:
+        slot = self.slots.get(name)
+        if slot is None:
+            raise ReamLiteError(f"{name}: no such tensor in the output GGUF")
+        if nbytes != slot.nbytes:
+            raise ReamLiteError(f"{name}: {nbytes} bytes for a {slot.nbytes}-byte slot of the output GGUF")
+        return slot
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        """Write one tensor (its bytes as held) into its slot."""
+        with timing.phase("write"):
+            t = tensor.detach().contiguous().cpu()
+            data = t.reshape(-1).view(torch.uint8).numpy().data
+            slot = self._slot(name, len(data))
+            crc = files.Checksum()
+            self._pwrite(slot.offset, data, crc)
+            self.written[name] = crc.value
+            self.bytes_written += len(data)
+
+    def add_like(self, name: str, value: torch.Tensor, like: StoredTensor) -> None:
+        for k, v in self.output.encode(name, value, like).items():
+            self.add(k, v)
+
+    def copy_from(self, reader, key: str, name: str | None = None) -> None:
+        """A tensor of the input as stored (its blocks), in bounded chunks."""
+        e = reader.entry(key).main
+        name = name or key
+        slot = self._slot(name, e.nbytes)
+        crc = files.Checksum()
+        for off in range(0, e.nbytes, COPY_CHUNK):
+            n = min(COPY_CHUNK, e.nbytes - off)
+            data = reader._read(e.path, e.start + off, n)
+            with timing.phase("write"):
+                self._pwrite(slot.offset + off, data, crc)
+        self.written[name] = crc.value
+        self.bytes_written += e.nbytes
+
+    def _pwrite(self, offset: int, data, crc: files.Checksum) -> None:
+        self.f.seek(offset)
+        files.write(self.f, data, self.file, "the output GGUF")
+        crc.update(data)
+
+    @property
+    def tensor_bytes(self) -> int:
+        return sum(s.nbytes for n, s in self.slots.items() if n in self.written)
+
+    # -- resume ---------------------------------------------------------------------------------------------------
+    def state(self) -> dict:
+        files.sync(self.f, self.file, "the output GGUF")
+        entries = {n: {"slot": [self.slots[n].offset, self.slots[n].nbytes]} for n in self.written}
+        shard = {"file": self.file.name, "entries": entries, "sums": dict(self.written),
+                 "data_bytes": self.tensor_bytes, "closed": False}
+        return {"shards": [shard], "bytes_written": self.bytes_written}
+
+    def _verify(self) -> None:
+        """The recorded tensors' bytes, checked before anything is appended (damage is refused, never carried)."""
+        for name, want in self.written.items():
+            slot = self.slots[name]
+            crc = files.Checksum()
+            for off in range(0, slot.nbytes, COPY_CHUNK):
+                crc.update(os.pread(self.f.fileno(), min(COPY_CHUNK, slot.nbytes - off), slot.offset + off))
+            if crc.value != want:
+                raise ReamLiteError(f"{self.file}: the partial output was damaged since it was written ({name}); "
+                                    "start over with --overwrite")
+
+    # -- finish ---------------------------------------------------------------------------------------------------
+    def finish(self, config: dict, source_dir=None, before_publish: Callable[[], None] | None = None) -> Path:
+        """Every slot written: sync, then move the directory into place (the config lives in the GGUF's metadata;
+        `config` and `source_dir` are the safetensors writer's and unused here)."""
+        missing = [n for n in self.slots if n not in self.written]
+        if missing:
+            raise ReamLiteError(f"{self.file}: {len(missing)} tensors were never written (first: {missing[0]})")
+        with timing.phase("write"):
+            files.sync(self.f, self.file, "the output GGUF")
+            self.f.close()
+            if self.out_dir.exists() and not self.overwrite:
+                raise ReamLiteError(f"{self.out_dir} appeared while writing; not overwriting it")
+            if before_publish is not None:
+                before_publish()
+            if self.out_dir.exists():
+                files.remove(self.out_dir)
+            files.replace(self.tmp_dir, self.out_dir)
+            files.sync_dir(self.out_dir.parent)
+        return self.out_dir
+
+    def close_files(self) -> None:
+        try:
+            self.f.close()
+        except OSError:
+            pass
+
+    def abort(self) -> None:
+        self.close_files()
+        shutil.rmtree(self.tmp_dir, ignore_errors=True)
+
+
+def output_name(reader: GGUFCheckpoint) -> str:
+    """The output GGUF's file name: the input's (a split input is written as one file, named without the split)."""
+    m = SPLIT_RE.match(reader.path.name)
+    return m["stem"] + ".gguf" if m else reader.path.name
+
+
+def _pad(n: int, align: int) -> int:
+    return -(-n // align) * align

@@ -1,0 +1,183 @@
+"""GGUF in, GGUF out: tiny models written as GGUF with the `gguf` package's writer (checkpoint/gguf_export.py) in
+several llama.cpp types, read back as the transformers checkpoint they hold, compressed into a GGUF of the same
+types (kept experts' blocks copied, merged experts quantized to their tensor's type)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from test_compress import compress
+from test_streamer import stream_logits
+from tiny_models import VOCAB, reference_logits, save_model
+
+from ream_lite.arch.layout import ModelLayout
+from ream_lite.checkpoint import CheckpointReader
+from ream_lite.checkpoint.gguf import GGUFCheckpoint, read_gguf
+from ream_lite.checkpoint.gguf_export import export_gguf
+
+gguf = pytest.importorskip("gguf")
+Q = gguf.GGMLQuantizationType
+
+# rows of 256 values: whole blocks of every llama.cpp type (K-quants have 256-value super-blocks)
+WIDE = dict(hidden_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=64, moe_intermediate_size=256,
+            intermediate_size=256, num_hidden_layers=2)
+
+
+def wide_model(family: str):
+    """The family's tiny test model (tiny_models) at the WIDE shape."""
+    from tiny_models import _randomize, family_config
+    from transformers import AutoModelForCausalLM
+
+    base = family_config(family)
+    cfg = {k: v for k, v in base.to_dict().items() if k != "layer_types"}
+    cfg.update(WIDE, **({"shared_expert_intermediate_size": 256} if family == "qwen2_moe" else {}))
+    torch.manual_seed(0)
+    return _randomize(AutoModelForCausalLM.from_config(type(base)(**cfg), dtype=torch.float32).eval())
+
+
+@pytest.fixture(scope="module")
+def gguf_models(tmp_path_factory):
+    """family -> (transformers model, safetensors dir, {type name: GGUF path})."""
+    root = tmp_path_factory.mktemp("gguf")
+    out = {}
+    for family, types in (("qwen3_moe", ("F32", "Q8_0", "Q4_K")), ("qwen2_moe", ("Q8_0",)), ("mixtral", ("Q6_K",))):
+        model = wide_model(family)
+        d = save_model(model, root / family)
+        files = {}
+        for t in types:
+            other = Q.F32 if t == "F32" else Q.Q8_0
+            files[t] = export_gguf(d, root / f"{family}-{t}.gguf", expert_type=Q[t], other_type=other)
+        out[family] = (model, d, files)
+    return out
+
+
+def decoded_model(path, plain_dir, tmp_path):
+    """transformers' model (float32) of the GGUF's dequantized weights: the safetensors twin with its weights
+    replaced by what ream-lite reads from the GGUF, loaded by from_pretrained."""
+    import shutil
+
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    d = tmp_path / "decoded"
+    shutil.copytree(plain_dir, d)
+    for p in d.glob("*.safetensors*"):
+        p.unlink()
+    with GGUFCheckpoint(path) as r:
+        save_file({k: r.get(k, dtype=torch.float32).contiguous() for k in r.keys()}, str(d / "model.safetensors"),
+                  metadata={"format": "pt"})
+    return AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+
+
+def test_inspect_equals_the_safetensors_twin(gguf_models):
+    _, d, files = gguf_models["qwen3_moe"]
+    a, b = ModelLayout(str(d)), ModelLayout(str(files["Q4_K"]))
+    assert b.spec is a.spec and b.router_config == a.router_config
+    assert set(a.reader.keys()) == set(b.reader.keys())
+    assert all(a.reader.shape(k) == b.reader.shape(k) for k in a.reader.keys())
+    assert [(x.index, x.is_moe, x.num_experts, x.expert_storage) for x in a.layers] == \
+        [(x.index, x.is_moe, x.num_experts, x.expert_storage) for x in b.layers]
+    for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+              "moe_intermediate_size", "num_experts_per_tok", "vocab_size", "norm_topk_prob"):
+        assert a.hf_config().to_dict()[k] == b.hf_config().to_dict()[k], k
+    assert b.reader.entry("model.layers.1.mlp.experts.3.down_proj.weight").block == (int(Q.Q4_K),)
+    a.close(), b.close()
+
+
+@pytest.mark.parametrize("family,qtype", [("qwen3_moe", "F32"), ("qwen3_moe", "Q4_K"), ("qwen2_moe", "Q8_0"),
+                                          ("mixtral", "Q6_K")])
+def test_streamed_logits_equal_transformers_on_the_dequantized_weights(gguf_models, family, qtype, tmp_path):
+    _, plain, files = gguf_models[family]
+    ids = torch.randint(0, VOCAB, (2, 11), generator=torch.Generator().manual_seed(3))
+    ref = reference_logits(decoded_model(files[qtype], plain, tmp_path), ids)
+    torch.testing.assert_close(stream_logits(files[qtype], ids), ref, atol=1e-4, rtol=1e-4)
+
+
+def test_dequantized_values_match_the_gguf_package(gguf_models):
+    """Our reader's values of every tensor equal gguf's own dequantizer on the same bytes (names mapped)."""
+    _, _, files = gguf_models["qwen3_moe"]
+    g = gguf.GGUFReader(files["Q4_K"])
+    with GGUFCheckpoint(files["Q4_K"]) as r:
+        for t in g.tensors:
+            theirs = torch.from_numpy(np.ascontiguousarray(gguf.quants.dequantize(t.data, t.tensor_type)))
+            names = [k for k, (src, _) in r.source.items() if src.name == t.name]
+            ours = torch.stack([r.get(n, dtype=torch.float32) for n in names]) if len(names) > 1 else \
+                r.get(names[0], dtype=torch.float32)
+            assert torch.equal(ours.reshape(theirs.shape), theirs.float()), t.name
+
+
+def kept_and_merged(out):
+    plan = json.loads((out / "ream_plan.json").read_text())
+    return plan["layers"]
+
+
+def test_reap_output_is_an_independent_slice(gguf_models, calib_file, tmp_path):
+    """Every tensor of the output GGUF is the input's, bytes unchanged: kept experts' blocks, the router's kept rows,
+    the rest whole; the metadata is the input's with the expert count and a record of the compression."""
+    _, _, files = gguf_models["qwen3_moe"]
+    src = files["Q4_K"]
+    out = tmp_path / "out"
+    compress(src, out, "--experts", 5, "--method", "reap", "--calib", calib_file, "--refit", "off", "--tokenizer",
+             tokenizer_dir(gguf_models))
+    produced = out / src.name
+    a, b = gguf.GGUFReader(src), gguf.GGUFReader(produced)
+    ta, tb = {t.name: t for t in a.tensors}, {t.name: t for t in b.tensors}
+    assert list(ta) == list(tb)
+    layers = {L["layer"]: L["kept"] for L in kept_and_merged(out)}
+    for name, t in ta.items():
+        u = tb[name]
+        assert u.tensor_type == t.tensor_type, name
+        parts = name.split(".")
+        if parts[0] == "blk" and int(parts[1]) in layers and ("_exps" in name or "ffn_gate_inp" in name):
+            kept = layers[int(parts[1])]
+            axis = 0  # (experts / router rows are the outermost numpy axis)
+            assert np.array_equal(np.take(t.data, kept, axis=axis), u.data), name
+        else:
+            assert np.array_equal(t.data, u.data), name
+    fa = {k: f.contents() for k, f in a.fields.items() if not k.startswith("GGUF.")}
+    fb = {k: f.contents() for k, f in b.fields.items() if not k.startswith("GGUF.")}
+    assert fb.pop("qwen3moe.expert_count") == 5 and fa.pop("qwen3moe.expert_count") == 8
+    record = {k: fb.pop(k) for k in list(fb) if k.startswith("ream_lite.")}
+    assert fa == fb
+    assert record["ream_lite.method"] == "reap" and record["ream_lite.experts_before"] == 8
+    # and ream-lite reads it back as a 5-expert model whose logits are finite
+    assert ModelLayout(str(produced)).router_config.num_experts == 5
+    assert torch.isfinite(stream_logits(produced, torch.randint(0, VOCAB, (1, 9)))).all()
+
+
+def tokenizer_dir(gguf_models):
+    return str(gguf_models["qwen3_moe"][1])  # (the tiny models' character tokenizer)
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_K"])
+def test_merged_experts_within_the_type_error_of_the_float_merge(gguf_models, calib_file, tmp_path, qtype):
+    """Paper REAM on a quantized GGUF: each merged expert is written as llama.cpp's quantization of the merge the
+    engine held, and dequantized it is within its type's error of the same merge computed in float32."""
+    from ream_lite.checkpoint.ggml_blocks import encode
+    from ream_lite.checkpoint.output_format import OutputFormat
+    from ream_lite.methods.apply import build_merged_experts
+    from ream_lite.methods.plan import LayerPlan
+
+    _, _, files = gguf_models["qwen3_moe"]
+    args = ("--experts", 5, "--method", "ream", "--guard", "off", "--refit", "off", "--no-sequential", "--calib",
+            calib_file, "--tokenizer", tokenizer_dir(gguf_models))
+    compress(files[qtype], tmp_path / "q", *args)
+    layout = ModelLayout(str(files[qtype]))
+    out = ModelLayout(str(tmp_path / "q" / files[qtype].name))
+    n_merged = 0
+    for L in kept_and_merged(tmp_path / "q"):
+        plan = LayerPlan.from_json(L)
+        merge = build_merged_experts(layout, plan, None, "cpu", output=OutputFormat(decode_to=torch.float32),
+                                     value_dtype=torch.float32)
+        for c, parts in merge.items():
+            pos = plan.kept.index(c)
+            n_merged += 1
+            for proj, f in zip(("gate_proj", "up_proj", "down_proj"), parts):
+                key = f"model.layers.{plan.layer}.mlp.experts.{pos}.{proj}.weight"
+                stored = out.reader.read_part(out.reader.entry(key).main)
+                assert torch.equal(stored, encode(Q[qtype], f)), key  # llama.cpp's quantization of the float merge
+                err = (out.reader.get(key, dtype=torch.float32) - f).abs().max()
+                assert err <= f.abs().max() * (1 / 127 if qtype == "Q8_0" else 1 / 7), (key, err)
+    assert n_merged
+    layout.close(), out.close()
