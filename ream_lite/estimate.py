@@ -245,6 +245,7 @@ class CompressionEstimate:
     steps: int = 0  # layers compressed, one after the other (MTP layers unless dropped)
     # how the output stores its tensors (--out-dtype / --quantize): sizes above are by it; compress writes with it
     output_format: OutputFormat | None = None
+    format_line: str | None = None  # a GGUF input: its output's types (checkpoint/gguf.describe_types)
     refit_sweeps: int = 0  # --refit-sweeps, --refit-ridge (when the layers are refit)
     refit_ridge: float = 0.0
 
@@ -389,6 +390,7 @@ class CompressionEstimate:
             "disk",
             f"  output         {_size(self.output_disk_bytes)} ({_size(self.output_bytes)} of tensors, "
             f"{100 * self.output_bytes / max(self.input_bytes, 1):.1f}% of the input's {_size(self.input_bytes)})",
+            *([f"  format         {self.format_line}"] if self.format_line else []),
             self._resume_line(),
             "  work dir       " + (f"{_size(self.work_dir_bytes)} of hidden-state files" if self.work_dir_bytes
                                     else "nothing (hidden states stay in memory)"),
@@ -555,6 +557,7 @@ def estimate_compression(
         output_bytes=output, output_disk_bytes=output_disk, resume_bytes=_resume_bytes(cfg, memory), rates=rates,
         snapshot_every=parse_snapshot_every(cfg.snapshot_every), steps=len(compression_steps(layout, cfg.drop_mtp)),
         output_format=fmt,
+        format_line=_format_line(layout),
     )
     est.notes = _notes(est, device)
     return est
@@ -771,6 +774,14 @@ def _moe_work(
     if not written_from_cache:
         reads += n_keep - shape.written_merged  # kept experts copied into the output, as stored
     return work, reads
+
+
+def _format_line(layout: ModelLayout) -> str | None:
+    if not layout.gguf:
+        return None
+    from ream_lite.checkpoint.gguf import describe_types
+
+    return describe_types(layout.reader)
 
 
 def _side_file_bytes(directory: Path) -> int:

@@ -27,8 +27,14 @@ def describe(layout: ModelLayout) -> dict:
             }
         )
     dtypes = Counter()
-    for e in r.entries.values():
-        dtypes[e.dtype] += e.nbytes
+    if layout.gguf:  # llama.cpp's types (Q4_K, Q6_K, F32 ...), not the bytes they are read as
+        from gguf import GGMLQuantizationType
+
+        for t in r.gguf.tensors:
+            dtypes[GGMLQuantizationType(t.qtype).name] += t.nbytes
+    else:
+        for e in r.entries.values():
+            dtypes[e.dtype] += e.nbytes
     quant = cfg.get("quantization_config") or {}
     moe = layout.moe_layers
     return {

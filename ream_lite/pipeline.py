@@ -160,6 +160,10 @@ def validate(layout: ModelLayout, n_keep: int, cfg: CompressConfig) -> None:
     for x in layout.layers:
         if x.is_mtp and not x.is_moe and not cfg.drop_mtp:
             raise ReamLiteError(f"MTP layer {x.index} has no routed experts; pass --drop-mtp")
+    if layout.gguf:
+        from ream_lite.checkpoint.gguf import require_writable
+
+        require_writable(layout.reader, cfg.method in MERGING_METHODS or cfg.refits)
     validate_output_path(layout, cfg.output)
     out = Path(cfg.output).resolve()
     for flag, d in (("--save-stats", cfg.save_stats), ("--work-dir", cfg.stream.work_dir)):

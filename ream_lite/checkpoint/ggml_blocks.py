@@ -118,6 +118,14 @@ def _fp16_bytes(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous().unsqueeze(-1).to(torch.float16).view(torch.uint8)
 
 
+def _f16_bits(x: torch.Tensor) -> torch.Tensor:
+    """GGML_FP32_TO_FP16 for whole tensors -> int16: torch's rounding for numbers; every NaN becomes the quiet
+    NaN 0x7E00 with its sign, as ggml's bit-level conversion writes it (torch would keep payload bits)."""
+    h = x.to(torch.float16).view(torch.int16)
+    sign = (x.view(torch.int32) >> 16) & -0x8000  # 0 or the int16 sign bit
+    return torch.where(torch.isnan(x), (sign | 0x7E00).to(torch.int16), h)
+
+
 def _fp16_value(b: torch.Tensor) -> torch.Tensor:
     """uint8 [..., 2] -> float32 [...] (exact)."""
     return b.contiguous().view(torch.float16).squeeze(-1).float()
@@ -140,6 +148,12 @@ def _first_absmax(x: torch.Tensor) -> torch.Tensor:
     """The signed value of the first element of largest magnitude along the last axis (C's `if (amax < |v|)`)."""
     idx = x.abs().argmax(dim=-1, keepdim=True)
     return x.gather(-1, idx).squeeze(-1)
+
+
+def _pos_max(t: torch.Tensor) -> torch.Tensor:
+    """`float m = 0; for (...) if (v > m) m = v;` over the last axis: +0 (never -0) when nothing is positive."""
+    m = t.amax(dim=-1)
+    return torch.where(m > 0, m, torch.zeros_like(m))
 
 
 def _seq_sum(t: torch.Tensor, start: torch.Tensor | None = None) -> torch.Tensor:
@@ -539,12 +553,14 @@ def _enc_q4_5_k(x: torch.Tensor, nmax: int, rmin: float, nstep: int) -> tuple[to
     """The shared body of quantize_row_q4_K_ref / q5_K_ref: returns (header bytes [N, 16], L int32 [N, 256])."""
     xg = _groups(x, 32)  # [32, N*8]
     sum_x2 = _seq_sum(xg * xg)
-    av_x = torch.sqrt(_div(sum_x2, 32.0))
+    # through float64: torch's vectorised float32 sqrt on CPU is not correctly rounded (it differs from sqrtf in
+    # ~1 of 6 values); the float64 root rounded to float32 is exactly sqrtf's result
+    av_x = torch.sqrt(_div(sum_x2, 32.0).double()).float()
     w = av_x + xg.abs()
     scales, mins, L = _make_qkx2(xg, w, nmax, rmin, 0.1, nstep, use_mad=False)
     scales, mins, L = _ungroup(scales, 8), _ungroup(mins, 8), _ungroup(L, 8)  # [N, 8], [N, 8, 32]
-    max_scale = scales.amax(-1).clamp(min=0)
-    max_min = mins.amax(-1).clamp(min=0)
+    max_scale = _pos_max(scales)
+    max_min = _pos_max(mins)
     inv_scale = torch.where(max_scale > 0, _rdiv(63.0, max_scale), torch.zeros_like(max_scale))
     inv_min = torch.where(max_min > 0, _rdiv(63.0, max_min), torch.zeros_like(max_min))
     ls = (_nearest_int(inv_scale.unsqueeze(-1) * scales) & 0xFF).clamp(max=63)
@@ -604,8 +620,8 @@ def _enc_q2_k(x: torch.Tensor) -> torch.Tensor:
     xg = _groups(x, 16)
     scales, mins, L = _make_qkx2(xg, xg.abs(), 3, -0.5, 0.1, 15, use_mad=True)
     scales, mins, L = _ungroup(scales, 16), _ungroup(mins, 16), _ungroup(L, 16)
-    max_scale = scales.amax(-1).clamp(min=0)
-    max_min = mins.amax(-1).clamp(min=0)
+    max_scale = _pos_max(scales)
+    max_min = _pos_max(mins)
     has_s = (max_scale > 0).unsqueeze(-1)
     has_m = (max_min > 0).unsqueeze(-1)
     ls = torch.where(has_s, _nearest_int(_rdiv(15.0, max_scale).unsqueeze(-1) * scales), 0) & 0xFF
@@ -671,7 +687,7 @@ def encode(qtype: Q | int, values: torch.Tensor) -> torch.Tensor:
     if q == Q.F32:
         return x.view(torch.uint8).view(*lead, nbytes)
     if q == Q.F16:
-        return x.to(torch.float16).view(torch.uint8).view(*lead, nbytes)
+        return _f16_bits(x).view(torch.uint8).view(*lead, nbytes)
     if q == Q.BF16:
         return _bf16_bits(x).to(torch.int16).view(torch.uint8).view(*lead, nbytes)
     if not bool(torch.isfinite(x).all()):

@@ -219,6 +219,50 @@ class GGUFCheckpoint(CheckpointReader):
         return gguf_config(self.gguf, self.arch, self.tensors)
 
 
+def expert_types(reader: GGUFCheckpoint) -> dict[str, int]:
+    """llama.cpp type name -> how many fused expert tensors have it."""
+    from gguf import GGMLQuantizationType
+
+    out: dict[str, int] = {}
+    for t in reader.gguf.tensors:
+        if t.name.split(".")[-2] in {n.split(".")[0] for n in reader.arch.expert_tensors}:
+            name = GGMLQuantizationType(t.qtype).name
+            out[name] = out.get(name, 0) + 1
+    return dict(sorted(out.items()))
+
+
+def describe_types(reader: GGUFCheckpoint) -> str:
+    """One line for `plan`: the output's format and what becomes of merged experts' types."""
+    from ream_lite.checkpoint.ggml_blocks import ENCODABLE
+
+    counts = expert_types(reader)
+    listed = ", ".join(f"{n} x{c}" for n, c in counts.items())
+    from gguf import GGMLQuantizationType
+
+    unwritable = [n for n in counts if GGMLQuantizationType[n] not in ENCODABLE]
+    tail = (f"; {', '.join(unwritable)} cannot be quantized by ream-lite: only pruning without refit (--method reap "
+            "--refit off) runs on it") if unwritable else "; merged experts quantized to their tensor's type as " \
+        "llama.cpp's reference quantizer does"
+    return f"GGUF, every tensor in its input type (expert tensors: {listed}){tail}"
+
+
+def require_writable(reader: GGUFCheckpoint, new_values: bool) -> None:
+    """Refuse a run that writes new expert values (merges, refit) into an expert tensor of a type ream-lite cannot
+    quantize (the IQ and TQ types: their quantizers need llama.cpp's importance-matrix search)."""
+    if not new_values:
+        return
+    from gguf import GGMLQuantizationType
+
+    from ream_lite.checkpoint.ggml_blocks import ENCODABLE
+
+    for t in reader.gguf.tensors:
+        if "_exps." in t.name and t.qtype not in {int(q) for q in ENCODABLE}:
+            raise ReamLiteError(f"{reader.path}: {t.name} is {GGMLQuantizationType(t.qtype).name}, which ream-lite "
+                                "cannot quantize, and this run writes new expert values (merges or refit); pruning "
+                                "copies blocks of any type: use --method reap --refit off, or a GGUF of a type "
+                                "listed by `ream-lite plan`")
+
+
 def arch_of(g: GGUFFile, where: str) -> GGUFArch:
     arch = ARCHES.get(g.arch)
     if arch is None:
