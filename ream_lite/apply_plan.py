@@ -100,7 +100,8 @@ def apply_plan(plan_path: str, model: str, output: str, overwrite: bool = False,
         fmt = plan.get("output") or {}
         n_keep = int(plan["experts"]["after"])
         output_format = make_output_format(layout, n_keep, fmt.get("out_dtype", "stored"), fmt.get("quantize"),
-                                           bool(fmt.get("double_quant", False)))
+                                           bool(fmt.get("double_quant", False)),
+                                           fmt.get("gguf_type") if fmt.get("out_format") == "gguf" else None)
         with OutputLock(output, "ream-lite apply"):  # (one run per output, as compress)
             writer = open_writer(layout, output, n_keep, output_format, max_shard_bytes=max_shard_bytes,
                                  overwrite=overwrite, record={"method": str(plan.get("method", "")), "source":

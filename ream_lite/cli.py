@@ -287,6 +287,13 @@ def eval_cmd(model, data, reference, seq_len, max_tokens, tokenizer, as_json, **
               "its quantization_config, so from_pretrained(OUTPUT) loads in 4-bit. Merging runs first, in full "
               "precision")
 @click.option("--double-quant", is_flag=True, help="with --quantize: bnb's nested quantization of the statistics")
+@click.option("--out-format", type=click.Choice(["auto", "gguf"]), default="auto", show_default=True,
+              help="'auto': as MODEL is stored (a safetensors checkpoint, or for a GGUF a GGUF of the same types); "
+              "'gguf': write a safetensors MODEL as one llama.cpp GGUF file in OUTPUT (routed experts in --gguf-type, "
+              "other matrices Q8_0, norms and routers F32; qwen3_moe, qwen2_moe, mixtral)")
+@click.option("--gguf-type", default="Q8_0", show_default=True,
+              help="with --out-format gguf: the routed experts' llama.cpp type (Q8_0, Q4_0, Q4_K, Q5_K, Q6_K, MXFP4 "
+              "...; quantized as llama.cpp's reference quantizer does)")
 @click.option("--tokenizer", default=None, help="tokenizer directory or id (default: MODEL's)")
 @click.option("--save-stats", default=None, type=click.Path(file_okay=False),
               help="also save every MoE layer's statistics in this directory (with --no-sequential they can be "
@@ -310,13 +317,15 @@ def eval_cmd(model, data, reference, seq_len, max_tokens, tokenizer, as_json, **
 @_user_errors
 def compress(model, output, experts, method, calib, mix, packing, chat_template, num_sequences, seq_len, seed, saliency, saliency_gate, grouping,
              group_size, no_gate_logit_sim, no_gated_sim, align, guard, holdout, no_sequential, drop_mtp, max_shard_size,
-             out_dtype, quantize, double_quant, tokenizer, save_stats, from_stats, overwrite, resume, snapshot_every,
-             refit, refit_sweeps, refit_ridge, **stream) -> None:
+             out_dtype, quantize, double_quant, out_format, gguf_type, tokenizer, save_stats, from_stats, overwrite,
+             resume, snapshot_every, refit, refit_sweeps, refit_ridge, **stream) -> None:
     """Compress MODEL into OUTPUT with fewer routed experts per MoE layer, one layer at a time.
 
     Writes a checkpoint in MODEL's own layout and key names (loads with transformers'
     AutoModelForCausalLM.from_pretrained), plus ream_plan.json: per layer, the kept experts, the merged groups
-    with their weights, and every expert's scores.
+    with their weights, and every expert's scores. MODEL may be a GGUF file (llama.cpp's format, split files
+    too): OUTPUT then holds a GGUF of the same metadata and types (kept experts' blocks copied, merged experts
+    quantized to their tensor's type); --out-format gguf writes a safetensors MODEL as a GGUF.
     """
     from ream_lite.methods import MethodOptions
     from ream_lite.pipeline import CompressConfig
@@ -336,7 +345,7 @@ def compress(model, output, experts, method, calib, mix, packing, chat_template,
         guard=guard, holdout=holdout, stream=opts, resume=resume, snapshot_every=snapshot_every,
         command=_command_line(), refit=_refit(refit, refit_sweeps, refit_ridge),
         save_stats=save_stats, from_stats=from_stats, out_dtype=out_dtype, quantize=quantize,
-        double_quant=double_quant,
+        double_quant=double_quant, out_format=out_format, gguf_type=gguf_type,
     )
     out = run(cfg, echo=lambda line: click.echo(line, err=True))
     click.echo(f"wrote {out}")

@@ -522,7 +522,8 @@ def estimate_compression(
     if shape.largest_group:
         phases["merge"] = base + merge_bytes
 
-    fmt = make_output_format(layout, n_keep, cfg.out_dtype, cfg.quantize, cfg.double_quant)
+    fmt = make_output_format(layout, n_keep, cfg.out_dtype, cfg.quantize, cfg.double_quant,
+                             cfg.gguf_type if cfg.out_format == "gguf" else None)
     layers = [_layer_cost(layout, info, cfg, n_keep, memory, shape, tokens, held, inter, fmt)
               for info in layout.layers]
     r = layout.reader

@@ -82,6 +82,8 @@ class CompressConfig:
     out_dtype: str = "stored"  # stored: each tensor in its input encoding (FP8 stays FP8); bf16/fp16/fp32: decoded
     quantize: str | None = None  # nf4 | fp4: Linear weights written in bitsandbytes 4-bit
     double_quant: bool = False  # bnb 4-bit with quantized statistics
+    out_format: str = "auto"  # auto: as the input (safetensors, or a GGUF for a GGUF); gguf: a llama.cpp file
+    gguf_type: str = "Q8_0"  # --out-format gguf: the routed experts' llama.cpp type
     tokenizer: str | None = None
     guard: str | None = None  # group | layer | off; None = "group" (REAM; other methods: when refit is not off)
     refit: RefitOptions = field(default_factory=RefitOptions)  # least-squares refit of the kept experts
@@ -442,7 +444,8 @@ def build_report(layout: ModelLayout, cfg: CompressConfig, n_keep: int, calibrat
         "sequential": cfg.sequential,
         "drop_mtp": cfg.drop_mtp,
         "output": {"out_dtype": cfg.out_dtype, "quantize": cfg.quantize, "double_quant": cfg.double_quant,
-                   "format": writer.output.describe},
+                   "format": writer.output.describe,
+                   **({"out_format": "gguf", "gguf_type": cfg.gguf_type} if cfg.out_format == "gguf" else {})},
         "seed": cfg.seed,
         "guard": cfg.guard_mode,
         "calibration": calibration,

@@ -148,14 +148,17 @@ def open_writer(layout: ModelLayout, out: str | Path, n_keep: int, output: Outpu
                 overwrite: bool, resume: dict | None = None, record: dict | None = None):
     """The writer of the output: safetensors shards (CheckpointWriter), or, for a GGUF input, one GGUF file with the
     same metadata, tensor order and types (checkpoint/gguf_writer.py); both take the same calls."""
-    if not layout.gguf:
+    if not layout.gguf and not output.gguf_types:
         return CheckpointWriter(out, max_shard_bytes, overwrite=overwrite, resume=resume, output=output)
-    from ream_lite.checkpoint.gguf_writer import GGUFOutputWriter
+    from ream_lite.checkpoint.gguf_writer import GGUFOutputWriter, layout_from_checkpoint, layout_from_gguf
 
     if resume is not None and not all(s["file"].endswith(".gguf") for s in resume["shards"]):
         raise ReamLiteError(f"{out}: the partial output is not a GGUF's; start over with --overwrite")
-    return GGUFOutputWriter(out, layout.reader, n_keep, {x.index for x in layout.moe_layers}, record or {},
-                            overwrite=overwrite, resume=resume, output=output)
+    if layout.gguf:
+        plan = layout_from_gguf(layout.reader, n_keep, {x.index for x in layout.moe_layers}, record or {})
+    else:  # --out-format gguf: the types and row orders are the output format's
+        plan = layout_from_checkpoint(layout, n_keep, output.gguf_expert_type, output.gguf_other_type, record or {})[0]
+    return GGUFOutputWriter(out, plan, overwrite=overwrite, resume=resume, output=output)
 
 
 def output_config(layout: ModelLayout, n_keep: int, drop_mtp: bool, output: OutputFormat | None = None) -> dict:
@@ -180,9 +183,12 @@ OUT_DTYPES = ("stored", "bf16", "fp16", "fp32")
 
 
 def make_output_format(layout: ModelLayout, n_keep: int, out_dtype: str = "stored", quantize: str | None = None,
-                       double_quant: bool = False) -> OutputFormat:
-    """The output format of `--out-dtype` / `--quantize` for compressing `layout` to `n_keep` experts: with
-    `quantize`, the weights transformers' bitsandbytes loader turns into 4-bit modules for the output's config."""
+                       double_quant: bool = False, gguf_type: str | None = None) -> OutputFormat:
+    """The output format of `--out-dtype` / `--quantize` / `--out-format gguf --gguf-type T` for compressing `layout`
+    to `n_keep` experts: with `quantize`, the weights transformers' bitsandbytes loader turns into 4-bit modules for
+    the output's config; with `gguf_type`, every output tensor's llama.cpp type (the experts' `gguf_type`)."""
+    if gguf_type is not None:
+        return gguf_output_format(layout, n_keep, gguf_type, out_dtype, quantize)
     if out_dtype not in OUT_DTYPES:
         raise ReamLiteError(f"--out-dtype {out_dtype}: expected one of {', '.join(OUT_DTYPES)}")
     if layout.gguf and (out_dtype != "stored" or quantize is not None):
@@ -214,6 +220,36 @@ def make_output_format(layout: ModelLayout, n_keep: int, out_dtype: str = "store
                             "not write; compress without --quantize and quantize when loading")
     return OutputFormat(decode_to=decode_to, quantize=quantize, quantize_keys=frozenset(targets),
                         double_quant=double_quant, compute_dtype=compute, skip_modules=tuple(skip))
+
+
+GGUF_OTHER_TYPE = "Q8_0"  # --out-format gguf: attention, embeddings, head, shared experts (norms and routers F32)
+
+
+def gguf_output_format(layout: ModelLayout, n_keep: int, gguf_type: str, out_dtype: str = "stored",
+                       quantize: str | None = None) -> OutputFormat:
+    """--out-format gguf: the llama.cpp file of the compressed model (checkpoint/gguf_writer.py)."""
+    from gguf import GGMLQuantizationType
+
+    from ream_lite.checkpoint.ggml_blocks import ENCODABLE
+    from ream_lite.checkpoint.gguf_writer import layout_from_checkpoint
+
+    if layout.gguf:
+        raise ReamLiteError(f"{layout.path}: a GGUF is always written as a GGUF of its own types; --out-format gguf "
+                            "and --gguf-type are for safetensors checkpoints")
+    if out_dtype != "stored" or quantize is not None:
+        raise ReamLiteError("--out-format gguf: --out-dtype / --quantize apply to safetensors outputs")
+    names = sorted(q.name for q in ENCODABLE)
+    try:
+        qtype = GGMLQuantizationType[gguf_type.upper()]
+    except KeyError:
+        qtype = None
+    if qtype not in ENCODABLE:
+        raise ReamLiteError(f"--gguf-type {gguf_type}: ream-lite writes {', '.join(names)}")
+    other = GGMLQuantizationType[GGUF_OTHER_TYPE]
+    _, types, rows = layout_from_checkpoint(layout, n_keep, int(qtype), int(other), {})
+    return OutputFormat(gguf_types=types, gguf_rows=rows, gguf_expert_type=int(qtype), gguf_other_type=int(other),
+                        gguf_describe=f"GGUF (routed experts {qtype.name}, other matrices {other.name} or F16 where "
+                        "rows are not whole blocks, norms and routers F32)")
 
 
 def _output_hf_config(layout: ModelLayout, n_keep: int):

@@ -181,3 +181,39 @@ def test_merged_experts_within_the_type_error_of_the_float_merge(gguf_models, ca
                 assert err <= f.abs().max() * (1 / 127 if qtype == "Q8_0" else 1 / 7), (key, err)
     assert n_merged
     layout.close(), out.close()
+
+
+@pytest.mark.parametrize("method", [("--method", "reap", "--refit", "off"), ("--method", "ream", "--guard", "off")])
+def test_out_format_gguf_equals_the_exported_safetensors_output(gguf_models, calib_file, tmp_path, method):
+    """`compress --out-format gguf` of a safetensors model writes, tensor for tensor, what llama.cpp-style export of
+    the safetensors output of the same run holds (merged experts quantized once, from the float32 merge), with the
+    new expert count in the metadata."""
+    _, plain, _ = gguf_models["qwen3_moe"]
+    args = ("--experts", 5, *method, "--no-sequential", "--calib", calib_file)
+    compress(plain, tmp_path / "st", *args)
+    compress(plain, tmp_path / "gg", *args, "--out-format", "gguf", "--gguf-type", "Q4_K")
+    export_gguf(tmp_path / "st", tmp_path / "exported.gguf", expert_type=Q.Q4_K, other_type=Q.Q8_0)
+    a, b = gguf.GGUFReader(tmp_path / "exported.gguf"), gguf.GGUFReader(tmp_path / "gg" / f"{plain.name}.gguf")
+    assert [t.name for t in a.tensors] == [t.name for t in b.tensors]
+    for t, u in zip(a.tensors, b.tensors):
+        assert t.tensor_type == u.tensor_type and np.array_equal(t.data, u.data), t.name
+    assert b.get_field("qwen3moe.expert_count").contents() == 5
+    assert ModelLayout(str(tmp_path / "gg" / f"{plain.name}.gguf")).router_config.num_experts == 5
+
+
+def test_gguf_refusals(gguf_models, tmp_path):
+    from click.testing import CliRunner
+
+    from ream_lite.cli import main
+
+    _, plain, files = gguf_models["qwen3_moe"]
+    r = CliRunner().invoke(main, ["compress", str(files["Q8_0"]), str(tmp_path / "o"), "--experts", "5",
+                                  "--out-dtype", "bf16"])
+    assert r.exit_code == 2 and "a GGUF is compressed into a GGUF" in r.output
+    r = CliRunner().invoke(main, ["compress", str(plain), str(tmp_path / "o"), "--experts", "5", "--out-format",
+                                  "gguf", "--gguf-type", "IQ2_XXS"])
+    assert r.exit_code == 2 and "--gguf-type IQ2_XXS: ream-lite writes" in r.output
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(files["Q8_0"].read_bytes()[:5000])
+    r = CliRunner().invoke(main, ["inspect", str(bad)])
+    assert r.exit_code == 2 and "bad.gguf" in r.output and "Traceback" not in r.output

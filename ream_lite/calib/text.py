@@ -76,7 +76,9 @@ def load_tokenizer(model_dir: str | Path, tokenizer: str | None = None):
         if tokenizer is None and Path(src).is_file():  # a GGUF: transformers builds its tokenizer from the metadata
             return AutoTokenizer.from_pretrained(str(Path(src).parent), gguf_file=Path(src).name)
         return AutoTokenizer.from_pretrained(src)
-    except Exception as e:
+    except BaseException as e:  # (the tokenizers library panics, a BaseException, on some vocabularies)
+        if isinstance(e, (KeyboardInterrupt, SystemExit)):
+            raise
         raise ReamLiteError(f"{src}: cannot load a tokenizer ({one_line(e)}); pass --tokenizer") from None
 
 

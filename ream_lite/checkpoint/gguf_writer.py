@@ -43,23 +43,111 @@ class Slot:
     nbytes: int
 
 
-def output_tensors(reader: GGUFCheckpoint, n_keep: int | None, moe_layers: set[int]) -> list[tuple[GGUFTensor, tuple]]:
-    """The output's tensors in the input's order, each with its new llama.cpp dimensions (`ne`): the fused experts
-    and the router of every MoE layer cut to `n_keep` experts."""
-    router = reader.arch.router
-    out = []
-    for t in reader.gguf.tensors:
+@dataclass(frozen=True)
+class OutTensor:
+    name: str  # llama.cpp's
+    qtype: int  # GGMLQuantizationType value
+    ne: tuple[int, ...]  # llama.cpp's dimensions (innermost first)
+    hf: tuple[str, ...]  # the transformers tensors it holds, in order (one per expert of a fused expert tensor)
+
+    @property
+    def nbytes(self) -> int:
+        return nbytes_of(self.qtype, self.ne)
+
+
+@dataclass
+class GGUFLayout:
+    """Everything the header of the output says: the file, its metadata (written by `metadata` into llama.cpp's
+    gguf writer) and its tensors in order."""
+
+    arch: str
+    file_name: str
+    alignment: int
+    tensors: list[OutTensor]
+    metadata: Callable[[object], None]
+
+
+def layout_from_gguf(reader: GGUFCheckpoint, n_keep: int | None, moe_layers: set[int],
+                     record: dict[str, str | int]) -> GGUFLayout:
+    """A GGUF input compressed in kind: its tensors in its order and types, the fused experts and the router of every
+    MoE layer cut to `n_keep` experts; its metadata with the new expert count and a record of the compression."""
+    from ream_lite.checkpoint.gguf import hf_names
+
+    g = reader.gguf
+    tensors = []
+    for t in g.tensors:
         ne = t.ne
         parts = t.name.split(".", 2)
-        layer = int(parts[1]) if parts[0] == "blk" else None
-        if n_keep is not None and layer in moe_layers:
-            rel = parts[2]
-            if rel in reader.arch.expert_tensors:
+        if n_keep is not None and parts[0] == "blk" and int(parts[1]) in moe_layers:
+            if parts[2] in reader.arch.expert_tensors:
                 ne = (*ne[:-1], n_keep)
-            elif rel == router:
+            elif parts[2] == reader.arch.router:
                 ne = (ne[0], n_keep)
-        out.append((t, ne))
-    return out
+        tensors.append(OutTensor(t.name, t.qtype, ne, tuple(hf_names(reader.arch, GGUFTensor(t.name, t.qtype, ne,
+                                                                                             t.path, 0, 0)))))
+
+    def metadata(w) -> None:
+        from gguf import GGUFValueType
+
+        for key, f in g.fields.items():
+            if key == "general.architecture":
+                continue  # (llama.cpp's writer writes it first)
+            value = n_keep if key == f"{g.arch}.expert_count" and n_keep is not None else f.value
+            vtype = GGUFValueType(f.types[0])
+            w.add_key_value(key, value, vtype, GGUFValueType(f.types[-1]) if vtype == GGUFValueType.ARRAY else None)
+        _add_record(w, record)
+
+    return GGUFLayout(g.arch, output_name(reader), g.alignment, tensors, metadata)
+
+
+def layout_from_checkpoint(layout, n_keep: int, expert_type: int, other_type: int,
+                           record: dict[str, str | int]) -> tuple[GGUFLayout, dict[str, int], dict[str, list[int]]]:
+    """A safetensors checkpoint compressed into a GGUF (--out-format gguf): llama.cpp's names, tensor order and
+    metadata as its converter writes them (checkpoint/gguf_export.py), the routed experts in `expert_type`, the other
+    matrices in `other_type` (F16 where rows are not whole blocks), norms and routers F32. Also returns each output
+    tensor's type and the row order of those llama.cpp stores permuted, by transformers name."""
+    from gguf import GGUFValueType
+
+    from ream_lite.arch.gguf_names import rope_unpermute
+    from ream_lite.checkpoint.gguf_export import _write_metadata, arch_for, choose_type, gguf_tensor_plan
+
+    arch = arch_for(layout.spec.model_type)
+    moe = {x.index for x in layout.moe_layers}
+    tensors, types, rows = [], {}, {}
+    cfg = layout.config
+    heads = {"self_attn.q_proj.weight": cfg.get("num_attention_heads"),
+             "self_attn.k_proj.weight": cfg.get("num_key_value_heads")}
+    for gname, names, shape in gguf_tensor_plan(layout, arch):
+        layer = int(gname.split(".")[1]) if gname.startswith("blk.") else None
+        if layer in moe and len(names) > 1:
+            names, shape = names[:n_keep], (n_keep, *shape[1:])
+        elif layer in moe and gname.endswith("." + arch.router):
+            shape = (n_keep, *shape[1:])
+        qtype = choose_type(gname, shape, expert_type, other_type)
+        tensors.append(OutTensor(gname, qtype, tuple(reversed(shape)), tuple(names)))
+        for n in names:
+            types[n] = qtype
+        rel = names[0].split(".", 3)[-1]
+        if arch.rope_permuted and rel in heads and heads[rel]:
+            rows[names[0]] = rope_unpermute(shape[0], int(heads[rel]))
+
+    def metadata(w) -> None:
+        from gguf.gguf_writer import GGUFValue
+
+        _write_metadata(w, layout, arch, GGUFValueType)
+        w.kv_data[0][f"{arch.arch}.expert_count"] = GGUFValue(n_keep, GGUFValueType.UINT32)
+        _add_record(w, record)
+
+    name = Path(str(layout.path)).name + ".gguf"
+    return GGUFLayout(arch.arch, name, 32, tensors, metadata), types, rows
+
+
+def _add_record(w, record: dict[str, str | int]) -> None:
+    from gguf import GGUFValueType
+
+    for key, value in record.items():
+        w.add_key_value(RECORD_PREFIX + key, value, GGUFValueType.UINT32 if isinstance(value, int)
+                        else GGUFValueType.STRING)
 
 
 def nbytes_of(qtype: int, ne: tuple[int, ...]) -> int:
@@ -73,24 +161,20 @@ def nbytes_of(qtype: int, ne: tuple[int, ...]) -> int:
 
 
 class GGUFOutputWriter:
-    """The GGUF counterpart of CheckpointWriter (the same calls), for a GGUF input compressed to `n_keep` experts."""
+    """The GGUF counterpart of CheckpointWriter (the same calls): writes the file `plan` lays out."""
 
-    def __init__(self, out_dir: str | os.PathLike, reader: GGUFCheckpoint, n_keep: int | None, moe_layers: set[int],
-                 record: dict[str, str | int], overwrite: bool = False, resume: dict | None = None,
-                 output: OutputFormat | None = None):
+    def __init__(self, out_dir: str | os.PathLike, plan: GGUFLayout, overwrite: bool = False,
+                 resume: dict | None = None, output: OutputFormat | None = None):
         self.out_dir = Path(out_dir)
         self.output = output or OutputFormat()
         if self.output.decode_to is not None or self.output.quantize is not None:
             raise ReamLiteError("a GGUF is written as the input stores it: --out-dtype / --quantize do not apply")
         self.tmp_dir = partial_dir(self.out_dir)
-        self.file = self.tmp_dir / output_name(reader)
+        self.file = self.tmp_dir / plan.file_name
         if self.out_dir.exists() and not overwrite:
             raise ReamLiteError(f"{self.out_dir} already exists; pass --overwrite to replace it")
         self.overwrite = overwrite
-        self.reader = reader
-        self.layout = output_tensors(reader, n_keep, moe_layers)
-        self.record = record
-        self.n_keep = n_keep
+        self.plan = plan
         self.bytes_written = 0
         self.written: dict[str, str] = {}  # tensor name -> checksum of its bytes
         if resume is None:
@@ -106,7 +190,7 @@ class GGUFOutputWriter:
         else:
             data_start = self._header_end()
         self.slots = self._slots(data_start)
-        self.size = data_start + sum(_pad(nbytes_of(t.qtype, ne), self.alignment) for t, ne in self.layout)
+        self.size = data_start + sum(_pad(t.nbytes, self.alignment) for t in plan.tensors)
         if resume is not None:
             rec = resume["shards"][0] if len(resume.get("shards", [])) == 1 else {}
             if rec.get("file") != self.file.name or not self.file.exists() or self.file.stat().st_size != self.size \
@@ -125,30 +209,18 @@ class GGUFOutputWriter:
 
     @property
     def alignment(self) -> int:
-        return self.reader.gguf.alignment
+        return self.plan.alignment
 
     # -- layout ---------------------------------------------------------------------------------------------------
     def _write_header(self) -> int:
         """Header, metadata and tensor index, as llama.cpp's gguf writer lays them out; returns where data begins."""
-        from gguf import GGUFValueType, GGUFWriter
+        from gguf import GGUFWriter
 
-        g = self.reader.gguf
-        w = GGUFWriter(self.file, g.arch)
+        w = GGUFWriter(self.file, self.plan.arch)
         w.data_alignment = self.alignment
-        for key, f in g.fields.items():
-            if key == "general.architecture":
-                continue  # (GGUFWriter writes it first)
-            value = f.value
-            if key == f"{g.arch}.expert_count" and self.n_keep is not None:
-                value = self.n_keep
-            vtype = GGUFValueType(f.types[0])
-            sub = GGUFValueType(f.types[-1]) if vtype == GGUFValueType.ARRAY else None
-            w.add_key_value(key, value, vtype, sub)
-        for key, value in self.record.items():
-            w.add_key_value(RECORD_PREFIX + key, value,
-                            GGUFValueType.UINT32 if isinstance(value, int) else GGUFValueType.STRING)
-        for t, ne in self.layout:
-            w.add_tensor_info(t.name, tuple(reversed(ne)), np.dtype(np.float32), nbytes_of(t.qtype, ne), t.qtype)
+        self.plan.metadata(w)
+        for t in self.plan.tensors:
+            w.add_tensor_info(t.name, tuple(reversed(t.ne)), np.dtype(np.float32), t.nbytes, t.qtype)
         with files.reporting_full(self.file, "the output GGUF"):
             files.boundary("write", self.file)
             w.write_header_to_file()
@@ -175,17 +247,13 @@ class GGUFOutputWriter:
 
     def _slots(self, data_start: int) -> dict[str, Slot]:
         """Output tensor name (transformers') -> its byte range."""
-        from ream_lite.checkpoint.gguf import hf_names
-
         slots = {}
         off = data_start
-        for t, ne in self.layout:
-            size = nbytes_of(t.qtype, ne)
-            names = hf_names(self.reader.arch, GGUFTensor(t.name, t.qtype, ne, t.path, 0, size))
-            per = size // len(names)
-            for i, name in enumerate(names):
+        for t in self.plan.tensors:
+            per = t.nbytes // len(t.hf)
+            for i, name in enumerate(t.hf):
                 slots[name] = Slot(off + i * per, per)
-            off += _pad(size, self.alignment)
+            off += _pad(t.nbytes, self.alignment)
         return slots
 
     # -- writing --------------------------------------------------------------------------------------------------
@@ -213,9 +281,14 @@ class GGUFOutputWriter:
             self.add(k, v)
 
     def copy_from(self, reader, key: str, name: str | None = None) -> None:
-        """A tensor of the input as stored (its blocks), in bounded chunks."""
-        e = reader.entry(key).main
+        """A tensor of the input as stored (its blocks), in bounded chunks; converted to its llama.cpp type when the
+        output format says so (a safetensors input)."""
         name = name or key
+        t = reader.entry(key)
+        if not self.output.keeps_stored(name, t):
+            self.add_like(name, reader.get(key), t)
+            return
+        e = t.main
         slot = self._slot(name, e.nbytes)
         crc = files.Checksum()
         for off in range(0, e.nbytes, COPY_CHUNK):

@@ -33,13 +33,23 @@ class OutputFormat:
     # GGUF blocks of values read back (`readback`), by a digest of those values: writing them again writes these
     # blocks, as llama.cpp quantized the merge (re-quantizing decoded Q5_K / Q6_K values is not always idempotent)
     _written_blocks: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
+    # --out-format gguf: every output tensor (transformers name) -> its llama.cpp type, and the row order llama.cpp
+    # stores some in (Mixtral's q/k: gguf_names.rope_unpermute); written by checkpoint/gguf_writer.py
+    gguf_types: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
+    gguf_rows: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
+    gguf_describe: str = ""
+    gguf_expert_type: int = 8  # (Q8_0) the routed experts' llama.cpp type, and the other matrices'
+    gguf_other_type: int = 8
 
     def __post_init__(self) -> None:
         if self.quantize is not None and self.quantize not in QUANTIZE_TYPES:
             raise ReamLiteError(f"--quantize {self.quantize}: expected one of {', '.join(QUANTIZE_TYPES)}")
 
     def _target(self, name: str, like: StoredTensor) -> str:
-        """"bnb4" (quantize), "decoded" (write the values plain) or "stored" (the input's encoding)."""
+        """"bnb4" (quantize), "decoded" (write the values plain), "gguf" (a llama.cpp type) or "stored" (the
+        input's encoding)."""
+        if self.gguf_types:
+            return "gguf"
         if self.quantize is not None and name in self.quantize_keys:
             return "bnb4"
         if like.is_encoded and (self.decode_to is not None or self.quantize is not None):
@@ -61,11 +71,24 @@ class OutputFormat:
                                compress_statistics=self.double_quant)
         if target == "decoded":
             return {name: value.to(self.decode_to or self.compute_dtype)}
-        if like.encoding == "ggml" and self._written_blocks:
+        if (target == "gguf" or like.encoding == "ggml") and self._written_blocks:
             blocks = self._written_blocks.pop(_digest(name, value), None)
             if blocks is not None:
                 return blocks
+        if target == "gguf":
+            return {name: self._gguf_encode(name, value)}
         return stored.encode(like, name, value)
+
+    def _gguf_encode(self, name: str, value: torch.Tensor) -> torch.Tensor:
+        from ream_lite.checkpoint.ggml_blocks import encode as encode_ggml
+
+        qtype = self.gguf_types.get(name)
+        if qtype is None:
+            raise ReamLiteError(f"{name}: no llama.cpp type for this tensor of the GGUF output")
+        perm = self.gguf_rows.get(name)
+        if perm is not None:  # stored row perm[i] holds transformers' row i
+            value = torch.empty_like(value).index_copy_(0, torch.tensor(perm, device=value.device), value)
+        return encode_ggml(qtype, value.float())
 
     def readback(self, value: torch.Tensor, like: StoredTensor, name: str, dtype: torch.dtype) -> torch.Tensor:
         """The values a reader of the output gets for `value` written as `name` (in `dtype` for encoded outputs; in
@@ -78,6 +101,12 @@ class OutputFormat:
         parts = self.encode(name, value, like)
         out_like = like if target == "stored" else _bnb_like(name, like)
         by_suffix = {stored.part_suffix(k, name): v for k, v in parts.items()}
+        if target == "gguf":  # (the values of merged experts, which are never row-permuted)
+            from ream_lite.checkpoint.ggml_blocks import decode as decode_ggml
+
+            values = decode_ggml(self.gguf_types[name], parts[name], like.shape[-1], torch.float32)
+            self._written_blocks[_digest(name, values)] = parts
+            return values
         if like.encoding == "ggml":  # (float32: a block's values, scale times code, are exact there, not in bf16)
             values = stored.decode(out_like, by_suffix, torch.float32)
             self._written_blocks[_digest(name, values)] = parts
@@ -101,6 +130,8 @@ class OutputFormat:
 
     @property
     def describe(self) -> str:
+        if self.gguf_types:
+            return self.gguf_describe or "GGUF"
         if self.quantize:
             return f"bitsandbytes {self.quantize}" + (" (double quant)" if self.double_quant else "")
         if self.decode_to is not None:
