@@ -217,3 +217,46 @@ def test_gguf_refusals(gguf_models, tmp_path):
     bad.write_bytes(files["Q8_0"].read_bytes()[:5000])
     r = CliRunner().invoke(main, ["inspect", str(bad)])
     assert r.exit_code == 2 and "bad.gguf" in r.output and "Traceback" not in r.output
+
+
+def test_interrupted_gguf_compression_resumes_byte_identical(gguf_models, calib_file, tmp_path):
+    """Ctrl-C as layer 1 starts (layer 0 written and recorded): --resume checks the recorded tensors' bytes, redoes
+    the rest, and the GGUF is byte for byte an uninterrupted run's; damage to a recorded tensor is refused."""
+    from click.testing import CliRunner
+    from test_resume import ctrl_c_at_layer
+
+    from ream_lite.cli import main
+
+    _, _, files = gguf_models["qwen3_moe"]
+    src = files["Q4_K"]
+
+    def args(out, *extra):
+        return ["compress", str(src), str(out), "--experts", "5", "--calib", str(calib_file), "--seq-len", "32",
+                "--num-sequences", "12", "--device", "cpu", "--method", "ream", "--guard", "off", "--refit", "off",
+                "--tokenizer", tokenizer_dir(gguf_models), "--snapshot-every", "layer", *extra]
+
+    out = tmp_path / "out"
+    assert CliRunner().invoke(main, args(out)).exit_code == 0
+    ref = (out / src.name).read_bytes()
+    (out / src.name).unlink()
+    out.rename(tmp_path / "ref")
+    with ctrl_c_at_layer(1):
+        r = CliRunner().invoke(main, args(out))
+    assert r.exit_code == 2 and "1 of 2 layers are done" in r.output
+    partial = out.with_name("out.partial") / src.name
+    damaged = tmp_path / "damaged.gguf"
+    damaged.write_bytes(partial.read_bytes())
+    r = CliRunner().invoke(main, args(out, "--resume"))
+    assert r.exit_code == 0, r.output
+    assert (out / src.name).read_bytes() == ref
+    # the same interruption, then a recorded expert's bytes flipped: refused in one line
+    out2 = tmp_path / "out2"
+    with ctrl_c_at_layer(1):
+        CliRunner().invoke(main, args(out2))
+    p = out2.with_name("out2.partial") / src.name
+    data_start = int(gguf.GGUFReader(p).data_offset)  # (the first tensor: layer 0's, recorded)
+    raw = bytearray(p.read_bytes())
+    raw[data_start + 100] ^= 0xFF
+    p.write_bytes(bytes(raw))
+    r = CliRunner().invoke(main, args(out2, "--resume"))
+    assert r.exit_code == 2 and "damaged" in r.output

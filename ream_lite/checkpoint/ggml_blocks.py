@@ -24,21 +24,28 @@ Encoding reproduces llama.cpp's reference quantizers `quantize_row_<type>_ref` (
 `llama-quantize` runs when no importance matrix is given and what gguf-py ports to numpy. Every float32 operation
 of the C code is done as one torch float32 operation in the same order: each `sum += a*b` over a block is a
 sequential loop over the positions in the block (vectorised across all blocks; torch's own reductions would
-re-associate), divisions by constants are real divisions (CUDA turns `t / scalar` into a reciprocal product,
-so the divisor is passed as a tensor), `nearest_int` is the `+ 12582912.f` bit trick (round half to even),
-`roundf` rounds half away from zero, fp16 fields round to nearest even (as GGML_FP32_TO_FP16 does) and BF16 is
-ggml_compute_fp32_to_bf16's bit formula. The K-quants' searches (make_qkx2_quants for Q2_K/Q4_K/Q5_K with its
-running min updates, make_qx_quants for Q6_K, make_q3_quants' greedy passes for Q3_K) keep their iteration order
-and their strict `<` / `>` tie rules; argmax/argmin pick the first extreme as the C loops do.
+re-associate); `c / t` is one division (Python's `c / tensor` is a reciprocal times c, and CUDA turns
+`tensor / scalar` into a reciprocal product, so constants are passed as tensors); sqrtf goes through float64
+(torch's vectorised float32 sqrt on CPU is not correctly rounded); `nearest_int` is the `+ 12582912.f` trick
+(round half to even, NaN and overflow included), `roundf` rounds half away from zero, fp16 fields round to nearest
+even as GGML_FP32_TO_FP16 does, BF16 is ggml_compute_fp32_to_bf16's bit formula, and MXFP4's floorf(log2f(amax))
+uses the correctly rounded log2 (computed in float64, rounded to float32). The K-quants' searches
+(make_qkx2_quants for Q2_K/Q4_K/Q5_K with its running min updates, make_qx_quants for Q6_K, make_q3_quants'
+greedy passes for Q3_K) keep their iteration order and their strict `<` / `>` tie rules; maxima and argmaxes take
+the first extreme and skip NaNs, as the C loops do.
 
 benchmarks/ggml_oracle.py compiles ggml-quants.c and compares: 0 differing bytes for every encodable type on
-random, outlier, zero, tiny, bf16-grid, tie and real-shaped rows. The one thing that can break equality is how the
-C side was compiled: ggml-base gets no -march flags, so x86-64 builds never fuse `a*b + c`, but a compiler that
-contracts to FMA (GCC's default -ffp-contract=fast on an FMA target, e.g. aarch64, or clang's
--ffp-contract=on) rounds some sums and error terms once instead of twice. The oracle measures such a build
-(`-mfma -ffp-contract=fast`): only the searching K-quants change, in well under 1% of their blocks, by a
-different but equally good choice of scale. Inputs with NaN or inf are refused (the C code's output is then
-garbage); values are converted to float32 first, as llama.cpp does.
+normal, outlier, zero, tiny, subnormal, bf16-grid, tie, constant, mixed-magnitude, power-of-two and real-shaped
+rows, and even at float32's extremes. What can break equality is how the C side was compiled. ggml-base gets no
+-march flags, so x86-64 builds (and MSVC) never fuse `a*b + c`: that is the reference matched here. A compiler
+that contracts to FMA (GCC's default -ffp-contract=fast on an FMA target such as aarch64, clang's
+-ffp-contract=on, e.g. Apple silicon) rounds some products once instead of twice, and llama.cpp's own output then
+differs from its x86 output. The oracle builds such a variant (-mfma -ffp-contract=fast); on bf16 rows shaped like
+Qwen3-30B-A3B experts it differs from the x86 reference (and so from `encode`) in ~30% of Q2_K and Q5_K
+super-blocks, ~6% of Q4_K, ~2.5% of Q3_K, ~1% of Q6_K, ~0.2% of Q4_0/Q5_0 blocks and never for Q4_1, Q5_1, Q8_0,
+MXFP4: a different but equally good choice of scale (reconstruction error within ~1%). Inputs with NaN or inf are
+refused for the block types (the C code's output is then garbage); values are converted to float32 first, as
+llama.cpp does.
 """
 
 from __future__ import annotations
@@ -52,12 +59,12 @@ from ream_lite.errors import ReamLiteError
 
 __all__ = ["DEVICE_DECODABLE", "ENCODABLE", "decode", "encode", "row_bytes"]
 
-QK_K = 256
 # ggml's GROUP_MAX_EPS: a group whose largest magnitude is below this is stored as zeros
 _GROUP_MAX_EPS = 1e-15
-# values per chunk of encode/decode: bounds the temporaries (the K-quant searches hold ~10 copies) without
-# making the per-op overhead visible
-_CHUNK_VALUES = 1 << 21
+# values per chunk of encode/decode. On CPU small, so that a chunk's temporaries (the K-quant searches hold ~10
+# copies) stay in cache; on an accelerator large, so that the ~2000 kernel launches of a K-quant chunk amortise
+_CHUNK_VALUES_CPU = 1 << 18
+_CHUNK_VALUES_DEVICE = 1 << 23
 
 # kvalues_mxfp4 (ggml-common.h): E2M1 magnitudes doubled, so the scale is 2**(e - 128)
 _KVALUES_MXFP4 = (0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12)
@@ -107,6 +114,14 @@ def _nearest_int(f: torch.Tensor) -> torch.Tensor:
     return (bits & 0x007FFFFF) - 0x00400000
 
 
+def _levels(f: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """MAX(lo, MIN(hi, nearest_int(f))) as float32, for f that is either non-finite or below 2**22 in magnitude
+    (the searches' scaled values): there nearest_int is the float sum 1.5 * 2**23 + f taken back, and a NaN or
+    infinity reads as -4194304, i.e. `lo`. Cheaper than _nearest_int and stays in float."""
+    r = torch.nan_to_num((f + 12582912.0) - 12582912.0, nan=float(lo), posinf=float(lo), neginf=float(lo))
+    return r.clamp_(lo, hi)
+
+
 def _roundf(x: torch.Tensor) -> torch.Tensor:
     """C roundf: half away from zero (torch.round is half to even). x - trunc(x) is exact for float32."""
     t = torch.trunc(x)
@@ -145,14 +160,18 @@ def _u8(x: torch.Tensor) -> torch.Tensor:
 
 
 def _first_absmax(x: torch.Tensor) -> torch.Tensor:
-    """The signed value of the first element of largest magnitude along the last axis (C's `if (amax < |v|)`)."""
-    idx = x.abs().argmax(dim=-1, keepdim=True)
-    return x.gather(-1, idx).squeeze(-1)
+    """`float amax = 0, max = 0; for (...) if (fabsf(v) > amax) { amax = fabsf(v); max = v; }` over the last axis:
+    the first value of largest magnitude; a NaN never wins (torch's argmax would pick it) and 0 if nothing is."""
+    a = torch.nan_to_num(x.abs(), nan=0.0, posinf=float("inf"))
+    idx = a.argmax(dim=-1, keepdim=True)
+    v = x.gather(-1, idx).squeeze(-1)
+    return torch.where(a.gather(-1, idx).squeeze(-1) > 0, v, torch.zeros_like(v))
 
 
 def _pos_max(t: torch.Tensor) -> torch.Tensor:
-    """`float m = 0; for (...) if (v > m) m = v;` over the last axis: +0 (never -0) when nothing is positive."""
-    m = t.amax(dim=-1)
+    """`float m = 0; for (...) if (v > m) m = v;` over the last axis: +0 (never -0) when nothing is positive, and
+    NaNs skipped (torch's amax would return them)."""
+    m = torch.nan_to_num(t, nan=0.0, posinf=float("inf"), neginf=0.0).amax(dim=-1)
     return torch.where(m > 0, m, torch.zeros_like(m))
 
 
@@ -310,6 +329,10 @@ _BLOCK_DECODERS = {
 DEVICE_DECODABLE = frozenset({Q.F32, Q.F16, Q.BF16, *_BLOCK_DECODERS})
 
 
+def _chunk_blocks(device: torch.device, block: int) -> int:
+    return max(1, (_CHUNK_VALUES_CPU if device.type == "cpu" else _CHUNK_VALUES_DEVICE) // block)
+
+
 def _check_raw(q: Q, raw: torch.Tensor, cols: int) -> int:
     nbytes = row_bytes(q, cols)
     if raw.dtype != torch.uint8:
@@ -332,7 +355,7 @@ def decode(qtype: Q | int, raw: torch.Tensor, cols: int, dtype: torch.dtype = to
     block, size = GGML_QUANT_SIZES[q]
     blocks = raw.contiguous().view(-1, size)
     out = torch.empty(blocks.shape[0], block, dtype=dtype, device=raw.device)
-    step = max(1, _CHUNK_VALUES // block)
+    step = _chunk_blocks(raw.device, block)
     for start in range(0, blocks.shape[0], step):
         out[start:start + step] = _BLOCK_DECODERS[q](blocks[start:start + step]).to(dtype)
     return out.view(*lead, cols)
@@ -435,20 +458,19 @@ def _make_qkx2(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta:
     sum_x = _seq_sum(w[1:] * x[1:], w[0] * x[0])
     flat = mx == mn
 
-    def err(scale: torch.Tensor, m: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
-        diff = scale * L.float() + m - x
+    def err(scale: torch.Tensor, m: torch.Tensor, lf: torch.Tensor) -> torch.Tensor:
+        diff = scale * lf + m - x
         diff = diff.abs() if use_mad else diff * diff
         return _seq_sum(w * diff)
 
     iscale = _rdiv(float(nmax), mx - mn)
     scale = _rdiv(1.0, iscale)
-    L = _nearest_int(iscale * (x - mn)).clamp(0, nmax)
+    L = _levels(iscale * (x - mn), 0, nmax)
     best = err(scale, mn, L)
     for step in range(nstep + 1):
         c = _f32(np.float32(rmin) + np.float32(rdelta) * np.float32(step) + np.float32(nmax))
         iscale = _rdiv(c, mx - mn)
-        laux = _nearest_int(iscale * (x - mn)).clamp(0, nmax)
-        lf = laux.float()
+        lf = _levels(iscale * (x - mn), 0, nmax)
         wl = w * lf
         sum_l, sum_l2, sum_xl = _seq_sum(torch.stack([wl, wl * lf, wl * x], dim=1))
         D = sum_w * sum_l2 - sum_l * sum_l
@@ -457,14 +479,14 @@ def _make_qkx2(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta:
         pos = this_min > 0
         this_scale = torch.where(pos, sum_xl / sum_l2, this_scale)
         this_min = torch.where(pos, torch.zeros_like(this_min), this_min)
-        cur = err(this_scale, this_min, laux)
+        cur = err(this_scale, this_min, lf)
         take = (D > 0) & (cur < best)
-        L = torch.where(take, laux, L)
+        L = torch.where(take, lf, L)
         best = torch.where(take, cur, best)
         scale = torch.where(take, this_scale, scale)
         mn = torch.where(take, this_min, mn)
     scale = torch.where(flat, torch.zeros_like(scale), scale)
-    L = torch.where(flat, torch.zeros_like(L), L)
+    L = torch.where(flat, torch.zeros_like(L), L).to(torch.int32)
     return scale, -torch.where(flat, mn0, mn), L
 
 
@@ -478,10 +500,9 @@ def _make_qx(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
     wx = w * x
 
     def fit(iscale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        l = _nearest_int(iscale * x).clamp(-nmax, nmax - 1)
-        lf = l.float()
+        lf = _levels(iscale * x, -nmax, nmax - 1)
         sumlx, suml2 = _seq_sum(torch.stack([wx * lf, (w * lf) * lf], dim=1))
-        return l, sumlx, suml2
+        return lf, sumlx, suml2
 
     L, sumlx, suml2 = fit(_rdiv(-float(nmax), mx))
     scale = torch.where(suml2 != 0, sumlx / suml2, torch.zeros_like(sumlx))
@@ -495,7 +516,7 @@ def _make_qx(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
         L = torch.where(take, l, L)
         scale = torch.where(take, sumlx / suml2, scale)
         best = torch.where(take, scale * sumlx, best)
-    return torch.where(zero, torch.zeros_like(scale), scale), torch.where(zero, -nmax, L) + nmax
+    return torch.where(zero, torch.zeros_like(scale), scale), torch.where(zero, -nmax, L.to(torch.int32)) + nmax
 
 
 def _make_q3(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -685,6 +706,7 @@ def encode(qtype: Q | int, values: torch.Tensor) -> torch.Tensor:
     lead = tuple(values.shape[:-1])
     x = values.detach().to(torch.float32).contiguous()
     if q == Q.F32:
+        x = x.clone() if x.data_ptr() == values.data_ptr() else x  # never alias the caller's tensor
         return x.view(torch.uint8).view(*lead, nbytes)
     if q == Q.F16:
         return _f16_bits(x).view(torch.uint8).view(*lead, nbytes)
@@ -695,7 +717,7 @@ def encode(qtype: Q | int, values: torch.Tensor) -> torch.Tensor:
     block, size = GGML_QUANT_SIZES[q]
     blocks = x.view(-1, block)
     out = torch.empty(blocks.shape[0], size, dtype=torch.uint8, device=x.device)
-    step = max(1, _CHUNK_VALUES // block)
+    step = _chunk_blocks(x.device, block)
     for start in range(0, blocks.shape[0], step):
         out[start:start + step] = _BLOCK_ENCODERS[q](blocks[start:start + step])
     return out.view(*lead, nbytes)
