@@ -72,6 +72,11 @@ def write_layer(writer: CheckpointWriter, layout: ModelLayout, layer: int, plan:
     """Write one decoder layer: unchanged tensors copied as stored; router rows and experts of the kept experts
     (`stored_experts(e)`: expert e's tensors as stored, each as its parts by suffix, already in memory, written
     instead of read again)."""
+    _write_layer(writer, layout, layer, plan, merged, stored_experts)
+    writer.output.layer_written()
+
+
+def _write_layer(writer, layout, layer, plan, merged, stored_experts) -> None:
     r, spec = layout.reader, layout.spec
     keys = layout.layer_keys(layer)
     if plan is None:

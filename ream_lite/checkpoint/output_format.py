@@ -57,6 +57,11 @@ class OutputFormat:
             return "decoded"
         return "stored"
 
+    def layer_written(self) -> None:
+        """Forget the blocks of read-back values once their layer is written (those of plans the guard did not
+        choose would otherwise be held for the rest of the run)."""
+        self._written_blocks.clear()
+
     def keeps_stored(self, name: str, like: StoredTensor) -> bool:
         """Whether tensor `like`, written as `name`, is written with exactly its stored bytes (a copy)."""
         return self._target(name, like) == "stored"
