@@ -260,3 +260,70 @@ def test_interrupted_gguf_compression_resumes_byte_identical(gguf_models, calib_
     p.write_bytes(bytes(raw))
     r = CliRunner().invoke(main, args(out2, "--resume"))
     assert r.exit_code == 2 and "damaged" in r.output
+
+
+def split_copy(src, out_dir, max_tensors: int):
+    """`src` re-written by the gguf package's writer as split files of at most `max_tensors` tensors each (as
+    llama.cpp's gguf-split and converter write them: split.* metadata, -0000k-of-0000n names)."""
+    from gguf import GGUFValueType, GGUFWriter
+
+    r = gguf.GGUFReader(src)
+    w = GGUFWriter(out_dir / "model.gguf", r.fields["general.architecture"].contents(),
+                   split_max_tensors=max_tensors)
+    for k, f in r.fields.items():
+        if k.startswith("GGUF.") or k == "general.architecture":
+            continue
+        vtype = GGUFValueType(f.types[0])
+        w.add_key_value(k, f.contents(), vtype, GGUFValueType(f.types[-1]) if vtype == GGUFValueType.ARRAY else None)
+    for t in r.tensors:
+        w.add_tensor(t.name, np.array(t.data), raw_shape=t.data.shape, raw_dtype=t.tensor_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return sorted(out_dir.glob("model-*-of-*.gguf"))
+
+
+def test_a_split_gguf_reads_as_one_and_is_written_as_one(gguf_models, calib_file, tmp_path):
+    _, _, files = gguf_models["qwen3_moe"]
+    parts = split_copy(files["Q8_0"], tmp_path, 9)
+    assert len(parts) > 2
+    ids = torch.randint(0, VOCAB, (1, 9), generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(stream_logits(parts[1], ids), stream_logits(files["Q8_0"], ids), atol=0, rtol=0)
+    compress(parts[0], tmp_path / "out", "--experts", 5, "--method", "reap", "--refit", "off", "--calib", calib_file,
+             "--tokenizer", tokenizer_dir(gguf_models))
+    whole = gguf.GGUFReader(tmp_path / "out" / "model.gguf")
+    assert whole.get_field("qwen3moe.expert_count").contents() == 5 and whole.get_field("split.count") is None
+    missing = tmp_path / "missing"
+    missing.mkdir()
+    (missing / parts[0].name).write_bytes(parts[0].read_bytes())
+    from ream_lite.errors import ReamLiteError
+
+    with pytest.raises(ReamLiteError, match="split GGUF is missing"):
+        ModelLayout(str(missing / parts[0].name))
+
+
+def test_damaged_gguf_headers_are_refused_in_one_line(gguf_models, tmp_path):
+    """Bytes of a GGUF's header flipped at random: read, or refused with a ReamLiteError naming the file; never
+    another exception, never a hang."""
+    from ream_lite.errors import ReamLiteError
+
+    _, _, files = gguf_models["qwen3_moe"]
+    raw = files["Q8_0"].read_bytes()
+    header = int(gguf.GGUFReader(files["Q8_0"]).data_offset)
+    rng = np.random.default_rng(0)
+    outcomes = {"read": 0, "refused": 0}
+    for i in range(40):
+        b = bytearray(raw)
+        for pos in rng.integers(0, header, size=int(rng.integers(1, 4))):
+            b[pos] = int(rng.integers(0, 256))
+        p = tmp_path / f"d{i}.gguf"
+        p.write_bytes(bytes(b))
+        try:
+            ModelLayout(str(p)).close()
+            outcomes["read"] += 1
+        except ReamLiteError as e:
+            assert str(p) in str(e) or p.name in str(e), e
+            outcomes["refused"] += 1
+        p.unlink()
+    assert outcomes["refused"] > 0
