@@ -35,7 +35,9 @@ from ream_lite.arch.layout import ModelLayout  # noqa: E402
 from ream_lite.engine.streamer import LayerStreamer, StreamOptions  # noqa: E402
 from ream_lite.evaluate import Evaluator  # noqa: E402
 
-METHODS = {"reap": ["--method", "reap"], "ream": ["--method", "ream"]}
+# the defaults of each method (guard + refit), and the paper's REAM (every merged expert quantized into the output)
+METHODS = {"reap": ["--method", "reap"], "ream": ["--method", "ream"],
+           "ream-paper": ["--method", "ream", "--guard", "off", "--refit", "off"]}
 
 
 def ream_logits(path: Path, ids: list[list[int]]) -> np.ndarray:

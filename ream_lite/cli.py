@@ -290,7 +290,8 @@ def eval_cmd(model, data, reference, seq_len, max_tokens, tokenizer, as_json, **
 @click.option("--out-format", type=click.Choice(["auto", "gguf"]), default="auto", show_default=True,
               help="'auto': as MODEL is stored (a safetensors checkpoint, or for a GGUF a GGUF of the same types); "
               "'gguf': write a safetensors MODEL as one llama.cpp GGUF file in OUTPUT (routed experts in --gguf-type, "
-              "other matrices Q8_0, norms and routers F32; qwen3_moe, qwen2_moe, mixtral)")
+              "other matrices Q8_0, norms and routers F32; qwen3_moe, qwen2_moe, mixtral, glm4_moe, deepseek_v3, "
+              "deepseek_v2)")
 @click.option("--gguf-type", default="Q8_0", show_default=True,
               help="with --out-format gguf: the routed experts' llama.cpp type (Q8_0, Q4_0, Q4_K, Q5_K, Q6_K, MXFP4 "
               "...; quantized as llama.cpp's reference quantizer does)")

@@ -251,8 +251,9 @@ def gguf_output_format(layout: ModelLayout, n_keep: int, gguf_type: str, out_dty
     if qtype not in ENCODABLE:
         raise ReamLiteError(f"--gguf-type {gguf_type}: ream-lite writes {', '.join(names)}")
     other = GGMLQuantizationType[GGUF_OTHER_TYPE]
-    _, types, rows = layout_from_checkpoint(layout, n_keep, int(qtype), int(other), {})
-    return OutputFormat(gguf_types=types, gguf_rows=rows, gguf_expert_type=int(qtype), gguf_other_type=int(other),
+    _, types, rows, splits = layout_from_checkpoint(layout, n_keep, int(qtype), int(other), {})
+    return OutputFormat(gguf_types=types, gguf_rows=rows, gguf_splits=splits, gguf_expert_type=int(qtype),
+                        gguf_other_type=int(other),
                         gguf_describe=f"GGUF (routed experts {qtype.name}, other matrices {other.name} or F16 where "
                         "rows are not whole blocks, norms and routers F32)")
 

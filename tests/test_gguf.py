@@ -12,8 +12,7 @@ from test_streamer import stream_logits
 from tiny_models import VOCAB, reference_logits, save_model
 
 from ream_lite.arch.layout import ModelLayout
-from ream_lite.checkpoint import CheckpointReader
-from ream_lite.checkpoint.gguf import GGUFCheckpoint, read_gguf
+from ream_lite.checkpoint.gguf import GGUFCheckpoint
 from ream_lite.checkpoint.gguf_export import export_gguf
 
 gguf = pytest.importorskip("gguf")

@@ -6,14 +6,22 @@ GGUF as the Hugging Face checkpoint it was converted from (checkpoint/gguf.py): 
 name, the fused expert tensors `ffn_{gate,up,down}_exps` split into per-expert tensors (one byte range each), and a
 config.json built from the metadata. The writer maps the names back. Nothing here reads a file.
 
-Where llama.cpp's converter changed a tensor on the way in, the entry says so and the reader undoes it: the `llama`
-architecture (Mixtral) stores attn_q / attn_k with the rows of each head permuted for llama.cpp's rotary layout
-(`rope_permuted`).
+Where llama.cpp's converter changed a tensor on the way in, the entry says so and the reader undoes it:
+- the `llama` architecture (Mixtral) stores attn_q / attn_k with the rows of each head permuted for llama.cpp's
+  rotary layout (`rope_permuted`);
+- `deepseek2` (multi-head latent attention) stores transformers' `kv_b_proj` as two tensors, `attn_k_b` (the key
+  rows of every head, transposed) and `attn_v_b` (the value rows), for llama.cpp's absorbed attention
+  (`split_tensors`, a `HeadSplit`); older GGUFs keep it whole as `attn_kv_b`.
+A transformers tensor held by several GGUF tensors is one logical tensor whose stored parts are those GGUF tensors:
+the first is its main part, each other one the part `PART_SEP + its GGUF name` (`part_name`), so a writer that copies
+every part of a tensor copies each GGUF tensor's bytes unchanged.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+import torch
 
 # tensors outside the decoder layers (every family)
 GLOBAL_TENSORS: dict[str, str] = {
@@ -21,6 +29,9 @@ GLOBAL_TENSORS: dict[str, str] = {
     "output_norm.weight": "model.norm.weight",
     "output.weight": "lm_head.weight",
 }
+
+# the suffix of the non-main parts of a transformers tensor llama.cpp stores as several tensors (`HeadSplit`)
+PART_SEP = ":"
 
 _ATTENTION = {
     "attn_norm.weight": "input_layernorm.weight",
@@ -39,6 +50,26 @@ _SHARED_EXPERT = {
     "ffn_up_shexp.weight": "mlp.shared_expert.up_proj.weight",
     "ffn_down_shexp.weight": "mlp.shared_expert.down_proj.weight",
 }
+# DeepSeek-V3's MoE block as GLM-4.5 and DeepSeek-V2/V3 name it: the router, dense layers (first_k_dense_replace) and
+# ungated shared experts (`mlp.shared_experts`)
+_DEEPSEEK_MLP = {
+    "ffn_gate_inp.weight": "mlp.gate.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+    "ffn_gate_shexp.weight": "mlp.shared_experts.gate_proj.weight",
+    "ffn_up_shexp.weight": "mlp.shared_experts.up_proj.weight",
+    "ffn_down_shexp.weight": "mlp.shared_experts.down_proj.weight",
+}
+# NextN / MTP layers (blk.{num_hidden_layers + k}): their own tensors beside a decoder layer's
+_NEXTN = {
+    "nextn.eh_proj.weight": "eh_proj.weight",
+    "nextn.enorm.weight": "enorm.weight",
+    "nextn.hnorm.weight": "hnorm.weight",
+    "nextn.embed_tokens.weight": "embed_tokens.weight",
+    "nextn.shared_head_head.weight": "shared_head.head.weight",
+    "nextn.shared_head_norm.weight": "shared_head.norm.weight",
+}
 # the config keys every family reads from `{arch}.{key}` metadata
 _COMMON_CONFIG = {
     "block_count": "num_hidden_layers",
@@ -53,6 +84,79 @@ _COMMON_CONFIG = {
     "expert_count": "num_experts",
     "expert_used_count": "num_experts_per_tok",
 }
+# DeepSeek-V3's router and MoE layout as llama.cpp's metadata says it (GLM-4.5, DeepSeek-V2/V3)
+_DEEPSEEK_MOE_CONFIG = {
+    "expert_count": "n_routed_experts",
+    "expert_shared_count": "n_shared_experts",
+    "leading_dense_block_count": "first_k_dense_replace",
+    "expert_weights_scale": "routed_scaling_factor",
+    "expert_weights_norm": "norm_topk_prob",
+    "expert_group_count": "n_group",
+    "expert_group_used_count": "topk_group",
+    "nextn_predict_layers": "num_nextn_predict_layers",
+}
+# what llama.cpp's graph does when those keys are absent (its hparams' defaults): no renormalisation, no scaling,
+# no groups, no dense layers, no MTP layers (transformers' config classes default to DeepSeek-V3's values instead)
+_DEEPSEEK_MOE_DEFAULTS = {"norm_topk_prob": False, "routed_scaling_factor": 1.0, "n_group": 1, "topk_group": 1,
+                          "first_k_dense_replace": 0, "num_nextn_predict_layers": 0}
+# metadata value types other than UINT32
+FLOAT_KEYS = frozenset({"attention.layer_norm_rms_epsilon", "expert_weights_scale", "rope.freq_base",
+                        "rope.scaling.factor", "rope.scaling.yarn_log_multiplier", "rope.scaling.yarn_beta_fast",
+                        "rope.scaling.yarn_beta_slow", "rope.scaling.yarn_attn_factor"})
+BOOL_KEYS = frozenset({"expert_weights_norm"})
+STRING_KEYS = frozenset({"rope.scaling.type"})
+# llama.cpp's expert_gating_func values (LLAMA_EXPERT_GATING_FUNC_TYPE_*)
+GATING_SOFTMAX, GATING_SIGMOID = 1, 2
+
+
+@dataclass(frozen=True)
+class HeadSplit:
+    """A transformers tensor llama.cpp's converter stores as several GGUF tensors, cut by attention head: its rows
+    are per head [H, r_1 + r_2 + ..., cols]; part i holds rows r_i of every head, [H, r_i, cols], or transposed
+    [H, cols, r_i] where `transposed[i]` (torch shapes; llama.cpp's dimensions are the reverse).
+
+    MLA's kv_b_proj [H * (nope + v), kv_lora_rank] is attn_k_b [H, kv_lora_rank, nope] (transposed: the absorbed
+    attention multiplies q_nope by it) and attn_v_b [H, v, kv_lora_rank]."""
+
+    parts: tuple[str, ...]  # GGUF names relative to `blk.{i}.`, in row order
+    transposed: tuple[bool, ...]
+    rows_keys: tuple[str, ...]  # the config key of each part's rows per head
+    heads_key: str = "num_attention_heads"
+
+    def join(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        """transformers' tensor from its parts as stored (the reader)."""
+        per_head = [p.transpose(1, 2) if t else p for p, t in zip(parts, self.transposed)]
+        x = torch.cat(per_head, dim=1)
+        return x.reshape(-1, x.shape[-1])
+
+    def cut(self, x: torch.Tensor, config: dict) -> list[torch.Tensor]:
+        """The parts, as llama.cpp's converter stores them, of transformers' tensor `x` (the exporter)."""
+        rows = [int(config[k]) for k in self.rows_keys]
+        heads = int(config[self.heads_key])
+        per_head = torch.split(x.reshape(heads, sum(rows), x.shape[-1]), rows, dim=1)
+        return [(p.transpose(1, 2) if t else p).contiguous() for p, t in zip(per_head, self.transposed)]
+
+    def part_shapes(self, cols: int, config: dict) -> list[tuple[int, int, int]]:
+        """The parts' (torch) shapes for a transformers tensor of `cols` columns of a model configured by
+        `config`."""
+        heads = int(config[self.heads_key])
+        return [(heads, cols, int(config[k])) if t else (heads, int(config[k]), cols)
+                for k, t in zip(self.rows_keys, self.transposed)]
+
+    def shape(self, part_shapes: list[tuple[int, ...]]) -> tuple[int, int]:
+        """transformers' shape from the parts' (torch) shapes (ValueError if they do not fit together)."""
+        if len(part_shapes) != len(self.parts) or any(len(s) != 3 for s in part_shapes):
+            raise ValueError(part_shapes)
+        heads = {s[0] for s in part_shapes}
+        cols = {s[1] if t else s[2] for s, t in zip(part_shapes, self.transposed)}
+        if len(heads) != 1 or len(cols) != 1:
+            raise ValueError(part_shapes)
+        return heads.pop() * sum(s[2] if t else s[1] for s, t in zip(part_shapes, self.transposed)), cols.pop()
+
+
+def part_name(name: str, gguf_rel: str, index: int) -> str:
+    """The name ream-lite reads part `index` (GGUF name `gguf_rel`) of the split transformers tensor `name` under."""
+    return name if index == 0 else f"{name}{PART_SEP}{gguf_rel}"
 
 
 @dataclass(frozen=True)
@@ -62,14 +166,28 @@ class GGUFArch:
     arch: str
     model_type: str
     layer_tensors: dict[str, str]  # `blk.{i}.` + GGUF name -> `model.layers.{i}.` + HF name
-    # fused expert tensors: GGUF name -> the HF per-expert name with `{e}` for the expert ([E, rows, cols] on disk)
+    # tensors with one slice per routed expert on their outermost axis (llama.cpp's last dimension), which the
+    # writer cuts to the kept experts: GGUF name -> HF name. With `{e}` in the HF name, a fused expert tensor
+    # [E, rows, cols] read as one logical tensor per expert; without, one tensor read whole (the router's selection
+    # bias exp_probs_b.bias [E]). The router weight (`router`) is cut alike.
     expert_tensors: dict[str, str]
     router: str = "ffn_gate_inp.weight"  # rows = experts (sliced to the kept experts)
     config_keys: dict[str, str] = field(default_factory=lambda: dict(_COMMON_CONFIG))
     # config values llama.cpp's graph for this architecture hard-codes (so they are not in the metadata)
     fixed_config: dict = field(default_factory=dict)
+    # config values llama.cpp's graph assumes where the metadata leaves their key out
+    config_defaults: dict = field(default_factory=dict)
     rope_permuted: bool = False  # attn_q / attn_k rows permuted per head by the converter (llama)
     num_experts_key: str = "num_experts"  # the HF config key of the routed expert count
+    # HF name (relative to the layer) -> the GGUF tensors that hold it (deepseek2's attn_k_b / attn_v_b)
+    split_tensors: dict[str, HeadSplit] = field(default_factory=dict)
+    # other transformers model types the metadata may make of this architecture (deepseek2: deepseek_v2)
+    other_model_types: tuple[str, ...] = ()
+
+    @property
+    def fused_experts(self) -> dict[str, str]:
+        """The fused [E, rows, cols] expert tensors (GGUF name -> per-expert HF name with `{e}`)."""
+        return {k: v for k, v in self.expert_tensors.items() if "{e}" in v}
 
 
 _EXPERTS = {
@@ -77,6 +195,7 @@ _EXPERTS = {
     "ffn_up_exps.weight": "mlp.experts.{e}.up_proj.weight",
     "ffn_down_exps.weight": "mlp.experts.{e}.down_proj.weight",
 }
+_DEEPSEEK_EXPERTS = {**_EXPERTS, "exp_probs_b.bias": "mlp.gate.e_score_correction_bias"}
 
 ARCHES: dict[str, GGUFArch] = {
     a.arch: a
@@ -116,16 +235,65 @@ ARCHES: dict[str, GGUFArch] = {
             rope_permuted=True,
             num_experts_key="num_local_experts",
         ),
+        GGUFArch(
+            # GLM-4.5 / GLM-4.5-Air (and GLM-4.6): grouped-query attention with q/k/v biases and optional q/k
+            # norms, rotary on the first half of each head in transformers' layout (NeoX: no permutation); the
+            # post-attention norm is llama.cpp's post_attention_norm; DeepSeek-V3's router (sigmoid + selection
+            # bias, groups, scaling); dense leading layers; NextN layers after the decoder layers
+            arch="glm4moe",
+            model_type="glm4_moe",
+            layer_tensors={**{k: v for k, v in _ATTENTION.items() if k != "ffn_norm.weight"}, **_QKV_BIAS,
+                           **_QK_NORM, "post_attention_norm.weight": "post_attention_layernorm.weight",
+                           **_DEEPSEEK_MLP, **_NEXTN},
+            expert_tensors=_DEEPSEEK_EXPERTS,
+            config_keys={**_COMMON_CONFIG, **_DEEPSEEK_MOE_CONFIG},
+            fixed_config={"hidden_act": "silu"},
+            config_defaults=_DEEPSEEK_MOE_DEFAULTS,
+            num_experts_key="n_routed_experts",
+        ),
+        GGUFArch(
+            # DeepSeek-V2 / V2-Lite (softmax gating: transformers' deepseek_v2) and DeepSeek-V3 / R1 / Kimi-K2 /
+            # GLM-4.7-Flash (sigmoid gating: deepseek_v3), told apart by expert_gating_func (gguf.py); multi-head
+            # latent attention with or without a q LoRA (attn_q_a / attn_q_b, or attn_q); rotary on interleaved
+            # pairs as the releases store them (no permutation)
+            arch="deepseek2",
+            model_type="deepseek_v3",
+            layer_tensors={
+                "attn_norm.weight": "input_layernorm.weight",
+                "attn_q.weight": "self_attn.q_proj.weight",
+                "attn_q_a.weight": "self_attn.q_a_proj.weight",
+                "attn_q_a_norm.weight": "self_attn.q_a_layernorm.weight",
+                "attn_q_b.weight": "self_attn.q_b_proj.weight",
+                "attn_kv_a_mqa.weight": "self_attn.kv_a_proj_with_mqa.weight",
+                "attn_kv_a_norm.weight": "self_attn.kv_a_layernorm.weight",
+                "attn_kv_b.weight": "self_attn.kv_b_proj.weight",  # (GGUFs converted before the split)
+                "attn_output.weight": "self_attn.o_proj.weight",
+                "ffn_norm.weight": "post_attention_layernorm.weight",
+                **_DEEPSEEK_MLP, **_NEXTN,
+            },
+            expert_tensors=_DEEPSEEK_EXPERTS,
+            # (attention.key_length / value_length are MLA's compressed sizes here: gguf.py reads the head sizes)
+            config_keys={**{k: v for k, v in _COMMON_CONFIG.items()
+                            if k not in ("attention.key_length", "attention.head_count_kv")},
+                         **_DEEPSEEK_MOE_CONFIG, "attention.q_lora_rank": "q_lora_rank",
+                         "attention.kv_lora_rank": "kv_lora_rank", "rope.dimension_count": "qk_rope_head_dim"},
+            fixed_config={"hidden_act": "silu", "attention_bias": False},
+            config_defaults={**_DEEPSEEK_MOE_DEFAULTS, "q_lora_rank": None},
+            num_experts_key="n_routed_experts",
+            other_model_types=("deepseek_v2",),
+            split_tensors={"self_attn.kv_b_proj.weight": HeadSplit(
+                parts=("attn_k_b.weight", "attn_v_b.weight"), transposed=(True, False),
+                rows_keys=("qk_nope_head_dim", "v_head_dim"))},
+        ),
     )
 }
 
 # architectures llama.cpp converts MoE models to that ream-lite does not read yet, and why
 REFUSED: dict[str, str] = {
-    "deepseek2": "DeepSeek-V2/V3/Kimi-K2 GGUFs store MLA's kv_b split and transposed (attn_k_b / attn_v_b); reading "
-    "them back is not implemented yet: compress the safetensors release",
-    "glm4moe": "GLM-4.5 GGUFs are not mapped yet: compress the safetensors release",
-    "gpt-oss": "gpt-oss GGUFs are not mapped yet (its experts are fused with biases in transformers): compress the "
-    "safetensors release",
+    "gpt-oss": "gpt-oss GGUFs store transformers' fused, gate/up-interleaved experts (gate_up_proj [E, H, 2I] and "
+    "gate_up_proj_bias) as separate ffn_gate_exps / ffn_up_exps tensors with their own biases (MXFP4 blocks), so one "
+    "transformers expert tensor is two GGUF tensors interleaved column by column; reading and writing that is not "
+    "implemented: compress the safetensors release",
     "mixtral": "an old GGUF layout (per-expert ffn_*.{e} tensors, before llama.cpp fused them): re-convert it",
 }
 

@@ -6,8 +6,11 @@ value types (so the writer can write it back). `GGUFCheckpoint` is a `Checkpoint
 under its transformers name (arch/gguf_names.py), the fused expert tensors `ffn_*_exps` as one logical tensor per
 expert (a byte range: an expert is contiguous, so a range of experts is one positioned read), every one with the
 "ggml" encoding (its llama.cpp type in `block`, decoded on the compute device by checkpoint/ggml_blocks.py). Kept
-tensors are copied as stored, so the blocks of a Q4_K expert are written back unchanged. `gguf_config` builds the
-config.json transformers needs from the metadata.
+tensors are copied as stored, so the blocks of a Q4_K expert are written back unchanged. A transformers tensor
+llama.cpp stores as several GGUF tensors (deepseek2's kv_b_proj: attn_k_b + attn_v_b) is one logical tensor whose
+stored parts are those tensors (`GGUFArch.split_tensors`): `get` decodes each in its own type and joins them.
+`gguf_config` builds the config.json transformers needs from the metadata, with llama.cpp's defaults where a key
+is absent, and per architecture what its graph derives or hard-codes (`_DERIVED_CONFIG`).
 """
 
 from __future__ import annotations
@@ -21,7 +24,19 @@ from pathlib import Path
 
 import torch
 
-from ream_lite.arch.gguf_names import ARCHES, GLOBAL_TENSORS, REFUSED, GGUFArch, rope_unpermute
+from ream_lite.arch.gguf_names import (
+    ARCHES,
+    GATING_SIGMOID,
+    GATING_SOFTMAX,
+    GLOBAL_TENSORS,
+    PART_SEP,
+    REFUSED,
+    GGUFArch,
+    HeadSplit,
+    part_name,
+    rope_unpermute,
+)
+from ream_lite.checkpoint import stored
 from ream_lite.checkpoint.format import TensorEntry
 from ream_lite.checkpoint.reader import CheckpointReader
 from ream_lite.checkpoint.stored import StoredTensor
@@ -142,7 +157,7 @@ def _read_one(p: Path) -> tuple[dict[str, Field], list[GGUFTensor], int]:
         for t in r.tensors:
             ne = tuple(int(x) for x in t.shape)
             qtype = int(t.tensor_type)
-            block, type_size = GGML_QUANT_SIZES[t.tensor_type]
+            block, _ = GGML_QUANT_SIZES[t.tensor_type]
             if not ne or ne[0] % block or any(x < 0 for x in ne):
                 raise ValueError(f"tensor {t.name}: {ne[0] if ne else 0} values per row is not whole "
                                  f"{t.tensor_type.name} blocks")
@@ -152,7 +167,7 @@ def _read_one(p: Path) -> tuple[dict[str, Field], list[GGUFTensor], int]:
         del r  # (its memory map)
     except ReamLiteError:
         raise
-    except Exception as e:  # the gguf package raises ValueError, IndexError, struct errors, ... on a bad file
+    except Exception as e:  # noqa: BLE001 (the gguf package raises ValueError, IndexError, struct errors, ... on a bad file
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ReamLiteError(f"{p}: not a readable GGUF file ({msg})") from None
     spans = sorted((t.start, t.start + t.nbytes, t.name) for t in out)
@@ -179,9 +194,13 @@ class GGUFCheckpoint(CheckpointReader):
         self.shard_metadata = {}
         self.entries: dict[str, TensorEntry] = {}
         self.tensors: dict[str, StoredTensor] = {}
-        # transformers name -> (GGUF tensor, expert index or None): where the writer puts it back
+        # transformers name -> (GGUF tensor, expert index or None): where the writer puts it back (a tensor
+        # llama.cpp stores as several: its first part; the others are its parts `part_name(...)`)
         self.source: dict[str, tuple[GGUFTensor, int | None]] = {}
         self._unpermute: dict[str, list[int]] = {}
+        # a transformers tensor llama.cpp stores as several GGUF tensors: its HeadSplit and the parts in order
+        self._joined: dict[str, tuple[HeadSplit, list[StoredTensor]]] = {}
+        split_parts: dict[str, dict[int, tuple[GGUFTensor, StoredTensor]]] = {}
         heads = {"self_attn.q_proj.weight": g.arch_value("attention.head_count"),
                  "self_attn.k_proj.weight": g.arch_value("attention.head_count_kv")}
         for t in g.tensors:
@@ -189,24 +208,56 @@ class GGUFCheckpoint(CheckpointReader):
             if names is None:
                 raise ReamLiteError(f"{self.path}: tensor {t.name} has no transformers name for GGUF architecture "
                                     f"'{g.arch}' (a newer llama.cpp layout?)")
-            shape = t.shape[1:] if len(names) > 1 else t.shape
+            fused = t.name.startswith("blk.") and t.name.split(".", 2)[-1] in self.arch.fused_experts
+            shape = t.shape[1:] if fused else t.shape
             *lead, cols = shape
             plain = FLOAT_TYPES.get(t.qtype)
             per = t.nbytes // len(names)
+            part = split_part(self.arch, t.name)
             for e, name in enumerate(names):
-                expert = e if len(names) > 1 else None
+                expert = e if fused else None
                 stored_shape = tuple(shape) if plain else (*lead, row_bytes(t.qtype, cols))
                 entry = TensorEntry(t.path, plain or "U8", stored_shape, t.start + e * per, t.start + (e + 1) * per)
+                tensor = StoredTensor(name, "ggml", tuple(shape), {"": entry}, (t.qtype,))
                 self.entries[name] = entry
-                self.tensors[name] = StoredTensor(name, "ggml", tuple(shape), {"": entry}, (t.qtype,))
+                if part is not None:  # one part of a transformers tensor held by several GGUF tensors
+                    split_parts.setdefault(name.split(PART_SEP)[0], {})[part[1]] = (t, tensor)
+                    continue
+                self.tensors[name] = tensor
                 self.source[name] = (t, expert)
                 rel = name.split(".", 3)[-1] if name.startswith("model.layers.") else ""
                 if self.arch.rope_permuted and rel in heads and heads[rel]:
                     self._unpermute[name] = rope_unpermute(shape[0], int(heads[rel]))
+        for name, found in split_parts.items():
+            split = self.arch.split_tensors[name.split(".", 3)[-1]]
+            if name in self.tensors:  # (llama.cpp loads one form or the other, never both)
+                raise ReamLiteError(f"{self.path}: {name} is stored both whole and as {' + '.join(split.parts)} "
+                                    "(a layout llama.cpp does not load)")
+            missing = [p for i, p in enumerate(split.parts) if i not in found]
+            if missing:
+                raise ReamLiteError(f"{self.path}: {name} is stored as {' + '.join(split.parts)}, but "
+                                    f"{missing[0]} is missing")
+            parts = [found[i][1] for i in range(len(split.parts))]
+            try:
+                shape = split.shape([p.shape for p in parts])
+            except (IndexError, ValueError):
+                raise ReamLiteError(f"{self.path}: {' + '.join(split.parts)} of {name}: not [heads, rows, cols] "
+                                    f"tensors of one head count and width ({[p.shape for p in parts]})") from None
+            self.tensors[name] = StoredTensor(name, "ggml", shape, {p.name[len(name):]: p.main for p in parts},
+                                              parts[0].block)
+            self._joined[name] = (split, parts)
+            self.source[name] = (found[0][0], None)
         self.bytes_read = 0
         self._files = {}
 
     def _get(self, key, rows, dtype, device) -> torch.Tensor:
+        joined = self._joined.get(key)
+        if joined is not None:  # decoded part by part (each its own llama.cpp type), then joined
+            split, parts = joined
+            if rows is not None:
+                raise ReamLiteError(f"{key}: row ranges of a tensor llama.cpp stores split are not supported")
+            return split.join([stored.decode(p, {"": self._get_entry(p.main, key, None, None, device)}, dtype)
+                               for p in parts])
         x = super()._get(key, rows, dtype, device)
         perm = self._unpermute.get(key)
         if perm is not None:
@@ -225,7 +276,7 @@ def expert_types(reader: GGUFCheckpoint) -> dict[str, int]:
 
     out: dict[str, int] = {}
     for t in reader.gguf.tensors:
-        if t.name.split(".")[-2] in {n.split(".")[0] for n in reader.arch.expert_tensors}:
+        if t.name.split(".")[-2] in {n.split(".")[0] for n in reader.arch.fused_experts}:
             name = GGMLQuantizationType(t.qtype).name
             out[name] = out.get(name, 0) + 1
     return dict(sorted(out.items()))
@@ -274,7 +325,9 @@ def arch_of(g: GGUFFile, where: str) -> GGUFArch:
 
 
 def hf_names(arch: GGUFArch, t: GGUFTensor) -> list[str] | None:
-    """The transformers name(s) of GGUF tensor `t`: one per expert for a fused expert tensor; None if unmapped."""
+    """The transformers name(s) of GGUF tensor `t`: one per expert for a fused expert tensor; for a part of a
+    transformers tensor llama.cpp stores as several (`GGUFArch.split_tensors`), the name of that part
+    (`gguf_names.part_name`: the tensor's own name for its first part); None if unmapped."""
     if t.name in GLOBAL_TENSORS:
         return [GLOBAL_TENSORS[t.name]]
     m = re.match(r"^blk\.(\d+)\.(.+)$", t.name)
@@ -285,24 +338,45 @@ def hf_names(arch: GGUFArch, t: GGUFTensor) -> list[str] | None:
     if rel in arch.layer_tensors:
         return [prefix + arch.layer_tensors[rel]]
     if rel in arch.expert_tensors:
+        template = arch.expert_tensors[rel]
+        if "{e}" not in template:  # (the selection bias: one tensor, experts along its only axis)
+            return [prefix + template] if len(t.ne) == 1 else None
         n = t.ne[-1] if len(t.ne) == 3 else 0
-        return [prefix + arch.expert_tensors[rel].format(e=e) for e in range(n)] or None
+        return [prefix + template.format(e=e) for e in range(n)] or None
+    part = split_part(arch, t.name)
+    if part is not None:
+        hf, i = part
+        return [part_name(prefix + hf, rel, i)]
+    return None
+
+
+def split_part(arch: GGUFArch, gguf_name: str) -> tuple[str, int] | None:
+    """(the transformers name relative to the layer, the part's index) when GGUF tensor `gguf_name` is one part of
+    a transformers tensor llama.cpp stores as several; else None."""
+    rel = gguf_name.split(".", 2)[-1] if gguf_name.startswith("blk.") else None
+    for hf, split in arch.split_tensors.items():
+        if rel in split.parts:
+            return hf, split.parts.index(rel)
     return None
 
 
 def gguf_config(g: GGUFFile, arch: GGUFArch, tensors: dict[str, StoredTensor]) -> dict:
     """config.json of the transformers model a GGUF holds, from its metadata (and tensor shapes where the metadata
-    is silent)."""
+    is silent), such that transformers builds the model llama.cpp runs and the family spec routes as it does."""
     cfg: dict = {"model_type": arch.model_type}
     for key, hf in arch.config_keys.items():
         v = g.arch_value(key)
         if v is not None:
             cfg[hf] = v
+    for hf, v in arch.config_defaults.items():
+        cfg.setdefault(hf, v)
     cfg.update(arch.fixed_config)
     if arch.num_experts_key != "num_experts" and "num_experts" in cfg:
         cfg[arch.num_experts_key] = cfg.pop("num_experts")
-    theta = g.arch_value("rope.freq_base", 10000.0)
-    cfg["rope_parameters"] = {"rope_type": "default", "rope_theta": float(theta)}
+    nextn = int(g.arch_value("nextn_predict_layers", 0) or 0)
+    if nextn and isinstance(cfg.get("num_hidden_layers"), int):  # (block_count counts the NextN layers too)
+        cfg["num_hidden_layers"] -= nextn
+    cfg["rope_parameters"] = _rope_parameters(g)
     embed = tensors.get(GLOBAL_TENSORS["token_embd.weight"])
     if embed is None:
         raise ReamLiteError(f"{g.paths[0]}: no token_embd.weight")
@@ -315,15 +389,111 @@ def gguf_config(g: GGUFFile, arch: GGUFArch, tensors: dict[str, StoredTensor]) -
         v = g.get(f"tokenizer.ggml.{tok}")
         if v is not None:
             cfg[hf] = int(v)
-    q = tensors.get("model.layers.0.self_attn.q_proj.weight")
+    q = next((tensors[f"model.layers.0.self_attn.{n}.weight"] for n in ("q_proj", "q_a_proj")
+              if f"model.layers.0.self_attn.{n}.weight" in tensors), None)
     cfg["dtype"] = {"F32": "float32", "F16": "float16"}.get(FLOAT_TYPES.get(q.block[0], ""), "bfloat16") if q else \
         "bfloat16"
-    cfg["architectures"] = [_CAUSAL_LM.get(arch.model_type, "")]
+    derive = _DERIVED_CONFIG.get(arch.arch)
+    if derive is not None:
+        derive(g, cfg, tensors)
+    cfg["architectures"] = [_CAUSAL_LM.get(cfg["model_type"], "")]
     return cfg
 
 
+def _rope_parameters(g: GGUFFile) -> dict:
+    """transformers' rope_parameters of llama.cpp's rope metadata (its converter writes linear and YaRN scaling)."""
+    rope = {"rope_type": "default", "rope_theta": float(g.arch_value("rope.freq_base", 10000.0))}
+    kind, factor = g.arch_value("rope.scaling.type"), g.arch_value("rope.scaling.factor")
+    if kind in (None, "none") or not factor:
+        return rope
+    if kind == "linear":
+        return {**rope, "rope_type": "linear", "factor": float(factor)}
+    if kind == "yarn":
+        rope.update(rope_type="yarn", factor=float(factor))
+        orig = g.arch_value("rope.scaling.original_context_length")
+        if orig:
+            rope["original_max_position_embeddings"] = int(orig)
+        for key, hf in (("yarn_beta_fast", "beta_fast"), ("yarn_beta_slow", "beta_slow")):
+            v = g.arch_value(f"rope.scaling.{key}")
+            if v is not None:
+                rope[hf] = float(v)
+        return rope
+    raise ReamLiteError(f"{g.paths[0]}: rope scaling '{kind}' is not one ream-lite maps (linear, yarn)")
+
+
+def _glm4moe_config(g: GGUFFile, cfg: dict, tensors: dict[str, StoredTensor]) -> None:
+    """GLM-4.5: sigmoid gating only; partial rotary from rope.dimension_count; the attention's biases and q/k norms
+    as its tensors say (GLM-4.5 has q/k norms, GLM-4.5-Air not)."""
+    gating = g.arch_value("expert_gating_func", GATING_SIGMOID)
+    if gating != GATING_SIGMOID:
+        raise ReamLiteError(f"{g.paths[0]}: glm4moe with expert_gating_func {gating}: GLM-4.5's router is a sigmoid "
+                            "one (2); no transformers model runs this GGUF as llama.cpp does")
+    head_dim = cfg["head_dim"]
+    rot = g.arch_value("rope.dimension_count") or head_dim  # (llama.cpp: all of the head when absent)
+    cfg["rope_parameters"]["partial_rotary_factor"] = rot / head_dim
+    cfg["attention_bias"] = "model.layers.0.self_attn.q_proj.bias" in tensors
+    cfg["use_qk_norm"] = "model.layers.0.self_attn.q_norm.weight" in tensors
+
+
+def _deepseek2_config(g: GGUFFile, cfg: dict, tensors: dict[str, StoredTensor]) -> None:
+    """DeepSeek-V2/V3: the transformers model type by llama.cpp's gating function (softmax: deepseek_v2, sigmoid:
+    deepseek_v3); latent attention's sizes from the tensors (llama.cpp's key/value lengths are those of its absorbed
+    multi-query form); YaRN's mscale as llama.cpp applies it. Refuses what transformers' classes cannot run as
+    llama.cpp runs it."""
+    where = g.paths[0]
+    gating = g.arch_value("expert_gating_func")
+    if gating is None:  # llama.cpp: GGUFs from before the key (DeepSeek-V2 / V2.5), GLM-4.7-Flash by its shape
+        blocks = cfg["num_hidden_layers"] + int(g.arch_value("nextn_predict_layers", 0) or 0)
+        lite_glm = blocks in (47, 48) and cfg["vocab_size"] == 154880
+        gating = GATING_SIGMOID if lite_glm else GATING_SOFTMAX
+    if g.arch_value("attention.temperature_scale"):
+        raise ReamLiteError(f"{where}: deepseek2 with attention temperature tuning (Mistral-Large-3): no transformers "
+                            "DeepSeek class runs it")
+    heads = cfg["num_attention_heads"]
+    cfg["num_key_value_heads"] = heads  # (the metadata says 1: llama.cpp runs latent attention as multi-query)
+    rope = int(cfg["qk_rope_head_dim"])
+    prefix = "model.layers.0.self_attn."
+    q = tensors.get(prefix + "q_b_proj.weight") or tensors.get(prefix + "q_proj.weight")
+    o = tensors.get(prefix + "o_proj.weight")
+    if q is None or o is None:
+        raise ReamLiteError(f"{where}: deepseek2 without blk.0.attn_q_b / attn_q or attn_output")
+    cfg["qk_nope_head_dim"] = q.shape[0] // heads - rope
+    cfg["v_head_dim"] = o.shape[1] // heads
+    cfg["head_dim"] = rope  # (as transformers' DeepSeek configs set it)
+    if cfg.get("q_lora_rank") is None and prefix + "q_a_proj.weight" in tensors:
+        cfg["q_lora_rank"] = tensors[prefix + "q_a_proj.weight"].shape[0]
+    params = cfg["rope_parameters"]
+    log_mul = g.arch_value("rope.scaling.yarn_log_multiplier")
+    if params["rope_type"] == "yarn" and log_mul:
+        # llama.cpp stores 0.1 * mscale_all_dim and takes mscale = mscale_all_dim (DeepSeek-V2-Lite: both 0.707)
+        params["mscale"] = params["mscale_all_dim"] = float(log_mul) / 0.1
+    if gating == GATING_SIGMOID:
+        cfg.update(model_type="deepseek_v3", rope_interleave=True)
+        return
+    if gating != GATING_SOFTMAX:
+        raise ReamLiteError(f"{where}: deepseek2 with expert_gating_func {gating} (neither softmax nor sigmoid): no "
+                            "transformers DeepSeek class routes as it")
+    # softmax: DeepSeek-V2 as transformers' deepseek_v2 runs it: never renormalised, no selection bias, and llama.cpp
+    # applies groups as DeepSeek-V3 does (the sum of each group's best two), not as V2's group_limited_greedy
+    if cfg.get("norm_topk_prob"):
+        raise ReamLiteError(f"{where}: deepseek2 with softmax gating and expert_weights_norm: transformers' "
+                            "deepseek_v2 never renormalises the top-k weights, so it cannot run this GGUF as llama.cpp "
+                            "does")
+    if any(k.endswith(".mlp.gate.e_score_correction_bias") for k in tensors):
+        raise ReamLiteError(f"{where}: deepseek2 with softmax gating and a selection bias (exp_probs_b): transformers' "
+                            "deepseek_v2 has none")
+    if cfg.get("n_group", 1) > 1 and cfg.get("topk_group", 1) < cfg["n_group"]:
+        raise ReamLiteError(f"{where}: deepseek2 with softmax gating and expert groups ({cfg['topk_group']} of "
+                            f"{cfg['n_group']}): llama.cpp scores each group by the sum of its best two experts "
+                            "(DeepSeek-V3's rule), transformers' deepseek_v2 (group_limited_greedy) by its best one; "
+                            "ream-lite has no router that routes as this GGUF runs: compress the safetensors release")
+    cfg.update(model_type="deepseek_v2", topk_method="greedy")
+
+
+_DERIVED_CONFIG = {"glm4moe": _glm4moe_config, "deepseek2": _deepseek2_config}
 _CAUSAL_LM = {"qwen3_moe": "Qwen3MoeForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
-              "mixtral": "MixtralForCausalLM"}
+              "mixtral": "MixtralForCausalLM", "glm4_moe": "Glm4MoeForCausalLM",
+              "deepseek_v3": "DeepseekV3ForCausalLM", "deepseek_v2": "DeepseekV2ForCausalLM"}
 
 
 def config_bytes(g: GGUFFile, arch: GGUFArch, tensors) -> bytes:

@@ -101,27 +101,31 @@ def layout_from_gguf(reader: GGUFCheckpoint, n_keep: int | None, moe_layers: set
 
 
 def layout_from_checkpoint(layout, n_keep: int, expert_type: int, other_type: int,
-                           record: dict[str, str | int]) -> tuple[GGUFLayout, dict[str, int], dict[str, list[int]]]:
+                           record: dict[str, str | int]
+                           ) -> tuple[GGUFLayout, dict[str, int], dict[str, list[int]], dict[str, tuple]]:
     """A safetensors checkpoint compressed into a GGUF (--out-format gguf): llama.cpp's names, tensor order and
     metadata as its converter writes them (checkpoint/gguf_export.py), the routed experts in `expert_type`, the other
     matrices in `other_type` (F16 where rows are not whole blocks), norms and routers F32. Also returns each output
-    tensor's type and the row order of those llama.cpp stores permuted, by transformers name."""
+    tensor's type, the row order of those llama.cpp stores permuted, and the tensors it stores as several (MLA's
+    kv_b_proj: (arch.split_tensors entry, the parts' names, the config)), by transformers name."""
     from gguf import GGUFValueType
 
-    from ream_lite.arch.gguf_names import rope_unpermute
+    from ream_lite.arch.gguf_names import part_name, rope_unpermute
     from ream_lite.checkpoint.gguf_export import _write_metadata, arch_for, choose_type, gguf_tensor_plan
 
     arch = arch_for(layout.spec.model_type)
     moe = {x.index for x in layout.moe_layers}
-    tensors, types, rows = [], {}, {}
+    tensors, types, rows, splits = [], {}, {}, {}
     cfg = layout.config
+    full_cfg = {**layout.hf_config().to_dict(), **cfg} if arch.split_tensors else {}
+    whole_experts = {n for n, hf in arch.expert_tensors.items() if "{e}" not in hf}  # (the selection bias)
     heads = {"self_attn.q_proj.weight": cfg.get("num_attention_heads"),
              "self_attn.k_proj.weight": cfg.get("num_key_value_heads")}
     for gname, names, shape in gguf_tensor_plan(layout, arch):
         layer = int(gname.split(".")[1]) if gname.startswith("blk.") else None
         if layer in moe and len(names) > 1:
             names, shape = names[:n_keep], (n_keep, *shape[1:])
-        elif layer in moe and gname.endswith("." + arch.router):
+        elif layer in moe and (gname.endswith("." + arch.router) or gname.split(".", 2)[-1] in whole_experts):
             shape = (n_keep, *shape[1:])
         qtype = choose_type(gname, shape, expert_type, other_type)
         tensors.append(OutTensor(gname, qtype, tuple(reversed(shape)), tuple(names)))
@@ -130,6 +134,10 @@ def layout_from_checkpoint(layout, n_keep: int, expert_type: int, other_type: in
         rel = names[0].split(".", 3)[-1]
         if arch.rope_permuted and rel in heads and heads[rel]:
             rows[names[0]] = rope_unpermute(shape[0], int(heads[rel]))
+        split = arch.split_tensors.get(rel) if layer is not None else None
+        if split is not None and names[0] not in splits:
+            whole = names[0]
+            splits[whole] = (split, [part_name(whole, g, i) for i, g in enumerate(split.parts)], full_cfg)
 
     def metadata(w) -> None:
         from gguf.gguf_writer import GGUFValue
@@ -139,7 +147,7 @@ def layout_from_checkpoint(layout, n_keep: int, expert_type: int, other_type: in
         _add_record(w, record)
 
     name = Path(str(layout.path)).name + ".gguf"
-    return GGUFLayout(arch.arch, name, 32, tensors, metadata), types, rows
+    return GGUFLayout(arch.arch, name, 32, tensors, metadata), types, rows, splits
 
 
 def _add_record(w, record: dict[str, str | int]) -> None:
@@ -241,7 +249,7 @@ class GGUFOutputWriter:
             start = int(r.data_offset)
             del r
             return start
-        except Exception:
+        except Exception:  # noqa: BLE001 (the gguf package raises ValueError, IndexError, ... on a damaged file)
             raise ReamLiteError(f"{self.file}: the partial output's header is unreadable; start over with --overwrite"
                                 ) from None
 
@@ -288,16 +296,17 @@ class GGUFOutputWriter:
         if not self.output.keeps_stored(name, t):
             self.add_like(name, reader.get(key), t)
             return
-        e = t.main
-        slot = self._slot(name, e.nbytes)
-        crc = files.Checksum()
-        for off in range(0, e.nbytes, COPY_CHUNK):
-            n = min(COPY_CHUNK, e.nbytes - off)
-            data = reader._read(e.path, e.start + off, n)
-            with timing.phase("write"):
-                self._pwrite(slot.offset + off, data, crc)
-        self.written[name] = crc.value
-        self.bytes_written += e.nbytes
+        for sfx, e in t.parts.items():  # (MLA's kv_b_proj: attn_k_b, then attn_v_b under its part name)
+            part = t.part_name(sfx, name)
+            slot = self._slot(part, e.nbytes)
+            crc = files.Checksum()
+            for off in range(0, e.nbytes, COPY_CHUNK):
+                n = min(COPY_CHUNK, e.nbytes - off)
+                data = reader._read(e.path, e.start + off, n)
+                with timing.phase("write"):
+                    self._pwrite(slot.offset + off, data, crc)
+            self.written[part] = crc.value
+            self.bytes_written += e.nbytes
 
     def _pwrite(self, offset: int, data, crc: files.Checksum) -> None:
         self.f.seek(offset)

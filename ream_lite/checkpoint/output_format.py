@@ -37,6 +37,8 @@ class OutputFormat:
     # stores some in (Mixtral's q/k: gguf_names.rope_unpermute); written by checkpoint/gguf_writer.py
     gguf_types: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
     gguf_rows: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
+    # tensors llama.cpp stores as several (MLA's kv_b_proj): name -> (gguf_names.HeadSplit, part names, config)
+    gguf_splits: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
     gguf_describe: str = ""
     gguf_expert_type: int = 8  # (Q8_0) the routed experts' llama.cpp type, and the other matrices'
     gguf_other_type: int = 8
@@ -81,6 +83,9 @@ class OutputFormat:
             if blocks is not None:
                 return blocks
         if target == "gguf":
+            if name in self.gguf_splits:
+                split, names, config = self.gguf_splits[name]
+                return {n: self._gguf_encode(n, p) for n, p in zip(names, split.cut(value, config))}
             return {name: self._gguf_encode(name, value)}
         return stored.encode(like, name, value)
 
