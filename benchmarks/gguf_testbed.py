@@ -37,6 +37,7 @@ from ream_lite.evaluate import Evaluator  # noqa: E402
 
 # the defaults of each method (guard + refit), and the paper's REAM (every merged expert quantized into the output)
 METHODS = {"reap": ["--method", "reap"], "ream": ["--method", "ream"],
+           "reap-paper": ["--method", "reap", "--guard", "off", "--refit", "off"],
            "ream-paper": ["--method", "ream", "--guard", "off", "--refit", "off"]}
 
 

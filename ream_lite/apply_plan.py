@@ -23,6 +23,7 @@ from ream_lite.write_output import (
     compression_steps,
     make_output_format,
     open_writer,
+    record_of,
     refit_used,
     validate_output_path,
     write_planned,
@@ -104,9 +105,8 @@ def apply_plan(plan_path: str, model: str, output: str, overwrite: bool = False,
                                            fmt.get("gguf_type") if fmt.get("out_format") == "gguf" else None)
         with OutputLock(output, "ream-lite apply"):  # (one run per output, as compress)
             writer = open_writer(layout, output, n_keep, output_format, max_shard_bytes=max_shard_bytes,
-                                 overwrite=overwrite, record={"method": str(plan.get("method", "")), "source":
-                                                             layout.path.name, "experts_before":
-                                                             layout.router_config.num_experts})
+                                 overwrite=overwrite, record=record_of(str(plan.get("method", "")),
+                                                                       str(plan.get("guard", "")), layout, n_keep))
 
             def side_files(d: Path) -> None:
                 files.write_file(d / PLAN_NAME, dumps(plan), PLAN_NAME)
@@ -129,6 +129,8 @@ def refit_source(plan_path: str, plans: dict[int, LayerPlan], trust_remote_code:
         return None
     d = Path(plan_path)
     d = d if d.is_dir() else d.parent
+    if not (d / "config.json").exists() and len(list(d.glob("*.gguf"))) == 1:  # a GGUF output: its one file
+        d = next(d.glob("*.gguf"))
     try:
         return ModelLayout(str(d), trust_remote_code=trust_remote_code)
     except ReamLiteError as e:

@@ -50,6 +50,7 @@ from ream_lite.write_output import (
     compression_steps,
     copy_non_layer_tensors,
     open_writer,
+    record_of,
     output_config,
     validate_output_path,
     write_layer,
@@ -394,8 +395,7 @@ def _compress(layout: ModelLayout, cfg: CompressConfig, n_keep: int, echo: Calla
 
 def gguf_record(cfg: CompressConfig, layout: ModelLayout, n_keep: int) -> dict[str, str | int]:
     """What a GGUF output's metadata records of the compression (`ream_lite.*` keys; the report says the rest)."""
-    return {"method": cfg.method, "guard": str(cfg.guard_mode), "source": layout.path.name,
-            "experts_before": layout.router_config.num_experts, "experts_after": n_keep}
+    return record_of(cfg.method, cfg.guard_mode, layout, n_keep)
 
 
 def disk_full_advice(e: files.DiskFull, est, writer: CheckpointWriter, cfg: CompressConfig) -> files.DiskFull:

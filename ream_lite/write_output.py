@@ -149,6 +149,13 @@ def _write_fused(writer: CheckpointWriter, r, key: str, kept: list[int], merged:
         writer.add(like.part_name(sfx, key), t)
 
 
+def record_of(method: str, guard: str, layout: ModelLayout, n_keep: int) -> dict[str, str | int]:
+    """What a GGUF output's metadata records of the compression (`ream_lite.*` keys; ream_plan.json has the rest):
+    the same for `compress` and for `apply` of its plan, so both write the same header."""
+    return {"method": method, "guard": str(guard), "source": layout.path.name,
+            "experts_before": layout.router_config.num_experts, "experts_after": n_keep}
+
+
 def open_writer(layout: ModelLayout, out: str | Path, n_keep: int, output: OutputFormat, *, max_shard_bytes: int,
                 overwrite: bool, resume: dict | None = None, record: dict | None = None):
     """The writer of the output: safetensors shards (CheckpointWriter), or, for a GGUF input, one GGUF file with the
@@ -283,7 +290,7 @@ def write_planned(
             merged = build_merged_experts(layout, plan, None, device, output=writer.output,
                                           value_dtype=value_dtype) if plan is not None else {}
             if plan is not None and refit_used(plan):
-                merged.update(refit_experts(layout, refit_source, plan, value_dtype))
+                merged.update(refit_experts(layout, refit_source, plan, value_dtype, writer.output))
             write_layer(writer, layout, info.index, plan, merged)
         side_files(writer.tmp_dir)
         return writer.finish(output_config(layout, n_keep, drop_mtp, writer.output), source_dir=layout.path)
@@ -296,8 +303,8 @@ def refit_used(plan: LayerPlan) -> bool:
     return bool(plan.refit and plan.refit.get("used"))
 
 
-def refit_experts(layout: ModelLayout, source: ModelLayout | None, plan: LayerPlan, value_dtype: torch.dtype
-                  ) -> dict[int, tuple[torch.Tensor, ...]]:
+def refit_experts(layout: ModelLayout, source: ModelLayout | None, plan: LayerPlan, value_dtype: torch.dtype,
+                  output: OutputFormat | None = None) -> dict[int, tuple[torch.Tensor, ...]]:
     """The experts `plan` refit, as `compress` wrote them into `source` (their output positions), checked against the
     plan's digest: expert id -> its parts, as `write_layer` takes merged experts."""
     from ream_lite.engine.experts import load_experts
@@ -308,8 +315,14 @@ def refit_experts(layout: ModelLayout, source: ModelLayout | None, plan: LayerPl
         raise ReamLiteError(f"layer {plan.layer}: the plan refit experts {ids} to calibration tokens; apply copies "
                             "them from the compressed output the plan belongs to: pass that directory as PLAN")
     like = layout.reader.entry(layout.expert_keys(plan.layer)[0])
-    dtype = value_dtype if like.is_encoded else like.torch_dtype  # (as `compress` held them: `merged_as_written`)
+    # (as `compress` held them: `merged_as_written`; GGUF blocks read back in float32)
+    dtype = torch.float32 if source.gguf else value_dtype if like.is_encoded else like.torch_dtype
     out = {e: load_experts(source, plan.layer, [plan.kept.index(e)], dtype, "cpu").expert(0) for e in ids}
+    if source.gguf and output is not None:  # written as the blocks the source holds (re-quantizing decoded Q5_K /
+        # Q6_K values does not always give them back)
+        for e, values in out.items():
+            for name, v in zip(source.per_expert_keys(plan.layer, plan.kept.index(e)), values):
+                output.remember_blocks(name, v, {name: source.reader.read_part(source.reader.entry(name).main)})
     if refit_digest([fitted_parts(out[e]) for e in ids]) != plan.refit.get("sha256"):
         raise ReamLiteError(f"layer {plan.layer}: the refit experts in {source.path} are not the ones the plan "
                             "recorded (sha256 differs); was the output changed?")

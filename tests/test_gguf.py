@@ -326,3 +326,21 @@ def test_damaged_gguf_headers_are_refused_in_one_line(gguf_models, tmp_path):
             outcomes["refused"] += 1
         p.unlink()
     assert outcomes["refused"] > 0
+
+
+def test_apply_reproduces_a_gguf_compression_byte_for_byte(gguf_models, calib_file, tmp_path):
+    """The default REAM with the refit forced on, into Q6_K (whose re-quantization of decoded values is not
+    idempotent): `apply` of the plan writes compress's GGUF, the refit experts copied as the output's blocks."""
+    from click.testing import CliRunner
+
+    from ream_lite.cli import main
+
+    _, d, _ = gguf_models["qwen3_moe"]
+    src = tmp_path / "q6k.gguf"
+    export_gguf(d, src, expert_type=Q.Q6_K, other_type=Q.Q8_0)
+    compress(src, tmp_path / "out", "--experts", 5, "--calib", calib_file, "--refit", "on", "--tokenizer", str(d))
+    plan = json.loads((tmp_path / "out" / "ream_plan.json").read_text())
+    assert any(L["refit"]["used"] for L in plan["layers"])
+    r = CliRunner().invoke(main, ["apply", str(tmp_path / "out"), str(src), str(tmp_path / "applied")])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "applied" / src.name).read_bytes() == (tmp_path / "out" / src.name).read_bytes()

@@ -59,6 +59,11 @@ class OutputFormat:
             return "decoded"
         return "stored"
 
+    def remember_blocks(self, name: str, values: torch.Tensor, parts: dict[str, torch.Tensor]) -> None:
+        """Write `parts` (the blocks of a GGUF) when `values` (their decoded values) are written as `name`: what
+        `readback` does for values it encodes itself, for blocks read from a file (apply's refit experts)."""
+        self._written_blocks[_digest(name, values)] = parts
+
     def layer_written(self) -> None:
         """Forget the blocks of read-back values once their layer is written (those of plans the guard did not
         choose would otherwise be held for the rest of the run)."""
