@@ -344,3 +344,31 @@ def test_apply_reproduces_a_gguf_compression_byte_for_byte(gguf_models, calib_fi
     r = CliRunner().invoke(main, ["apply", str(tmp_path / "out"), str(src), str(tmp_path / "applied")])
     assert r.exit_code == 0, r.output
     assert (tmp_path / "applied" / src.name).read_bytes() == (tmp_path / "out" / src.name).read_bytes()
+
+
+def test_killed_at_gguf_write_boundaries_resumes_byte_identical(gguf_models, calib_file, tmp_path):
+    """Killed (as by SIGKILL) just before a write, sync, rename or removal of a GGUF compression (header, tensors,
+    expert slots, resume records): `--resume` gives the uninterrupted output byte for byte."""
+    from collections import Counter
+
+    from ream_lite import faults
+
+    _, d, files = gguf_models["qwen3_moe"]
+    run = faults.CompressRun(files["Q4_K"], tmp_path / "out", "--experts", "5", "--calib", str(calib_file),
+                             "--seq-len", "32", "--num-sequences", "12", "--device", "cpu", "--method", "ream",
+                             "--guard", "off", "--refit", "off", "--snapshot-every", "layer", "--tokenizer", str(d))
+    with faults.single_threaded():
+        seen = faults.boundaries(run)
+        ref = faults.digests(run.out)
+        kinds = Counter(kind for kind, _ in seen)
+        assert kinds["write"] > 20 and kinds["sync"] and kinds["rename"]
+        others = [i for i, (kind, _) in enumerate(seen) if kind != "write"]
+        writes = [i for i, (kind, _) in enumerate(seen) if kind == "write"]
+        points = sorted(set(others[:: max(1, len(others) // 3)] + [writes[i] for i in faults.spread(len(writes), 3)]))
+        for k in points:
+            run.clear()
+            assert faults.killed_at(run, k) == faults.KILLED
+            assert not run.out.exists(), f"killed at {seen[k]}, the output looks complete"
+            r = run.invoke("--resume")
+            assert r.exit_code == 0, (seen[k], r.output)
+            assert faults.digests(run.out) == ref, f"killed at boundary {k} {seen[k]}: the resumed output differs"
