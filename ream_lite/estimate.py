@@ -533,8 +533,8 @@ def estimate_compression(
     encoded = any(r.entry(k).is_encoded for x in layout.moe_layers for k in layout.expert_keys(x.index)[:3])
     # (a GGUF output holds merged experts read back in float32, and their llama.cpp blocks, <= ~1 byte a value,
     # until the layer is written: OutputFormat.readback)
-    held = e_decoded // elt * 5 if layout.gguf or fmt.gguf_types else (e_decoded if encoded else e_stored)
-    merged_host = shape.merged_sets * shape.merged_groups * held
+    held_bytes = e_decoded // elt * 5 if layout.gguf or fmt.gguf_types else (e_decoded if encoded else e_stored)
+    merged_host = shape.merged_sets * shape.merged_groups * held_bytes
     if shape.refits:  # a fit holds every kept expert as written (its new down projection beside gate and up)
         merged_host += n_keep * (e_decoded if encoded else e_stored)
     host_store = (memory.all_stores_bytes if memory.store_tier == "host" else 0) + memory.side_bytes("host")
