@@ -138,8 +138,9 @@ def _write_fused(writer: CheckpointWriter, r, key: str, kept: list[int], merged:
     parts = {sfx: torch.empty((len(kept), *part.shape[1:]), dtype=part.torch_dtype) for sfx, part in
              like.parts.items()}
     for pos, e in enumerate(kept):
-        if e in merged:  # this expert's parts, encoded alone (its blocks and scales are its own)
-            enc = stored.encode(like, key, merged[e][None])
+        if e in merged:  # this expert's parts, encoded alone (its blocks and scales are its own; GGUF blocks as
+            # read back: OutputFormat.encode)
+            enc = writer.output.encode(key, merged[e][None], like)
             for sfx in parts:
                 parts[sfx][pos].copy_(enc[like.part_name(sfx, key)][0])
         else:

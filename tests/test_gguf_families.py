@@ -287,8 +287,8 @@ def test_metadata_defaults_are_llama_cpps(models):
         assert rope["mscale"] == rope["mscale_all_dim"] == pytest.approx(0.707)
 
 
-def test_gpt_oss_is_refused_with_its_reason():
+def test_old_per_expert_mixtral_files_are_refused_with_their_reason():
     from ream_lite.checkpoint.gguf import GGUFFile, arch_of
 
-    with pytest.raises(ReamLiteError, match="gate/up-interleaved"):
-        arch_of(GGUFFile([], "gpt-oss", {}, [], 32), "x.gguf")
+    with pytest.raises(ReamLiteError, match="re-convert it"):
+        arch_of(GGUFFile([], "mixtral", {}, [], 32), "x.gguf")

@@ -11,10 +11,14 @@ Where llama.cpp's converter changed a tensor on the way in, the entry says so an
   rotary layout (`rope_permuted`);
 - `deepseek2` (multi-head latent attention) stores transformers' `kv_b_proj` as two tensors, `attn_k_b` (the key
   rows of every head, transposed) and `attn_v_b` (the value rows), for llama.cpp's absorbed attention
-  (`split_tensors`, a `HeadSplit`); older GGUFs keep it whole as `attn_kv_b`.
-A transformers tensor held by several GGUF tensors is one logical tensor whose stored parts are those GGUF tensors:
-the first is its main part, each other one the part `PART_SEP + its GGUF name` (`part_name`), so a writer that copies
-every part of a tensor copies each GGUF tensor's bytes unchanged.
+  (`split_tensors`, a `HeadSplit`); older GGUFs keep it whole as `attn_kv_b`;
+- `gpt-oss` stores transformers' fused experts, gate_up_proj [E, H, 2I] with gate and up interleaved along 2I (and
+  its bias [E, 2I]) and down_proj [E, I, H], as llama.cpp's separate output-major ffn_gate_exps / ffn_up_exps /
+  ffn_down_exps [E, I, H] / [E, H, I] and their biases (`split_tensors`, an `Interleave`).
+A transformers tensor held by several GGUF tensors (or by one stored transposed) is one logical tensor whose stored
+parts are those GGUF tensors: the first is its main part, each other one the part `PART_SEP + its GGUF name`
+(`part_name`), so a writer that copies every part of a tensor copies each GGUF tensor's bytes unchanged, and one that
+writes new values (a merged expert) cuts them into the parts (`cut`) and writes each in its own type.
 """
 
 from __future__ import annotations
@@ -30,7 +34,8 @@ GLOBAL_TENSORS: dict[str, str] = {
     "output.weight": "lm_head.weight",
 }
 
-# the suffix of the non-main parts of a transformers tensor llama.cpp stores as several tensors (`HeadSplit`)
+# the suffix of the non-main parts of a transformers tensor llama.cpp stores as several tensors (`HeadSplit`,
+# `Interleave`)
 PART_SEP = ":"
 
 _ATTENTION = {
@@ -153,6 +158,58 @@ class HeadSplit:
             raise ValueError(part_shapes)
         return heads.pop() * sum(s[2] if t else s[1] for s, t in zip(part_shapes, self.transposed)), cols.pop()
 
+    experts = False  # (its parts have no expert axis: never cut to the kept experts, never read by expert rows)
+
+    def stored_shapes(self, shape: tuple[int, ...], config: dict) -> list[tuple[int, ...]]:
+        """The parts' (torch) shapes for transformers' tensor of `shape` (`part_shapes` by the whole shape)."""
+        return self.part_shapes(shape[-1], config)
+
+
+@dataclass(frozen=True)
+class Interleave:
+    """A fused expert tensor of transformers llama.cpp's converter stores as several GGUF tensors with the experts on
+    their outermost axis, interleaved row by row: part i holds rows i::k (k parts) of every expert's [k * R, C]
+    matrix ([E, R, C] each; biases [E, R] -> [E, k * R]); with `transposed`, transformers' tensor is that matrix
+    transposed ([E, C, k * R]: input-major, y = x @ W). One part alone is the tensor itself (transposed or not).
+
+    gpt-oss's gate_up_proj [E, H, 2I] (gate at 0::2, up at 1::2) is ffn_gate_exps + ffn_up_exps [E, I, H]
+    (transposed), its gate_up_proj_bias [E, 2I] is ffn_gate_exps.bias + ffn_up_exps.bias [E, I], its down_proj
+    [E, I, H] is ffn_down_exps [E, H, I] (transposed)."""
+
+    parts: tuple[str, ...]  # GGUF names relative to `blk.{i}.`, in interleave order
+    transposed: bool = False
+    experts = True  # every part is [E, ...]: cut to the kept experts, read by expert rows
+
+    def join(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        """transformers' tensor from its parts as stored (the reader; any leading run of experts)."""
+        x = parts[0] if len(parts) == 1 else torch.stack(parts, dim=2).flatten(1, 2)
+        return (x.transpose(1, 2) if self.transposed else x).contiguous()
+
+    def cut(self, x: torch.Tensor, config: dict | None = None) -> list[torch.Tensor]:
+        """The parts, as llama.cpp's converter stores them, of transformers' tensor `x` ([n, ...], any n)."""
+        x = x.transpose(1, 2) if self.transposed else x
+        k = len(self.parts)
+        return [x[:, i::k].contiguous() for i in range(k)]
+
+    def stored_shapes(self, shape: tuple[int, ...], config: dict | None = None) -> list[tuple[int, ...]]:
+        """The parts' (torch) shapes for transformers' tensor of `shape`."""
+        if self.transposed:
+            shape = (shape[0], shape[2], shape[1])
+        k = len(self.parts)
+        if len(shape) < 2 or shape[1] % k:
+            raise ValueError(shape)
+        return [(shape[0], shape[1] // k, *shape[2:])] * k
+
+    def shape(self, part_shapes: list[tuple[int, ...]]) -> tuple[int, ...]:
+        """transformers' shape from the parts' (torch) shapes (ValueError if they do not fit together)."""
+        if len(part_shapes) != len(self.parts) or len(set(part_shapes)) != 1:
+            raise ValueError(part_shapes)
+        s = part_shapes[0]
+        if len(s) != 3 and (self.transposed or len(s) != 2):  # [E, R, C] matrices, or [E, R] biases
+            raise ValueError(part_shapes)
+        e, r, *rest = s
+        return (e, rest[0], r * len(self.parts)) if self.transposed else (e, r * len(self.parts), *rest)
+
 
 def part_name(name: str, gguf_rel: str, index: int) -> str:
     """The name ream-lite reads part `index` (GGUF name `gguf_rel`) of the split transformers tensor `name` under."""
@@ -169,7 +226,8 @@ class GGUFArch:
     # tensors with one slice per routed expert on their outermost axis (llama.cpp's last dimension), which the
     # writer cuts to the kept experts: GGUF name -> HF name. With `{e}` in the HF name, a fused expert tensor
     # [E, rows, cols] read as one logical tensor per expert; without, one tensor read whole (the router's selection
-    # bias exp_probs_b.bias [E]). The router weight (`router`) is cut alike.
+    # bias exp_probs_b.bias [E]; gpt-oss's router bias [E] and down biases [E, H]). The router weight (`router`) is
+    # cut alike.
     expert_tensors: dict[str, str]
     router: str = "ffn_gate_inp.weight"  # rows = experts (sliced to the kept experts)
     config_keys: dict[str, str] = field(default_factory=lambda: dict(_COMMON_CONFIG))
@@ -179,8 +237,9 @@ class GGUFArch:
     config_defaults: dict = field(default_factory=dict)
     rope_permuted: bool = False  # attn_q / attn_k rows permuted per head by the converter (llama)
     num_experts_key: str = "num_experts"  # the HF config key of the routed expert count
-    # HF name (relative to the layer) -> the GGUF tensors that hold it (deepseek2's attn_k_b / attn_v_b)
-    split_tensors: dict[str, HeadSplit] = field(default_factory=dict)
+    # HF name (relative to the layer) -> the GGUF tensors that hold it (deepseek2's attn_k_b / attn_v_b, gpt-oss's
+    # fused experts)
+    split_tensors: dict[str, HeadSplit | Interleave] = field(default_factory=dict)
     # other transformers model types the metadata may make of this architecture (deepseek2: deepseek_v2)
     other_model_types: tuple[str, ...] = ()
 
@@ -188,6 +247,14 @@ class GGUFArch:
     def fused_experts(self) -> dict[str, str]:
         """The fused [E, rows, cols] expert tensors (GGUF name -> per-expert HF name with `{e}`)."""
         return {k: v for k, v in self.expert_tensors.items() if "{e}" in v}
+
+    @property
+    def cut_tensors(self) -> frozenset[str]:
+        """GGUF names (relative to `blk.{i}.`) of the tensors with one slice per routed expert on their outermost
+        axis, which a compressed output cuts to the kept experts (the router weight aside): `expert_tensors` and
+        the parts of expert tensors held by several GGUF tensors (gpt-oss's `Interleave`s)."""
+        parts = {p for split in self.split_tensors.values() if split.experts for p in split.parts}
+        return frozenset(self.expert_tensors) | parts
 
 
 _EXPERTS = {
@@ -285,15 +352,47 @@ ARCHES: dict[str, GGUFArch] = {
                 parts=("attn_k_b.weight", "attn_v_b.weight"), transposed=(True, False),
                 rows_keys=("qk_nope_head_dim", "v_head_dim"))},
         ),
+        GGUFArch(
+            # gpt-oss-20b / 120b (llama.cpp's LLM_ARCH_OPENAI_MOE): attention with biases and per-head sinks,
+            # alternating sliding-window / full layers, NeoX rotary (no permutation) with YaRN; the biased router
+            # (top-k of the logits, softmax over the k); experts with biases and the clamped SwiGLU, whose alpha and
+            # limit llama.cpp's graph hard-codes (1.702, 7.0); experts stored as separate gate / up / down tensors
+            arch="gpt-oss",
+            model_type="gpt_oss",
+            layer_tensors={
+                "attn_norm.weight": "input_layernorm.weight",
+                "attn_q.weight": "self_attn.q_proj.weight",
+                "attn_k.weight": "self_attn.k_proj.weight",
+                "attn_v.weight": "self_attn.v_proj.weight",
+                **_QKV_BIAS,
+                "attn_output.weight": "self_attn.o_proj.weight",
+                "attn_output.bias": "self_attn.o_proj.bias",
+                "attn_sinks.weight": "self_attn.sinks",
+                "post_attention_norm.weight": "post_attention_layernorm.weight",
+                "ffn_gate_inp.weight": "mlp.router.weight",
+            },
+            # (the router's bias and the down projections' biases: [E] and [E, H], cut to the kept experts)
+            expert_tensors={"ffn_gate_inp.bias": "mlp.router.bias", "ffn_down_exps.bias": "mlp.experts.down_proj_bias"},
+            config_keys={
+                **{k: v for k, v in _COMMON_CONFIG.items() if k not in ("expert_feed_forward_length", "expert_count")},
+                # (the converter writes intermediate_size as both; llama.cpp's experts read the second)
+                "expert_feed_forward_length": "intermediate_size",
+                "expert_count": "num_local_experts",
+                "attention.sliding_window": "sliding_window",
+            },
+            fixed_config={"hidden_act": "silu", "attention_bias": True, "swiglu_alpha": 1.702, "swiglu_limit": 7.0},
+            num_experts_key="num_local_experts",
+            split_tensors={
+                "mlp.experts.gate_up_proj": Interleave(("ffn_gate_exps.weight", "ffn_up_exps.weight"), True),
+                "mlp.experts.gate_up_proj_bias": Interleave(("ffn_gate_exps.bias", "ffn_up_exps.bias")),
+                "mlp.experts.down_proj": Interleave(("ffn_down_exps.weight",), True),
+            },
+        ),
     )
 }
 
 # architectures llama.cpp converts MoE models to that ream-lite does not read yet, and why
 REFUSED: dict[str, str] = {
-    "gpt-oss": "gpt-oss GGUFs store transformers' fused, gate/up-interleaved experts (gate_up_proj [E, H, 2I] and "
-    "gate_up_proj_bias) as separate ffn_gate_exps / ffn_up_exps tensors with their own biases (MXFP4 blocks), so one "
-    "transformers expert tensor is two GGUF tensors interleaved column by column; reading and writing that is not "
-    "implemented: compress the safetensors release",
     "mixtral": "an old GGUF layout (per-expert ffn_*.{e} tensors, before llama.cpp fused them): re-convert it",
 }
 

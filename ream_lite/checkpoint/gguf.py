@@ -3,12 +3,17 @@
 `read_gguf` parses the header(s) of a GGUF (or of every split `-0000k-of-0000n.gguf`) with the `gguf` package's
 reader, checks that every tensor lies inside its file without overlapping another, and keeps the metadata with its
 value types (so the writer can write it back). `GGUFCheckpoint` is a `CheckpointReader` over it: each GGUF tensor
-under its transformers name (arch/gguf_names.py), the fused expert tensors `ffn_*_exps` as one logical tensor per
-expert (a byte range: an expert is contiguous, so a range of experts is one positioned read), every one with the
+under its transformers name (arch/gguf_names.py), the fused expert tensors `ffn_*_exps` of families whose
+transformers checkpoints hold experts one by one as one logical tensor per expert (a byte range: an expert is
+contiguous, so a range of experts is one positioned read), every one with the
 "ggml" encoding (its llama.cpp type in `block`, decoded on the compute device by checkpoint/ggml_blocks.py). Kept
 tensors are copied as stored, so the blocks of a Q4_K expert are written back unchanged. A transformers tensor
-llama.cpp stores as several GGUF tensors (deepseek2's kv_b_proj: attn_k_b + attn_v_b) is one logical tensor whose
-stored parts are those tensors (`GGUFArch.split_tensors`): `get` decodes each in its own type and joins them.
+llama.cpp stores as several GGUF tensors (deepseek2's kv_b_proj: attn_k_b + attn_v_b; gpt-oss's fused experts:
+gate_up_proj = ffn_gate_exps and ffn_up_exps interleaved, transposed) is one logical tensor whose stored parts are
+those tensors (`GGUFArch.split_tensors`), a `JoinedTensor`: decoding it (`get`, a range of experts for gpt-oss's)
+decodes each part in its own type and joins them; encoding it (a merged expert) cuts the values into the parts and
+encodes each in its own type (`decode_joined` / `encode_joined`, which checkpoint/stored.py's "ggml" encoding
+calls).
 `gguf_config` builds the config.json transformers needs from the metadata, with llama.cpp's defaults where a key
 is absent, and per architecture what its graph derives or hard-codes (`_DERIVED_CONFIG`).
 """
@@ -19,7 +24,7 @@ import json
 import logging
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -33,6 +38,7 @@ from ream_lite.arch.gguf_names import (
     REFUSED,
     GGUFArch,
     HeadSplit,
+    Interleave,
     part_name,
     rope_unpermute,
 )
@@ -180,6 +186,49 @@ def _read_one(p: Path) -> tuple[dict[str, Field], list[GGUFTensor], int]:
     return fields, out, alignment
 
 
+@dataclass(frozen=True)
+class JoinedTensor(StoredTensor):
+    """A transformers tensor llama.cpp stores as several GGUF tensors (or as one, transposed): its stored parts are
+    those tensors in `joined.parts` order ("" the first, `PART_SEP` + GGUF name the others), `block` the llama.cpp
+    type of each, `joined` how they make the tensor (kept by `dataclasses.replace`)."""
+
+    joined: HeadSplit | Interleave | None = field(default=None, hash=False, compare=False)
+
+
+def decode_joined(t: JoinedTensor, parts: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """The values of `t` from its parts as read (each whole, or the same run of experts of each): every part decoded
+    in its own type, then joined."""
+    from ream_lite.checkpoint.ggml_blocks import decode as decode_ggml
+
+    values = []
+    for sfx, qtype in zip(t.parts, t.block):
+        x = parts[sfx]
+        values.append(x.to(dtype) if x.dtype != torch.uint8 else decode_ggml(qtype, x, _cols(qtype, x.shape[-1]), dtype))
+    return t.joined.join(values)
+
+
+def encode_joined(t: JoinedTensor, name: str, value: torch.Tensor) -> dict[str, torch.Tensor]:
+    """`value` (values shaped like `t`, any run of experts) as `t`'s parts written under logical name `name`: cut as
+    llama.cpp's converter cuts it, each part in its own type (llama.cpp's reference quantizer)."""
+    from ream_lite.checkpoint.ggml_blocks import encode as encode_ggml
+
+    if not isinstance(t.joined, Interleave):
+        raise ReamLiteError(f"{t.path}: {t.name}: writing new values into {' + '.join(t.joined.parts)} is not "
+                            "supported (only copied as stored)")
+    out = {}
+    for (sfx, e), qtype, v in zip(t.parts.items(), t.block, t.joined.cut(value)):
+        out[stored.part_name(sfx, name)] = v.to(e.torch_dtype) if e.dtype != "U8" else encode_ggml(qtype, v)
+    return out
+
+
+def _cols(qtype: int, nbytes: int) -> int:
+    """Values in a row of `nbytes` bytes of llama.cpp type `qtype`."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    block, size = GGML_QUANT_SIZES[GGMLQuantizationType(qtype)]
+    return nbytes // size * block
+
+
 class GGUFCheckpoint(CheckpointReader):
     """A GGUF read through the CheckpointReader interface under transformers' tensor names (see the module)."""
 
@@ -198,8 +247,6 @@ class GGUFCheckpoint(CheckpointReader):
         # llama.cpp stores as several: its first part; the others are its parts `part_name(...)`)
         self.source: dict[str, tuple[GGUFTensor, int | None]] = {}
         self._unpermute: dict[str, list[int]] = {}
-        # a transformers tensor llama.cpp stores as several GGUF tensors: its HeadSplit and the parts in order
-        self._joined: dict[str, tuple[HeadSplit, list[StoredTensor]]] = {}
         split_parts: dict[str, dict[int, tuple[GGUFTensor, StoredTensor]]] = {}
         heads = {"self_attn.q_proj.weight": g.arch_value("attention.head_count"),
                  "self_attn.k_proj.weight": g.arch_value("attention.head_count_kv")}
@@ -241,23 +288,22 @@ class GGUFCheckpoint(CheckpointReader):
             try:
                 shape = split.shape([p.shape for p in parts])
             except (IndexError, ValueError):
-                raise ReamLiteError(f"{self.path}: {' + '.join(split.parts)} of {name}: not [heads, rows, cols] "
-                                    f"tensors of one head count and width ({[p.shape for p in parts]})") from None
-            self.tensors[name] = StoredTensor(name, "ggml", shape, {p.name[len(name):]: p.main for p in parts},
-                                              parts[0].block)
-            self._joined[name] = (split, parts)
+                what = "[heads, rows, cols] tensors of one head count and width" if isinstance(split, HeadSplit) else \
+                    "[experts, rows, cols] tensors (or [experts, rows] biases) of one shape"
+                raise ReamLiteError(f"{self.path}: {' + '.join(split.parts)} of {name}: not {what} "
+                                    f"({[p.shape for p in parts]})") from None
+            self.tensors[name] = JoinedTensor(name, "ggml", shape, {p.name[len(name):]: p.main for p in parts},
+                                              tuple(p.block[0] for p in parts), joined=split)
             self.source[name] = (found[0][0], None)
         self.bytes_read = 0
         self._files = {}
 
     def _get(self, key, rows, dtype, device) -> torch.Tensor:
-        joined = self._joined.get(key)
-        if joined is not None:  # decoded part by part (each its own llama.cpp type), then joined
-            split, parts = joined
-            if rows is not None:
-                raise ReamLiteError(f"{key}: row ranges of a tensor llama.cpp stores split are not supported")
-            return split.join([stored.decode(p, {"": self._get_entry(p.main, key, None, None, device)}, dtype)
-                               for p in parts])
+        t = self.tensors.get(key)
+        # (a joined tensor is decoded part by part, each in its own llama.cpp type, then joined: `decode_joined`;
+        # gpt-oss's by expert rows, every part indexed by expert on its first axis)
+        if isinstance(t, JoinedTensor) and rows is not None and not t.joined.experts:
+            raise ReamLiteError(f"{key}: row ranges of a tensor llama.cpp stores split by head are not supported")
         x = super()._get(key, rows, dtype, device)
         perm = self._unpermute.get(key)
         if perm is not None:
@@ -276,7 +322,7 @@ def expert_types(reader: GGUFCheckpoint) -> dict[str, int]:
 
     out: dict[str, int] = {}
     for t in reader.gguf.tensors:
-        if t.name.split(".")[-2] in {n.split(".")[0] for n in reader.arch.fused_experts}:
+        if t.name.endswith("_exps.weight"):  # (not gpt-oss's expert biases)
             name = GGMLQuantizationType(t.qtype).name
             out[name] = out.get(name, 0) + 1
     return dict(sorted(out.items()))
@@ -339,8 +385,9 @@ def hf_names(arch: GGUFArch, t: GGUFTensor) -> list[str] | None:
         return [prefix + arch.layer_tensors[rel]]
     if rel in arch.expert_tensors:
         template = arch.expert_tensors[rel]
-        if "{e}" not in template:  # (the selection bias: one tensor, experts along its only axis)
-            return [prefix + template] if len(t.ne) == 1 else None
+        if "{e}" not in template:  # (one tensor, experts along its outermost axis: the selection bias [E], gpt-oss's
+            # router bias [E] and down biases [E, H])
+            return [prefix + template] if len(t.ne) <= 2 else None
         n = t.ne[-1] if len(t.ne) == 3 else 0
         return [prefix + template.format(e=e) for e in range(n)] or None
     part = split_part(arch, t.name)
@@ -490,8 +537,33 @@ def _deepseek2_config(g: GGUFFile, cfg: dict, tensors: dict[str, StoredTensor]) 
     cfg.update(model_type="deepseek_v2", topk_method="greedy")
 
 
-_DERIVED_CONFIG = {"glm4moe": _glm4moe_config, "deepseek2": _deepseek2_config}
-_CAUSAL_LM = {"qwen3_moe": "Qwen3MoeForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
+def _gpt_oss_config(g: GGUFFile, cfg: dict, tensors: dict[str, StoredTensor]) -> None:
+    """gpt-oss: which layers slide (llama.cpp: attention.sliding_window_pattern, an array of flags or a period,
+    by default 2: even layers sliding, odd ones full, as the releases alternate them); YaRN with its correction range
+    truncated, as ggml's rope computes it; one rotary base for every layer."""
+    where = g.paths[0]
+    if not cfg.get("sliding_window"):
+        raise ReamLiteError(f"{where}: gpt-oss without {g.arch}.attention.sliding_window (llama.cpp requires it)")
+    n = cfg["num_hidden_layers"]
+    pattern = g.arch_value("attention.sliding_window_pattern", 2)
+    if isinstance(pattern, (list, tuple)):
+        if len(pattern) < n:
+            raise ReamLiteError(f"{where}: attention.sliding_window_pattern lists {len(pattern)} layers of {n}")
+        sliding = [bool(x) for x in pattern[:n]]
+    else:  # (llama_hparams::set_swa_pattern, not dense-first)
+        p = int(pattern)
+        sliding = [p == 0 or i % p < p - 1 for i in range(n)]
+    cfg["layer_types"] = ["sliding_attention" if s else "full_attention" for s in sliding]
+    swa_base = g.arch_value("rope.freq_base_swa")
+    if swa_base is not None and float(swa_base) != cfg["rope_parameters"]["rope_theta"]:
+        raise ReamLiteError(f"{where}: gpt-oss with a sliding layers' rotary base ({swa_base}) of its own: "
+                            "transformers' gpt_oss has one rotary embedding for every layer")
+    if cfg["rope_parameters"]["rope_type"] == "yarn":
+        cfg["rope_parameters"]["truncate"] = True  # (ggml_rope_yarn_corr_dims floors / ceils the range)
+
+
+_DERIVED_CONFIG = {"glm4moe": _glm4moe_config, "deepseek2": _deepseek2_config, "gpt-oss": _gpt_oss_config}
+_CAUSAL_LM = {"qwen3_moe": "Qwen3MoeForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM", "gpt_oss": "GptOssForCausalLM",
               "mixtral": "MixtralForCausalLM", "glm4_moe": "Glm4MoeForCausalLM",
               "deepseek_v3": "DeepseekV3ForCausalLM", "deepseek_v2": "DeepseekV2ForCausalLM"}
 

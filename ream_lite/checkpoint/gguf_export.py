@@ -29,6 +29,7 @@ from ream_lite.arch.gguf_names import (
     PART_SEP,
     STRING_KEYS,
     GGUFArch,
+    Interleave,
     part_name,
     rope_unpermute,
 )
@@ -68,23 +69,35 @@ def gguf_tensor_plan(layout, arch: GGUFArch, legacy_kv_b: bool = False
         experts = set(layout.expert_keys(x.index))
         for k in layout.layer_keys(x.index):
             rel = k[len(prefix):]
-            split = None if legacy_kv_b else arch.split_tensors.get(rel)
-            if split is not None:
-                for i, (gname, shape) in enumerate(zip(split.parts, split.part_shapes(r.shape(k)[-1], cfg))):
+            split = _split_of(arch, rel, legacy_kv_b)
+            if split is not None:  # (MLA's kv_b_proj; gpt-oss's fused experts, de-interleaved)
+                for i, (gname, shape) in enumerate(zip(split.parts, split.stored_shapes(r.shape(k), cfg))):
                     out.append((f"blk.{x.index}.{gname}", [part_name(k, gname, i)], shape))
+                experts.discard(k)
             elif rel in inverse_layer:
                 out.append((f"blk.{x.index}.{inverse_layer[rel]}", [k], r.shape(k)))
             elif rel in inverse_whole:
                 out.append((f"blk.{x.index}.{inverse_whole[rel]}", [k], r.shape(k)))
+                experts.discard(k)
             elif k not in experts:
                 raise ReamLiteError(f"{k}: no llama.cpp name for this tensor of a {arch.model_type} model")
         if x.is_moe:
+            if x.expert_storage == "fused" and not experts:  # (every fused tensor written above: gpt-oss)
+                continue
             if x.expert_storage != "per_expert":
-                raise ReamLiteError(f"layer {x.index}: fused expert tensors cannot be written as GGUF yet")
+                raise ReamLiteError(f"layer {x.index}: fused {arch.model_type} expert tensors cannot be written as "
+                                    "GGUF yet")
             for gname, template in arch.fused_experts.items():
                 names = [prefix + template.format(e=e) for e in range(x.num_experts)]
                 out.append((f"blk.{x.index}.{gname}", names, (x.num_experts, *r.shape(names[0]))))
     return out
+
+
+def _split_of(arch: GGUFArch, rel: str, legacy_kv_b: bool):
+    """How llama.cpp stores the layer tensor `rel` as several GGUF tensors (None: as one), `legacy_kv_b` keeping
+    MLA's kv_b_proj whole."""
+    split = arch.split_tensors.get(rel)
+    return None if legacy_kv_b and not isinstance(split, Interleave) else split
 
 
 def choose_type(gname: str, shape: tuple[int, ...], expert_type: int, other_type: int) -> int:
@@ -146,7 +159,7 @@ def _value(layout, arch: GGUFArch, gname: str, names: list[str], cfg: dict, lega
     if len(names) > 1:
         return torch.stack([r.get(n, dtype=torch.float32) for n in names])
     name = names[0].split(PART_SEP)[0]
-    split = None if legacy_kv_b else arch.split_tensors.get(name.split(".", 3)[-1])
+    split = _split_of(arch, name.split(".", 3)[-1], legacy_kv_b)
     if split is None:
         return r.get(name, dtype=torch.float32)
     return split.cut(r.get(name, dtype=torch.float32), cfg)[split.parts.index(gname.split(".", 2)[-1])]
@@ -183,7 +196,9 @@ def _write_metadata(w, layout, arch: GGUFArch, T, legacy_kv_b: bool = False) -> 
                     meta[f"rope.scaling.{key}"] = rope[hf]
     _ARCH_METADATA.get(arch.arch, _default_metadata)(meta, cfg, legacy_kv_b)
     for key, v in meta.items():
-        if key in BOOL_KEYS:
+        if isinstance(v, list):  # (gpt-oss's sliding layers: a flag per layer)
+            w.add_key_value(f"{arch.arch}.{key}", [bool(x) for x in v], T.ARRAY, T.BOOL)
+        elif key in BOOL_KEYS:
             w.add_key_value(f"{arch.arch}.{key}", bool(v), T.BOOL)
         elif key in STRING_KEYS:
             w.add_key_value(f"{arch.arch}.{key}", str(v), T.STRING)
@@ -236,7 +251,28 @@ def _deepseek2_metadata(meta: dict, cfg: dict, legacy_kv_b: bool) -> None:
         meta["rope.scaling.yarn_log_multiplier"] = 0.1 * mscale_all
 
 
-_ARCH_METADATA = {"glm4moe": _glm4moe_metadata, "deepseek2": _deepseek2_metadata}
+def _gpt_oss_metadata(meta: dict, cfg: dict, legacy_kv_b: bool) -> None:
+    """conversion/gpt_oss.py GptOssModel: the sliding window; the layers that slide when they are not llama.cpp's
+    default (even layers, as the releases alternate them) as a flag per layer. llama.cpp's graph hard-codes the
+    clamped SwiGLU's alpha and limit (refused when they differ) and truncates YaRN's correction range (gpt-oss's
+    config says not to: llama.cpp runs such a GGUF so, as it does the converter's)."""
+    _default_metadata(meta, cfg, legacy_kv_b)
+    for key, want in (("swiglu_alpha", 1.702), ("swiglu_limit", 7.0)):
+        v = cfg.get(key, want)
+        if v is None or abs(float(v) - want) > 1e-6:
+            raise ReamLiteError(f"gpt_oss with {key} = {v}: llama.cpp's gpt-oss graph hard-codes {want}, so no GGUF "
+                                "holds this model")
+    n = int(cfg["num_hidden_layers"])
+    sliding = [t == "sliding_attention" for t in (cfg.get("layer_types") or [])]
+    if sliding and sliding != [i % 2 == 0 for i in range(n)]:
+        meta["attention.sliding_window_pattern"] = sliding
+    rope = cfg.get("rope_parameters") or {}
+    if rope.get("rope_type") == "yarn" and rope.get("truncate") is False:
+        log.warning("gpt_oss: YaRN without truncation (truncate: false); llama.cpp truncates the correction range, so "
+                    "the GGUF runs YaRN as transformers does with truncate: true (as llama.cpp's converter's does)")
+
+
+_ARCH_METADATA = {"glm4moe": _glm4moe_metadata, "deepseek2": _deepseek2_metadata, "gpt-oss": _gpt_oss_metadata}
 
 
 def _write_tokenizer(w, layout, cfg: dict, T) -> None:
@@ -259,8 +295,9 @@ def _write_tokenizer(w, layout, cfg: dict, T) -> None:
             merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
     if merges:  # a byte-level BPE vocabulary (Qwen's, GPT-2's): llama.cpp's "gpt2" model
         w.add_key_value("tokenizer.ggml.model", "gpt2", T.STRING)
-        w.add_key_value("tokenizer.ggml.pre", "qwen2" if layout.spec.model_type.startswith("qwen") else "default",
-                        T.STRING)
+        pre = "qwen2" if layout.spec.model_type.startswith("qwen") else \
+            "gpt-4o" if layout.spec.model_type == "gpt_oss" else "default"  # (o200k_harmony: GPT-4o's pre-tokenizer)
+        w.add_key_value("tokenizer.ggml.pre", pre, T.STRING)
         w.add_key_value("tokenizer.ggml.tokens", tokens, T.ARRAY, T.STRING)
         w.add_key_value("tokenizer.ggml.token_type", types, T.ARRAY, T.INT32)
         w.add_key_value("tokenizer.ggml.merges", merges, T.ARRAY, T.STRING)

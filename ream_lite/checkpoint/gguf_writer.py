@@ -79,7 +79,7 @@ def layout_from_gguf(reader: GGUFCheckpoint, n_keep: int | None, moe_layers: set
         ne = t.ne
         parts = t.name.split(".", 2)
         if n_keep is not None and parts[0] == "blk" and int(parts[1]) in moe_layers:
-            if parts[2] in reader.arch.expert_tensors:
+            if parts[2] in reader.arch.cut_tensors:  # (gpt-oss's ffn_*_exps parts of its fused experts too)
                 ne = (*ne[:-1], n_keep)
             elif parts[2] == reader.arch.router:
                 ne = (ne[0], n_keep)
@@ -114,6 +114,10 @@ def layout_from_checkpoint(layout, n_keep: int, expert_type: int, other_type: in
     from ream_lite.checkpoint.gguf_export import _write_metadata, arch_for, choose_type, gguf_tensor_plan
 
     arch = arch_for(layout.spec.model_type)
+    if any(split.experts for split in arch.split_tensors.values()):
+        raise ReamLiteError(f"--out-format gguf: not supported for {layout.spec.model_type} yet (its fused experts are "
+                            f"several GGUF tensors, which the output format cannot read merged experts back from); "
+                            "compress to safetensors, then convert the output with llama.cpp's convert_hf_to_gguf.py")
     moe = {x.index for x in layout.moe_layers}
     tensors, types, rows, splits = [], {}, {}, {}
     cfg = layout.config

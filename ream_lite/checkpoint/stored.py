@@ -235,6 +235,10 @@ def decode(t: StoredTensor, parts: dict[str, torch.Tensor], dtype: torch.dtype |
     if t.encoding == "ggml":
         from ream_lite.checkpoint.ggml_blocks import decode as decode_ggml
 
+        if getattr(t, "joined", None) is not None:  # several GGUF tensors, each its own type (gguf.JoinedTensor)
+            from ream_lite.checkpoint.gguf import decode_joined
+
+            return decode_joined(t, parts, dtype)
         x = parts[""]
         if x.dtype != torch.uint8:  # F32 / F16 / BF16: values as stored
             return x.to(dtype)
@@ -271,6 +275,10 @@ def encode(t: StoredTensor, name: str, value: torch.Tensor) -> dict[str, torch.T
     if t.encoding == "nvfp4":
         return _encode_nvfp4(t, name, value)
     if t.encoding == "ggml":  # its llama.cpp type, by llama.cpp's reference quantizer (checkpoint/ggml_blocks.py)
+        if getattr(t, "joined", None) is not None:  # one entry per GGUF tensor, each its own type (gguf.JoinedTensor)
+            from ream_lite.checkpoint.gguf import encode_joined
+
+            return encode_joined(t, name, value)
         if t.main.dtype != "U8":
             return {name: value.to(t.torch_dtype)}
         from ream_lite.checkpoint.ggml_blocks import encode as encode_ggml
