@@ -28,7 +28,7 @@ from ream_lite.checkpoint import files
 from ream_lite.checkpoint.gguf import SPLIT_RE, GGUFCheckpoint, GGUFTensor
 from ream_lite.checkpoint.output_format import OutputFormat
 from ream_lite.checkpoint.stored import StoredTensor
-from ream_lite.checkpoint.writer import COPY_CHUNK, RESUME_MANIFEST, RESUME_SUBDIR, partial_dir
+from ream_lite.checkpoint.writer import COPY_CHUNK, RESUME_MANIFEST, RESUME_SUBDIR, partial_dir, publish
 from ream_lite.errors import ReamLiteError
 
 # metadata ream-lite adds to a GGUF it writes (llama.cpp ignores keys it does not know)
@@ -350,15 +350,7 @@ class GGUFOutputWriter:
         with timing.phase("write"):
             files.sync(self.f, self.file, "the output GGUF")
             self.f.close()
-            if self.out_dir.exists() and not self.overwrite:
-                raise ReamLiteError(f"{self.out_dir} appeared while writing; not overwriting it")
-            if before_publish is not None:
-                before_publish()
-            if self.out_dir.exists():
-                files.remove(self.out_dir)
-            files.replace(self.tmp_dir, self.out_dir)
-            files.sync_dir(self.out_dir.parent)
-        return self.out_dir
+            return publish(self.tmp_dir, self.out_dir, self.overwrite, before_publish)
 
     def close_files(self) -> None:
         try:

@@ -313,15 +313,7 @@ class CheckpointWriter:
         if source_dir is not None:
             copy_side_files(Path(source_dir), self.tmp_dir)
         files.write_file(self.tmp_dir / "config.json", json.dumps(config, indent=2) + "\n", "config.json")
-        if self.out_dir.exists() and not self.overwrite:
-            raise ReamLiteError(f"{self.out_dir} appeared while writing; not overwriting it")
-        if before_publish is not None:
-            before_publish()
-        if self.out_dir.exists():
-            files.remove(self.out_dir)
-        files.replace(self.tmp_dir, self.out_dir)
-        files.sync_dir(self.out_dir.parent)
-        return self.out_dir
+        return publish(self.tmp_dir, self.out_dir, self.overwrite, before_publish)
 
     def close_files(self) -> None:
         """Close open shard files and keep the partial output (to resume from its last recorded state). Bytes a
@@ -336,6 +328,20 @@ class CheckpointWriter:
     def abort(self) -> None:
         self.close_files()
         shutil.rmtree(self.tmp_dir, ignore_errors=True)
+
+
+def publish(tmp_dir: Path, out_dir: Path, overwrite: bool, before_publish: Callable[[], None] | None) -> Path:
+    """Move a finished partial output into place (`before_publish` runs just before: the resume record is removed
+    only when nothing else can fail)."""
+    if out_dir.exists() and not overwrite:
+        raise ReamLiteError(f"{out_dir} appeared while writing; not overwriting it")
+    if before_publish is not None:
+        before_publish()
+    if out_dir.exists():
+        files.remove(out_dir)
+    files.replace(tmp_dir, out_dir)
+    files.sync_dir(out_dir.parent)
+    return out_dir
 
 
 def copy_side_files(src: Path, dst: Path) -> None:
