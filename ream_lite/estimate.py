@@ -646,11 +646,10 @@ def written_bytes(fmt: OutputFormat, name: str, t) -> int:
     if fmt.keeps_stored(name, t):
         return t.nbytes
     if fmt.gguf_types:  # --out-format gguf: the llama.cpp type of the tensor (or of each of its parts)
-        from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+        from ream_lite.checkpoint.gguf_writer import nbytes_of
 
         parts = fmt.gguf_splits[name][1] if name in fmt.gguf_splits else [name]
-        block, size = GGML_QUANT_SIZES[GGMLQuantizationType(fmt.gguf_types.get(parts[0], 0))]
-        return t.numel // block * size
+        return nbytes_of(fmt.gguf_types.get(parts[0], 0), (t.numel,))
     if fmt.quantize is not None and name in fmt.quantize_keys:
         return t.numel // 2 + 4 * -(-t.numel // fmt.blocksize) + 16 * 4 + 256
     return t.numel * (fmt.decode_to or fmt.compute_dtype).itemsize

@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from test_compress import compress
 from test_streamer import stream_logits
 from tiny_models import VOCAB, build_model, reference_logits, save_model

@@ -20,8 +20,6 @@ is absent, and per architecture what its graph derives or hard-codes (`_DERIVED_
 
 from __future__ import annotations
 
-import json
-import logging
 import os
 import re
 from dataclasses import dataclass, field
@@ -48,19 +46,12 @@ from ream_lite.checkpoint.reader import CheckpointReader
 from ream_lite.checkpoint.stored import StoredTensor
 from ream_lite.errors import ReamLiteError
 
-log = logging.getLogger(__name__)
 
-SUFFIX = ".gguf"
 SPLIT_RE = re.compile(r"^(?P<stem>.*)-(?P<k>\d{5})-of-(?P<n>\d{5})\.gguf$")
 # metadata a GGUF holds per split, never carried into an output
 SPLIT_KEYS = ("split.no", "split.count", "split.tensors.count")
 # ggml types whose values are plain floats (the rest are blocks)
 FLOAT_TYPES = {0: "F32", 1: "F16", 30: "BF16"}
-
-
-def is_gguf(path: str | os.PathLike) -> bool:
-    p = Path(path)
-    return p.suffix == SUFFIX and p.is_file()
 
 
 @dataclass(frozen=True)
@@ -567,6 +558,3 @@ _CAUSAL_LM = {"qwen3_moe": "Qwen3MoeForCausalLM", "qwen2_moe": "Qwen2MoeForCausa
               "mixtral": "MixtralForCausalLM", "glm4_moe": "Glm4MoeForCausalLM",
               "deepseek_v3": "DeepseekV3ForCausalLM", "deepseek_v2": "DeepseekV2ForCausalLM"}
 
-
-def config_bytes(g: GGUFFile, arch: GGUFArch, tensors) -> bytes:
-    return json.dumps(gguf_config(g, arch, tensors), sort_keys=True).encode()

@@ -28,7 +28,7 @@ from ream_lite.checkpoint import files
 from ream_lite.checkpoint.gguf import SPLIT_RE, GGUFCheckpoint, GGUFTensor
 from ream_lite.checkpoint.output_format import OutputFormat
 from ream_lite.checkpoint.stored import StoredTensor
-from ream_lite.checkpoint.writer import COPY_CHUNK, RESUME_MANIFEST, RESUME_SUBDIR, partial_dir, publish
+from ream_lite.checkpoint.writer import chunks, partial_dir, publish, start_partial
 from ream_lite.errors import ReamLiteError
 
 # metadata ream-lite adds to a GGUF it writes (llama.cpp ignores keys it does not know)
@@ -190,14 +190,7 @@ class GGUFOutputWriter:
         self.bytes_written = 0
         self.written: dict[str, str] = {}  # tensor name -> checksum of its bytes
         if resume is None:
-            if (self.tmp_dir / RESUME_SUBDIR / RESUME_MANIFEST).exists() and not overwrite:
-                raise ReamLiteError(f"{self.tmp_dir} holds an interrupted compression; continue it with the same "
-                                    "`ream-lite compress ... --resume`, or pass --overwrite to discard it")
-            if self.tmp_dir.exists():
-                files.remove(self.tmp_dir)
-            with files.reporting_full(self.tmp_dir, "the partial output"):
-                files.boundary("write", self.tmp_dir)
-                self.tmp_dir.mkdir(parents=True)
+            start_partial(self.tmp_dir, overwrite)
             data_start = self._write_header()
         else:
             data_start = self._header_end()
@@ -304,8 +297,7 @@ class GGUFOutputWriter:
             part = t.part_name(sfx, name)
             slot = self._slot(part, e.nbytes)
             crc = files.Checksum()
-            for off in range(0, e.nbytes, COPY_CHUNK):
-                n = min(COPY_CHUNK, e.nbytes - off)
+            for off, n in chunks(e.nbytes):
                 data = reader._read(e.path, e.start + off, n)
                 with timing.phase("write"):
                     self._pwrite(slot.offset + off, data, crc)
@@ -334,8 +326,8 @@ class GGUFOutputWriter:
         for name, want in self.written.items():
             slot = self.slots[name]
             crc = files.Checksum()
-            for off in range(0, slot.nbytes, COPY_CHUNK):
-                crc.update(os.pread(self.f.fileno(), min(COPY_CHUNK, slot.nbytes - off), slot.offset + off))
+            for off, n in chunks(slot.nbytes):
+                crc.update(os.pread(self.f.fileno(), n, slot.offset + off))
             if crc.value != want:
                 raise ReamLiteError(f"{self.file}: the partial output was damaged since it was written ({name}); "
                                     "start over with --overwrite")

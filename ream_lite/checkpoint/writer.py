@@ -130,8 +130,8 @@ class _Shard:
         for name, e in self.entries.items():
             a, b = e["data_offsets"]
             crc = files.Checksum()
-            for off in range(a, b, COPY_CHUNK):
-                crc.update(reader(8 + self.reserve + off, min(COPY_CHUNK, b - off)))
+            for off, n in chunks(b - a):
+                crc.update(reader(8 + self.reserve + a + off, n))
             if name not in self.sums:
                 return f"no checksum recorded for {name}"
             if crc.value != self.sums[name]:
@@ -170,14 +170,7 @@ class CheckpointWriter:
         self._names: set[str] = set()
         self.bytes_written = 0
         if resume is None:
-            if (self.tmp_dir / RESUME_SUBDIR / RESUME_MANIFEST).exists() and not overwrite:
-                raise ReamLiteError(f"{self.tmp_dir} holds an interrupted compression; continue it with the same "
-                                    "`ream-lite compress ... --resume`, or pass --overwrite to discard it")
-            if self.tmp_dir.exists():
-                files.remove(self.tmp_dir)
-            with files.reporting_full(self.tmp_dir, "the partial output"):
-                files.boundary("write", self.tmp_dir)
-                self.tmp_dir.mkdir(parents=True)
+            start_partial(self.tmp_dir, overwrite)
             return
         keep = {rec["file"] for rec in resume["shards"]}
         for p in self.tmp_dir.glob("shard-*.tmp"):  # begun after the recorded state
@@ -274,8 +267,7 @@ class CheckpointWriter:
     def _copy_entry(self, reader: CheckpointReader, e, name: str) -> None:
         shard = self._shard_for(name, e.dtype, list(e.shape), e.nbytes)
         crc = files.Checksum()
-        for off in range(0, e.nbytes, COPY_CHUNK):
-            n = min(COPY_CHUNK, e.nbytes - off)
+        for off, n in chunks(e.nbytes):
             data = reader._read(e.path, e.start + off, n)
             with timing.phase("write"):
                 shard.write(name, data, crc)
@@ -328,6 +320,25 @@ class CheckpointWriter:
     def abort(self) -> None:
         self.close_files()
         shutil.rmtree(self.tmp_dir, ignore_errors=True)
+
+
+def chunks(nbytes: int) -> Iterator[tuple[int, int]]:
+    """(offset, length) of the COPY_CHUNK-sized pieces of `nbytes` bytes: how tensors are copied and checked in
+    bounded memory."""
+    for off in range(0, nbytes, COPY_CHUNK):
+        yield off, min(COPY_CHUNK, nbytes - off)
+
+
+def start_partial(tmp_dir: Path, overwrite: bool) -> None:
+    """A fresh, empty partial output directory: refused over an interrupted run's record unless `overwrite`."""
+    if (tmp_dir / RESUME_SUBDIR / RESUME_MANIFEST).exists() and not overwrite:
+        raise ReamLiteError(f"{tmp_dir} holds an interrupted compression; continue it with the same "
+                            "`ream-lite compress ... --resume`, or pass --overwrite to discard it")
+    if tmp_dir.exists():
+        files.remove(tmp_dir)
+    with files.reporting_full(tmp_dir, "the partial output"):
+        files.boundary("write", tmp_dir)
+        tmp_dir.mkdir(parents=True)
 
 
 def publish(tmp_dir: Path, out_dir: Path, overwrite: bool, before_publish: Callable[[], None] | None) -> Path:
