@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from ream_lite.arch.families import FAMILIES
+from ream_lite.arch.skeleton import causal_lm_skeleton
 from ream_lite.checkpoint.format import DTYPE_NAMES, encode_header
 from ream_lite.checkpoint.fp8 import scale_shape
 from ream_lite.checkpoint.reader import SINGLE_NAME
@@ -27,10 +28,8 @@ def write_sparse_checkpoint(config, out: str | Path, dtype: torch.dtype = torch.
     `weight_scale_inv` blocks, and the quantization_config. `model_type`: the name config.json gives (an alias
     such as kimi_k2). `mxfp4`: the fused routed experts as gpt-oss releases them (`*_blocks` + `*_scales`, the
     transpose of the [E, in, out] tensor in blocks of 32 along `in`)."""
-    from transformers import AutoModelForCausalLM
-
     with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(config)
+        skeleton = causal_lm_skeleton(config)
     entries, offset = {}, 0
     for name, t in skeleton.state_dict().items():
         if name == "lm_head.weight" and getattr(config, "tie_word_embeddings", False):

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from ream_lite.arch.families import FAMILIES
+from ream_lite.arch.skeleton import causal_lm_skeleton
 from ream_lite.checkpoint.writer import DEFAULT_MAX_SHARD_BYTES, CheckpointWriter
 
 
@@ -59,10 +60,8 @@ def write_random_checkpoint(
     """Random weights for a transformers `config`, written one tensor at a time (memory: one tensor). Drawn
     directly in `dtype` on `device` ("cuda" makes a checkpoint of tens of GB in seconds of drawing). `fp8_block`:
     the layers' Linear weights stored FP8 block-scaled as the FP8 releases store them (`convert_to_fp8`)."""
-    from transformers import AutoModelForCausalLM
-
     with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(config)
+        skeleton = causal_lm_skeleton(config)
     gen = torch.Generator(device=device).manual_seed(seed)
     out = Path(out)
     w = CheckpointWriter(out, max_shard_bytes=max_shard_bytes, overwrite=True)

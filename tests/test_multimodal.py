@@ -1,4 +1,5 @@
-"""Multimodal releases of supported text families (Qwen3.5-MoE `qwen3_5_moe`, Llama-4 `llama4`), compressed as
+"""Multimodal releases of supported text families (Qwen3.5-MoE `qwen3_5_moe`, Llama-4 `llama4`, Qwen3-VL-MoE
+`qwen3_vl_moe`, whose text model has no causal-LM class of its own), compressed as
 released: the text model under the wrapper's key prefix and text_config, the vision tower and projector copied byte
 for byte, the output's config.json still the wrapper's (text_config edited), loadable with the wrapper class.
 
@@ -30,8 +31,9 @@ WRAPPERS = list(MULTIMODAL)
 # where transformers 5 writes the text model of each wrapper: decoder prefix, lm_head; and the vision side
 PREFIXES = {"qwen3_5_moe": ("model.language_model.", "lm_head.weight", ("model.visual.",)),
             "llama4": ("language_model.model.", "language_model.lm_head.weight",
-                       ("vision_model.", "multi_modal_projector."))}
-MOE_LAYERS = {"qwen3_5_moe": [0, 1, 2, 3], "llama4": [1, 3]}  # (Qwen3.5: 3 is its MTP layer, mtp.layers.0)
+                       ("vision_model.", "multi_modal_projector.")),
+            "qwen3_vl_moe": ("model.language_model.", "lm_head.weight", ("model.visual.",))}
+MOE_LAYERS = {"qwen3_5_moe": [0, 1, 2, 3], "llama4": [1, 3], "qwen3_vl_moe": [1, 2]}  # (Qwen3.5: 3 is its MTP layer, mtp.layers.0)
 
 
 def add_mtp_block(d):
@@ -57,7 +59,9 @@ def mm_dirs(tmp_path_factory):
     out = {}
     for wrapper in WRAPPERS:
         model = build_multimodal(wrapper)
-        d = save_model(model, tmp_path_factory.mktemp(wrapper))
+        # (Qwen3-VL-MoE: its experts input-major, as the releases store them)
+        d = save_model(model, tmp_path_factory.mktemp(wrapper), "input_major" if wrapper == "qwen3_vl_moe" else
+                       "per_expert")
         (d / "preprocessor_config.json").write_text('{"image_processor_type": "tiny"}\n')
         if wrapper == "qwen3_5_moe":
             add_mtp_block(d)
@@ -168,15 +172,39 @@ def test_pruning_oracle(mm_dirs, calib_file, tmp_path, wrapper):
     assert (got - reference_logits(build_multimodal(wrapper), ids)).abs().max() > 1e-3  # pruning changed something
 
 
-def test_guarded_ream_merge_loads_and_streams_as_transformers_runs_it(mm_dirs, calib_file, tmp_path):
-    """Guarded REAM (merges, sequential passes) on the Qwen3.5 wrapper: the output loads with the wrapper class with
-    the original's parameters, and the streamer's forward of it equals transformers' forward of it."""
-    model, src = mm_dirs["qwen3_5_moe"]
+@pytest.mark.parametrize("wrapper", ["qwen3_5_moe", "qwen3_vl_moe"])
+def test_guarded_ream_merge_loads_and_streams_as_transformers_runs_it(mm_dirs, calib_file, tmp_path, wrapper):
+    """Guarded REAM (merges, sequential passes) on the Qwen3.5 and Qwen3-VL wrappers: the output loads with the
+    wrapper class with the original's parameters, and the streamer's forward of it equals transformers' forward of
+    it (Qwen3-VL: its fused experts written input-major, as they were read)."""
+    model, src = mm_dirs[wrapper]
     out = tmp_path / "out"
     compress(src, out, "--experts", "5", "--method", "ream", "--calib", str(calib_file))
     layout = ModelLayout(str(out))
-    assert layout.multimodal == "qwen3_5_moe" and {x.num_experts for x in layout.moe_layers} == {5}
+    assert layout.multimodal == wrapper and {x.num_experts for x in layout.moe_layers} == {5}
+    if wrapper == "qwen3_vl_moe":
+        assert layout.spec.fused_input_major
+        assert CheckpointReader(out).shape("model.language_model.layers.1.mlp.experts.gate_up_proj") == (5, 32, 24)
     assert_loads_and_streams_as_transformers_runs_it(out, model, AutoModelForImageTextToText)
+
+
+def test_qwen3_vl_moe_fused_orientation_is_read_from_the_shapes(mm_dirs, tmp_path):
+    """The Qwen3-VL-MoE releases store experts input-major ([E, H, 2I] / [E, I, H]); transformers' save_pretrained
+    writes them output-major; both load in transformers, so both are read (and written back) as they are stored,
+    and shapes that fit neither are refused."""
+    model, released = mm_dirs["qwen3_vl_moe"]
+    saved = save_model(model, tmp_path / "saved")
+    ids = torch.randint(0, VOCAB, (2, 17), generator=torch.Generator().manual_seed(3))
+    ref = reference_logits(model, ids)
+    for d, input_major in ((released, True), (saved, False)):
+        assert ModelLayout(str(d)).spec.fused_input_major is input_major
+        torch.testing.assert_close(stream_logits(d, ids), ref, atol=1e-4, rtol=1e-4)
+    sd = load_file(str(saved / "model.safetensors"))
+    key = "model.language_model.layers.2.mlp.experts.down_proj"
+    sd[key] = sd[key][:, :, :8].contiguous()
+    save_file(sd, str(saved / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ReamLiteError, match="neither"):
+        ModelLayout(str(saved))
 
 
 def test_plan_apply_and_eval(mm_dirs, calib_file, tmp_path):

@@ -73,6 +73,12 @@ def family_config(family: str):
                 "truncate": False, "original_max_position_embeddings": 32}
         return tf.GptOssConfig(**COMMON, head_dim=8, intermediate_size=24, num_local_experts=8, num_experts_per_tok=2,
                                sliding_window=6, swiglu_limit=1.0, rope_parameters=rope)
+    if family == "qwen3_vl_moe_text":  # only inside its multimodal wrapper (no causal-LM class); layer 0 dense;
+        # 2I = 24 != H = 32 so the stored orientation shows in the shapes
+        return tf.Qwen3VLMoeTextConfig(**COMMON, head_dim=8, intermediate_size=48, moe_intermediate_size=12,
+                                       num_experts=8, num_experts_per_tok=2, mlp_only_layers=[0],
+                                       rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                        "mrope_section": [1, 1, 2]})
     more = _more_family_config(tf, family)
     if more is not None:
         return more
@@ -240,7 +246,7 @@ def _randomize(model):
 
 
 # multimodal releases of supported text families: wrapper model_type -> its text family
-MULTIMODAL = {"qwen3_5_moe": "qwen3_5_moe_text", "llama4": "llama4_text"}
+MULTIMODAL = {"qwen3_5_moe": "qwen3_5_moe_text", "llama4": "llama4_text", "qwen3_vl_moe": "qwen3_vl_moe_text"}
 
 
 def multimodal_config(wrapper: str):
@@ -258,6 +264,11 @@ def multimodal_config(wrapper: str):
                       vision_output_dim=16, projector_input_dim=16, projector_output_dim=COMMON["hidden_size"],
                       image_size=8, patch_size=4)
         return tf.Llama4Config(text_config=text, vision_config=vision)
+    if wrapper == "qwen3_vl_moe":
+        vision = dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=COMMON["hidden_size"],
+                      patch_size=2, temporal_patch_size=1, spatial_merge_size=1, num_position_embeddings=16,
+                      deepstack_visual_indexes=[0])
+        return tf.Qwen3VLMoeConfig(text_config=text, vision_config=vision)
     raise ValueError(wrapper)
 
 
@@ -281,11 +292,22 @@ def text_decoder_layers(model):
 
 
 def save_model(model, directory: Path, layout: str = "per_expert", max_shard_size: str | None = None) -> Path:
-    """Save as transformers does (per-expert keys), or fused 3-D expert tensors as held in memory."""
+    """Save as transformers does (per-expert keys), or fused 3-D expert tensors as held in memory, or
+    ("input_major") as save_pretrained does with fused experts transposed to [E, H, 2I] / [E, I, H], as the
+    Qwen3-VL-MoE releases store them."""
     directory.mkdir(parents=True, exist_ok=True)
     if layout == "per_expert":
         kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
         model.save_pretrained(directory, **kwargs)
+    elif layout == "input_major":
+        from safetensors.torch import load_file
+
+        model.save_pretrained(directory)
+        sd = load_file(str(directory / "model.safetensors"))
+        for k in sd:
+            if k.endswith(("experts.gate_up_proj", "experts.down_proj")):
+                sd[k] = sd[k].transpose(1, 2).contiguous()
+        save_file(sd, str(directory / "model.safetensors"), metadata={"format": "pt"})
     elif layout == "fused":
         model.config.save_pretrained(directory)
         state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight" or not model.config.tie_word_embeddings}

@@ -103,6 +103,19 @@ QWEN3_5_MOE_TEXT = ArchSpec(
     "sections equal); every layer MoE; its mtp.* block kept and compressed as Qwen3-Next's",
 )
 
+QWEN3_VL_MOE_TEXT = ArchSpec(
+    model_type="qwen3_vl_moe_text",
+    num_experts_keys=("num_experts", "num_local_experts"),
+    renormalize_key=None,
+    always_renormalize=True,
+    fused_orientation_from_shapes=True,
+    notes="Qwen3-VL-MoE text model (compressed inside its multimodal qwen3_vl_moe release): Qwen3-MoE's router with "
+    "top-k weights always renormalised, q/k norms, multimodal rotary (text positions: all three sections equal; "
+    "DeepStack visual features enter only with images); experts fused, input-major as released ([E, H, 2I] / "
+    "[E, I, H]) or output-major as transformers' save_pretrained writes them: read and written as the checkpoint "
+    "stores them",
+)
+
 LLAMA4_TEXT = ArchSpec(
     model_type="llama4_text",
     num_experts_keys=("num_local_experts",),
@@ -344,7 +357,7 @@ JAMBA = ArchSpec(
 
 FAMILIES: dict[str, ArchSpec] = {}
 for _spec in (QWEN3_MOE, QWEN2_MOE, MIXTRAL, OLMOE, DEEPSEEK_V3, GLM4_MOE, QWEN3_NEXT, QWEN3_5_MOE_TEXT,
-              LLAMA4_TEXT, GPT_OSS, ERNIE4_5_MOE, PHIMOE, GRANITEMOE, GRANITEMOESHARED, GRANITEMOEHYBRID,
+              QWEN3_VL_MOE_TEXT, LLAMA4_TEXT, GPT_OSS, ERNIE4_5_MOE, PHIMOE, GRANITEMOE, GRANITEMOESHARED, GRANITEMOEHYBRID,
               HUNYUAN_V1_MOE, MINIMAX_M2, MINIMAX, DOTS1, GLM4_MOE_LITE, DEEPSEEK_V32, GLM_MOE_DSA, DEEPSEEK_V2, JAMBA,
               EXAONE_MOE, SOLAR_OPEN, KIMI_LINEAR):
     FAMILIES[_spec.model_type] = _spec

@@ -26,6 +26,17 @@ def gate_up_dims(spec: ArchSpec, shape: tuple[int, ...]) -> tuple[int, int]:
     return two_i // 2, hidden
 
 
+def input_major_from_shapes(gate_up: tuple[int, ...], down: tuple[int, ...], hidden: int) -> bool | None:
+    """Whether stored fused experts of these shapes are input-major ([E, H, 2I] / [E, I, H]) or output-major
+    ([E, 2I, H] / [E, H, I]), given the hidden size H; None if the shapes fit neither (or both: never, since the
+    down projection's I != H whenever 2I == H)."""
+    if len(gate_up) != 3 or len(down) != 3:
+        return None
+    output_major = gate_up[2] == hidden and down[1] == hidden and gate_up[1] == 2 * down[2]
+    input_major = gate_up[1] == hidden and down[2] == hidden and gate_up[2] == 2 * down[1]
+    return None if output_major == input_major else input_major
+
+
 def split_pairs(spec: ArchSpec, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(gate, up) of a tensor whose dim 1 is the fused 2I axis ([n, 2I, H] weights or [n, 2I] biases)."""
     if spec.fused_interleaved:

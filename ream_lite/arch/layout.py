@@ -22,7 +22,7 @@ _DENSE_HINT = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3"
 # multimodal model types whose text model is a supported family (wrapper -> text model_type): the text model is
 # compressed as that family (its config is the wrapper's text_config, its keys under the language-model prefix found
 # in the checkpoint); the vision tower and projector are non-layer tensors, copied unchanged
-MULTIMODAL_WRAPPERS = {"llama4": "llama4_text", "qwen3_5_moe": "qwen3_5_moe_text"}
+MULTIMODAL_WRAPPERS = {"llama4": "llama4_text", "qwen3_5_moe": "qwen3_5_moe_text", "qwen3_vl_moe": "qwen3_vl_moe_text"}
 # wrapper config keys a text_config inherits when it lacks them (the wrappers write dtype and quantization at the top)
 _INHERITED_KEYS = ("dtype", "torch_dtype", "quantization_config")
 
@@ -192,6 +192,8 @@ class ModelLayout:
             self.reader = CheckpointReader(self.path, fp8_block=fp8_block_size(self.config))
         if self.wrapper_config is not None:
             self.spec = multimodal_spec(self.spec, list(self.reader.keys()), str(self.path))
+        if self.spec.fused_orientation_from_shapes:
+            self.spec = self._fused_orientation(self.spec)
         check_config(self.config, self.spec, {k: t.shape for k, t in self.reader.tensors.items()}, str(self.path))
         self.num_layers = int(self.config["num_hidden_layers"])
         extra = int(self.config.get(self.spec.mtp_layers_key, 0) or 0) if self.spec.mtp_layers_key else 0
@@ -207,6 +209,31 @@ class ModelLayout:
             raise ReamLiteError(f"{self.path}: no MoE layer found in the checkpoint (router {self.spec.router_weight})")
         for key in (self.spec.embed_key,):
             self.reader.entry(key)
+
+    def _fused_orientation(self, spec: ArchSpec) -> ArchSpec:
+        """`spec` with fused_input_major as this checkpoint stores its fused experts (the first fused layer's shapes;
+        every layer must agree, as the writer keeps one orientation). Per-expert checkpoints keep the default."""
+        from ream_lite.arch import fused
+
+        probe = replace(spec, fused_orientation_from_shapes=False)
+        found = set()
+        for key in self.reader.keys():
+            if not key.endswith(f".{spec.experts_prefix}.{spec.fused_gate_up}"):
+                continue
+            down = key[: -len(spec.fused_gate_up)] + spec.fused_down
+            if down not in self.reader:
+                continue
+            major = fused.input_major_from_shapes(tuple(self.reader.shape(key)), tuple(self.reader.shape(down)),
+                                                  int(self.config.get("hidden_size") or 0))
+            if major is None:
+                raise ReamLiteError(f"{self.path}: {key} {list(self.reader.shape(key))} and {down} "
+                                    f"{list(self.reader.shape(down))} are neither [E, 2I, H] / [E, H, I] nor "
+                                    "[E, H, 2I] / [E, I, H] for the config's hidden_size")
+            found.add(major)
+        if len(found) > 1:
+            raise ReamLiteError(f"{self.path}: fused experts stored input-major in some layers and output-major in "
+                                "others; not supported")
+        return replace(probe, fused_input_major=found.pop()) if found else probe
 
     @property
     def multimodal(self) -> str | None:

@@ -92,6 +92,9 @@ class ArchSpec:
     # fused experts stored input-major, as Llama-4 holds them: gate_up_proj [E, H, 2I] (gate columns then up
     # columns), down_proj [E, I, H]; the default is transformers' [E, 2I, H] / [E, H, I]
     fused_input_major: bool = False
+    # the orientation above is read from each checkpoint's shapes instead (ModelLayout): Qwen3-VL-MoE releases store
+    # input-major experts, transformers' save_pretrained writes its in-memory output-major ones, and both load
+    fused_orientation_from_shapes: bool = False
     # the decoder layer unpacks its MoE block's output as (output, router_logits) (Llama-4)
     moe_returns_tuple: bool = False
     # gpt_oss: the fused gate_up_proj holds gate and up INTERLEAVED along its 2I axis (gate at 0::2, up at 1::2)

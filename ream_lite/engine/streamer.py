@@ -30,6 +30,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ream_lite.arch.layout import ModelLayout
+from ream_lite.arch.skeleton import causal_lm_skeleton
 from ream_lite.arch.spec import RouterConfig
 from ream_lite.checkpoint.output_format import OutputFormat
 from ream_lite.engine.budget import MemoryPlan, plan_memory, require_device
@@ -135,8 +136,6 @@ def checkpoint_dtype(config: dict) -> torch.dtype:
 
 class LayerStreamer:
     def __init__(self, layout: ModelLayout, options: StreamOptions | None = None):
-        from transformers import AutoModelForCausalLM
-
         self.layout = layout
         self.opts = options or StreamOptions()
         layout.require_decodable()
@@ -146,7 +145,7 @@ class LayerStreamer:
         self.hf_config = layout.hf_config(self.opts.attn_implementation)
         try:  # (a config.json transformers cannot build from: one line, not its traceback)
             with torch.device("meta"):
-                self.skeleton = AutoModelForCausalLM.from_config(self.hf_config, dtype=self.dtype)
+                self.skeleton = causal_lm_skeleton(self.hf_config, self.dtype)
             self.base = self.skeleton.get_decoder()
             if not hasattr(self.base, "layers"):  # Llama4ForCausalLM's get_decoder() misses its `model`
                 self.base = self.skeleton.model
