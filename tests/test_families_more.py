@@ -1,4 +1,5 @@
-"""What is special about ernie4_5_moe, phimoe, granitemoe(shared), hunyuan_v1_moe, minimax, minimax_m2 and jamba.
+"""What is special about ernie4_5_moe, phimoe, granitemoe(shared), hunyuan_v1_moe, minimax, minimax_m2, jamba and
+flex_olmo.
 
 The generic tests run them from FAMILIES: test_streamer (streamed logits == transformers' forward), test_router (our
 router == transformers' router module on random inputs), test_compress's pruning oracle (the pruned output loads in
@@ -15,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
 from stats_oracle import moe_block_inputs, routed_sums, streamed_stats
+from test_streamer import assert_loads_and_streams_as_transformers_runs_it
 from tiny_models import MORE_FAMILIES, VOCAB, reference_logits, router_of
 from transformers import AutoModelForCausalLM
 
@@ -164,6 +166,16 @@ def test_merged_outputs_load(model_dirs, calib_file, tmp_path, family):
     m = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
     assert set(m.state_dict()) == set(model.state_dict())
     assert torch.isfinite(reference_logits(m, torch.randint(0, VOCAB, (1, 8)))).all()
+
+
+def test_post_norm_family_guarded_ream_and_refit(model_dirs, calib_file, tmp_path):
+    """FlexOlmo (the MoE output normed before the residual add): the default REAM (guard, refit fitting the routed
+    output before the norm) writes a model that loads and streams as transformers runs it, and the plan's held-out
+    error of each layer is measured on the normed output the layer adds."""
+    model, src = model_dirs["flex_olmo"]
+    plan = compress(src, tmp_path / "out", "--experts", "5", "--method", "ream", "--calib", str(calib_file))
+    assert [L["layer"] for L in plan["layers"]] == [0, 1, 2] and all(len(L["kept"]) == 5 for L in plan["layers"])
+    assert_loads_and_streams_as_transformers_runs_it(tmp_path / "out", model, AutoModelForCausalLM)
 
 
 # -- custom code ------------------------------------------------------------------------------------------------

@@ -123,6 +123,8 @@ def _more_family_config(tf, family: str):
                                 layer_types=["linear_attention", "full_attention", "linear_attention"], block_size=8,
                                 mlp_alpha_factor=1.3, mlp_beta_factor=0.7, linear_attn_alpha_factor=0.9,
                                 linear_attn_beta_factor=1.1, full_attn_alpha_factor=1.2, full_attn_beta_factor=0.8)
+    if family == "flex_olmo":  # post-norm: the MoE output is normed before the residual add
+        return tf.FlexOlmoConfig(**COMMON, intermediate_size=16, num_experts=8, num_experts_per_tok=2)
     return _deepseek_like_config(tf, family)
 
 
@@ -168,7 +170,7 @@ FAMILIES = ["qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "deepseek_v3", "glm4_m
             "llama4_text", "gpt_oss"]
 # added together (tests/test_families_more.py covers what is special about each)
 MORE_FAMILIES = ["ernie4_5_moe", "phimoe", "granitemoe", "granitemoeshared", "granitemoehybrid", "hunyuan_v1_moe",
-                 "minimax_m2", "minimax", "jamba"]
+                 "minimax_m2", "minimax", "jamba", "flex_olmo"]
 # DeepSeek-V3's MoE under other attention (tests/test_families_deepseek_like.py)
 DEEPSEEK_LIKE = ["dots1", "glm4_moe_lite", "deepseek_v32", "glm_moe_dsa", "deepseek_v2", "exaone_moe", "solar_open",
                  "kimi_linear"]

@@ -340,6 +340,16 @@ KIMI_LINEAR = replace(
     "renamed and stacked as transformers loads them, written as released)",
 )
 
+FLEX_OLMO = ArchSpec(
+    model_type="flex_olmo",
+    num_experts_keys=("num_experts", "num_local_experts"),
+    moe_intermediate_key="intermediate_size",
+    moe_post_norm="post_feedforward_layernorm",
+    notes="FlexOlmo: OLMoE's router (softmax -> top-k -> optional norm_topk_prob) in an OLMo-2 post-norm decoder: "
+    "the MoE block sees the raw residual and its whole output is RMS-normed (post_feedforward_layernorm) before "
+    "the residual add, so the engine sums every expert chunk of a layer before the norm",
+)
+
 JAMBA = ArchSpec(
     model_type="jamba",
     num_experts_keys=("num_experts", "num_local_experts"),
@@ -359,7 +369,7 @@ FAMILIES: dict[str, ArchSpec] = {}
 for _spec in (QWEN3_MOE, QWEN2_MOE, MIXTRAL, OLMOE, DEEPSEEK_V3, GLM4_MOE, QWEN3_NEXT, QWEN3_5_MOE_TEXT,
               QWEN3_VL_MOE_TEXT, LLAMA4_TEXT, GPT_OSS, ERNIE4_5_MOE, PHIMOE, GRANITEMOE, GRANITEMOESHARED, GRANITEMOEHYBRID,
               HUNYUAN_V1_MOE, MINIMAX_M2, MINIMAX, DOTS1, GLM4_MOE_LITE, DEEPSEEK_V32, GLM_MOE_DSA, DEEPSEEK_V2, JAMBA,
-              EXAONE_MOE, SOLAR_OPEN, KIMI_LINEAR):
+              EXAONE_MOE, SOLAR_OPEN, KIMI_LINEAR, FLEX_OLMO):
     FAMILIES[_spec.model_type] = _spec
     for _alias in _spec.aliases:
         FAMILIES[_alias] = _spec

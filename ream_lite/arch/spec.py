@@ -130,6 +130,9 @@ class ArchSpec:
     # mlp_beta_factor; the layer's own module applies the same factor to everything else), the token embeddings
     # (Granite embedding_multiplier) and the logits (divided: Granite logits_scaling)
     moe_output_scale_key: str | None = None
+    # post-norm decoders (FlexOlmo, as OLMo-2): the decoder layer's norm module (this attribute) normalises the MoE
+    # block's whole output before the residual add, so a layer's experts must all be summed before it applies
+    moe_post_norm: str | None = None
     embedding_scale_key: str | None = None
     logits_divisor_key: str | None = None
     notes: str = ""

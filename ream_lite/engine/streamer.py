@@ -97,6 +97,8 @@ class MoEBlock:
     # multiplies the block's output (ArchSpec.moe_output_scale_key: Granite residual_multiplier, MiniMax
     # mlp_beta_factor); the decoder layer's own module scales the rest of its residual update
     output_scale: float = 1.0
+    # post-norm decoders (ArchSpec.moe_post_norm): the norm applied to the block's whole output (after the scale)
+    post_norm: nn.Module | None = None
 
     def restricted(self, kept: list[int]) -> MoEBlock:
         """The same block with only experts `kept` (original ids, ascending) left in the router."""
@@ -298,7 +300,11 @@ class LayerStreamer:
                 act=self.act,
                 output_scale=spec.config_scalar(self.hf_config, spec.moe_output_scale_key),
             )
-        return self._fill(layer, info.prefix), block, capture
+        layer = self._fill(layer, info.prefix)
+        if block is not None and spec.moe_post_norm:
+            # (the layer applies it to the capture's zeros: nothing; run_moe applies it to the block's output)
+            block.post_norm = getattr(layer, spec.moe_post_norm)
+        return layer, block, capture
 
     # -- routed experts -----------------------------------------------------------------------------------------
     @contextmanager
@@ -433,6 +439,11 @@ class LayerStreamer:
             size = self.plan.experts_per_chunk if self.plan else n
             chunks = [list(range(a, min(a + size, n))) for a in range(0, n, size)]
         batches = moe_in.batches(self.opts.tokens_per_batch)
+        # a post-norm block's output is normed whole: over several chunks it is summed here first (float32)
+        pending = None
+        if block.post_norm is not None and out is not None and len(chunks) > 1:
+            pending = self.new_store(moe_in.lengths, torch.float32, self.plan.side_tier if self.plan else None)
+            pending.buf.zero_()
         with torch.inference_mode():
             for c, ids in enumerate(chunks):
                 w = load(ids)
@@ -455,8 +466,18 @@ class LayerStreamer:
                             acc += shared.float()
                     if block.output_scale != 1.0:
                         acc *= block.output_scale
+                    if pending is not None:
+                        pending.add_(b, acc)
+                        continue
+                    if block.post_norm is not None:
+                        acc = block.post_norm(acc.to(x.dtype)).float()
                     out.add_(b, acc)
                 del w
+            if pending is not None:
+                for b in batches:
+                    y = pending.read(b, self.device).to(self.dtype)
+                    out.add_(b, block.post_norm(y).float())
+                pending.close()
 
     def forward_layers(
         self, h: HiddenStateStore, observer: MoEObserver | None = None, desc: str = "layers"
