@@ -127,7 +127,8 @@ class HeldOutJudge:
 
     def __init__(self, streamer: LayerStreamer, block: MoEBlock, x: HiddenStateStore):
         self.s, self.x = streamer, x
-        self.block = replace(block, shared=None, shared_gate=None)  # routed experts only
+        # routed experts only, before a post-norm (FlexOlmo): the greedy undo adds its changes linearly
+        self.block = replace(block, shared=None, shared_gate=None, post_norm=None)
         self.y = self._zeros()
         streamer.run_moe(self.block, x, self.y)
         self.y_sq = self._sum(lambda b: self.y.read(b, streamer.device).double().pow(2).sum())
@@ -218,12 +219,13 @@ class _UndoDelta:
         tok, slot = torch.where(r.indices == self.p)
         if tok.numel() == 0:
             return tok, None
+        act, scale = self.block.act, self.block.output_scale  # (the judge's outputs are scaled as the block's)
         if self.block.router_cfg.scales_input:  # Llama-4: the weight is inside the expert, E(w * x)
             w = r.weights[tok, slot]
-            return tok, (routed_contribution(self.original, 0, x[tok], w, s.act, True)
-                         - routed_contribution(self.merged, 0, x[tok], w, s.act, True))
-        d = expert_output(self.original, 0, x[tok], s.act).float() - expert_output(self.merged, 0, x[tok], s.act).float()
-        return tok, d * r.weights[tok, slot, None].float()
+            return tok, scale * (routed_contribution(self.original, 0, x[tok], w, act, True)
+                                 - routed_contribution(self.merged, 0, x[tok], w, act, True))
+        d = expert_output(self.original, 0, x[tok], act).float() - expert_output(self.merged, 0, x[tok], act).float()
+        return tok, d * (scale * r.weights[tok, slot, None].float())
 
 
 def guarded_plan(

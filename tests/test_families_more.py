@@ -169,9 +169,9 @@ def test_merged_outputs_load(model_dirs, calib_file, tmp_path, family):
 
 
 def test_post_norm_family_guarded_ream_and_refit(model_dirs, calib_file, tmp_path):
-    """FlexOlmo (the MoE output normed before the residual add): the default REAM (guard, refit fitting the routed
-    output before the norm) writes a model that loads and streams as transformers runs it, and the plan's held-out
-    error of each layer is measured on the normed output the layer adds."""
+    """FlexOlmo (the MoE output normed before the residual add): the default REAM (the guard judging and refit
+    fitting the routed output before the norm, where changes add up linearly) writes a model that loads and streams
+    as transformers runs it."""
     model, src = model_dirs["flex_olmo"]
     plan = compress(src, tmp_path / "out", "--experts", "5", "--method", "ream", "--calib", str(calib_file))
     assert [L["layer"] for L in plan["layers"]] == [0, 1, 2] and all(len(L["kept"]) == 5 for L in plan["layers"])

@@ -118,11 +118,12 @@ def test_independent_experts_guard_never_worse_than_pruning(model_dirs, tmp_path
     assert torch.isfinite(m(torch.randint(0, 64, (1, 7))).logits).all()
 
 
-@pytest.mark.parametrize("mode", ["layer", "group"])
-def test_recorded_error_equals_transformers_block_on_held_out_tokens(model_dirs, tmp_path, calib, mode):
+@pytest.mark.parametrize("family,mode", [("qwen3_moe", "layer"), ("qwen3_moe", "group"), ("granitemoe", "group")])
+def test_recorded_error_equals_transformers_block_on_held_out_tokens(model_dirs, tmp_path, calib, family, mode):
     """Oracle for e: non-sequential, so layer 0's held-out MoE inputs are the original model's; transformers'
-    Qwen3-MoE block of the original and of the written model on them give y and y_hat."""
-    model, src = model_dirs["qwen3_moe"]
+    MoE block of the original and of the written model on them give y and y_hat (Granite: its block output is
+    scaled by residual_multiplier, which the greedy undo's changes must carry too)."""
+    model, src = model_dirs[family]
     out = tmp_path / "out"
     plan = run(src, out, calib, "--experts", "5", "--no-sequential", "--guard", mode)
     cfg = CompressConfig(model=str(src), output=str(out), experts=5, calib=str(calib), num_sequences=40, seq_len=32,
@@ -131,7 +132,8 @@ def test_recorded_error_equals_transformers_block_on_held_out_tokens(model_dirs,
     seqs, n_hold = cal.sequences, cal.n_holdout
     ids = torch.stack(seqs[-n_hold:])
     captured = {}
-    block = model.model.layers[0].mlp
+    attr = ModelLayout(str(src)).spec.moe_attr
+    block = getattr(model.model.layers[0], attr)
     handle = block.register_forward_pre_hook(lambda mod, args: captured.setdefault("x", args[0].detach()))
     with torch.no_grad():
         model(ids)
@@ -139,7 +141,7 @@ def test_recorded_error_equals_transformers_block_on_held_out_tokens(model_dirs,
     small = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     with torch.no_grad():
         y = block(captured["x"])
-        y_hat = small.model.layers[0].mlp(captured["x"])
+        y_hat = getattr(small.model.layers[0], attr)(captured["x"])
     direct = float(((y - y_hat) ** 2).sum() / (y**2).sum())
     L0 = plan["layers"][0]
     errors = chosen_is_lowest(L0)
