@@ -55,8 +55,8 @@ def group_diagnostics(streamer, layer, plan, merged, x, stats_routing) -> list[d
             tok = (idx == e).any(-1).nonzero().squeeze(-1)
             if tok.numel() == 0:
                 continue
-            orig = expert_output(w, j, x[tok], streamer.act)
-            got = expert_output(m, 0, x[tok], streamer.act)
+            orig = expert_output(w, j, x[tok], streamer.layer_act(layer))
+            got = expert_output(m, 0, x[tok], streamer.layer_act(layer))
             err = float((got - orig).norm() / orig.norm())
             flat_c = torch.cat([w.gate[0].flatten(), w.up[0].flatten(), w.down[0].flatten()])
             flat_e = torch.cat([w.gate[j].flatten(), w.up[j].flatten(), w.down[j].flatten()])

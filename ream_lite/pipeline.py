@@ -161,8 +161,17 @@ def validate(layout: ModelLayout, n_keep: int, cfg: CompressConfig) -> None:
         if c * k < n or c < 1:
             raise ReamLiteError(f"--group-size {c}: {k} groups of {c} cannot hold {n} experts; use at least {-(-n // k)}")
     for x in layout.layers:
-        if x.is_mtp and not x.is_moe and not cfg.drop_mtp:
-            raise ReamLiteError(f"MTP layer {x.index} has no routed experts; pass --drop-mtp")
+        if x.is_mtp and not cfg.drop_mtp:
+            if not x.is_moe:
+                raise ReamLiteError(f"MTP layer {x.index} has no routed experts; pass --drop-mtp")
+            # its input is built from these parts (LayerStreamer.mtp_inputs): a release storing others is refused
+            # here, not after the decoder layers' hours of work
+            spec = layout.spec
+            missing = [k for k in (spec.mtp_key(x.prefix, n) for n in (spec.mtp_enorm, spec.mtp_hnorm, spec.mtp_proj))
+                       if k not in layout.reader]
+            if missing:
+                raise ReamLiteError(f"MTP layer {x.index} lacks {missing[0]}: not an MTP block ream-lite can run; "
+                                    "pass --drop-mtp to leave it out")
     if layout.gguf:
         from ream_lite.checkpoint.gguf import require_writable
 

@@ -22,7 +22,7 @@ def streamed_stats(layout: ModelLayout, ids: torch.Tensor, experts_per_chunk: in
     class PerLayer:
         def on_routing(self, layer, batch, x, routing):
             if layer not in collectors:
-                collectors[layer] = StatsCollector(layout.layers[layer].num_experts, hidden, s.act,
+                collectors[layer] = StatsCollector(layout.layers[layer].num_experts, hidden, s.layer_act(layer),
                                                    layout.router_config.kind, dense=True)
             collectors[layer].on_routing(layer, batch, x, routing)
 

@@ -142,3 +142,51 @@ def test_mtp_layer_is_compressed_as_deepseek_v3s(calib_file, tmp_path, family):
     assert [L["layer"] for L in plan["layers"]] == [1, 2, 3]  # (3: the MTP layer)
     with CheckpointReader(tmp_path / "out") as r:
         assert r.shape("model.layers.3.mlp.gate.weight")[0] == 8 and "model.layers.3.eh_proj.weight" in r
+
+
+def test_ling_per_layer_expert_clamps_match_transformers(model_dirs):
+    """Ling 2.5 clamps act(gate) and up of its routed experts with a limit per layer (0: none): each expert's output
+    equals transformers' experts module's on inputs where the clamp bites, layer by layer."""
+    from ream_lite.arch import ModelLayout
+    from ream_lite.engine.expert_fn import ClampedAfterAct
+    from ream_lite.engine.experts import expert_output, load_experts
+    from ream_lite.engine.streamer import LayerStreamer, StreamOptions
+
+    model, d = model_dirs["bailing_hybrid"]
+    layout = ModelLayout(str(d))
+    s = LayerStreamer(layout, StreamOptions(dtype=torch.float32, progress=False))
+    x = 3 * torch.randn(40, 32, generator=torch.Generator().manual_seed(0))
+    for i, limit in ((1, 0.5), (2, None)):
+        act = s.layer_act(i)
+        assert isinstance(act, ClampedAfterAct) == (limit is not None) and getattr(act, "limit", None) == limit
+        experts = model.model.layers[i].mlp.experts
+        w = load_experts(layout, i, list(range(16)), torch.float32, "cpu")
+        one = torch.ones(40, 1)
+        with torch.no_grad():
+            for e in range(16):
+                ref = experts(x, torch.full((40, 1), e), one)
+                torch.testing.assert_close(expert_output(w, e, x, act), ref, atol=1e-5, rtol=1e-5)
+        if limit is not None:  # the clamp changes the outputs of these inputs
+            unclamped = expert_output(w, 0, x, s.layer_act(2))
+            assert (unclamped - expert_output(w, 0, x, act)).abs().max() > 1e-2
+
+
+def test_mtp_layer_without_its_input_parts_is_refused_up_front(calib_file, tmp_path):
+    """An MTP layer stored without the parts its input is built from (enorm / hnorm / eh_proj: a release with
+    another MTP design) is refused before any work, naming the missing tensor and --drop-mtp; with --drop-mtp the
+    run goes through and writes no MTP layer."""
+    from safetensors.torch import load_file, save_file
+    from tiny_models import save_mtp_model
+
+    d = save_mtp_model(tmp_path / "src")
+    sd = load_file(str(d / "model.safetensors"))
+    del sd["model.layers.3.enorm.weight"]
+    save_file(sd, str(d / "model.safetensors"), metadata={"format": "pt"})
+    args = ["compress", str(d), str(tmp_path / "out"), "--experts", "8", "--calib", str(calib_file), "--seq-len", "32",
+            "--num-sequences", "12", "--method", "reap"]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code != 0 and "model.layers.3.enorm.weight" in r.output and "--drop-mtp" in r.output
+    assert not (tmp_path / "out").exists()
+    run(*args, "--drop-mtp")
+    with CheckpointReader(tmp_path / "out") as out:
+        assert not any(k.startswith("model.layers.3.") for k in out.keys())

@@ -123,6 +123,15 @@ def _more_family_config(tf, family: str):
                                 layer_types=["linear_attention", "full_attention", "linear_attention"], block_size=8,
                                 mlp_alpha_factor=1.3, mlp_beta_factor=0.7, linear_attn_alpha_factor=0.9,
                                 linear_attn_beta_factor=1.1, full_attn_alpha_factor=1.2, full_attn_beta_factor=0.8)
+    if family == "bailing_hybrid":  # linear, latent (MLA) and linear attention; layer 0 dense; layer 1's routed
+        # experts clamped at 0.5 and its shared expert at 0.7 (the clamps bite at these weights), layer 2 unclamped
+        return tf.BailingHybridConfig(**{**COMMON, "num_key_value_heads": 4}, intermediate_size=48,
+                                      moe_intermediate_size=16, num_local_experts=16, num_experts_per_tok=2, n_group=4,
+                                      topk_group=2, n_shared_experts=1, routed_scaling_factor=2.5,
+                                      first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8,
+                                      qk_nope_head_dim=8, v_head_dim=8, head_dim=8, layer_group_size=2,
+                                      short_conv_kernel_size=3, swiglu_limits=[0, 0.5, 0],
+                                      swiglu_limits_shared=[0, 0.7, 0])
     if family == "flex_olmo":  # post-norm: the MoE output is normed before the residual add
         return tf.FlexOlmoConfig(**COMMON, intermediate_size=16, num_experts=8, num_experts_per_tok=2)
     return _deepseek_like_config(tf, family)
@@ -173,7 +182,7 @@ MORE_FAMILIES = ["ernie4_5_moe", "phimoe", "granitemoe", "granitemoeshared", "gr
                  "minimax_m2", "minimax", "jamba", "flex_olmo"]
 # DeepSeek-V3's MoE under other attention (tests/test_families_deepseek_like.py)
 DEEPSEEK_LIKE = ["dots1", "glm4_moe_lite", "deepseek_v32", "glm_moe_dsa", "deepseek_v2", "exaone_moe", "solar_open",
-                 "kimi_linear"]
+                 "kimi_linear", "bailing_hybrid"]
 FAMILIES += MORE_FAMILIES + DEEPSEEK_LIKE
 
 
@@ -189,6 +198,7 @@ _ROUTERS = {
     "hunyuan_v1_moe": ("mlp", "gate.wg", None, "gate"),
     "minimax_m2": ("mlp", "gate", "e_score_correction_bias", "gate+bias"),
     "exaone_moe": ("mlp", "gate", "gate.e_score_correction_bias", "gate"),
+    "bailing_hybrid": ("mlp", "gate", "gate.e_score_correction_bias", "gate"),  # (gate.expert_bias on disk)
 }
 
 

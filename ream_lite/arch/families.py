@@ -350,6 +350,22 @@ FLEX_OLMO = ArchSpec(
     "the residual add, so the engine sums every expert chunk of a layer before the norm",
 )
 
+BAILING_HYBRID = replace(
+    _DEEPSEEK_MOE, model_type="bailing_hybrid", num_experts_keys=("num_experts", "num_local_experts"),
+    embed_key="model.word_embeddings.weight", router_bias="gate.expert_bias", top_k_key="num_experts_per_token",
+    renormalize_key="moe_renormalize", n_group_key="num_expert_group", mtp_layers_key="num_nextn_predict_layers",
+    mask_by_layer_type=True, expert_act="swiglu_layer_clamp", expert_limits_key="swiglu_limits",
+    disk_renames=((".forget_gate.", "."), (".self_attn.o_proj.", ".attention.dense."), (".self_attn.", ".attention.")),
+    disk_concat=(("attention.conv1d.weight",
+                  ("attention.q_conv1d.weight", "attention.k_conv1d.weight", "attention.v_conv1d.weight")),),
+    notes="Ling 2.5 (bailing_hybrid): DeepSeek-V3's router (float32 sigmoid + selection bias gate.expert_bias, "
+    "group-limited top-k, moe_renormalize, routed_scaling_factor) and shared experts; routed experts clamped after "
+    "the activation with a limit per layer (expert_swiglu_limit_list; the shared experts' own list is run by their "
+    "transformers module); Kimi-Delta-style linear attention and latent attention per layer_types; dense layers per "
+    "mlp_layer_types; read and written under the release names (word_embeddings, attention.*, dense, q/k/v "
+    "convolutions apart, stacked on read as transformers loads them); MTP layers as DeepSeek-V3's where present",
+)
+
 JAMBA = ArchSpec(
     model_type="jamba",
     num_experts_keys=("num_experts", "num_local_experts"),
@@ -369,7 +385,8 @@ FAMILIES: dict[str, ArchSpec] = {}
 for _spec in (QWEN3_MOE, QWEN2_MOE, MIXTRAL, OLMOE, DEEPSEEK_V3, GLM4_MOE, QWEN3_NEXT, QWEN3_5_MOE_TEXT,
               QWEN3_VL_MOE_TEXT, LLAMA4_TEXT, GPT_OSS, ERNIE4_5_MOE, PHIMOE, GRANITEMOE, GRANITEMOESHARED, GRANITEMOEHYBRID,
               HUNYUAN_V1_MOE, MINIMAX_M2, MINIMAX, DOTS1, GLM4_MOE_LITE, DEEPSEEK_V32, GLM_MOE_DSA, DEEPSEEK_V2, JAMBA,
-              EXAONE_MOE, SOLAR_OPEN, KIMI_LINEAR, FLEX_OLMO):
+              EXAONE_MOE, SOLAR_OPEN, KIMI_LINEAR, FLEX_OLMO,
+              BAILING_HYBRID):
     FAMILIES[_spec.model_type] = _spec
     for _alias in _spec.aliases:
         FAMILIES[_alias] = _spec

@@ -103,9 +103,11 @@ class ArchSpec:
     # per-expert biases of fused experts, relative to the experts prefix: (the gate_up bias [E, 2I], laid out as the
     # 2I axis of gate_up_proj, the down bias [E, H]) (gpt_oss); None: experts without biases
     fused_bias_names: tuple[str, str] | None = None
-    # the experts' gated activation: "swiglu" = act(gate) * up with config.hidden_act; "clamped_swiglu" = gpt_oss's
-    # (see engine/expert_fn.py)
+    # the experts' gated activation: "swiglu" = act(gate) * up with config.hidden_act; "clamped_swiglu" = gpt_oss's;
+    # "swiglu_layer_clamp" (see engine/expert_fn.py)
     expert_act: str = "swiglu"
+    # "swiglu_layer_clamp": act(gate) and up clamped by this config attribute's per-layer limit (0: none; Ling 2.5)
+    expert_limits_key: str | None = None
     # an attention implementation the family requires (gpt_oss: eager; transformers' SDPA path has no sinks)
     attn_implementation: str | None = None
     # -- families added with ernie4_5_moe / phimoe / granitemoe / hunyuan_v1_moe / minimax(_m2) --

@@ -1,8 +1,9 @@
 """The gated activation of a family's routed experts: what `expert_intermediate` makes of the two projections.
 
 Most families compute act(gate) * up with config.hidden_act (a plain transformers activation is returned for them,
-so their numbers do not change). gpt_oss clamps both projections and adds one to up (`ClampedSwiGLU`); an object with
-a `glu(gate, up)` method tells `expert_intermediate` to hand it both projections.
+so their numbers do not change). gpt_oss clamps both projections and adds one to up (`ClampedSwiGLU`); Ling 2.5
+clamps act(gate) and up with a limit per layer (`ClampedAfterAct`); an object with a `glu(gate, up)` method tells
+`expert_intermediate` to hand it both projections.
 """
 
 from __future__ import annotations
@@ -36,12 +37,39 @@ class ClampedSwiGLU:
         return f"ClampedSwiGLU(alpha={self.alpha}, limit={self.limit})"
 
 
-def expert_activation(spec: ArchSpec, hf_config) -> Callable:
-    """The activation `expert_intermediate` needs for `spec`'s experts, with the constants of `hf_config`."""
+class ClampedAfterAct:
+    """Ling 2.5 / Step-3.7: a = min(act(gate), limit) * clamp(up, -limit, limit), with a limit per layer (the clamp
+    follows the activation, unlike gpt_oss's)."""
+
+    def __init__(self, act: Callable, limit: float):
+        self.act, self.limit = act, float(limit)
+
+    def glu(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        return self.act(gate).clamp(max=self.limit) * up.clamp(min=-self.limit, max=self.limit)
+
+    def __call__(self, gate: torch.Tensor) -> torch.Tensor:
+        raise TypeError("ClampedAfterAct combines gate and up: call glu(gate, up)")
+
+    def __repr__(self) -> str:
+        return f"ClampedAfterAct({self.act.__class__.__name__}, limit={self.limit})"
+
+
+def layer_limit(hf_config, key: str, layer: int) -> float:
+    """The clamp of `layer` from a per-layer list config attribute (0, a missing entry or no list: no clamp)."""
+    limits = getattr(hf_config, key, None) or []
+    return float(limits[layer]) if layer < len(limits) and limits[layer] else 0.0
+
+
+def expert_activation(spec: ArchSpec, hf_config, layer: int = 0) -> Callable:
+    """The activation `expert_intermediate` needs for `spec`'s experts in `layer`, with the constants of
+    `hf_config`."""
+    from transformers.activations import ACT2FN
+
     if spec.expert_act == "clamped_swiglu":
         return ClampedSwiGLU(hf_config.swiglu_alpha, hf_config.swiglu_limit)
     if spec.expert_act == "swiglu":
-        from transformers.activations import ACT2FN
-
         return ACT2FN[hf_config.hidden_act]
+    if spec.expert_act == "swiglu_layer_clamp":  # (spec.expert_limits_key names the per-layer list)
+        limit = layer_limit(hf_config, spec.expert_limits_key, layer)
+        return ClampedAfterAct(ACT2FN[hf_config.hidden_act], limit) if limit else ACT2FN[hf_config.hidden_act]
     raise ReamLiteError(f"{spec.model_type}: unknown expert activation '{spec.expert_act}'")

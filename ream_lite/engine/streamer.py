@@ -161,7 +161,6 @@ class LayerStreamer:
                                 f"({type(e).__name__}: {first})") from None
         self._check_shapes()
         self.router_cfg = layout.router_config
-        self.act = expert_activation(layout.spec, self.hf_config)  # (gpt_oss: its clamped SwiGLU)
         self.plan: MemoryPlan | None = None
         self._cache: LayerExpertCache | None = None  # the open layer's experts (`layer_experts`)
         # how the output stores what a method writes: merged experts are run as written (`merged_as_written`)
@@ -297,7 +296,7 @@ class LayerStreamer:
                 router_cfg=self.router_cfg,
                 shared=shared,
                 shared_gate=shared_gate,
-                act=self.act,
+                act=self.layer_act(i),  # (gpt_oss, Ling 2.5: clamped, per layer)
                 output_scale=spec.config_scalar(self.hf_config, spec.moe_output_scale_key),
             )
         layer = self._fill(layer, info.prefix)
@@ -307,6 +306,10 @@ class LayerStreamer:
         return layer, block, capture
 
     # -- routed experts -----------------------------------------------------------------------------------------
+    def layer_act(self, layer: int) -> Callable:
+        """The activation of `layer`'s routed experts (`MoEBlock.act`)."""
+        return expert_activation(self.layout.spec, self.hf_config, layer)
+
     @contextmanager
     def layer_experts(self, layer: int) -> Iterator[None]:
         """While open, `experts(layer, ...)` is served from one read of all of `layer`'s experts kept on the device,
