@@ -204,6 +204,45 @@ def convert_to_nvfp4(src: str | Path, out: str | Path, form: str = "ct", seed: i
     return result
 
 
+def convert_to_int4(src: str | Path, out: str | Path, group: int = 32,
+                    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
+    """An INT4 copy of checkpoint `src` as the Kimi-K2-Thinking / K2.5 releases store theirs: the routed experts'
+    weights compressed-tensors pack-quantized (symmetric, `group` values a bf16 scale, W4A16), everything else as it
+    is, the quantization_config (format pack-quantized, the experts as its target) at the top of config.json."""
+    from ream_lite.arch.layout import ModelLayout
+    from ream_lite.checkpoint.int4_pack import encode_int4
+
+    layout = ModelLayout(str(src))
+    r = layout.reader
+    experts = {k for x in layout.moe_layers for k in layout.expert_keys(x.index)}
+    if any(x.expert_storage != "per_expert" for x in layout.moe_layers):
+        raise ValueError("convert_to_int4: per-expert checkpoints only (the releases store their experts so)")
+    w = CheckpointWriter(out, max_shard_bytes=max_shard_bytes, overwrite=True)
+    for k in list(r.keys()):
+        if k not in experts:
+            w.copy_from(r, k)
+            continue
+        codes, scales = encode_int4(r.get(k, dtype=torch.float32), group, torch.bfloat16)
+        name = k[: -len(".weight")]
+        w.add(name + ".weight_packed", codes)
+        w.add(name + ".weight_scale", scales)
+        w.add(name + ".weight_shape", torch.tensor(r.shape(k), dtype=torch.int32))
+    spec = layout.spec
+    weights = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": group,
+               "dynamic": False, "actorder": None, "block_structure": None, "observer": "minmax"}
+    cfg = layout.wrap_config(dict(layout.config))
+    experts_re = (f"re:.*{spec.moe_disk}\\.{spec.experts_prefix}\\.\\d+\\."
+                  f"({'|'.join(spec.expert_proj_names)})$")
+    cfg["quantization_config"] = {
+        "quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
+        "config_groups": {"group_0": {"targets": [experts_re], "weights": weights, "input_activations": None,
+                                      "output_activations": None, "format": "pack-quantized"}},
+        "ignore": ["lm_head"], "kv_cache_scheme": None}
+    result = w.finish(cfg, source_dir=layout.path)
+    layout.close()
+    return result
+
+
 def write_decoded_copy(src: str | Path, out: str | Path) -> Path:
     """A plain float32 copy of checkpoint `src` holding the values ream-lite's reader decodes, without the
     quantization_config: what transformers loads as an oracle for a quantized input's values."""

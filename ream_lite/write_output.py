@@ -319,11 +319,16 @@ def refit_experts(layout: ModelLayout, source: ModelLayout | None, plan: LayerPl
     # (as `compress` held them: `merged_as_written`; GGUF blocks read back in float32)
     dtype = torch.float32 if source.gguf else value_dtype if like.is_encoded else like.torch_dtype
     out = {e: load_experts(source, plan.layer, [plan.kept.index(e)], dtype, "cpu").expert(0) for e in ids}
-    if source.gguf and output is not None:  # written as the blocks the source holds (re-quantizing decoded Q5_K /
-        # Q6_K values does not always give them back)
+    if (source.gguf or like.encoding in stored.REENCODE_DIFFERS) and output is not None:
+        # written as the bytes the source holds (re-quantizing decoded Q5_K / Q6_K or INT4 values does not always
+        # give them back): a GGUF tensor's blocks, an INT4 weight's codes, scales and shape record
+        r = source.reader
         for e, values in out.items():
             for name, v in zip(source.per_expert_keys(plan.layer, plan.kept.index(e)), values):
-                output.remember_blocks(name, v, {name: source.reader.read_part(source.reader.entry(name).main)})
+                t = r.entry(name)
+                parts = {name: r.read_part(t.main)} if source.gguf else \
+                    {t.part_name(sfx): r.read_part(p) for sfx, p in t.parts.items()}
+                output.remember_blocks(name, v, parts)
     if refit_digest([fitted_parts(out[e]) for e in ids]) != plan.refit.get("sha256"):
         raise ReamLiteError(f"layer {plan.layer}: the refit experts in {source.path} are not the ones the plan "
                             "recorded (sha256 differs); was the output changed?")

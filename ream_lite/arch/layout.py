@@ -22,7 +22,8 @@ _DENSE_HINT = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3"
 # multimodal model types whose text model is a supported family (wrapper -> text model_type): the text model is
 # compressed as that family (its config is the wrapper's text_config, its keys under the language-model prefix found
 # in the checkpoint); the vision tower and projector are non-layer tensors, copied unchanged
-MULTIMODAL_WRAPPERS = {"llama4": "llama4_text", "qwen3_5_moe": "qwen3_5_moe_text", "qwen3_vl_moe": "qwen3_vl_moe_text"}
+MULTIMODAL_WRAPPERS = {"llama4": "llama4_text", "qwen3_5_moe": "qwen3_5_moe_text", "qwen3_vl_moe": "qwen3_vl_moe_text",
+                       "kimi_k25": "deepseek_v3"}  # (Kimi-K2.5 / K2.6: a text_config of model_type kimi_k2)
 # wrapper config keys a text_config inherits when it lacks them (the wrappers write dtype and quantization at the top)
 _INHERITED_KEYS = ("dtype", "torch_dtype", "quantization_config")
 
@@ -31,8 +32,9 @@ log = logging.getLogger(__name__)
 
 # quantization_config.quant_method values whose weights the reader decodes (checkpoint/stored.py)
 DECODABLE_QUANT_METHODS = ("fp8", "mxfp4", "bitsandbytes", "compressed-tensors", "modelopt")
-# compressed-tensors formats whose weights the reader decodes: FP8 ("float-quantized"), NVFP4
-COMPRESSED_TENSORS_FORMATS = ("float-quantized", "nvfp4-pack-quantized")
+# compressed-tensors formats whose weights the reader decodes: FP8 ("float-quantized"), NVFP4, symmetric INT4
+# ("pack-quantized" with 4-bit int weights: the Kimi-K2-Thinking / K2.5 releases, W4A16)
+COMPRESSED_TENSORS_FORMATS = ("float-quantized", "nvfp4-pack-quantized", "pack-quantized")
 
 
 def fp8_block_size(config: dict) -> tuple[int, int] | None:
@@ -64,7 +66,7 @@ def split_multimodal_config(config: dict, where: str = "model") -> tuple[dict, d
     if not isinstance(text, dict) or not text.get("num_hidden_layers"):
         raise ReamLiteError(f"{where}: the multimodal '{config['model_type']}' config.json has no text_config "
                             "describing its language model")
-    if text.get("model_type", text_type) != text_type:
+    if FAMILIES.get(text.get("model_type", text_type)) is not FAMILIES[text_type]:  # (an alias is the family)
         raise ReamLiteError(f"{where}: the multimodal '{config['model_type']}' config.json has a text_config of "
                             f"model_type '{text['model_type']}'; expected '{text_type}'")
     text = dict(text)
@@ -371,7 +373,8 @@ class ModelLayout:
 
     def require_decodable(self) -> None:
         """Refuse quantized checkpoints whose weights ream-lite cannot decode (GPTQ, AWQ, bnb 8-bit ...); FP8
-        block-scaled, MXFP4, NVFP4 and bnb 4-bit weights are decoded on read (`checkpoint.stored`)."""
+        block-scaled, MXFP4, NVFP4, INT4 pack-quantized and bnb 4-bit weights are decoded on read
+        (`checkpoint.stored`)."""
         self._require_known_expert_tensors()
         unscaled = [k for k, t in self.reader.tensors.items() if t.encoding == "fp8_unscaled"]
         if unscaled:
@@ -381,8 +384,16 @@ class ModelLayout:
         method = quant.get("quant_method")
         if method == "compressed-tensors" and quant.get("format") not in COMPRESSED_TENSORS_FORMATS:
             raise ReamLiteError(f"{self.path}: compressed-tensors checkpoint in format {quant.get('format')!r}; "
-                                "ream-lite decodes its FP8 'float-quantized' and 'nvfp4-pack-quantized' formats only: "
-                                "use the unquantized release")
+                                "ream-lite decodes its FP8 'float-quantized', 'nvfp4-pack-quantized' and INT4 "
+                                "'pack-quantized' formats only: use the unquantized release")
+        if method == "compressed-tensors" and quant.get("format") == "pack-quantized":
+            for name, group in (quant.get("config_groups") or {}).items():
+                w = (group or {}).get("weights") or {}
+                if (w.get("type"), w.get("num_bits"), w.get("symmetric", True)) != ("int", 4, True):
+                    raise ReamLiteError(f"{self.path}: compressed-tensors pack-quantized group {name!r} holds "
+                                        f"{w.get('num_bits')}-bit {w.get('type')} weights (symmetric: "
+                                        f"{w.get('symmetric')}); ream-lite reads symmetric 4-bit int weights only: "
+                                        "use the unquantized release")
         if method == "modelopt":
             algo = quant.get("quant_algo") or (quant.get("quantization") or {}).get("quant_algo")
             if algo != "NVFP4":
@@ -394,8 +405,8 @@ class ModelLayout:
                                     "unquantized or a 4-bit release")
             return
         raise ReamLiteError(
-            f"{self.path}: quantized checkpoint ({method}); ream-lite decodes FP8 block-scaled, MXFP4, NVFP4 and "
-            "bitsandbytes 4-bit weights only: use the model's unquantized release"
+            f"{self.path}: quantized checkpoint ({method}); ream-lite decodes FP8 block-scaled, MXFP4, NVFP4, "
+            "compressed-tensors INT4 and bitsandbytes 4-bit weights only: use the model's unquantized release"
         )
 
     def close(self) -> None:

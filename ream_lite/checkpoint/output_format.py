@@ -30,8 +30,9 @@ class OutputFormat:
     double_quant: bool = False
     compute_dtype: torch.dtype = torch.bfloat16  # what a bnb model computes in (its quantization_config)
     skip_modules: tuple[str, ...] = ()  # modules transformers must leave unquantized (llm_int8_skip_modules)
-    # GGUF blocks of values read back (`readback`), by a digest of those values: writing them again writes these
-    # blocks, as llama.cpp quantized the merge (re-quantizing decoded Q5_K / Q6_K values is not always idempotent)
+    # GGUF blocks (INT4 codes and scales) of values read back (`readback`), by a digest of those values: writing
+    # them again writes these bytes, as the merge was quantized (re-quantizing decoded Q5_K / Q6_K or INT4 values
+    # is not always idempotent: stored.REENCODE_DIFFERS)
     _written_blocks: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
     # --out-format gguf: every output tensor (transformers name) -> its llama.cpp type, and the row order llama.cpp
     # stores some in (Mixtral's q/k: gguf_names.rope_unpermute); written by checkpoint/gguf_writer.py
@@ -60,8 +61,9 @@ class OutputFormat:
         return "stored"
 
     def remember_blocks(self, name: str, values: torch.Tensor, parts: dict[str, torch.Tensor]) -> None:
-        """Write `parts` (the blocks of a GGUF) when `values` (their decoded values) are written as `name`: what
-        `readback` does for values it encodes itself, for blocks read from a file (apply's refit experts)."""
+        """Write `parts` (the blocks of a GGUF, the parts of an INT4 weight) when `values` (their decoded values) are
+        written as `name`: what `readback` does for values it encodes itself, for bytes read from a file (apply's
+        refit experts)."""
         self._written_blocks[_digest(name, values)] = parts
 
     def layer_written(self) -> None:
@@ -83,7 +85,8 @@ class OutputFormat:
                                compress_statistics=self.double_quant)
         if target == "decoded":
             return {name: value.to(self.decode_to or self.compute_dtype)}
-        if (target == "gguf" or like.encoding == "ggml") and self._written_blocks:
+        if (target == "gguf" or (target == "stored" and like.encoding in stored.REENCODE_DIFFERS)) \
+                and self._written_blocks:
             blocks = self._written_blocks.pop(_digest(name, value), None)
             if blocks is not None:
                 return blocks
@@ -122,8 +125,10 @@ class OutputFormat:
             values = decode_ggml(self.gguf_types[name], parts[name], like.shape[-1], torch.float32)
             self._written_blocks[_digest(name, values)] = parts
             return values
-        if like.encoding == "ggml":  # (float32: a block's values, scale times code, are exact there, not in bf16)
-            values = stored.decode(out_like, by_suffix, torch.float32)
+        if target == "stored" and like.encoding in stored.REENCODE_DIFFERS:
+            # (GGUF in float32: a block's values, scale times code, are exact there, not in bf16; INT4's are bf16
+            # products, exact in any compute dtype but fp16)
+            values = stored.decode(out_like, by_suffix, torch.float32 if like.encoding == "ggml" else dtype)
             self._written_blocks[_digest(name, values)] = parts
             return values
         return stored.decode(out_like, by_suffix, dtype)

@@ -175,7 +175,9 @@ class CheckpointReader:
         elif len(t.shape) >= 3 or t.encoding == "ggml":
             # fused [E, ...]: every part is indexed by expert along its first dimension; a GGUF tensor's rows are
             # whole blocks
-            parts = {sfx: self._get_entry(e, key, rows, None, device) for sfx, e in t.parts.items()}
+            # (an INT4 weight's shape record is not indexed by expert: read whole, unused by decoding)
+            parts = {sfx: self._get_entry(e, key, None if sfx == stored.INT_SHAPE else rows, None, device)
+                     for sfx, e in t.parts.items()}
         else:
             raise ReamLiteError(f"{key}: row ranges of a 2-D {t.encoding} tensor are not supported")
         x = stored.decode(t, parts, dtype, row0)

@@ -5,8 +5,9 @@ A quantized checkpoint stores a weight as parts: FP8 block-scaled `X.weight` + `
 `X.weight.quant_map`, `X.weight.quant_state.bitsandbytes__nf4` (+ nested statistics); NVFP4 (checkpoint/nvfp4.py)
 `X.weight_packed` + `X.weight_scale` + `X.weight_global_scale` (compressed-tensors) or `X.weight` + `X.weight_scale` +
 `X.weight_scale_2` (ModelOpt), each with the module's activation scale beside it (`X.input_global_scale`,
-`X.input_scale`): a part whose suffix starts with "/" is a sibling of the weight (`X.` + the rest), not `X.weight`
-+ suffix, so that it is renamed, kept and dropped with its expert. The reader groups the parts
+`X.input_scale`); compressed-tensors INT4 pack-quantized (checkpoint/int4_pack.py) `X.weight_packed` (int32) +
+`X.weight_scale` + `X.weight_shape`. A part whose suffix starts with "/" is a sibling of the weight (`X.` + the
+rest), not `X.weight` + suffix, so that it is renamed, kept and dropped with its expert. The reader groups the parts
 into one `StoredTensor` named as the weight is named in an unquantized checkpoint, with its decoded shape, so the
 rest of ream-lite (layouts, streamer, writer) sees the same names and shapes whatever the encoding, reads decoded
 values through `CheckpointReader.get`, and copies a tensor with all its parts when it is kept as stored.
@@ -26,9 +27,14 @@ from ream_lite.errors import ReamLiteError
 
 # fp8_unscaled: FP8 values without a block scale (per-tensor / per-channel schemes): indexed, never decoded
 # ggml: a tensor of a GGUF file (checkpoint/gguf.py), any llama.cpp type; block = (its GGMLQuantizationType,)
-Encoding = Literal["plain", "fp8_block", "mxfp4", "bnb4", "fp8_unscaled", "nvfp4", "ggml"]
+# int4_pack: compressed-tensors pack-quantized INT4 (checkpoint/int4_pack.py); block = (group size,)
+Encoding = Literal["plain", "fp8_block", "mxfp4", "bnb4", "fp8_unscaled", "nvfp4", "ggml", "int4_pack"]
 UNSCALED_FP8_MESSAGE = ("FP8 without a weight_scale_inv block scale; only block-scaled FP8 (DeepSeek-V3 / Qwen3 FP8 "
                         "style) can be decoded")
+
+# encodings whose encoder, given decoded values, does not always give the same bytes back (llama.cpp's K-quants;
+# INT4's amax / 7.5 scales shrink when re-derived from codes): the output format writes the bytes it encoded
+REENCODE_DIFFERS = ("ggml", "int4_pack")
 
 FP8_SCALE = "_scale_inv"  # DeepSeek-V3 / Qwen3-FP8 / Kimi-K2 ("fp8" quant_method): one scale per block
 FP8_CT_SCALE = "_scale"  # compressed-tensors float-quantized (llm-compressor): per tensor, channel or block
@@ -36,6 +42,7 @@ FP8_SCALES = (FP8_SCALE, FP8_CT_SCALE)
 MX_BLOCKS, MX_SCALES = "_blocks", "_scales"
 NV_PACKED, NV_SCALE, NV_GLOBAL, NV_SCALE_2 = "_packed", "_scale", "_global_scale", "_scale_2"
 NV_INPUT = {NV_GLOBAL: "/input_global_scale", NV_SCALE_2: "/input_scale"}  # the activation scale beside each form
+INT_PACKED, INT_SCALE, INT_SHAPE, INT_ZERO = "_packed", "_scale", "_shape", "_zero_point"  # pack-quantized INT4
 
 
 @dataclass(frozen=True)
@@ -106,6 +113,13 @@ def group_entries(entries: dict[str, TensorEntry], fp8_block: tuple[int, int]) -
     owned: set[str] = set()
     bnb = group_bnb4_keys(entries)  # weight key -> {suffix: key} of its bnb 4-bit parts
     for k, e in entries.items():
+        int4 = _int4_parts(k, e, entries)
+        if int4 is not None:
+            base, parts, group = int4
+            *lead, rows, words = parts[INT_PACKED].shape
+            out[base] = StoredTensor(base, "int4_pack", (*lead, rows, 8 * words), parts, (group,))
+            owned.update(base + sfx for sfx in parts)
+            continue
         nv = _nvfp4_parts(k, e, entries)
         if nv is not None:
             base, parts = nv
@@ -139,6 +153,29 @@ def group_entries(entries: dict[str, TensorEntry], fp8_block: tuple[int, int]) -
         unscaled = e.dtype.startswith("F8") and e.dtype != "F8_E8M0"
         out[k] = StoredTensor(k, "fp8_unscaled" if unscaled else "plain", e.shape, {"": e})
     return out
+
+
+def _int4_parts(key: str, e: TensorEntry, entries: dict[str, TensorEntry]
+                ) -> tuple[str, dict[str, TensorEntry], int] | None:
+    """(logical name, parts, group size) when `key` is the int32 codes of a pack-quantized INT4 weight
+    (`X.weight_packed` beside `X.weight_scale` and, usually, `X.weight_shape`); else None."""
+    if not (key.endswith(".weight" + INT_PACKED) and e.dtype == "I32"):
+        return None
+    base = key[: -len(INT_PACKED)]
+    if base + INT_ZERO in entries:
+        raise ReamLiteError(f"{e.path}: {key}: an asymmetric INT pack-quantized weight ({base}{INT_ZERO}); ream-lite "
+                            "reads symmetric INT4 only: use the unquantized release")
+    scale, shape = entries.get(base + INT_SCALE), entries.get(base + INT_SHAPE)
+    *lead, rows, words = e.shape if len(e.shape) >= 2 else (0, 0)
+    groups = scale.shape[-1] if scale is not None and scale.shape else 0
+    if (scale is None or not scale.dtype.startswith(("BF", "F")) or tuple(scale.shape[:-1]) != (*lead, rows)
+            or groups == 0 or (8 * words) % groups):
+        raise ReamLiteError(f"{e.path}: {key}: not an INT4 pack-quantized weight (needs {base}{INT_SCALE} float "
+                            f"[..., {rows}, in/group] with in = {8 * words})")
+    parts = {INT_PACKED: e, INT_SCALE: scale}
+    if shape is not None:
+        parts[INT_SHAPE] = shape
+    return base, parts, 8 * words // groups
 
 
 def _nvfp4_parts(key: str, e: TensorEntry, entries: dict[str, TensorEntry]
@@ -232,6 +269,10 @@ def decode(t: StoredTensor, parts: dict[str, torch.Tensor], dtype: torch.dtype |
         inverted = NV_SCALE_2 in t.parts
         codes = parts[NV_PACKED if NV_PACKED in t.parts else ""]
         return decode_nvfp4(codes, parts[NV_SCALE], parts[NV_SCALE_2 if inverted else NV_GLOBAL], inverted, dtype)
+    if t.encoding == "int4_pack":
+        from ream_lite.checkpoint.int4_pack import decode_int4
+
+        return decode_int4(parts[INT_PACKED], parts[INT_SCALE], dtype)
     if t.encoding == "ggml":
         from ream_lite.checkpoint.ggml_blocks import decode as decode_ggml
 
@@ -274,6 +315,14 @@ def encode(t: StoredTensor, name: str, value: torch.Tensor) -> dict[str, torch.T
                            compress_statistics=".nested_absmax" in t.parts)
     if t.encoding == "nvfp4":
         return _encode_nvfp4(t, name, value)
+    if t.encoding == "int4_pack":  # fresh group scales, in the input's scale dtype; the shape record as the input's
+        from ream_lite.checkpoint.int4_pack import encode_int4
+
+        codes, scales = encode_int4(value, t.block[0], t.parts[INT_SCALE].torch_dtype)
+        out = {name + INT_PACKED: codes, name + INT_SCALE: scales}
+        if INT_SHAPE in t.parts:
+            out[name + INT_SHAPE] = torch.tensor(value.shape, dtype=t.parts[INT_SHAPE].torch_dtype)
+        return out
     if t.encoding == "ggml":  # its llama.cpp type, by llama.cpp's reference quantizer (checkpoint/ggml_blocks.py)
         if getattr(t, "joined", None) is not None:  # one entry per GGUF tensor, each its own type (gguf.JoinedTensor)
             from ream_lite.checkpoint.gguf import encode_joined
