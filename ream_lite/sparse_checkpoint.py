@@ -22,19 +22,21 @@ from ream_lite.testing import _disk_names, fp8_quantization_config, is_fp8_relea
 
 def write_sparse_checkpoint(config, out: str | Path, dtype: torch.dtype = torch.bfloat16,
                             fp8_block: tuple[int, int] | None = None, model_type: str | None = None,
-                            mxfp4: bool = False) -> Path:
+                            mxfp4: bool = False, int4_group: int | None = None) -> Path:
     """One sparse `model.safetensors` + config.json for a transformers `config` (no tokenizer). `fp8_block`: as an
     FP8 block-scaled release (DeepSeek-V3, Kimi-K2): Linear weights of the layers in float8_e4m3fn with float32
     `weight_scale_inv` blocks, and the quantization_config. `model_type`: the name config.json gives (an alias
     such as kimi_k2). `mxfp4`: the fused routed experts as gpt-oss releases them (`*_blocks` + `*_scales`, the
-    transpose of the [E, in, out] tensor in blocks of 32 along `in`)."""
+    transpose of the [E, in, out] tensor in blocks of 32 along `in`). `int4_group`: the routed experts
+    compressed-tensors pack-quantized INT4 as the Kimi-K2-Thinking / K2.5 releases store them (`weight_packed`
+    int32 [out, in/8], bf16 `weight_scale` [out, in/group], `weight_shape`)."""
     with torch.device("meta"):
         skeleton = causal_lm_skeleton(config)
     entries, offset = {}, 0
     for name, t in skeleton.state_dict().items():
         if name == "lm_head.weight" and getattr(config, "tie_word_embeddings", False):
             continue
-        for disk_name, shape, _ in _disk_names(config.model_type, name, tuple(t.shape)):
+        for disk_name, shape, part in _disk_names(config.model_type, name, tuple(t.shape)):
             # as write_random_checkpoint: DeepSeek-style selection biases stay float32
             d = torch.float32 if "e_score_correction_bias" in disk_name else dtype
             parts = [(disk_name, d, shape)]
@@ -42,6 +44,11 @@ def write_sparse_checkpoint(config, out: str | Path, dtype: torch.dtype = torch.
                 e, k, n = shape  # [E, in, out]
                 parts = [(disk_name + "_blocks", torch.uint8, (e, n, k // 32, 16)),
                          (disk_name + "_scales", torch.uint8, (e, n, k // 32))]
+            elif int4_group is not None and part in ("gate", "up", "down"):
+                base = disk_name[: -len(".weight")]
+                parts = [(base + ".weight_packed", torch.int32, (shape[0], shape[1] // 8)),
+                         (base + ".weight_scale", torch.bfloat16, (shape[0], shape[1] // int4_group)),
+                         (base + ".weight_shape", torch.int32, (2,))]
             elif fp8_block is not None and is_fp8_release_weight(FAMILIES[config.model_type], disk_name, len(shape)):
                 parts = [(disk_name, torch.float8_e4m3fn, shape),
                          (disk_name + "_scale_inv", torch.float32, scale_shape(shape, fp8_block))]
@@ -63,6 +70,12 @@ def write_sparse_checkpoint(config, out: str | Path, dtype: torch.dtype = torch.
     if mxfp4:
         cfg["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
             "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+    if int4_group is not None:
+        weights = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": int4_group}
+        cfg["quantization_config"] = {
+            "quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
+            "config_groups": {"group_0": {"targets": [r"re:.*mlp\.experts\.\d+\.(gate|up|down)_proj$"],
+                                          "weights": weights}}, "ignore": ["lm_head"]}
     if model_type is not None:
         cfg["model_type"] = model_type
     (out / "config.json").write_text(json.dumps(cfg, indent=2, default=str) + "\n")

@@ -252,3 +252,46 @@ def test_apply_reproduces_compress_byte_for_byte(kimi, calib_file, tmp_path):
     a, b = digests(tmp_path / "out"), digests(tmp_path / "applied")
     weights = [k for k in a if k.endswith(".safetensors")]
     assert weights and all(a[k] == b[k] for k in weights)
+
+
+def test_kimi_k2_thinking_int4_real_shape_inspect_and_plan(tmp_path, monkeypatch):
+    """Kimi-K2-Thinking's real layer shapes in its INT4 release form (3 of its 61 layers, headers only): inspect
+    reads the family and the INT4 experts; planned for a 24 GB card at 384 -> 192 experts, REAP and paper REAM fit
+    it, reading the experts as stored (4.5 bits a weight: a quarter of bf16, plus the group scales)."""
+    import sys
+    from pathlib import Path
+
+    from click.testing import CliRunner
+
+    from ream_lite.cli import main
+    from ream_lite.engine.streamer import StreamOptions
+    from ream_lite.estimate import estimate_compression
+    from ream_lite.pipeline import CompressConfig, resolve_keep, validate
+    from ream_lite.sparse_checkpoint import write_sparse_checkpoint
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    from shapes import kimi_k2
+
+    src = write_sparse_checkpoint(kimi_k2(3), tmp_path / "k2t", model_type="kimi_k2", int4_group=32)
+    r = CliRunner().invoke(main, ["inspect", str(src), "--json"])
+    assert r.exit_code == 0, r.output
+    info = json.loads(r.output)
+    assert info["family"] == "deepseek_v3" and info["experts_per_layer"] == [384] and info["top_k"] == 8
+    layout = ModelLayout(str(src))
+    layout.require_decodable()
+    t = layout.reader.entry("model.layers.1.mlp.experts.5.down_proj.weight")
+    assert t.encoding == "int4_pack" and t.shape == (7168, 2048) and t.block == (32,)
+    per_expert = sum(layout.reader.entry(k).nbytes for k in layout.per_expert_keys(1, 0))
+    assert per_expert == 3 * (7168 * 2048 // 2 + 7168 * 2048 // 32 * 2) + 3 * 8  # codes, bf16 scales, shapes
+
+    for name in ("mem_get_info", "is_available", "synchronize", "get_device_properties"):  # (planned, not run)
+        monkeypatch.setattr(torch.cuda, name, lambda *a, **k: (_ for _ in ()).throw(AssertionError("CUDA called")))
+    budget = 24 * 1024**3
+    for kw in ({"method": "reap"}, {"method": "ream", "guard": "off"}):
+        cfg = CompressConfig(model=str(src), output=str(tmp_path / "out"), experts=192,
+                             stream=StreamOptions(device="cuda", max_gpu_memory=budget, progress=False), **kw)
+        n_keep = resolve_keep(layout, 192)
+        validate(layout, n_keep, cfg)
+        est = estimate_compression(layout, cfg, n_keep, measure=False)
+        assert est.peak_device_bytes <= budget, kw
+        assert [x.kind for x in est.layers] == ["dense", "moe", "moe"]
