@@ -4,13 +4,14 @@
 
 The testbed model (float32) is written as an FP8 block-scaled release (128 x 128 blocks, DeepSeek-style scales,
 `ream_lite.testing.convert_to_fp8`) and as an NVFP4 release (compressed-tensors nvfp4-pack-quantized,
-`convert_to_nvfp4`). Every model is evaluated on all of data/eval.jsonl against the float32 original (KL per
+`convert_to_nvfp4`) and with its routed experts in INT4 as the Kimi-K2-Thinking / K2.5 releases (compressed-tensors
+pack-quantized W4A16, groups of 32, `convert_to_int4`). Every model is evaluated on all of data/eval.jsonl against the float32 original (KL per
 predicted token, top-1 agreement, perplexity):
 
-- the FP8 and NVFP4 releases themselves (the cost of the format),
+- the FP8, NVFP4 and INT4 releases themselves (the cost of the format),
 - each method on the float32 model,
 - each method on the FP8 release, written back as FP8 (default) and decoded to bf16 (`--out-dtype bf16`),
-- each method on the NVFP4 release, written back as NVFP4,
+- each method on the NVFP4 release, written back as NVFP4, and on the INT4 release, written back as INT4,
 - each method on the float32 model with `--quantize nf4` (the attention weights in bitsandbytes 4-bit).
 
 `--sources` picks which of these compressions run (default all).
@@ -31,12 +32,13 @@ from pathlib import Path
 from ream_lite.engine.streamer import StreamOptions
 from ream_lite.evaluate import Evaluator
 from ream_lite.pipeline import CompressConfig, compress
-from ream_lite.testing import convert_to_fp8, convert_to_nvfp4
+from ream_lite.testing import convert_to_fp8, convert_to_int4, convert_to_nvfp4
 
 METHODS = {"reap": ("reap", {}), "ream": ("ream", {"guard": "off"}), "ream-guard": ("ream", {"guard": "group"})}
 # compressions per method: (input, compress options)
 SOURCES = {"float32": ("float32", {}), "FP8 -> FP8": ("fp8", {}), "FP8 -> bf16": ("fp8", {"out_dtype": "bf16"}),
-           "NVFP4 -> NVFP4": ("nvfp4", {}), "float32 -> nf4": ("float32", {"quantize": "nf4"})}
+           "NVFP4 -> NVFP4": ("nvfp4", {}), "INT4 -> INT4": ("int4", {}),
+           "float32 -> nf4": ("float32", {"quantize": "nf4"})}
 
 
 def main() -> None:
@@ -54,7 +56,7 @@ def main() -> None:
     opts = StreamOptions(device="cpu", progress=False)
     ev = Evaluator(str(data), str(model), reference=str(model), seq_len=256, options=opts)
     inputs = {"float32": model, "fp8": convert_to_fp8(model, work / "fp8", (128, 128)),
-              "nvfp4": convert_to_nvfp4(model, work / "nvfp4")}
+              "nvfp4": convert_to_nvfp4(model, work / "nvfp4"), "int4": convert_to_int4(model, work / "int4", group=32)}
     rows = []
 
     def measure(label: str, path: Path, secs: float | None = None) -> None:
@@ -68,6 +70,7 @@ def main() -> None:
     measure("float32 original", model)
     measure("FP8 release", inputs["fp8"])
     measure("NVFP4 release", inputs["nvfp4"])
+    measure("INT4 release (experts)", inputs["int4"])
     for label in args.methods:
         method, kw = METHODS[label]
         for src_name in args.sources:

@@ -295,3 +295,22 @@ def test_kimi_k2_thinking_int4_real_shape_inspect_and_plan(tmp_path, monkeypatch
         est = estimate_compression(layout, cfg, n_keep, measure=False)
         assert est.peak_device_bytes <= budget, kw
         assert [x.kind for x in est.layers] == ["dense", "moe", "moe"]
+
+
+@pytest.mark.parametrize("extra", ["weight_zero_point", "weight_g_idx"])
+def test_asymmetric_or_reordered_int4_is_refused(kimi, tmp_path, extra):
+    """A zero point (asymmetric) or a group index (GPTQ activation order) beside an INT4 weight changes what its codes
+    mean: refused when the checkpoint is opened, naming the tensor."""
+    from ream_lite.errors import ReamLiteError
+
+    _, _, int4 = kimi
+    d = tmp_path / "m"
+    d.mkdir()
+    for f in int4.iterdir():
+        if f.name != "model.safetensors":
+            (d / f.name).symlink_to(f)
+    sd = load_file(str(int4 / "model.safetensors"))
+    sd[f"language_model.model.layers.1.mlp.experts.0.up_proj.{extra}"] = torch.zeros(4, dtype=torch.int32)
+    save_file(sd, str(d / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ReamLiteError, match=f"experts.0.up_proj.{extra}"):
+        ModelLayout(str(d))

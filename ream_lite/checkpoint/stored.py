@@ -162,9 +162,10 @@ def _int4_parts(key: str, e: TensorEntry, entries: dict[str, TensorEntry]
     if not (key.endswith(".weight" + INT_PACKED) and e.dtype == "I32"):
         return None
     base = key[: -len(INT_PACKED)]
-    if base + INT_ZERO in entries:
-        raise ReamLiteError(f"{e.path}: {key}: an asymmetric INT pack-quantized weight ({base}{INT_ZERO}); ream-lite "
-                            "reads symmetric INT4 only: use the unquantized release")
+    for sfx, what in ((INT_ZERO, "an asymmetric"), ("_g_idx", "an activation-ordered (GPTQ actorder)")):
+        if base + sfx in entries:
+            raise ReamLiteError(f"{e.path}: {key}: {what} INT pack-quantized weight ({base}{sfx}); ream-lite reads "
+                                "symmetric INT4 in plain group order only: use the unquantized release")
     scale, shape = entries.get(base + INT_SCALE), entries.get(base + INT_SHAPE)
     *lead, rows, words = e.shape if len(e.shape) >= 2 else (0, 0)
     groups = scale.shape[-1] if scale is not None and scale.shape else 0
