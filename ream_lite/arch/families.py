@@ -116,6 +116,14 @@ QWEN3_VL_MOE_TEXT = ArchSpec(
     "stores them",
 )
 
+QWEN3_OMNI_MOE_TEXT = replace(
+    QWEN3_MOE, model_type="qwen3_omni_moe_text",
+    notes="Qwen3-Omni's thinker text model (compressed inside its qwen3_omni_moe release, config at "
+    "thinker_config.text_config): Qwen3-MoE's router and experts, multimodal rotary (text positions: all sections "
+    "equal); the audio and vision towers, the talker (an MoE of its own, trained on the thinker's hidden states) "
+    "and code2wav copied unchanged",
+)
+
 LLAMA4_TEXT = ArchSpec(
     model_type="llama4_text",
     num_experts_keys=("num_local_experts",),
@@ -383,7 +391,7 @@ JAMBA = ArchSpec(
 
 FAMILIES: dict[str, ArchSpec] = {}
 for _spec in (QWEN3_MOE, QWEN2_MOE, MIXTRAL, OLMOE, DEEPSEEK_V3, GLM4_MOE, QWEN3_NEXT, QWEN3_5_MOE_TEXT,
-              QWEN3_VL_MOE_TEXT, LLAMA4_TEXT, GPT_OSS, ERNIE4_5_MOE, PHIMOE, GRANITEMOE, GRANITEMOESHARED, GRANITEMOEHYBRID,
+              QWEN3_VL_MOE_TEXT, QWEN3_OMNI_MOE_TEXT, LLAMA4_TEXT, GPT_OSS, ERNIE4_5_MOE, PHIMOE, GRANITEMOE, GRANITEMOESHARED, GRANITEMOEHYBRID,
               HUNYUAN_V1_MOE, MINIMAX_M2, MINIMAX, DOTS1, GLM4_MOE_LITE, DEEPSEEK_V32, GLM_MOE_DSA, DEEPSEEK_V2, JAMBA,
               EXAONE_MOE, SOLAR_OPEN, KIMI_LINEAR, FLEX_OLMO,
               BAILING_HYBRID):

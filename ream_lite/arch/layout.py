@@ -23,9 +23,14 @@ _DENSE_HINT = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3"
 # compressed as that family (its config is the wrapper's text_config, its keys under the language-model prefix found
 # in the checkpoint); the vision tower and projector are non-layer tensors, copied unchanged
 MULTIMODAL_WRAPPERS = {"llama4": "llama4_text", "qwen3_5_moe": "qwen3_5_moe_text", "qwen3_vl_moe": "qwen3_vl_moe_text",
-                       "kimi_k25": "deepseek_v3"}  # (Kimi-K2.5 / K2.6: a text_config of model_type kimi_k2)
+                       "kimi_k25": "deepseek_v3",  # (Kimi-K2.5 / K2.6: a text_config of model_type kimi_k2)
+                       "qwen3_omni_moe": "qwen3_omni_moe_text"}
+# where a wrapper's config.json holds its text model's config (default: text_config): Qwen3-Omni's thinker holds it,
+# beside its talker (an MoE of its own, copied unchanged)
+TEXT_CONFIG_PATH = {"qwen3_omni_moe": ("thinker_config", "text_config")}
 # wrapper config keys a text_config inherits when it lacks them (the wrappers write dtype and quantization at the top)
 _INHERITED_KEYS = ("dtype", "torch_dtype", "quantization_config")
+_ABSENT = object()
 
 
 log = logging.getLogger(__name__)
@@ -55,23 +60,27 @@ def fp8_block_size(config: dict) -> tuple[int, int] | None:
     raise ReamLiteError(f"quantization_config: FP8 block size {block!r} is not two positive integers ([128, 128])")
 
 
-def split_multimodal_config(config: dict, where: str = "model") -> tuple[dict, dict | None, tuple[str, ...]]:
+def split_multimodal_config(config: dict, where: str = "model") -> tuple[dict, dict | None, dict]:
     """(the config the text model is compressed by, the multimodal wrapper's config or None, the keys the first took
     from the wrapper). For a wrapper (MULTIMODAL_WRAPPERS): its text_config, with the wrapper's dtype and
     quantization_config where the text_config lacks them; any other config is returned as it is."""
     text_type = MULTIMODAL_WRAPPERS.get(config.get("model_type"))
     if text_type is None:
         return config, None, ()
-    text = config.get("text_config")
+    path = TEXT_CONFIG_PATH.get(config["model_type"], ("text_config",))
+    text = config
+    for key in path:
+        text = text.get(key) if isinstance(text, dict) else None
     if not isinstance(text, dict) or not text.get("num_hidden_layers"):
-        raise ReamLiteError(f"{where}: the multimodal '{config['model_type']}' config.json has no text_config "
-                            "describing its language model")
+        raise ReamLiteError(f"{where}: the multimodal '{config['model_type']}' config.json has no "
+                            f"{'.'.join(path)} describing its language model")
     if FAMILIES.get(text.get("model_type", text_type)) is not FAMILIES[text_type]:  # (an alias is the family)
         raise ReamLiteError(f"{where}: the multimodal '{config['model_type']}' config.json has a text_config of "
                             f"model_type '{text['model_type']}'; expected '{text_type}'")
     text = dict(text)
-    inherited = tuple(k for k in ("model_type", *_INHERITED_KEYS) if k not in text and
-                      (k == "model_type" or config.get(k) is not None))
+    # key -> what the text config held (absent, or null as transformers writes a nested config's unset dtype)
+    inherited = {k: text.get(k, _ABSENT) for k in ("model_type", *_INHERITED_KEYS) if text.get(k) is None and
+                 (k == "model_type" or config.get(k) is not None)}
     for k in inherited:
         text[k] = text_type if k == "model_type" else config[k]
     return text, config, inherited
@@ -247,7 +256,15 @@ class ModelLayout:
         the wrapper's config with `text`, less what it took from the wrapper, as its text_config."""
         if self.wrapper_config is None:
             return text
-        return {**self.wrapper_config, "text_config": {k: v for k, v in text.items() if k not in self._inherited}}
+        path = TEXT_CONFIG_PATH.get(self.wrapper_config["model_type"], ("text_config",))
+        inner = {k: v for k, v in text.items() if k not in self._inherited}
+        inner.update({k: v for k, v in self._inherited.items() if v is not _ABSENT})
+        for i in range(len(path) - 1, -1, -1):  # each level a copy: the wrapper's own dicts are never edited
+            level = self.wrapper_config
+            for key in path[:i]:
+                level = level[key]
+            inner = {**level, path[i]: inner}
+        return inner
 
     # -- keys ---------------------------------------------------------------------------------------------------
     def layer_prefix(self, layer: int) -> str:
