@@ -76,6 +76,25 @@ def kimi_k2(num_layers: int, dense_layers: int | None = None):
     )
 
 
+def nemotron_3_nano(num_layers: int, dense_layers: int | None = None):
+    """Nemotron-3 Nano 30B-A3B (nemotron_h): hidden 2688, 52 layers as released (23 Mamba-2, 23 MoE, 6 attention),
+    128 ungated (ReLU^2) experts of 1856 + one shared of 3712, top-6, sigmoid routing scaled 2.5, attention 32 q / 2
+    kv heads of 128 without rotary, Mamba-2 64 heads of 64 (state 128, 8 groups), vocab 131072. `num_layers` takes
+    the first layers of the release's pattern (Mamba, MoE, Mamba, MoE, ...: `dense_layers` is not used; the first MoE
+    layer is layer 1)."""
+    from transformers import NemotronHConfig
+
+    pattern = ("linear_attention", "moe") * 2 + ("full_attention",)
+    return NemotronHConfig(
+        vocab_size=131072, hidden_size=2688, num_attention_heads=32, num_key_value_heads=2, head_dim=128,
+        intermediate_size=1856, n_routed_experts=128, moe_intermediate_size=1856,
+        moe_shared_expert_intermediate_size=3712, num_experts_per_tok=6, n_group=1, topk_group=1,
+        routed_scaling_factor=2.5, norm_topk_prob=True, mamba_num_heads=64, mamba_head_dim=64, ssm_state_size=128,
+        n_groups=8, expand=2, conv_kernel=4, layers_block_type=[pattern[i % len(pattern)] for i in range(num_layers)],
+        max_position_embeddings=262144, tie_word_embeddings=False,
+    )
+
+
 def gpt_oss_120b(num_layers: int, dense_layers: int | None = None):
     """gpt-oss-120b: hidden 2880, 128 experts x 2880 (biases, clamped SwiGLU), top-4, 64 q / 8 kv heads of 64 with
     sinks, sliding window 128 on every other layer, vocab 201088; released with MXFP4 experts (synth: --mxfp4 is
@@ -124,8 +143,9 @@ SHAPES = {
     "gpt-oss-120b": gpt_oss_120b,
     "glm-4.5-air": glm_45_air,
     "glm-5": glm_5,
+    "nemotron-3-nano": nemotron_3_nano,
 }
 
 # the released models' decoder layer counts, for projections to the full model
 FULL_LAYERS = {"qwen3-30b-a3b": 48, "qwen3-next-80b": 48, "deepseek-v3": 61, "kimi-k2": 61, "gpt-oss-120b": 36,
-               "glm-4.5-air": 46, "glm-5": 78}
+               "glm-4.5-air": 46, "glm-5": 78, "nemotron-3-nano": 52}

@@ -36,8 +36,14 @@ def save_char_tokenizer(directory: str | Path, vocab_size: int) -> None:
 def _disk_names(model_type: str, name: str, shape: tuple[int, ...]) -> list[tuple[str, tuple[int, ...], str]]:
     """In-memory parameter -> on-disk tensors (name, shape, part) as save_pretrained writes them."""
     spec = FAMILIES[model_type]
+    for memory, disk in spec.disk_renames:  # (Nemotron-H's backbone.*, Kimi-Linear's block_sparse_moe ...)
+        name = name.replace(memory, disk)
     if spec.fused_input_major and spec.moe_disk == spec.moe_attr:  # (Llama-4: save_pretrained keeps them fused)
         return [(name, shape, "")]
+    if name.endswith(".experts.up_proj") and not spec.gated_experts:  # ungated experts: up [E, I, H]
+        prefix = name[: -len(".experts.up_proj")].replace(f".{spec.moe_attr}", f".{spec.moe_disk}", 1)
+        n, i, h = shape
+        return [(f"{prefix}.experts.{e}.{spec.expert_proj_names[1]}.weight", (i, h), "up") for e in range(n)]
     if name.endswith(".experts.gate_up_proj"):
         prefix = name[: -len(".experts.gate_up_proj")].replace(f".{spec.moe_attr}", f".{spec.moe_disk}", 1)
         n, two_i, h = shape

@@ -102,7 +102,7 @@ def _write_layer(writer, layout, layer, plan, merged, stored_experts) -> None:
         for pos, e in enumerate(kept):
             old, new = layout.per_expert_keys(layer, e), layout.per_expert_keys(layer, pos)
             if e in merged:
-                for name, o, t in zip(new, old, merged[e]):
+                for name, o, t in zip(new, old, layout.stored_parts(merged[e])):
                     writer.add_like(name, t, r.entry(o))
             elif stored_experts is not None:  # the stored bytes, from the layer's expert cache: not read again
                 for name, o, parts in zip(new, old, stored_experts(e)):
@@ -324,7 +324,7 @@ def refit_experts(layout: ModelLayout, source: ModelLayout | None, plan: LayerPl
         # give them back): a GGUF tensor's blocks, an INT4 weight's codes, scales and shape record
         r = source.reader
         for e, values in out.items():
-            for name, v in zip(source.per_expert_keys(plan.layer, plan.kept.index(e)), values):
+            for name, v in zip(source.per_expert_keys(plan.layer, plan.kept.index(e)), source.stored_parts(values)):
                 t = r.entry(name)
                 parts = {name: r.read_part(t.main)} if source.gguf else \
                     {t.part_name(sfx): r.read_part(p) for sfx, p in t.parts.items()}

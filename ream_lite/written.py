@@ -32,7 +32,8 @@ def merged_as_written(
     if layout.layers[layer].expert_storage == "per_expert":
         # encoded like the centroid's stored tensors, under the output's names (what --quantize decides by)
         likes, names = layout.per_expert_keys(layer, centroid), layout.per_expert_keys(layer, position)
-        return tuple(output.readback(t, r.entry(o), k, dtype) for t, o, k in zip(tensors, likes, names))
+        return layout.canonical_parts(tuple(output.readback(t, r.entry(o), k, dtype)
+                                            for t, o, k in zip(layout.stored_parts(tensors), likes, names)))
     # each fused tensor's slab as the family stores it (orientation, gate/up interleave, biases: arch/fused.py),
     # read back as written, then unpacked into the canonical layout again
     spec = layout.spec

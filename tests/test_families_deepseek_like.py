@@ -190,3 +190,81 @@ def test_mtp_layer_without_its_input_parts_is_refused_up_front(calib_file, tmp_p
     run(*args, "--drop-mtp")
     with CheckpointReader(tmp_path / "out") as out:
         assert not any(k.startswith("model.layers.3.") for k in out.keys())
+
+
+def test_nemotron_h_ungated_experts_match_transformers(model_dirs):
+    """Nemotron-H's experts have no gate: held with a gate of zero inputs, each expert's output is transformers'
+    experts module's down(relu^2(up x)), and the stored weights are up / down only."""
+    from ream_lite.arch import ModelLayout
+    from ream_lite.engine.experts import expert_output, load_experts
+    from ream_lite.engine.streamer import LayerStreamer, StreamOptions
+
+    model, d = model_dirs["nemotron_h"]
+    layout = ModelLayout(str(d))
+    assert [x.index for x in layout.moe_layers] == [1, 3] and layout.spec.gated_experts is False
+    assert layout.per_expert_keys(1, 5) == ("backbone.layers.1.mixer.experts.5.up_proj.weight",
+                                            "backbone.layers.1.mixer.experts.5.down_proj.weight")
+    s = LayerStreamer(layout, StreamOptions(dtype=torch.float32, progress=False))
+    x = torch.randn(40, 32, generator=torch.Generator().manual_seed(0))
+    experts = model.model.layers[1].mixer.experts
+    w = load_experts(layout, 1, list(range(16)), torch.float32, "cpu")
+    assert w.gate.shape == (16, 16, 0) and torch.equal(w.up, experts.up_proj) and torch.equal(w.down, experts.down_proj)
+    one = torch.ones(40, 1)
+    with torch.no_grad():
+        for e in range(16):
+            torch.testing.assert_close(expert_output(w, e, x, s.layer_act(1)), experts(x, torch.full((40, 1), e), one),
+                                       atol=1e-5, rtol=1e-5)
+
+
+def test_nemotron_h_guarded_ream_streams_as_transformers_runs_it(model_dirs, calib_file, tmp_path):
+    """Paper REAM merges ungated experts (aligned on their up / down neurons): transformers loads the output and its
+    forward equals the streamer's; the config.json written has no num_hidden_layers (the release derives it from
+    layers_block_type). (The default's guard and refit run on them in test_merged_output_loads_and_generates.)"""
+    from test_streamer import assert_loads_and_streams_as_transformers_runs_it
+
+    model, src = model_dirs["nemotron_h"]
+    run("compress", src, tmp_path / "out", "--experts", 8, "--method", "ream", "--guard", "off", "--calib",
+        calib_file, "--seq-len", 32, "--num-sequences", 12, "--device", "cpu")
+    plan = json.loads((tmp_path / "out" / "ream_plan.json").read_text())
+    assert any(len(g["members"]) > 1 for L in plan["layers"] for g in L["groups"].values())
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert "num_hidden_layers" not in cfg and cfg["n_routed_experts"] == 8
+    assert_loads_and_streams_as_transformers_runs_it(tmp_path / "out", model, AutoModelForCausalLM)
+
+
+def test_nemotron_3_nano_real_shape_inspect_and_plan(tmp_path, monkeypatch):
+    """Nemotron-3 Nano's real layer shapes (5 of its 52 layers: Mamba, MoE, Mamba, MoE, attention; headers only):
+    inspect reads the family, its ungated experts and router; planned for a 24 GB card at 128 -> 64 experts, the
+    default fits; a latent-MoE variant (Nemotron-3 Super) is refused in one line."""
+    from ream_lite.arch import ModelLayout
+    from ream_lite.engine.streamer import StreamOptions
+    from ream_lite.errors import ReamLiteError
+    from ream_lite.estimate import estimate_compression
+    from ream_lite.pipeline import CompressConfig, resolve_keep, validate
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    from shapes import nemotron_3_nano
+
+    src = write_sparse_checkpoint(nemotron_3_nano(5), tmp_path / "nano")
+    info = json.loads(run("inspect", src, "--json").output)
+    assert info["family"] == "nemotron_h" and info["experts_per_layer"] == [128] and info["top_k"] == 6
+    assert info["router"]["kind"] == "sigmoid_grouped_topk" and info["router"]["scaling"] == 2.5
+    assert info["expert_intermediate_size"] == 1856
+    layout = ModelLayout(str(src))
+    assert [x.index for x in layout.moe_layers] == [1, 3]
+    per_expert = sum(layout.reader.entry(k).nbytes for k in layout.per_expert_keys(1, 0))
+    assert per_expert == 2 * 1856 * 2688 * 2  # up and down in bf16, no gate
+
+    for name in ("mem_get_info", "is_available", "synchronize", "get_device_properties"):  # (planned, not run)
+        monkeypatch.setattr(torch.cuda, name, lambda *a, **k: (_ for _ in ()).throw(AssertionError("CUDA called")))
+    cfg = CompressConfig(model=str(src), output=str(tmp_path / "out"), experts=64,
+                         stream=StreamOptions(device="cuda", max_gpu_memory=24 * GiB, progress=False))
+    validate(layout, resolve_keep(layout, 64), cfg)
+    est = estimate_compression(layout, cfg, resolve_keep(layout, 64), measure=False)
+    assert est.peak_device_bytes <= 24 * GiB
+
+    c = json.loads((src / "config.json").read_text())
+    c["moe_latent_size"] = 1024
+    (src / "config.json").write_text(json.dumps(c))
+    with pytest.raises(ReamLiteError, match="moe_latent_size"):
+        ModelLayout(str(src))

@@ -132,6 +132,14 @@ def _more_family_config(tf, family: str):
                                       qk_nope_head_dim=8, v_head_dim=8, head_dim=8, layer_group_size=2,
                                       short_conv_kernel_size=3, swiglu_limits=[0, 0.5, 0],
                                       swiglu_limits_shared=[0, 0.7, 0])
+    if family == "nemotron_h":  # Mamba-2, MoE, attention, MoE, MLP: ungated (ReLU^2) experts, group-limited sigmoid
+        c = {k: v for k, v in COMMON.items() if k != "num_hidden_layers"}
+        return tf.NemotronHConfig(**c, head_dim=8, intermediate_size=48, moe_intermediate_size=16,
+                                  moe_shared_expert_intermediate_size=24, n_routed_experts=16, num_experts_per_tok=2,
+                                  n_group=4, topk_group=2, n_shared_experts=1, routed_scaling_factor=2.5,
+                                  norm_topk_prob=True, mamba_num_heads=4, mamba_head_dim=16, ssm_state_size=8,
+                                  n_groups=1, conv_kernel=3, chunk_size=8, expand=2,
+                                  layers_block_type=["linear_attention", "moe", "full_attention", "moe", "mlp"])
     if family == "flex_olmo":  # post-norm: the MoE output is normed before the residual add
         return tf.FlexOlmoConfig(**COMMON, intermediate_size=16, num_experts=8, num_experts_per_tok=2)
     return _deepseek_like_config(tf, family)
@@ -182,7 +190,7 @@ MORE_FAMILIES = ["ernie4_5_moe", "phimoe", "granitemoe", "granitemoeshared", "gr
                  "minimax_m2", "minimax", "jamba", "flex_olmo"]
 # DeepSeek-V3's MoE under other attention (tests/test_families_deepseek_like.py)
 DEEPSEEK_LIKE = ["dots1", "glm4_moe_lite", "deepseek_v32", "glm_moe_dsa", "deepseek_v2", "exaone_moe", "solar_open",
-                 "kimi_linear", "bailing_hybrid"]
+                 "kimi_linear", "bailing_hybrid", "nemotron_h"]
 FAMILIES += MORE_FAMILIES + DEEPSEEK_LIKE
 
 

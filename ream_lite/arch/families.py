@@ -374,6 +374,20 @@ BAILING_HYBRID = replace(
     "convolutions apart, stacked on read as transformers loads them); MTP layers as DeepSeek-V3's where present",
 )
 
+NEMOTRON_H = replace(
+    _DEEPSEEK_MOE, model_type="nemotron_h", num_experts_keys=("n_routed_experts", "num_local_experts"),
+    layers_prefix="backbone.layers", embed_key="backbone.embeddings.weight", final_norm_key="backbone.norm_f.weight",
+    moe_attr="mixer", moe_disk="mixer", expert_proj_names=(None, "up_proj", "down_proj"), expert_act="ungated",
+    hidden_act_key="mlp_hidden_act", mtp_layers_key=None, mask_by_layer_type=True, derived_keys=("num_hidden_layers",),
+    disk_renames=(("model.", "backbone."),),
+    unsupported_keys=(("moe_latent_size", "the MoE runs its experts in a latent space (fc1 / fc2_latent_proj around "
+                       "them, Nemotron-3 Super); ream-lite runs experts on the block's input only"),),
+    notes="Nemotron-H / Nemotron-3 Nano: DeepSeek-V3's router (float32 sigmoid + e_score_correction_bias, "
+    "group-limited top-k, renormalised, routed_scaling_factor) over UNGATED experts, down(act(up x)) with "
+    "mlp_hidden_act (ReLU^2), and an ungated shared expert; Mamba-2, attention (no rotary), MLP and MoE layers per "
+    "layers_block_type (each a pre-normed `mixer` with a residual), under the release's backbone.* names",
+)
+
 JAMBA = ArchSpec(
     model_type="jamba",
     num_experts_keys=("num_experts", "num_local_experts"),
@@ -394,7 +408,7 @@ for _spec in (QWEN3_MOE, QWEN2_MOE, MIXTRAL, OLMOE, DEEPSEEK_V3, GLM4_MOE, QWEN3
               QWEN3_VL_MOE_TEXT, QWEN3_OMNI_MOE_TEXT, LLAMA4_TEXT, GPT_OSS, ERNIE4_5_MOE, PHIMOE, GRANITEMOE, GRANITEMOESHARED, GRANITEMOEHYBRID,
               HUNYUAN_V1_MOE, MINIMAX_M2, MINIMAX, DOTS1, GLM4_MOE_LITE, DEEPSEEK_V32, GLM_MOE_DSA, DEEPSEEK_V2, JAMBA,
               EXAONE_MOE, SOLAR_OPEN, KIMI_LINEAR, FLEX_OLMO,
-              BAILING_HYBRID):
+              BAILING_HYBRID, NEMOTRON_H):
     FAMILIES[_spec.model_type] = _spec
     for _alias in _spec.aliases:
         FAMILIES[_alias] = _spec

@@ -199,6 +199,16 @@ class ModelLayout:
         self.spec: ArchSpec = detect_spec(self.config, str(self.path))
         self.trust_remote_code = trust_remote_code
         require_trusted_code(self.config, str(self.path), trust_remote_code)
+        self._derived: set[str] = set()
+        for key in self.spec.derived_keys:
+            if self.config.get(key) is None:
+                try:
+                    value = getattr(self.hf_config(), key, None)
+                except ReamLiteError:
+                    value = None  # (check_config then names what is missing)
+                if value is not None:
+                    self.config = {**self.config, key: value}
+                    self._derived.add(key)
         if not self.gguf:
             self.reader = CheckpointReader(self.path, fp8_block=fp8_block_size(self.config))
         if self.wrapper_config is not None:
@@ -206,6 +216,9 @@ class ModelLayout:
         if self.spec.fused_orientation_from_shapes:
             self.spec = self._fused_orientation(self.spec)
         check_config(self.config, self.spec, {k: t.shape for k, t in self.reader.tensors.items()}, str(self.path))
+        for key, why in self.spec.unsupported_keys:
+            if self.config.get(key) is not None:
+                raise ReamLiteError(f"{self.path}: config.json {key} = {self.config[key]!r}: {why}")
         self.num_layers = int(self.config["num_hidden_layers"])
         extra = int(self.config.get(self.spec.mtp_layers_key, 0) or 0) if self.spec.mtp_layers_key else 0
         # MTP layers are listed only when the checkpoint really has them (transformers' save_pretrained drops them)
@@ -254,6 +267,7 @@ class ModelLayout:
     def wrap_config(self, text: dict) -> dict:
         """config.json for an output: `text` (an edited copy of `config`) as it is, or, for a multimodal checkpoint,
         the wrapper's config with `text`, less what it took from the wrapper, as its text_config."""
+        text = {k: v for k, v in text.items() if k not in self._derived}
         if self.wrapper_config is None:
             return text
         path = TEXT_CONFIG_PATH.get(self.wrapper_config["model_type"], ("text_config",))
@@ -277,9 +291,23 @@ class ModelLayout:
     def moe_key(self, layer: int, rel: str) -> str:
         return f"{self.layer_prefix(layer)}.{self.spec.moe_disk}.{rel}"
 
-    def per_expert_keys(self, layer: int, expert: int) -> tuple[str, str, str]:
+    def per_expert_keys(self, layer: int, expert: int) -> tuple[str, ...]:
+        """The stored weights of one expert: (gate, up, down), or (up, down) for ungated experts."""
         ep = self.spec.experts_prefix
-        return tuple(self.moe_key(layer, f"{ep}.{expert}.{n}.weight") for n in self.spec.expert_proj_names)  # type: ignore[return-value]
+        return tuple(self.moe_key(layer, f"{ep}.{expert}.{n}.weight") for n in self.spec.expert_proj_names
+                     if n is not None)
+
+    def stored_parts(self, parts: tuple) -> tuple:
+        """An expert's canonical (gate, up, down) as its stored weights are listed (`per_expert_keys`): without the
+        zero-input gate of ungated experts."""
+        return tuple(parts) if self.spec.gated_experts else tuple(parts[1:])
+
+    def canonical_parts(self, parts: tuple) -> tuple:
+        """Inverse of `stored_parts`: an ungated expert's (up, down) with its zero-input gate [..., I, 0] in front."""
+        if self.spec.gated_experts:
+            return tuple(parts)
+        up = parts[0]
+        return (up.new_empty((*up.shape[:-1], 0)), *parts)
 
     def fused_keys(self, layer: int) -> tuple[str, str]:
         return self._fused_key(layer, self.spec.fused_gate_up), self._fused_key(layer, self.spec.fused_down)
@@ -319,6 +347,9 @@ class ModelLayout:
             return LayerLayout(i, prefix, False, "none", 0, is_mtp)
         n = self.reader.shape(self.moe_key(i, self.spec.router_weight))[0]
         gu, down = self.fused_keys(i)
+        if gu in self.reader and down in self.reader and not self.spec.gated_experts:
+            raise ReamLiteError(f"{self.path}: layer {i}: ungated experts stored fused ({gu}); ream-lite reads them "
+                                "per expert, as the releases and transformers' save_pretrained store them")
         if gu in self.reader and down in self.reader:
             storage = "fused"
             if self.reader.shape(gu)[0] != n or self.reader.shape(down)[0] != n:

@@ -54,8 +54,9 @@ class ArchSpec:
     router_weight: str = "gate.weight"  # relative to the MoE block
     router_bias: str | None = None  # e_score_correction_bias (selection-only bias), relative to the block
     experts_prefix: str = "experts"
-    # per-expert on-disk projection names: (gate, up, down), keys `{experts_prefix}.{e}.{name}.weight`
-    expert_proj_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
+    # per-expert on-disk projection names: (gate, up, down), keys `{experts_prefix}.{e}.{name}.weight`; a gate of
+    # None: ungated experts, down(act(up x)) (Nemotron-H), held with a gate of zero inputs (engine/experts.py)
+    expert_proj_names: tuple[str | None, str, str] = ("gate_proj", "up_proj", "down_proj")
     # fused on-disk layout: `{experts_prefix}.gate_up_proj` [E, 2I, H] (gate rows then up rows) and
     # `{experts_prefix}.down_proj` [E, H, I], as transformers holds them in memory
     fused_gate_up: str = "gate_up_proj"
@@ -137,8 +138,19 @@ class ArchSpec:
     moe_post_norm: str | None = None
     embedding_scale_key: str | None = None
     logits_divisor_key: str | None = None
+    # the config key of the experts' activation (Nemotron-H: mlp_hidden_act)
+    hidden_act_key: str = "hidden_act"
+    # config keys the transformers config class derives when config.json leaves them out (Nemotron-H:
+    # num_hidden_layers from layers_block_type): read from it, never written to the output's config.json
+    derived_keys: tuple[str, ...] = ()
+    # config keys whose non-null value describes a variant ream-lite does not run: (key, why)
+    unsupported_keys: tuple[tuple[str, str], ...] = ()
     notes: str = ""
     aliases: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def gated_experts(self) -> bool:
+        return self.expert_proj_names[0] is not None
 
     def num_experts(self, config: dict) -> int:
         for key in self.num_experts_keys:

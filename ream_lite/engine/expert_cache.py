@@ -76,7 +76,7 @@ class LayerExpertCache:
     encoded checkpoint, its stored parts beside them: `keeps_encoded`)."""
 
     def __init__(self, layout: ModelLayout, layer: int, dtype: torch.dtype, device: torch.device | str):
-        self.layer, self.dtype, self.device = layer, dtype, device
+        self.layer, self.dtype, self.device, self.layout = layer, dtype, device, layout
         n = layout.layers[layer].num_experts
         self.encoded: list[list[tuple[StoredTensor, dict[str, torch.Tensor]]]] | None = None
         if keeps_encoded(layout, layer):
@@ -96,7 +96,7 @@ class LayerExpertCache:
         for j, e in enumerate(ids):
             for dst, (t, parts) in zip(out, self.encoded[e]):
                 dst[j].copy_(stored.decode(t, parts, dtype))
-        return ExpertWeights(list(ids), *out)
+        return ExpertWeights(list(ids), *self.layout.canonical_parts(tuple(out)))
 
     @property
     def nbytes(self) -> int:
@@ -114,7 +114,7 @@ class LayerExpertCache:
         assert self.as_stored
         if self.encoded is not None:
             return [parts for _, parts in self.encoded[e]]
-        return [{"": t} for t in self.weights.expert(e)]
+        return [{"": t} for t in self.layout.stored_parts(self.weights.expert(e))]
 
     def take(self, ids: list[int], dtype: torch.dtype, copy: bool = False) -> ExpertWeights:
         """Experts `ids` in `dtype`: views of the cache for a contiguous run in its own dtype (no copy; read-only, so

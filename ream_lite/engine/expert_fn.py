@@ -67,9 +67,10 @@ def expert_activation(spec: ArchSpec, hf_config, layer: int = 0) -> Callable:
 
     if spec.expert_act == "clamped_swiglu":
         return ClampedSwiGLU(hf_config.swiglu_alpha, hf_config.swiglu_limit)
-    if spec.expert_act == "swiglu":
-        return ACT2FN[hf_config.hidden_act]
+    if spec.expert_act == "swiglu" or spec.expert_act == "ungated":  # (ungated: act(up), expert_intermediate)
+        return ACT2FN[getattr(hf_config, spec.hidden_act_key)]
     if spec.expert_act == "swiglu_layer_clamp":  # (spec.expert_limits_key names the per-layer list)
+        act = ACT2FN[getattr(hf_config, spec.hidden_act_key)]
         limit = layer_limit(hf_config, spec.expert_limits_key, layer)
-        return ClampedAfterAct(ACT2FN[hf_config.hidden_act], limit) if limit else ACT2FN[hf_config.hidden_act]
+        return ClampedAfterAct(act, limit) if limit else act
     raise ReamLiteError(f"{spec.model_type}: unknown expert activation '{spec.expert_act}'")

@@ -87,9 +87,9 @@ def _load_experts(layout: ModelLayout, layer: int, ids: list[int], dtype: torch.
                 j += e - s
         return w
     g0 = r.shape(layout.per_expert_keys(layer, ids[0])[0]) if n else (0, 0)
-    w = _empty_chunk(ids, g0[0], g0[1], dtype, device)
+    w = _empty_chunk(ids, g0[0], g0[1], dtype, device, gated=layout.spec.gated_experts)
     for j, e in enumerate(ids):
-        for dst, key in zip((w.gate, w.up, w.down), layout.per_expert_keys(layer, e)):
+        for dst, key in zip(layout.stored_parts((w.gate, w.up, w.down)), layout.per_expert_keys(layer, e)):
             # (decoded where it is used: FP8 / bnb codes cross to the GPU, not their 2-4x larger values)
             dst[j].copy_(r.get(key, dtype=dtype, device=device))
     return w
@@ -98,10 +98,10 @@ def _load_experts(layout: ModelLayout, layer: int, ids: list[int], dtype: torch.
 READ_BLOCK_BYTES = 64 * 1024**2
 
 
-def _empty_chunk(ids: list[int], inter: int, hidden: int, dtype: torch.dtype, device, bias: bool = False
-                 ) -> ExpertWeights:
+def _empty_chunk(ids: list[int], inter: int, hidden: int, dtype: torch.dtype, device, bias: bool = False,
+                 gated: bool = True) -> ExpertWeights:
     n = len(ids)
-    shapes = [(n, inter, hidden), (n, inter, hidden), (n, hidden, inter)]
+    shapes = [(n, inter, hidden if gated else 0), (n, inter, hidden), (n, hidden, inter)]
     if bias:
         shapes += [(n, inter), (n, inter), (n, hidden)]
     return ExpertWeights(list(ids), *(torch.empty(s, dtype=dtype, device=device) for s in shapes))
@@ -133,9 +133,13 @@ def _row(t: torch.Tensor | None, j: int) -> torch.Tensor | None:
 
 def expert_intermediate(w: ExpertWeights, j: int, x: torch.Tensor, act: Callable) -> torch.Tensor:
     """a_j(x) = act(W_gate x + b_gate) * (W_up x + b_up) for the j-th expert of the chunk: [T, I]. An `act` with a
-    `glu(gate, up)` method (engine/expert_fn.py: gpt_oss's clamped SwiGLU) combines the two projections itself."""
-    gate = F.linear(x, w.gate[j], _row(w.gate_bias, j))
+    `glu(gate, up)` method (engine/expert_fn.py: gpt_oss's clamped SwiGLU) combines the two projections itself.
+    Ungated experts (Nemotron-H) hold a gate of zero inputs: a_j(x) = act(W_up x). (Everything that aligns, merges,
+    caches or permutes experts treats that gate as any other part: it has no columns to move.)"""
     up = F.linear(x, w.up[j], _row(w.up_bias, j))
+    if w.gate.shape[-1] == 0:
+        return act(up)
+    gate = F.linear(x, w.gate[j], _row(w.gate_bias, j))
     glu = getattr(act, "glu", None)
     return glu(gate, up) if glu is not None else act(gate) * up
 

@@ -393,6 +393,8 @@ class LayerStreamer:
                     "linear_attention": "create_recurrent_attention_mask"}
         types = list(getattr(self.hf_config, "layer_types", None) or [])
         kind = types[layer] if layer < len(types) else "full_attention"
+        if kind in ("moe", "mlp"):  # (Nemotron-H types its feed-forward-only layers: they take no mask)
+            return lambda **_: None
         fn = getattr(mu, builders.get(kind, ""), None)
         if fn is None:
             raise ReamLiteError(f"layer {layer}: attention type '{kind}' has no mask builder in this transformers")
