@@ -128,7 +128,7 @@ class HeldOutJudge:
     def __init__(self, streamer: LayerStreamer, block: MoEBlock, x: HiddenStateStore):
         self.s, self.x = streamer, x
         # routed experts only, before a post-norm (FlexOlmo): the greedy undo adds its changes linearly
-        self.block = replace(block, shared=None, shared_gate=None, post_norm=None)
+        self.block = replace(block, shared=None, shared_gate=None, post_norm=None, identity_output=False)
         self.y = self._zeros()
         streamer.run_moe(self.block, x, self.y)
         self.y_sq = self._sum(lambda b: self.y.read(b, streamer.device).double().pow(2).sum())

@@ -65,7 +65,7 @@ class RoutingCounter:
         rows = min(batch.end, self.tokens) - batch.start
         if rows > 0:
             idx = routing.indices[:rows].reshape(-1)
-            self.counts += torch.bincount(idx, minlength=len(self.counts)).cpu()
+            self.counts += torch.bincount(idx, minlength=len(self.counts))[: len(self.counts)].cpu()
 
     def on_experts(self, *args) -> None:
         pass

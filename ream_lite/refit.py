@@ -94,7 +94,8 @@ class Refitter:
     def __init__(self, streamer: LayerStreamer, block: MoEBlock, h: HiddenStateStore, options: RefitOptions):
         self.s, self.h, self.opts = streamer, h, options
         # routed experts only (no shared expert, no output scale, no post-norm)
-        self.block = replace(block, shared=None, shared_gate=None, output_scale=1.0, post_norm=None)
+        self.block = replace(block, shared=None, shared_gate=None, output_scale=1.0, post_norm=None,
+                             identity_output=False)
         # (its own tier: it goes to host RAM or the work dir when the hidden states leave it no room on the device)
         self.store = streamer.new_store(h.lengths, torch.float32, streamer.plan.side_tier if streamer.plan else None)
         self.store.buf.zero_()

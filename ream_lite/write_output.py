@@ -84,7 +84,7 @@ def _write_layer(writer, layout, layer, plan, merged, stored_experts) -> None:
             writer.copy_from(r, k)
         return
     kept = plan.kept
-    idx = torch.tensor(kept)
+    idx = torch.tensor(layout.router_rows(layer, kept))  # (and the zero-computation experts' rows, LongCat-Flash)
     router_keys = {layout.moe_key(layer, spec.router_weight)}
     if spec.router_bias:
         router_keys.add(layout.moe_key(layer, spec.router_bias))

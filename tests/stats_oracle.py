@@ -57,6 +57,8 @@ def routed_sums(idx: torch.Tensor, gate: torch.Tensor, outs: torch.Tensor) -> tu
     ean = torch.zeros(n, dtype=torch.float64)
     for t in range(idx.shape[0]):
         for slot, e in enumerate(idx[t].tolist()):
+            if e >= n:  # a zero-computation (identity) expert: no statistics
+                continue
             count[e] += 1
             reap[e] += float(gate[t, slot]) * float(outs[e, t].norm())
             ean[e] += float(outs[e, t].norm())

@@ -23,18 +23,18 @@ def compress(src, out, *args, expect_ok=True):
 
 def masked_reference(model, removed: dict[int, list[int]], ids):
     """transformers' own forward with the removed experts' router logits (and selection bias) set to -inf.
-    The routers call F.linear through their modeling module; a shim there masks the router's output columns."""
+    Routers call F.linear through their modeling module, or through torch's Linear module (nn.Linear routers:
+    Llama-4, HunYuan's gate.wg); a shim in both masks the router weight's output columns."""
     masks = {}
     for i, experts in removed.items():
-        gate, weight, bias, _ = router_of(model, i)
+        _, weight, bias, _ = router_of(model, i)
         masks[weight.data_ptr()] = experts
         if bias is not None:  # (Ernie-4.5 stores it [1, E]: experts on the last axis)
             with torch.no_grad():
                 bias[..., experts] = float("-inf")
-    # routers that are nn.Linear subclasses (Llama-4) call F.linear from torch's Linear module instead
-    modeling = sys.modules[torch.nn.Linear.__module__] if isinstance(gate, torch.nn.Linear) else \
-        sys.modules[type(model).__module__]
-    real_f = modeling.F
+    modules = [m for m in (sys.modules[torch.nn.Linear.__module__], sys.modules[type(model).__module__])
+               if hasattr(m, "F")]  # (PhiMoE's modeling module calls its router as an nn.Linear: no F of its own)
+    real_f = modules[0].F
 
     def linear(x, w, b=None):
         y = real_f.linear(x, w, b)
@@ -43,12 +43,16 @@ def masked_reference(model, removed: dict[int, list[int]], ids):
             y[..., masks[w.data_ptr()]] = float("-inf")
         return y
 
-    modeling.F = types.SimpleNamespace(**{k: getattr(real_f, k) for k in dir(real_f) if not k.startswith("__")})
-    modeling.F.linear = linear
+    shim = types.SimpleNamespace(**{k: getattr(real_f, k) for k in dir(real_f) if not k.startswith("__")})
+    shim.linear = linear
+    saved = [m.F for m in modules]
+    for m in modules:
+        m.F = shim
     try:
         return reference_logits(model, ids)
     finally:
-        modeling.F = real_f
+        for m, f in zip(modules, saved):
+            m.F = f
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -100,12 +100,14 @@ def test_streamed_statistics_equal_naive_ones(model_dirs, family):
         with torch.no_grad():
             logits, weights, idx = router_of(model, i)[3](x)
             logits = logits.float()
-            n = logits.shape[1]
             scores = logits.sigmoid() if sigmoid else torch.softmax(logits, -1)
+            # (LongCat-Flash: the softmax runs over its zero-computation experts too; statistics cover the real n)
+            n = layout.router_config.num_experts
+            logits, scores = logits[:, :n], scores[:, :n]
             gu, dn = block.experts.gate_up_proj, block.experts.down_proj
             inter = dn.shape[2]
             outs = torch.stack([(F.silu(x @ gu[e, :inter].T) * (x @ gu[e, inter:].T)) @ dn[e].T for e in range(n)])
-        count, reap, ean = routed_sums(idx, weights if sigmoid else scores.gather(1, idx), outs)
+        count, reap, ean = routed_sums(idx, weights if sigmoid else scores.gather(1, idx.clamp(max=n - 1)), outs)
         assert st.tokens == x.shape[0]
         assert torch.equal(st.count, count)
         torch.testing.assert_close(st.reap_sum, reap, rtol=1e-5, atol=1e-6)
@@ -159,7 +161,7 @@ def test_granite_fused_experts_written_fused_and_merges_load(model_dirs, calib_f
     assert torch.isfinite(reference_logits(m, torch.randint(0, VOCAB, (1, 8)))).all()
 
 
-@pytest.mark.parametrize("family", ["ernie4_5_moe", "hunyuan_v1_moe", "phimoe", "jamba"])
+@pytest.mark.parametrize("family", ["ernie4_5_moe", "hunyuan_v1_moe", "phimoe", "jamba", "flex_olmo"])
 def test_merged_outputs_load(model_dirs, calib_file, tmp_path, family):
     model, src = model_dirs[family]
     compress(src, tmp_path / "out", "--experts", "4", "--method", "ream", "--calib", str(calib_file), "--guard", "off")
@@ -208,3 +210,22 @@ def test_custom_code_is_refused_unless_trusted(model_dirs, tmp_path):
     assert "\n" not in str(e.value)
     layout_mod.require_trusted_code({**cfg, "model_type": "my_private_moe"}, "m", trust_remote_code=True)
     layout_mod.require_trusted_code({**cfg, "model_type": "kimi_k2"}, "m", trust_remote_code=False)  # our alias
+
+
+def test_zero_computation_experts_are_kept_and_the_output_runs_as_transformers_runs_it(model_dirs, calib_file,
+                                                                                        tmp_path):
+    """LongCat-Flash: 8 routed + 2 identity experts. The default (guard, refit) compresses the routed ones only: the
+    router keeps the kept experts' rows then both identity rows (bias likewise, their values unchanged), config.json
+    keeps zero_expert_num, and transformers runs the output as the streamer does."""
+    model, src = model_dirs["longcat_flash"]
+    plan = compress(src, tmp_path / "out", "--experts", "5", "--method", "ream", "--calib", str(calib_file))
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert cfg["n_routed_experts"] == 5 and cfg["zero_expert_num"] == 2 and "num_hidden_layers" not in cfg
+    with CheckpointReader(src) as a, CheckpointReader(tmp_path / "out") as b:
+        for L in plan["layers"]:
+            key = f"model.layers.{L['layer']}.mlp.router.classifier.weight"
+            rows = [*L["kept"], 8, 9]
+            assert torch.equal(b.get(key), a.get(key)[rows])
+            bias = key.replace("classifier.weight", "e_score_correction_bias")
+            assert torch.equal(b.get(bias), a.get(bias)[rows])
+    assert_loads_and_streams_as_transformers_runs_it(tmp_path / "out", model, AutoModelForCausalLM)

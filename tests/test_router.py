@@ -21,6 +21,12 @@ def test_router_matches_transformers(model_dirs, family):
     with torch.no_grad():
         ref_logits, ref_w, ref_i = gate(x)
     r = route(x, weight, layout.router_config, bias)
+    n = layout.router_config.num_experts
+    if layout.router_config.zero_experts:  # (LongCat-Flash: identity experts' slots -> the sink n, weight 0)
+        zero = ref_i >= n
+        torch.testing.assert_close(r.identity, ref_w.float().masked_fill(~zero, 0).sum(-1))
+        assert zero.any() and not zero.all()
+        ref_logits, ref_i, ref_w = ref_logits[:, :n], ref_i.masked_fill(zero, n), ref_w.masked_fill(zero, 0)
     torch.testing.assert_close(r.logits, ref_logits.float())
     # compare as sets per token: sorted=False top-k may order them differently
     order_ref, order = ref_i.sort(-1), r.indices.sort(-1)

@@ -140,6 +140,12 @@ def _more_family_config(tf, family: str):
                                   norm_topk_prob=True, mamba_num_heads=4, mamba_head_dim=16, ssm_state_size=8,
                                   n_groups=1, conv_kernel=3, chunk_size=8, expand=2,
                                   layers_block_type=["linear_attention", "moe", "full_attention", "moe", "mlp"])
+    if family == "longcat_flash":  # 8 routed + 2 zero-computation (identity) experts; two layers of two sublayers
+        c = {k: v for k, v in COMMON.items() if k not in ("num_hidden_layers", "num_key_value_heads")}
+        return tf.LongcatFlashConfig(**c, num_layers=2, num_key_value_heads=4, ffn_hidden_size=48, q_lora_rank=24,
+                                     kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, head_dim=8,
+                                     moe_topk=3, n_routed_experts=8, zero_expert_num=2, expert_ffn_hidden_size=16,
+                                     routed_scaling_factor=2.0)
     if family == "flex_olmo":  # post-norm: the MoE output is normed before the residual add
         return tf.FlexOlmoConfig(**COMMON, intermediate_size=16, num_experts=8, num_experts_per_tok=2)
     return _deepseek_like_config(tf, family)
@@ -187,7 +193,7 @@ FAMILIES = ["qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "deepseek_v3", "glm4_m
             "llama4_text", "gpt_oss"]
 # added together (tests/test_families_more.py covers what is special about each)
 MORE_FAMILIES = ["ernie4_5_moe", "phimoe", "granitemoe", "granitemoeshared", "granitemoehybrid", "hunyuan_v1_moe",
-                 "minimax_m2", "minimax", "jamba", "flex_olmo"]
+                 "minimax_m2", "minimax", "jamba", "flex_olmo", "longcat_flash"]
 # DeepSeek-V3's MoE under other attention (tests/test_families_deepseek_like.py)
 DEEPSEEK_LIKE = ["dots1", "glm4_moe_lite", "deepseek_v32", "glm_moe_dsa", "deepseek_v2", "exaone_moe", "solar_open",
                  "kimi_linear", "bailing_hybrid", "nemotron_h"]
@@ -207,6 +213,7 @@ _ROUTERS = {
     "minimax_m2": ("mlp", "gate", "e_score_correction_bias", "gate+bias"),
     "exaone_moe": ("mlp", "gate", "gate.e_score_correction_bias", "gate"),
     "bailing_hybrid": ("mlp", "gate", "gate.e_score_correction_bias", "gate"),  # (gate.expert_bias on disk)
+    "longcat_flash": ("mlp", "router.classifier", "router.e_score_correction_bias", "router"),
 }
 
 

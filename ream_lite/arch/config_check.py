@@ -31,13 +31,14 @@ def check_config(config: dict, spec: ArchSpec, shapes: dict[str, tuple[int, ...]
     """Refuse (ReamLiteError, one line) a config whose counts are not whole numbers in range or disagree with the
     checkpoint's tensors (`shapes`: key -> logical shape)."""
     minimum = dict(COUNTS)
+    minimum[spec.num_layers_key] = 1
     minimum.update({k: 1 for k in spec.num_experts_keys})
     minimum[spec.top_k_key] = 1
     if spec.moe_intermediate_key:
         minimum[spec.moe_intermediate_key] = 1
     if spec.mtp_layers_key:
         minimum[spec.mtp_layers_key] = 0
-    for key in REQUIRED:
+    for key in (spec.num_layers_key, *REQUIRED[1:]):
         if config.get(key) is None:
             raise ReamLiteError(f"{where}: config.json lacks {key}")
     if not any(config.get(k) is not None for k in spec.num_experts_keys):
@@ -70,9 +71,9 @@ def _check_against_tensors(config: dict, spec: ArchSpec, shapes: dict[str, tuple
                                 f"({spec.embed_key}) has {embed[0]} rows")
     pattern = re.compile(re.escape(spec.layers_prefix) + r"\.(\d+)\.")
     present = {int(m.group(1)) for k in shapes if (m := pattern.match(k))}
-    n = config["num_hidden_layers"]
+    n = config[spec.num_layers_key]
     missing = next((i for i in range(min(n, len(present) + 1)) if i not in present), None)
     if n > len(present) or missing is not None:
-        raise ReamLiteError(f"{where}: config.json num_hidden_layers is {n}, the checkpoint holds "
+        raise ReamLiteError(f"{where}: config.json {spec.num_layers_key} is {n}, the checkpoint holds "
                             f"{len(present)} numbered layers" + (f" (layer {missing} is missing)"
                                                                  if missing is not None and missing < n else ""))

@@ -388,6 +388,26 @@ NEMOTRON_H = replace(
     "layers_block_type (each a pre-normed `mixer` with a residual), under the release's backbone.* names",
 )
 
+LONGCAT_FLASH = ArchSpec(
+    model_type="longcat_flash",
+    num_experts_keys=("n_routed_experts",),
+    router_weight="router.classifier.weight",
+    router_bias="router.e_score_correction_bias",
+    top_k_key="moe_topk",
+    moe_intermediate_key="expert_ffn_hidden_size",
+    renormalize_key=None,
+    router_fp32=True,
+    softmax_scaled=True,
+    num_layers_key="num_layers",
+    zero_experts_key="zero_expert_num",
+    unsupported_keys=(("router_bias", "a router with a logit bias (router.classifier.bias) is not run"),),
+    notes="LongCat-Flash: float32 softmax over the routed AND zero-computation experts (zero_expert_num identity "
+    "experts: a token's weight on them multiplies its own input), top-k on probabilities + e_score_correction_bias, "
+    "weights times routed_scaling_factor, never renormalised; only the routed experts are pruned or merged (the "
+    "router keeps the zero experts' rows); each of its num_layers layers runs two attention + dense-MLP sublayers "
+    "with the MoE as a shortcut from the first (transformers' own modules)",
+)
+
 JAMBA = ArchSpec(
     model_type="jamba",
     num_experts_keys=("num_experts", "num_local_experts"),
@@ -408,7 +428,7 @@ for _spec in (QWEN3_MOE, QWEN2_MOE, MIXTRAL, OLMOE, DEEPSEEK_V3, GLM4_MOE, QWEN3
               QWEN3_VL_MOE_TEXT, QWEN3_OMNI_MOE_TEXT, LLAMA4_TEXT, GPT_OSS, ERNIE4_5_MOE, PHIMOE, GRANITEMOE, GRANITEMOESHARED, GRANITEMOEHYBRID,
               HUNYUAN_V1_MOE, MINIMAX_M2, MINIMAX, DOTS1, GLM4_MOE_LITE, DEEPSEEK_V32, GLM_MOE_DSA, DEEPSEEK_V2, JAMBA,
               EXAONE_MOE, SOLAR_OPEN, KIMI_LINEAR, FLEX_OLMO,
-              BAILING_HYBRID, NEMOTRON_H):
+              BAILING_HYBRID, NEMOTRON_H, LONGCAT_FLASH):
     FAMILIES[_spec.model_type] = _spec
     for _alias in _spec.aliases:
         FAMILIES[_alias] = _spec

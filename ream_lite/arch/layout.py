@@ -217,9 +217,9 @@ class ModelLayout:
             self.spec = self._fused_orientation(self.spec)
         check_config(self.config, self.spec, {k: t.shape for k, t in self.reader.tensors.items()}, str(self.path))
         for key, why in self.spec.unsupported_keys:
-            if self.config.get(key) is not None:
+            if self.config.get(key):
                 raise ReamLiteError(f"{self.path}: config.json {key} = {self.config[key]!r}: {why}")
-        self.num_layers = int(self.config["num_hidden_layers"])
+        self.num_layers = int(self.config[self.spec.num_layers_key])
         extra = int(self.config.get(self.spec.mtp_layers_key, 0) or 0) if self.spec.mtp_layers_key else 0
         # MTP layers are listed only when the checkpoint really has them (transformers' save_pretrained drops them)
         present_mtp = [i for i in range(self.num_layers, self.num_layers + extra) if self.layer_keys(i)]
@@ -345,7 +345,8 @@ class ModelLayout:
         prefix = self.layer_prefix(i)
         if self.moe_key(i, self.spec.router_weight) not in self.reader:
             return LayerLayout(i, prefix, False, "none", 0, is_mtp)
-        n = self.reader.shape(self.moe_key(i, self.spec.router_weight))[0]
+        # (zero-computation experts have router rows but no weights: LongCat-Flash's zero_expert_num)
+        n = self.reader.shape(self.moe_key(i, self.spec.router_weight))[0] - self.zero_experts
         gu, down = self.fused_keys(i)
         if gu in self.reader and down in self.reader and not self.spec.gated_experts:
             raise ReamLiteError(f"{self.path}: layer {i}: ungated experts stored fused ({gu}); ream-lite reads them "
@@ -363,6 +364,18 @@ class ModelLayout:
                 )
             storage = "per_expert"
         return LayerLayout(i, prefix, True, storage, n, is_mtp)
+
+    @property
+    def zero_experts(self) -> int:
+        """Zero-computation (identity) experts per MoE layer, routed beside the real ones (LongCat-Flash)."""
+        key = self.spec.zero_experts_key
+        return int(self.config.get(key) or 0) if key else 0
+
+    def router_rows(self, layer: int, kept: list[int]) -> list[int]:
+        """The router rows (and selection-bias entries) of the compressed layer: the kept experts', then every
+        zero-computation expert's (rows num_experts ..), which are never pruned."""
+        n = self.layers[layer].num_experts
+        return list(kept) + list(range(n, n + self.zero_experts))
 
     # -- config-derived -----------------------------------------------------------------------------------------
     @cached_property

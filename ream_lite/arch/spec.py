@@ -31,6 +31,9 @@ class RouterConfig:
     fp32_logits: bool | None = None
     renorm_min: float = 0.0  # Ernie-4.5: the top-k sum is clamped to at least this before dividing (moe_norm_min)
     jitter_eps: float = 0.0  # sparsemixer: relative logit gap beyond which an expert is masked (2 * jitter_eps)
+    # zero-computation experts (LongCat-Flash): router rows num_experts .. num_experts + zero_experts - 1 choose the
+    # identity, weight * x; they are never pruned or merged (engine/router.py: Routing.identity)
+    zero_experts: int = 0
 
     @property
     def scales_input(self) -> bool:
@@ -140,10 +143,14 @@ class ArchSpec:
     logits_divisor_key: str | None = None
     # the config key of the experts' activation (Nemotron-H: mlp_hidden_act)
     hidden_act_key: str = "hidden_act"
+    # config key of the number of decoder layers (LongCat-Flash: num_layers, each layer two attention sublayers)
+    num_layers_key: str = "num_hidden_layers"
+    # config key of the number of zero-computation (identity) experts beside the routed ones (LongCat-Flash)
+    zero_experts_key: str | None = None
     # config keys the transformers config class derives when config.json leaves them out (Nemotron-H:
     # num_hidden_layers from layers_block_type): read from it, never written to the output's config.json
     derived_keys: tuple[str, ...] = ()
-    # config keys whose non-null value describes a variant ream-lite does not run: (key, why)
+    # config keys whose set (truthy) value describes a variant ream-lite does not run: (key, why)
     unsupported_keys: tuple[tuple[str, str], ...] = ()
     notes: str = ""
     aliases: tuple[str, ...] = field(default_factory=tuple)
@@ -177,6 +184,7 @@ class ArchSpec:
             fp32_logits=self.router_fp32,
             renorm_min=float(config.get(self.renorm_min_key) or 0.0) if self.renorm_min_key else 0.0,
             jitter_eps=float(config.get(self.jitter_key) or 0.0) if self.jitter_key else 0.0,
+            zero_experts=int(config.get(self.zero_experts_key) or 0) if self.zero_experts_key else 0,
         )
 
     def disk_keys(self, key: str) -> tuple[str, ...]:

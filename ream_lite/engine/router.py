@@ -20,6 +20,9 @@ class Routing:
     indices: torch.Tensor  # [T, k] chosen experts
     weights: torch.Tensor  # [T, k] weight applied to each chosen expert's output (float32)
     scores: torch.Tensor  # [T, N] the per-expert gate value before top-k: softmax probs or sigmoid scores
+    # zero-computation experts (RouterConfig.zero_experts): each token's summed weight on them (its output gains
+    # identity * x); their slots hold the sink index N with weight 0, and logits / scores cover the N real experts
+    identity: torch.Tensor | None = None
     _by_expert: ExpertTokens | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -56,7 +59,22 @@ class ExpertTokens:
 
 def route(x: torch.Tensor, weight: torch.Tensor, cfg: RouterConfig, bias: torch.Tensor | None = None) -> Routing:
     """Route tokens x [T, H] with router weight [N, H] (and selection bias [N] for sigmoid routers, logit bias [N]
-    for gpt_oss)."""
+    for gpt_oss). With zero-computation experts, the router has N + Z rows and the routing is split (`Routing`)."""
+    r = _route(x, weight, cfg, bias)
+    return _split_zero_experts(r, cfg.num_experts) if cfg.zero_experts else r
+
+
+def _split_zero_experts(r: Routing, n: int) -> Routing:
+    """A routing over N real + Z zero-computation experts as the engine runs it: the slots that chose an identity
+    expert point at the sink N with weight 0, their weights summed into `identity`; logits and scores keep the N
+    real columns (the softmax still normalised over all N + Z, as the model computes it)."""
+    zero = r.indices >= n
+    identity = r.weights.masked_fill(~zero, 0.0).sum(dim=-1)
+    return Routing(r.logits[:, :n], r.indices.masked_fill(zero, n), r.weights.masked_fill(zero, 0.0), r.scores[:, :n],
+                   identity)
+
+
+def _route(x: torch.Tensor, weight: torch.Tensor, cfg: RouterConfig, bias: torch.Tensor | None = None) -> Routing:
     if cfg.kind == "softmax_topk":
         if cfg.fp32_logits:  # Ernie-4.5 / HunYuan: float32 router on float32 inputs
             logits = F.linear(x.float(), weight.float())

@@ -99,10 +99,15 @@ class MoEBlock:
     output_scale: float = 1.0
     # post-norm decoders (ArchSpec.moe_post_norm): the norm applied to the block's whole output (after the scale)
     post_norm: nn.Module | None = None
+    # zero-computation experts' identity output (Routing.identity) counted in the block's output; like the shared
+    # expert, the guard's and refit's routed-only views leave it out
+    identity_output: bool = True
 
     def restricted(self, kept: list[int]) -> MoEBlock:
-        """The same block with only experts `kept` (original ids, ascending) left in the router."""
-        idx = torch.tensor(kept, device=self.router_weight.device)
+        """The same block with only experts `kept` (original ids, ascending) left in the router (and its
+        zero-computation experts, which are never removed)."""
+        n, z = self.router_cfg.num_experts, self.router_cfg.zero_experts
+        idx = torch.tensor(list(kept) + list(range(n, n + z)), device=self.router_weight.device)
         bias = self.router_bias[idx] if self.router_bias is not None else None
         cfg = replace(self.router_cfg, num_experts=len(kept))
         return replace(self, router_weight=self.router_weight[idx], router_bias=bias, router_cfg=cfg)
@@ -469,6 +474,8 @@ class LayerStreamer:
                         shared = block.shared_output(x)
                         if shared is not None:
                             acc += shared.float()
+                        if routing.identity is not None and block.identity_output:
+                            acc += routing.identity[:, None] * x.float()
                     if block.output_scale != 1.0:
                         acc *= block.output_scale
                     if pending is not None:

@@ -91,18 +91,20 @@ class StatsCollector:
             self._allocate(x.device)
         self.layer = layer
         self.tokens += x.shape[0]
-        self.count += torch.bincount(routing.indices.reshape(-1), minlength=self.n)
+        # (the first n: a zero-computation expert's slots hold the sink index n, Routing.identity)
+        self.count += torch.bincount(routing.indices.reshape(-1), minlength=self.n)[: self.n]
         if self.want_gram:
             lg = routing.logits.double()
             self.logit_gram += lg.T @ lg
 
     def gates(self, routing: Routing) -> tuple[torch.Tensor, torch.Tensor]:
         """(dense gate [T, N], gate of each routed slot [T, k]) for this batch's routing."""
+        idx = routing.indices.clamp(max=routing.scores.shape[-1] - 1)  # (sink slots: never read for an expert)
         if self.gate == "softmax":
             soft = torch.softmax(routing.logits.float(), dim=-1)
-            return soft, soft.gather(1, routing.indices)
+            return soft, soft.gather(1, idx)
         # softmax routers: full-softmax probability; sigmoid routers: the weight the model applies
-        routed = routing.weights if self.sigmoid_router else routing.scores.gather(1, routing.indices)
+        routed = routing.weights if self.sigmoid_router else routing.scores.gather(1, idx)
         return routing.scores, routed
 
     def on_experts(self, layer: int, batch: Batch, x: torch.Tensor, routing: Routing, experts: ExpertWeights) -> None:
