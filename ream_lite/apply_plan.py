@@ -81,7 +81,10 @@ def layer_plans(plan: dict, layout: ModelLayout) -> dict[int, LayerPlan]:
 def expert_intermediate_size(layout: ModelLayout, layer: int) -> int:
     """Neurons per routed expert, from the stored tensors (gate rows; the fused gate_up holds gate and up)."""
     if layout.layers[layer].expert_storage == "fused":
-        return layout.reader.shape(layout.fused_keys(layer)[0])[2 if layout.spec.fused_input_major else 1] // 2
+        from ream_lite.arch import fused
+
+        key = layout.fused_keys(layer)[0]
+        return fused.gate_up_dims(layout.spec, layout.fused_slab_shape(layer, key))[0]
     return layout.reader.shape(layout.per_expert_keys(layer, 0)[0])[0]
 
 

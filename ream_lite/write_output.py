@@ -119,33 +119,41 @@ def _write_layer(writer, layout, layer, plan, merged, stored_experts) -> None:
     # gate_up, down (and the biases) re-packed as the family stores them: orientation, gate/up arrangement
     # (arch/fused.py); one fused tensor at a time, the next built only after this one is written
     for n, key in enumerate([*layout.fused_keys(layer), *layout.fused_bias_keys(layer)]):
-        _write_fused(writer, r, key, kept, {e: fused.stored_slab(spec, merged[e], n) for e in kept if e in merged})
+        _write_fused(writer, r, key, kept, {e: fused.stored_slab(spec, merged[e], n) for e in kept if e in merged},
+                     layout.fused_rows(layer, key))
 
 
-def _write_fused(writer: CheckpointWriter, r, key: str, kept: list[int], merged: dict[int, torch.Tensor]) -> None:
-    """A fused [E, ...] expert tensor of the kept experts: kept ones as stored (row copies of every stored part),
-    merged ones (`merged`: expert -> its slab of values) encoded as the output format says."""
+def _write_fused(writer: CheckpointWriter, r, key: str, kept: list[int], merged: dict[int, torch.Tensor],
+                 rows: int = 1) -> None:
+    """A fused [E, ...] expert tensor of the kept experts (flattened [E * rows, ...] where `rows` > 1, DBRX): kept
+    ones as stored (row copies of every stored part), merged ones (`merged`: expert -> its slab of values) encoded as
+    the output format says."""
     like = r.entry(key)
     if not writer.output.keeps_stored(key, like):  # decoded or re-encoded output: build the values, encode once
         # (in the dtype it is written in: float32 values of a gpt-oss-120b layer's gate_up would take 8.5 GB)
         fmt = writer.output
         dtype = (fmt.decode_to or fmt.compute_dtype) if like.is_encoded else like.torch_dtype
-        values = torch.empty((len(kept), *like.shape[1:]), dtype=dtype)
+        values = torch.empty((len(kept) * rows, *like.shape[1:]), dtype=dtype)
         for pos, e in enumerate(kept):
-            values[pos].copy_(merged[e] if e in merged else r.get(key, rows=(e, e + 1))[0])
+            slab = merged[e] if e in merged else r.get(key, rows=(e * rows, (e + 1) * rows))
+            values[pos * rows : (pos + 1) * rows].copy_(slab.reshape(rows, *like.shape[1:]))
         writer.add_like(key, values, like)
         return
-    parts = {sfx: torch.empty((len(kept), *part.shape[1:]), dtype=part.torch_dtype) for sfx, part in
+    if rows != 1 and like.is_encoded:
+        raise ReamLiteError(f"{key}: a flattened fused expert tensor in {like.encoding} is not written in kind")
+    parts = {sfx: torch.empty((len(kept) * rows, *part.shape[1:]), dtype=part.torch_dtype) for sfx, part in
              like.parts.items()}
     for pos, e in enumerate(kept):
+        dst = slice(pos * rows, (pos + 1) * rows)
         if e in merged:  # this expert's parts, encoded alone (its blocks and scales are its own; GGUF blocks as
             # read back: OutputFormat.encode)
-            enc = writer.output.encode(key, merged[e][None], like)
+            enc = writer.output.encode(key, merged[e].reshape(rows, *like.shape[1:]) if rows > 1 else merged[e][None],
+                                       like)
             for sfx in parts:
-                parts[sfx][pos].copy_(enc[like.part_name(sfx, key)][0])
+                parts[sfx][dst].copy_(enc[like.part_name(sfx, key)].reshape(parts[sfx][dst].shape))
         else:
             for sfx, part in like.parts.items():
-                parts[sfx][pos].copy_(r.read_part(part, rows=(e, e + 1))[0])
+                parts[sfx][dst].copy_(r.read_part(part, rows=(e * rows, (e + 1) * rows)))
     for sfx, t in parts.items():
         writer.add(like.part_name(sfx, key), t)
 

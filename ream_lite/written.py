@@ -38,13 +38,13 @@ def merged_as_written(
     # read back as written, then unpacked into the canonical layout again
     spec = layout.spec
     keys = [*layout.fused_keys(layer), *layout.fused_bias_keys(layer)]
-    slabs = [output.readback(fused.stored_slab(spec, tensors, n)[None], _one(r.entry(k)), k, dtype)[0]
-             for n, k in enumerate(keys)]
+    slabs = [output.readback(fused.stored_slab(spec, tensors, n)[None], _one(r.entry(k), layout.fused_slab_shape(
+        layer, k)), k, dtype)[0] for n, k in enumerate(keys)]
     return tuple(t.contiguous() for t in fused.canonical_expert(spec, slabs))
 
 
-def _one(like):
-    """`like` for one expert's slab of a fused tensor (shape [1, ...]): encoders need only the per-expert shape."""
+def _one(like, slab_shape: tuple[int, ...]):
+    """`like` for one expert's slab of a fused tensor (shape [1, *slab]): encoders need only the per-expert shape."""
     from dataclasses import replace
 
-    return replace(like, shape=(1, *like.shape[1:]))
+    return replace(like, shape=(1, *slab_shape))

@@ -4,6 +4,7 @@ transformers' own forward computes them (for a naive per-token recomputation) on
 from __future__ import annotations
 
 import torch
+from tiny_models import text_decoder_layers
 
 from ream_lite.arch import ModelLayout
 from ream_lite.engine import LayerStreamer, StreamOptions
@@ -39,7 +40,7 @@ def moe_block_inputs(model, layout: ModelLayout, ids: torch.Tensor) -> dict[int,
     inputs: dict[int, torch.Tensor] = {}
     hooks = [getattr(m, layout.spec.moe_attr).register_forward_hook(
         lambda mod, a, o, i=i: inputs.__setitem__(i, a[0].reshape(-1, hidden)))
-        for i, m in enumerate(model.model.layers) if layout.layers[i].is_moe]
+        for i, m in enumerate(text_decoder_layers(model)) if layout.layers[i].is_moe]
     with torch.no_grad():
         model(ids)
     for h in hooks:

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from click.testing import CliRunner
 from stats_oracle import moe_block_inputs, routed_sums, streamed_stats
 from test_streamer import assert_loads_and_streams_as_transformers_runs_it
-from tiny_models import MORE_FAMILIES, VOCAB, reference_logits, router_of
+from tiny_models import MORE_FAMILIES, VOCAB, reference_logits, router_of, text_decoder_layers
 from transformers import AutoModelForCausalLM
 
 from ream_lite.arch import ModelLayout
@@ -96,7 +96,7 @@ def test_streamed_statistics_equal_naive_ones(model_dirs, family):
     sigmoid = layout.router_config.kind == "sigmoid_grouped_topk"
     for i, x in inputs.items():
         st = stats[i]
-        block = getattr(model.model.layers[i], spec.moe_attr)
+        block = getattr(text_decoder_layers(model)[i], spec.moe_attr)
         with torch.no_grad():
             logits, weights, idx = router_of(model, i)[3](x)
             logits = logits.float()
@@ -104,9 +104,15 @@ def test_streamed_statistics_equal_naive_ones(model_dirs, family):
             # (LongCat-Flash: the softmax runs over its zero-computation experts too; statistics cover the real n)
             n = layout.router_config.num_experts
             logits, scores = logits[:, :n], scores[:, :n]
-            gu, dn = block.experts.gate_up_proj, block.experts.down_proj
-            inter = dn.shape[2]
-            outs = torch.stack([(F.silu(x @ gu[e, :inter].T) * (x @ gu[e, inter:].T)) @ dn[e].T for e in range(n)])
+            if hasattr(block.experts, "gate_up_proj"):
+                gu, dn = block.experts.gate_up_proj, block.experts.down_proj
+                inter = dn.shape[2]
+                gate, up, down = gu[:, :inter], gu[:, inter:], dn
+            else:  # DBRX: w1 (gate), v1 (up), w2 (down, input-major), each [E * I, H]
+                mlp = block.experts.mlp
+                gate, up = (t.view(n, -1, x.shape[1]) for t in (mlp.w1, mlp.v1))
+                down = mlp.w2.view(n, -1, x.shape[1]).transpose(1, 2)
+            outs = torch.stack([(F.silu(x @ gate[e].T) * (x @ up[e].T)) @ down[e].T for e in range(n)])
         count, reap, ean = routed_sums(idx, weights if sigmoid else scores.gather(1, idx.clamp(max=n - 1)), outs)
         assert st.tokens == x.shape[0]
         assert torch.equal(st.count, count)
@@ -161,7 +167,7 @@ def test_granite_fused_experts_written_fused_and_merges_load(model_dirs, calib_f
     assert torch.isfinite(reference_logits(m, torch.randint(0, VOCAB, (1, 8)))).all()
 
 
-@pytest.mark.parametrize("family", ["ernie4_5_moe", "hunyuan_v1_moe", "phimoe", "jamba", "flex_olmo"])
+@pytest.mark.parametrize("family", ["ernie4_5_moe", "hunyuan_v1_moe", "phimoe", "jamba", "flex_olmo", "dbrx"])
 def test_merged_outputs_load(model_dirs, calib_file, tmp_path, family):
     model, src = model_dirs[family]
     compress(src, tmp_path / "out", "--experts", "4", "--method", "ream", "--calib", str(calib_file), "--guard", "off")
@@ -228,4 +234,26 @@ def test_zero_computation_experts_are_kept_and_the_output_runs_as_transformers_r
             assert torch.equal(b.get(key), a.get(key)[rows])
             bias = key.replace("classifier.weight", "e_score_correction_bias")
             assert torch.equal(b.get(bias), a.get(bias)[rows])
+    assert_loads_and_streams_as_transformers_runs_it(tmp_path / "out", model, AutoModelForCausalLM)
+
+
+def test_dbrx_nested_config_and_flattened_experts(model_dirs, calib_file, tmp_path):
+    """DBRX: the expert settings live in ffn_config and its experts in three [E * I, H] tensors (w2 input-major).
+    The default REAM writes them back in that form: ffn_config.moe_num_experts edited in place (no flat or derived
+    key added to config.json), w1 / v1 / w2 of [5 * I, H], the kept experts' rows byte for byte; transformers runs
+    the output as the streamer does."""
+    model, src = model_dirs["dbrx"]
+    plan = compress(src, tmp_path / "out", "--experts", "5", "--method", "ream", "--calib", str(calib_file))
+    before, after = (json.loads((d / "config.json").read_text()) for d in (src, tmp_path / "out"))
+    before["ffn_config"]["moe_num_experts"] = 5
+    assert after == before
+    with CheckpointReader(src) as a, CheckpointReader(tmp_path / "out") as b:
+        for L in plan["layers"]:
+            changed = {int(c) for c, g in L["groups"].items() if len(g["members"]) > 1}
+            changed |= set(L["refit"]["experts"]) if L.get("refit", {}).get("used") else set()
+            for name in ("w1", "v1", "w2"):
+                key = f"transformer.blocks.{L['layer']}.ffn.experts.mlp.{name}"
+                assert b.shape(key) == (5 * 16, 32)
+                old, new = a.get(key).view(8, 16, 32), b.get(key).view(5, 16, 32)
+                assert all(torch.equal(new[pos], old[e]) for pos, e in enumerate(L["kept"]) if e not in changed)
     assert_loads_and_streams_as_transformers_runs_it(tmp_path / "out", model, AutoModelForCausalLM)

@@ -73,7 +73,7 @@ def test_fused_expert_layout(tmp_path, ids, family):
     torch.testing.assert_close(stream_logits(directory, ids), reference_logits(model, ids), atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3", "flex_olmo"])
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3", "flex_olmo", "dbrx"])
 @pytest.mark.parametrize("chunk", [1, 3])
 def test_expert_chunks(model_dirs, ids, family, chunk):
     """A layer whose experts are processed a few at a time gives the same output (flex_olmo: its post-norm applies

@@ -146,6 +146,12 @@ def _more_family_config(tf, family: str):
                                      kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, head_dim=8,
                                      moe_topk=3, n_routed_experts=8, zero_expert_num=2, expert_ffn_hidden_size=16,
                                      routed_scaling_factor=2.0)
+    if family == "dbrx":  # experts as w1 / v1 / w2 flattened [E * I, H]; p = 1 renormalisation
+        return tf.DbrxConfig(d_model=32, n_heads=4, n_layers=3, max_seq_len=128, vocab_size=VOCAB,
+                             attn_config={"kv_n_heads": 2, "clip_qkv": 8.0, "rope_theta": 10000.0},
+                             ffn_config={"ffn_hidden_size": 16, "moe_num_experts": 8, "moe_top_k": 2,
+                                         "moe_normalize_expert_weights": 1.0},
+                             pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
     if family == "flex_olmo":  # post-norm: the MoE output is normed before the residual add
         return tf.FlexOlmoConfig(**COMMON, intermediate_size=16, num_experts=8, num_experts_per_tok=2)
     return _deepseek_like_config(tf, family)
@@ -193,7 +199,7 @@ FAMILIES = ["qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "deepseek_v3", "glm4_m
             "llama4_text", "gpt_oss"]
 # added together (tests/test_families_more.py covers what is special about each)
 MORE_FAMILIES = ["ernie4_5_moe", "phimoe", "granitemoe", "granitemoeshared", "granitemoehybrid", "hunyuan_v1_moe",
-                 "minimax_m2", "minimax", "jamba", "flex_olmo", "longcat_flash"]
+                 "minimax_m2", "minimax", "jamba", "flex_olmo", "longcat_flash", "dbrx"]
 # DeepSeek-V3's MoE under other attention (tests/test_families_deepseek_like.py)
 DEEPSEEK_LIKE = ["dots1", "glm4_moe_lite", "deepseek_v32", "glm_moe_dsa", "deepseek_v2", "exaone_moe", "solar_open",
                  "kimi_linear", "bailing_hybrid", "nemotron_h"]
@@ -214,6 +220,7 @@ _ROUTERS = {
     "exaone_moe": ("mlp", "gate", "gate.e_score_correction_bias", "gate"),
     "bailing_hybrid": ("mlp", "gate", "gate.e_score_correction_bias", "gate"),  # (gate.expert_bias on disk)
     "longcat_flash": ("mlp", "router.classifier", "router.e_score_correction_bias", "router"),
+    "dbrx": ("ffn", "router.layer", None, "dbrx"),
 }
 
 
@@ -242,6 +249,11 @@ def router_of(model, layer: int):
     bias = _tensor(block, bias_name)
     if call == "gate+bias":  # MiniMax-M2's router takes the block's bias as an argument
         return owner, owner.weight, bias, lambda x: block.gate(x, bias)
+    if call == "dbrx":  # DBRX's router gives logits; its FFN block routes them
+        def dbrx(x):
+            logits = block.router(x)
+            return (logits, *block.route_tokens_to_experts(logits))
+        return owner, owner.weight, bias, dbrx
     return owner, owner.weight, bias, block.get_submodule(call)
 
 
@@ -310,7 +322,7 @@ def build_multimodal(wrapper: str, seed: int = 0):
 
 def text_decoder_layers(model):
     """The decoder layers of a transformers text model, or of the text model inside a multimodal wrapper."""
-    for name in ("model.layers", "model.language_model.layers", "language_model.model.layers"):
+    for name in ("model.layers", "model.language_model.layers", "language_model.model.layers", "transformer.blocks"):
         try:
             return model.get_submodule(name)
         except AttributeError:

@@ -408,6 +408,36 @@ LONGCAT_FLASH = ArchSpec(
     "with the MoE as a shortcut from the first (transformers' own modules)",
 )
 
+DBRX = ArchSpec(
+    model_type="dbrx",
+    num_experts_keys=("moe_num_experts",),
+    layers_prefix="transformer.blocks",
+    embed_key="transformer.wte.weight",
+    final_norm_key="transformer.norm_f.weight",
+    decoder_layers_attr="blocks",
+    moe_attr="ffn",
+    moe_disk="ffn",
+    router_weight="router.layer.weight",
+    experts_prefix="experts.mlp",
+    fused_gate_up="w1",
+    fused_up="v1",
+    fused_down="w2",
+    fused_down_input_major=True,
+    top_k_key="moe_top_k",
+    moe_intermediate_key="ffn_hidden_size",
+    renormalize_key="moe_normalize_expert_weights",
+    renorm_p_key="moe_normalize_expert_weights",
+    hidden_act_key="ffn_config.ffn_act_fn.name",
+    lifted_keys=(("moe_num_experts", "ffn_config.moe_num_experts"), ("moe_top_k", "ffn_config.moe_top_k"),
+                 ("ffn_hidden_size", "ffn_config.ffn_hidden_size"),
+                 ("moe_normalize_expert_weights", "ffn_config.moe_normalize_expert_weights")),
+    derived_keys=("num_hidden_layers", "hidden_size", "num_attention_heads"),
+    notes="DBRX: softmax -> top-k -> divided by the moe_normalize_expert_weights-norm of the k weights (none if "
+    "null); expert settings nested in ffn_config (read and written there); experts as three tensors w1 (gate), v1 "
+    "(up), w2 (down, input-major), each flattened to [E * I, H]; decoder blocks transformer.blocks.N with the MoE "
+    "as ffn",
+)
+
 JAMBA = ArchSpec(
     model_type="jamba",
     num_experts_keys=("num_experts", "num_local_experts"),
@@ -428,7 +458,7 @@ for _spec in (QWEN3_MOE, QWEN2_MOE, MIXTRAL, OLMOE, DEEPSEEK_V3, GLM4_MOE, QWEN3
               QWEN3_VL_MOE_TEXT, QWEN3_OMNI_MOE_TEXT, LLAMA4_TEXT, GPT_OSS, ERNIE4_5_MOE, PHIMOE, GRANITEMOE, GRANITEMOESHARED, GRANITEMOEHYBRID,
               HUNYUAN_V1_MOE, MINIMAX_M2, MINIMAX, DOTS1, GLM4_MOE_LITE, DEEPSEEK_V32, GLM_MOE_DSA, DEEPSEEK_V2, JAMBA,
               EXAONE_MOE, SOLAR_OPEN, KIMI_LINEAR, FLEX_OLMO,
-              BAILING_HYBRID, NEMOTRON_H, LONGCAT_FLASH):
+              BAILING_HYBRID, NEMOTRON_H, LONGCAT_FLASH, DBRX):
     FAMILIES[_spec.model_type] = _spec
     for _alias in _spec.aliases:
         FAMILIES[_alias] = _spec

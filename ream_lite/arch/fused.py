@@ -7,6 +7,10 @@ biases gate / up [n, I] and down [n, H]. On disk a fused family keeps `gate_up_p
 axis gate and up are either two halves (gate then up) or interleaved (`ArchSpec.fused_interleaved`, gpt_oss:
 gate at 0::2, up at 1::2); a gate_up bias [E, 2I] (`ArchSpec.fused_bias_names`) is laid out like that axis.
 
+DBRX keeps gate, up and down as three tensors (`ArchSpec.fused_up`), each flattened along dim 0 ([E * I, H]), its down
+projection input-major while gate and up are not (`ArchSpec.fused_down_input_major`); a "slab" is one expert's part
+of a fused tensor ([2I, H], or [I, H] for a flattened one: `ModelLayout.fused_rows`).
+
 Everything here keeps the leading expert dimension, so one function serves a chunk of experts and, with `[None]`,
 one expert; every split is a view and every join a fresh tensor, so a round trip gives the stored values back.
 """
@@ -19,11 +23,12 @@ from ream_lite.arch.spec import ArchSpec
 
 
 def gate_up_dims(spec: ArchSpec, shape: tuple[int, ...]) -> tuple[int, int]:
-    """(I, H) of a stored fused gate_up_proj of `shape` ([E, 2I, H], or [E, H, 2I] input-major)."""
-    _, two_i, hidden = shape
+    """(I, H) of one expert's slab of the stored fused gate_up_proj, `shape` [2I, H] (or [H, 2I] input-major; the
+    gate alone, [I, H], where the up projection is its own tensor: `ArchSpec.fused_up`)."""
+    rows, cols = shape
     if spec.fused_input_major:
-        two_i, hidden = hidden, two_i
-    return two_i // 2, hidden
+        rows, cols = cols, rows
+    return (rows if spec.fused_up else rows // 2), cols
 
 
 def input_major_from_shapes(gate_up: tuple[int, ...], down: tuple[int, ...], hidden: int) -> bool | None:
@@ -53,19 +58,29 @@ def join_pairs(spec: ArchSpec, gate: torch.Tensor, up: torch.Tensor) -> torch.Te
 
 
 def split_gate_up(spec: ArchSpec, gu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stored gate_up_proj rows [n, ...] -> canonical (gate, up), each [n, I, H] (views)."""
+    """Stored gate_up_proj slabs [n, ...] -> canonical (gate, up), each [n, I, H] (views)."""
     return split_pairs(spec, gu.transpose(1, 2) if spec.fused_input_major else gu)
 
 
 def join_gate_up(spec: ArchSpec, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """Canonical gate, up [n, I, H] -> gate_up_proj rows [n, ...] as the family stores them (contiguous)."""
+    """Canonical gate, up [n, I, H] -> gate_up_proj slabs [n, ...] as the family stores them (contiguous)."""
     gu = join_pairs(spec, gate, up)
     return (gu.transpose(1, 2) if spec.fused_input_major else gu).contiguous()
 
 
+def split_one(spec: ArchSpec, t: torch.Tensor) -> torch.Tensor:
+    """A separately stored gate or up projection's slabs [n, ...] (`ArchSpec.fused_up`) -> canonical [n, I, H]."""
+    return t.transpose(1, 2) if spec.fused_input_major else t
+
+
+def join_one(spec: ArchSpec, t: torch.Tensor) -> torch.Tensor:
+    """Inverse of `split_one` (contiguous)."""
+    return split_one(spec, t).contiguous()
+
+
 def split_down(spec: ArchSpec, down: torch.Tensor) -> torch.Tensor:
-    """Stored down_proj rows [n, ...] -> canonical [n, H, I] (a view)."""
-    return down.transpose(1, 2) if spec.fused_input_major else down
+    """Stored down_proj slabs [n, ...] -> canonical [n, H, I] (a view)."""
+    return down.transpose(1, 2) if spec.down_input_major else down
 
 
 def join_down(spec: ArchSpec, down: torch.Tensor) -> torch.Tensor:
@@ -75,11 +90,16 @@ def join_down(spec: ArchSpec, down: torch.Tensor) -> torch.Tensor:
 
 def stored_slab(spec: ArchSpec, expert: tuple[torch.Tensor, ...], n: int) -> torch.Tensor:
     """One expert in canonical form (gate, up, down[, gate_bias, up_bias, down_bias], no leading dim) -> its slab of
-    the n-th fused tensor, in the order of `ModelLayout.fused_keys` then `fused_bias_keys` (contiguous)."""
+    the n-th fused tensor, in the order of `ModelLayout.fused_keys` (gate_up or gate, down[, up]) then
+    `fused_bias_keys` (contiguous)."""
     if n == 0:
+        if spec.fused_up:
+            return join_one(spec, expert[0][None])[0]
         return join_gate_up(spec, expert[0][None], expert[1][None])[0]
     if n == 1:
         return join_down(spec, expert[2][None])[0]
+    if spec.fused_up and n == 2:
+        return join_one(spec, expert[1][None])[0]
     if n == 2:
         return join_pairs(spec, expert[3][None], expert[4][None])[0].contiguous()
     return expert[5].contiguous()
@@ -87,11 +107,13 @@ def stored_slab(spec: ArchSpec, expert: tuple[torch.Tensor, ...], n: int) -> tor
 
 def stored_slabs(spec: ArchSpec, expert: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
     """Every `stored_slab` of one expert (the bias slabs where the family's experts have biases)."""
-    return [stored_slab(spec, expert, n) for n in range(4 if spec.fused_bias_names else 2)]
+    return [stored_slab(spec, expert, n) for n in range(4 if spec.fused_bias_names else 3 if spec.fused_up else 2)]
 
 
 def canonical_expert(spec: ArchSpec, slabs: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
     """Inverse of `stored_slabs`: one expert's stored slabs -> (gate, up, down[, biases]) in canonical form."""
+    if spec.fused_up:
+        return split_one(spec, slabs[0][None])[0], split_one(spec, slabs[2][None])[0], split_down(spec, slabs[1][None])[0]
     g, u = split_gate_up(spec, slabs[0][None])
     out = (g[0], u[0], split_down(spec, slabs[1][None])[0])
     if spec.fused_bias_names:

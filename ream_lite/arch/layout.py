@@ -110,6 +110,22 @@ def multimodal_spec(spec: ArchSpec, keys: list[str], where: str) -> ArchSpec:
                    final_norm_key=moved(spec.final_norm_key), lm_head_key=lm_head)
 
 
+def _dotted(config: dict, path: str):
+    """config["a"]["b"] for "a.b" (None where any level is missing)."""
+    value = config
+    for part in path.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return value
+
+
+def _set_dotted(config: dict, path: str, value) -> dict:
+    """A copy of `config` with "a.b" set to `value` (each level a copy: `config`'s own dicts are never edited)."""
+    head, _, rest = path.partition(".")
+    if not rest:
+        return {**config, head: value}
+    return {**config, head: _set_dotted(dict(config.get(head) or {}), rest, value)}
+
+
 def supported_families() -> str:
     return ", ".join(sorted(FAMILIES))
 
@@ -199,6 +215,12 @@ class ModelLayout:
         self.spec: ArchSpec = detect_spec(self.config, str(self.path))
         self.trust_remote_code = trust_remote_code
         require_trusted_code(self.config, str(self.path), trust_remote_code)
+        self._lifted: dict[str, str] = {}  # flat name -> its dotted path in config.json (ArchSpec.lifted_keys)
+        for flat, path in self.spec.lifted_keys:
+            value = _dotted(self.config, path)
+            if flat not in self.config and value is not None:
+                self.config = {**self.config, flat: value}
+                self._lifted[flat] = path
         self._derived: set[str] = set()
         for key in self.spec.derived_keys:
             if self.config.get(key) is None:
@@ -267,7 +289,10 @@ class ModelLayout:
     def wrap_config(self, text: dict) -> dict:
         """config.json for an output: `text` (an edited copy of `config`) as it is, or, for a multimodal checkpoint,
         the wrapper's config with `text`, less what it took from the wrapper, as its text_config."""
-        text = {k: v for k, v in text.items() if k not in self._derived}
+        lifted = {flat: text[flat] for flat in self._lifted if flat in text}
+        text = {k: v for k, v in text.items() if k not in self._derived and k not in self._lifted}
+        for flat, value in lifted.items():  # written back where config.json keeps it (DBRX's ffn_config)
+            text = _set_dotted(text, self._lifted[flat], value)
         if self.wrapper_config is None:
             return text
         path = TEXT_CONFIG_PATH.get(self.wrapper_config["model_type"], ("text_config",))
@@ -309,8 +334,21 @@ class ModelLayout:
         up = parts[0]
         return (up.new_empty((*up.shape[:-1], 0)), *parts)
 
-    def fused_keys(self, layer: int) -> tuple[str, str]:
-        return self._fused_key(layer, self.spec.fused_gate_up), self._fused_key(layer, self.spec.fused_down)
+    def fused_keys(self, layer: int) -> tuple[str, ...]:
+        """The fused expert tensors: (gate_up, down), or (gate, down, up) where up is its own (DBRX)."""
+        names = (self.spec.fused_gate_up, self.spec.fused_down, *((self.spec.fused_up,) if self.spec.fused_up else ()))
+        return tuple(self._fused_key(layer, n) for n in names)
+
+    def fused_rows(self, layer: int, key: str) -> int:
+        """Rows of fused tensor `key` per expert: 1 for [E, ...], dim 0 / E for one flattened along dim 0 (DBRX's
+        [E * I, H]). One expert's slab is those rows, [rows, ...] -> [...] or [rows, ...] as stored."""
+        return self.reader.shape(key)[0] // self.layers[layer].num_experts
+
+    def fused_slab_shape(self, layer: int, key: str) -> tuple[int, ...]:
+        """The shape of one expert's slab of fused tensor `key` ([2I, H], [I, H] ...)."""
+        shape = tuple(self.reader.shape(key))
+        rows = self.fused_rows(layer, key)
+        return shape[1:] if rows == 1 else (rows, *shape[1:])
 
     def fused_bias_keys(self, layer: int) -> tuple[str, ...]:
         """The fused experts' bias tensors (gate_up bias, down bias), for families whose experts have them."""
@@ -347,13 +385,15 @@ class ModelLayout:
             return LayerLayout(i, prefix, False, "none", 0, is_mtp)
         # (zero-computation experts have router rows but no weights: LongCat-Flash's zero_expert_num)
         n = self.reader.shape(self.moe_key(i, self.spec.router_weight))[0] - self.zero_experts
-        gu, down = self.fused_keys(i)
+        gu, down = self.fused_keys(i)[:2]
         if gu in self.reader and down in self.reader and not self.spec.gated_experts:
             raise ReamLiteError(f"{self.path}: layer {i}: ungated experts stored fused ({gu}); ream-lite reads them "
                                 "per expert, as the releases and transformers' save_pretrained store them")
         if gu in self.reader and down in self.reader:
             storage = "fused"
-            if self.reader.shape(gu)[0] != n or self.reader.shape(down)[0] != n:
+            # [E, ...] or flattened [E * rows, ...] (DBRX): whole experts along dim 0 either way
+            shapes = [self.reader.shape(k) if k in self.reader else (0,) for k in self.fused_keys(i)]
+            if any(not s[0] or s[0] % n or (s[0] > n and len(s) != 2) for s in shapes):
                 raise ReamLiteError(f"{self.path}: layer {i}: fused expert tensors disagree with the router ({n} experts)")
         else:
             missing = [k for e in range(n) for k in self.per_expert_keys(i, e) if k not in self.reader]

@@ -34,6 +34,7 @@ class RouterConfig:
     # zero-computation experts (LongCat-Flash): router rows num_experts .. num_experts + zero_experts - 1 choose the
     # identity, weight * x; they are never pruned or merged (engine/router.py: Routing.identity)
     zero_experts: int = 0
+    renorm_p: float = 1.0  # renormalisation divides by the p-norm of the top-k weights (1: their sum)
 
     @property
     def scales_input(self) -> bool:
@@ -64,6 +65,12 @@ class ArchSpec:
     # `{experts_prefix}.down_proj` [E, H, I], as transformers holds them in memory
     fused_gate_up: str = "gate_up_proj"
     fused_down: str = "down_proj"
+    # fused experts whose up projection is a tensor of its own (DBRX's v1): `fused_gate_up` then holds the gate
+    # alone. A fused tensor may also hold its experts flattened along dim 0 (DBRX: [E * I, H]): the rows of one
+    # expert are then dim 0 / E consecutive rows (ModelLayout.fused_rows)
+    fused_up: str | None = None
+    # the fused down projection's orientation when it differs from gate / up's (DBRX: w2 stored [E * I, H], y = a @ W)
+    fused_down_input_major: bool | None = None
     shared_expert_attr: str | None = None  # shared expert submodule of the MoE block (same name on disk)
     shared_gate_attr: str | None = None  # Qwen2-MoE: sigmoid gate of the shared expert
     top_k_key: str = "num_experts_per_tok"
@@ -141,8 +148,17 @@ class ArchSpec:
     moe_post_norm: str | None = None
     embedding_scale_key: str | None = None
     logits_divisor_key: str | None = None
-    # the config key of the experts' activation (Nemotron-H: mlp_hidden_act)
+    # the config key of the experts' activation (Nemotron-H: mlp_hidden_act; dotted: an attribute path, DBRX's
+    # ffn_config.ffn_act_fn.name)
     hidden_act_key: str = "hidden_act"
+    # the attribute of the transformers decoder holding its layers (DBRX: blocks)
+    decoder_layers_attr: str = "layers"
+    # config keys nested in a sub-config (DBRX's ffn_config): (the flat name everything reads, its dotted path);
+    # ModelLayout lifts them into its config and writes them back where they were
+    lifted_keys: tuple[tuple[str, str], ...] = ()
+    # config key of the norm the top-k weights are renormalised by (DBRX: moe_normalize_expert_weights, a p-norm);
+    # None: the sum (p = 1)
+    renorm_p_key: str | None = None
     # config key of the number of decoder layers (LongCat-Flash: num_layers, each layer two attention sublayers)
     num_layers_key: str = "num_hidden_layers"
     # config key of the number of zero-computation (identity) experts beside the routed ones (LongCat-Flash)
@@ -158,6 +174,10 @@ class ArchSpec:
     @property
     def gated_experts(self) -> bool:
         return self.expert_proj_names[0] is not None
+
+    @property
+    def down_input_major(self) -> bool:
+        return self.fused_input_major if self.fused_down_input_major is None else self.fused_down_input_major
 
     def num_experts(self, config: dict) -> int:
         for key in self.num_experts_keys:
@@ -185,6 +205,7 @@ class ArchSpec:
             renorm_min=float(config.get(self.renorm_min_key) or 0.0) if self.renorm_min_key else 0.0,
             jitter_eps=float(config.get(self.jitter_key) or 0.0) if self.jitter_key else 0.0,
             zero_experts=int(config.get(self.zero_experts_key) or 0) if self.zero_experts_key else 0,
+            renorm_p=float(config.get(self.renorm_p_key) or 1.0) if self.renorm_p_key else 1.0,
         )
 
     def disk_keys(self, key: str) -> tuple[str, ...]:

@@ -60,6 +60,14 @@ def layer_limit(hf_config, key: str, layer: int) -> float:
     return float(limits[layer]) if layer < len(limits) and limits[layer] else 0.0
 
 
+def _act_name(hf_config, key: str) -> str:
+    """The activation name at attribute path `key` ("hidden_act"; DBRX's "ffn_config.ffn_act_fn.name", a dict)."""
+    value = hf_config
+    for part in key.split("."):
+        value = value.get(part) if isinstance(value, dict) else getattr(value, part)
+    return value
+
+
 def expert_activation(spec: ArchSpec, hf_config, layer: int = 0) -> Callable:
     """The activation `expert_intermediate` needs for `spec`'s experts in `layer`, with the constants of
     `hf_config`."""
@@ -68,9 +76,9 @@ def expert_activation(spec: ArchSpec, hf_config, layer: int = 0) -> Callable:
     if spec.expert_act == "clamped_swiglu":
         return ClampedSwiGLU(hf_config.swiglu_alpha, hf_config.swiglu_limit)
     if spec.expert_act == "swiglu" or spec.expert_act == "ungated":  # (ungated: act(up), expert_intermediate)
-        return ACT2FN[getattr(hf_config, spec.hidden_act_key)]
+        return ACT2FN[_act_name(hf_config, spec.hidden_act_key)]
     if spec.expert_act == "swiglu_layer_clamp":  # (spec.expert_limits_key names the per-layer list)
-        act = ACT2FN[getattr(hf_config, spec.hidden_act_key)]
+        act = ACT2FN[_act_name(hf_config, spec.hidden_act_key)]
         limit = layer_limit(hf_config, spec.expert_limits_key, layer)
         return ClampedAfterAct(act, limit) if limit else act
     raise ReamLiteError(f"{spec.model_type}: unknown expert activation '{spec.expert_act}'")

@@ -61,24 +61,34 @@ def _load_experts(layout: ModelLayout, layer: int, ids: list[int], dtype: torch.
     r = layout.reader
     n = len(ids)
     if info.expert_storage == "fused":
-        gu_key, down_key = layout.fused_keys(layer)
+        keys = layout.fused_keys(layer)
+        gu_key, down_key = keys[:2]
         bias_keys = layout.fused_bias_keys(layer)
         spec = layout.spec  # orientation and gate/up arrangement of the stored tensors (arch/fused.py)
-        inter, hidden = fused.gate_up_dims(spec, r.shape(gu_key))
+        inter, hidden = fused.gate_up_dims(spec, layout.fused_slab_shape(layer, gu_key))
         w = _empty_chunk(ids, inter, hidden, dtype, device, bias=bool(bias_keys))
-        row_bytes = max(r.entry(gu_key).nbytes // r.shape(gu_key)[0], 1)
-        step = max(1, READ_BLOCK_BYTES // row_bytes)
+        expert_bytes = max(r.entry(gu_key).nbytes // info.num_experts, 1)
+        step = max(1, READ_BLOCK_BYTES // expert_bytes)
+
+        def slabs(key: str, s: int, e: int) -> torch.Tensor:  # experts s..e-1 of a fused tensor: [e - s, *slab]
+            rows = layout.fused_rows(layer, key)
+            t = r.get(key, rows=(s * rows, e * rows), dtype=dtype, device=device)
+            return t if rows == 1 else t.reshape(e - s, rows, *t.shape[1:])
+
         j = 0
         for a, b in _runs(ids):  # contiguous id runs are single reads, split into bounded blocks
             for s in range(a, b, step):
                 e = min(s + step, b)
-                gu = r.get(gu_key, rows=(s, e), dtype=dtype, device=device)
-                gate, up = fused.split_gate_up(spec, gu)
-                w.gate[j : j + e - s].copy_(gate)
-                w.up[j : j + e - s].copy_(up)
-                del gu, gate, up
-                w.down[j : j + e - s].copy_(fused.split_down(spec, r.get(down_key, rows=(s, e), dtype=dtype,
-                                                                         device=device)))
+                if spec.fused_up:  # (DBRX: gate and up apart)
+                    w.gate[j : j + e - s].copy_(fused.split_one(spec, slabs(gu_key, s, e)))
+                    w.up[j : j + e - s].copy_(fused.split_one(spec, slabs(keys[2], s, e)))
+                else:
+                    gu = slabs(gu_key, s, e)
+                    gate, up = fused.split_gate_up(spec, gu)
+                    w.gate[j : j + e - s].copy_(gate)
+                    w.up[j : j + e - s].copy_(up)
+                    del gu, gate, up
+                w.down[j : j + e - s].copy_(fused.split_down(spec, slabs(down_key, s, e)))
                 if bias_keys:
                     gate_b, up_b = fused.split_pairs(spec, r.get(bias_keys[0], rows=(s, e), dtype=dtype))
                     w.gate_bias[j : j + e - s].copy_(gate_b)

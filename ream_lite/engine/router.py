@@ -92,7 +92,8 @@ def _route(x: torch.Tensor, weight: torch.Tensor, cfg: RouterConfig, bias: torch
             top_i = torch.topk(probs + bias.float(), cfg.top_k, dim=-1)[1]
             top_w = probs.gather(1, top_i)
         if cfg.renormalize:
-            denom = top_w.sum(dim=-1, keepdim=True)
+            denom = top_w.sum(dim=-1, keepdim=True) if cfg.renorm_p == 1.0 else \
+                torch.linalg.vector_norm(top_w, ord=cfg.renorm_p, dim=-1, keepdim=True)  # (DBRX's p-norm)
             if cfg.renorm_min > 0:
                 denom = denom.clamp(min=cfg.renorm_min)
             top_w = top_w / denom

@@ -154,8 +154,9 @@ class LayerStreamer:
             with torch.device("meta"):
                 self.skeleton = causal_lm_skeleton(self.hf_config, self.dtype)
             self.base = self.skeleton.get_decoder()
-            if not hasattr(self.base, "layers"):  # Llama4ForCausalLM's get_decoder() misses its `model`
-                self.base = self.skeleton.model
+            if not hasattr(self.base, layout.spec.decoder_layers_attr):  # (Llama4ForCausalLM's get_decoder() misses
+                self.base = self.skeleton.model                           # its `model`)
+            self.hf_layers = getattr(self.base, layout.spec.decoder_layers_attr)  # (DBRX: blocks)
             # the rotary embedding holds computed (non-persistent) buffers: build it for real; it is tiny
             # (none in a NoPE model: Granite-4.0 hybrids with position_embedding_type "nope")
             rotary = getattr(self.base, "rotary_emb", None)
@@ -190,8 +191,8 @@ class LayerStreamer:
         # a layer the config makes dense where the checkpoint has a router, or the reverse (a wrong
         # first_k_dense_replace, mlp_only_layers or decoder_sparse_step): the layers the checkpoint routes must all
         # be built with one block class, which no layer it does not route is built with
-        built = {info.index: type(getattr(self.base.layers[info.index], spec.moe_attr, None))
-                 for info in self.layout.decoder_layers if info.index < len(self.base.layers)}
+        built = {info.index: type(getattr(self.hf_layers[info.index], spec.moe_attr, None))
+                 for info in self.layout.decoder_layers if info.index < len(self.hf_layers)}
         moe = {built[i] for i in built if self.layout.layers[i].is_moe}
         for i, cls in built.items():
             routed = self.layout.layers[i].is_moe
@@ -258,8 +259,8 @@ class LayerStreamer:
         return module.eval()
 
     def _meta_layer(self, i: int) -> nn.Module:
-        if i < len(self.base.layers):
-            return copy.deepcopy(self.base.layers[i])
+        if i < len(self.hf_layers):
+            return copy.deepcopy(self.hf_layers[i])
         # an MTP layer: the family's decoder layer class, built for that index (MoE, past the dense ones; a full
         # attention layer where the config types its layers: Qwen3-Next's MTP block)
         config = copy.deepcopy(self.hf_config)
@@ -271,7 +272,7 @@ class LayerStreamer:
             if isinstance(types, (list, tuple)) and i >= len(types):
                 setattr(config, key, list(types) + [kind] * (i + 1 - len(types)))
         with torch.device("meta"):
-            return type(self.base.layers[-1])(config, i).to(self.dtype)
+            return type(self.hf_layers[-1])(config, i).to(self.dtype)
 
     def build_layer(self, i: int) -> tuple[nn.Module, MoEBlock | None, _MoECapture | None]:
         spec, info = self.layout.spec, self.layout.layers[i]
