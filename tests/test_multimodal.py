@@ -1,5 +1,5 @@
-"""Multimodal releases of supported text families (Qwen3.5-MoE `qwen3_5_moe`, Llama-4 `llama4`, Qwen3-VL-MoE
-`qwen3_vl_moe`, whose text model has no causal-LM class of its own), compressed as
+"""Multimodal releases of supported text families (Qwen3.5-MoE `qwen3_5_moe`, Llama-4 `llama4`, and Qwen3-VL-MoE
+`qwen3_vl_moe` and Step-3.7 `step3p7`, whose text models have no causal-LM class of their own), compressed as
 released: the text model under the wrapper's key prefix and text_config, the vision tower and projector copied byte
 for byte, the output's config.json still the wrapper's (text_config edited), loadable with the wrapper class.
 
@@ -32,8 +32,10 @@ WRAPPERS = list(MULTIMODAL)
 PREFIXES = {"qwen3_5_moe": ("model.language_model.", "lm_head.weight", ("model.visual.",)),
             "llama4": ("language_model.model.", "language_model.lm_head.weight",
                        ("vision_model.", "multi_modal_projector.")),
-            "qwen3_vl_moe": ("model.language_model.", "lm_head.weight", ("model.visual.",))}
-MOE_LAYERS = {"qwen3_5_moe": [0, 1, 2, 3], "llama4": [1, 3], "qwen3_vl_moe": [1, 2]}  # (Qwen3.5: 3 is its MTP layer, mtp.layers.0)
+            "qwen3_vl_moe": ("model.language_model.", "lm_head.weight", ("model.visual.",)),
+            "step3p7": ("model.", "lm_head.weight", ("vision_model.", "vit_large_projector."))}
+MOE_LAYERS = {"qwen3_5_moe": [0, 1, 2, 3], "llama4": [1, 3], "qwen3_vl_moe": [1, 2], "step3p7": [1, 2]}
+EXPERTS_KEY = {"qwen3_5_moe": "num_experts", "step3p7": "n_routed_experts"}  # (others: num_local_experts)  # (Qwen3.5: 3 is its MTP layer, mtp.layers.0)
 
 
 def add_mtp_block(d):
@@ -144,7 +146,7 @@ def test_pruning_oracle(mm_dirs, calib_file, tmp_path, wrapper):
     assert after["vision_config"] == before["vision_config"]
     assert {k: v for k, v in after.items() if k != "text_config"} == \
         {k: v for k, v in before.items() if k != "text_config"}
-    experts_key = "num_experts" if wrapper == "qwen3_5_moe" else "num_local_experts"
+    experts_key = EXPERTS_KEY.get(wrapper, "num_local_experts")
     edits = {experts_key: 4}
     assert after["text_config"] == {**before["text_config"], **edits}
     assert (out / "preprocessor_config.json").read_text() == (src / "preprocessor_config.json").read_text()
@@ -172,7 +174,7 @@ def test_pruning_oracle(mm_dirs, calib_file, tmp_path, wrapper):
     assert (got - reference_logits(build_multimodal(wrapper), ids)).abs().max() > 1e-3  # pruning changed something
 
 
-@pytest.mark.parametrize("wrapper", ["qwen3_5_moe", "qwen3_vl_moe"])
+@pytest.mark.parametrize("wrapper", ["qwen3_5_moe", "qwen3_vl_moe", "step3p7"])
 def test_guarded_ream_merge_loads_and_streams_as_transformers_runs_it(mm_dirs, calib_file, tmp_path, wrapper):
     """Guarded REAM (merges, sequential passes) on the Qwen3.5 and Qwen3-VL wrappers: the output loads with the
     wrapper class with the original's parameters, and the streamer's forward of it equals transformers' forward of

@@ -73,6 +73,15 @@ def family_config(family: str):
                 "truncate": False, "original_max_position_embeddings": 32}
         return tf.GptOssConfig(**COMMON, head_dim=8, intermediate_size=24, num_local_experts=8, num_experts_per_tok=2,
                                sliding_window=6, swiglu_limit=1.0, rope_parameters=rope)
+    if family == "step3p5":  # only inside its multimodal step3p7 wrapper here (no causal-LM class); layer 0 dense;
+        # sliding (2 heads) / full (4 heads) / sliding attention, each its own rotary; layer 1's experts clamped
+        c = {k: v for k, v in COMMON.items() if k != "num_hidden_layers"}
+        return tf.Step3p7TextConfig(**c, num_hidden_layers=3, head_dim=8, intermediate_size=48, moe_intermediate_size=16,
+                                    n_routed_experts=8, num_experts_per_tok=2, share_expert_dim=24,
+                                    mlp_layer_types=["dense", "sparse", "sparse"],
+                                    layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                                    sliding_window=6, num_sliding_attention_heads=2, moe_router_scaling_factor=2.0,
+                                    swiglu_limits=[0, 0.5, 0], swiglu_limits_shared=[0, 0.7, 0])
     if family == "qwen3_vl_moe_text":  # only inside its multimodal wrapper (no causal-LM class); layer 0 dense;
         # 2I = 24 != H = 32 so the stored orientation shows in the shapes
         return tf.Qwen3VLMoeTextConfig(**COMMON, head_dim=8, intermediate_size=48, moe_intermediate_size=12,
@@ -221,6 +230,7 @@ _ROUTERS = {
     "bailing_hybrid": ("mlp", "gate", "gate.e_score_correction_bias", "gate"),  # (gate.expert_bias on disk)
     "longcat_flash": ("mlp", "router.classifier", "router.e_score_correction_bias", "router"),
     "dbrx": ("ffn", "router.layer", None, "dbrx"),
+    "step3p5": ("mlp", "gate", "gate.e_score_correction_bias", "gate"),  # (moe.router_bias on disk)
 }
 
 
@@ -285,7 +295,8 @@ def _randomize(model):
 
 
 # multimodal releases of supported text families: wrapper model_type -> its text family
-MULTIMODAL = {"qwen3_5_moe": "qwen3_5_moe_text", "llama4": "llama4_text", "qwen3_vl_moe": "qwen3_vl_moe_text"}
+MULTIMODAL = {"qwen3_5_moe": "qwen3_5_moe_text", "llama4": "llama4_text", "qwen3_vl_moe": "qwen3_vl_moe_text",
+              "step3p7": "step3p5"}
 
 
 def multimodal_config(wrapper: str):
@@ -303,6 +314,10 @@ def multimodal_config(wrapper: str):
                       vision_output_dim=16, projector_input_dim=16, projector_output_dim=COMMON["hidden_size"],
                       image_size=8, patch_size=4)
         return tf.Llama4Config(text_config=text, vision_config=vision)
+    if wrapper == "step3p7":
+        vision = dict(hidden_size=16, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2, image_size=8,
+                      patch_size=4)
+        return tf.Step3p7Config(text_config=text, vision_config=vision)
     if wrapper == "qwen3_vl_moe":
         vision = dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=COMMON["hidden_size"],
                       patch_size=2, temporal_patch_size=1, spatial_merge_size=1, num_position_embeddings=16,

@@ -438,6 +438,36 @@ DBRX = ArchSpec(
     "as ffn",
 )
 
+STEP3P5 = ArchSpec(
+    model_type="step3p5",
+    num_experts_keys=("n_routed_experts", "moe_num_experts", "num_local_experts"),
+    router_kind="sigmoid_grouped_topk",
+    moe_disk="moe",
+    router_bias="router_bias",
+    shared_expert_attr="shared_experts",
+    experts_prefix="",
+    fused_gate_up="gate_proj.weight",
+    fused_up="up_proj.weight",
+    fused_down="down_proj.weight",
+    renormalize_key=None,
+    always_renormalize=True,
+    router_fp32=False,
+    scaling_key="moe_router_scaling_factor",
+    mtp_layers_key="num_nextn_predict_layers",
+    mask_by_layer_type=True,
+    expert_act="swiglu_layer_clamp",
+    expert_limits_key="swiglu_limits",
+    disk_renames=((".moe.shared_experts.", ".share_expert."),),
+    derived_keys=("num_experts_per_tok",),
+    unsupported_keys=(("use_bidirectional_attention", "its bidirectional attention masks are not built"),),
+    notes="Step-3.5-Flash (step3p5) and the text model of Step-3.7 (step3p7, compressed as released): sigmoid router "
+    "(logits in the router weight's dtype) with a selection bias (moe.router_bias), top-k, renormalised, times "
+    "moe_router_scaling_factor; a shared expert (share_expert, run by its transformers module with its own clamp); "
+    "routed experts clamped after the activation per layer (swiglu_limits) and stored as three [E, ...] tensors "
+    "moe.gate_proj / up_proj / down_proj.weight; sliding and full attention per layer_types, each with its own "
+    "rotary and per-layer head counts; dense layers per mlp_layer_types; MTP layers as DeepSeek-V3's where present",
+)
+
 JAMBA = ArchSpec(
     model_type="jamba",
     num_experts_keys=("num_experts", "num_local_experts"),
@@ -458,7 +488,7 @@ for _spec in (QWEN3_MOE, QWEN2_MOE, MIXTRAL, OLMOE, DEEPSEEK_V3, GLM4_MOE, QWEN3
               QWEN3_VL_MOE_TEXT, QWEN3_OMNI_MOE_TEXT, LLAMA4_TEXT, GPT_OSS, ERNIE4_5_MOE, PHIMOE, GRANITEMOE, GRANITEMOESHARED, GRANITEMOEHYBRID,
               HUNYUAN_V1_MOE, MINIMAX_M2, MINIMAX, DOTS1, GLM4_MOE_LITE, DEEPSEEK_V32, GLM_MOE_DSA, DEEPSEEK_V2, JAMBA,
               EXAONE_MOE, SOLAR_OPEN, KIMI_LINEAR, FLEX_OLMO,
-              BAILING_HYBRID, NEMOTRON_H, LONGCAT_FLASH, DBRX):
+              BAILING_HYBRID, NEMOTRON_H, LONGCAT_FLASH, DBRX, STEP3P5):
     FAMILIES[_spec.model_type] = _spec
     for _alias in _spec.aliases:
         FAMILIES[_alias] = _spec

@@ -24,7 +24,7 @@ _DENSE_HINT = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3"
 # in the checkpoint); the vision tower and projector are non-layer tensors, copied unchanged
 MULTIMODAL_WRAPPERS = {"llama4": "llama4_text", "qwen3_5_moe": "qwen3_5_moe_text", "qwen3_vl_moe": "qwen3_vl_moe_text",
                        "kimi_k25": "deepseek_v3",  # (Kimi-K2.5 / K2.6: a text_config of model_type kimi_k2)
-                       "qwen3_omni_moe": "qwen3_omni_moe_text"}
+                       "qwen3_omni_moe": "qwen3_omni_moe_text", "step3p7": "step3p5"}
 # where a wrapper's config.json holds its text model's config (default: text_config): Qwen3-Omni's thinker holds it,
 # beside its talker (an MoE of its own, copied unchanged)
 TEXT_CONFIG_PATH = {"qwen3_omni_moe": ("thinker_config", "text_config")}

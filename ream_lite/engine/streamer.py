@@ -386,7 +386,16 @@ class LayerStreamer:
         if self.layout.spec.materialised_mask and "allow_is_causal_skip" in params:
             extra["allow_is_causal_skip"] = False
         mask = fn(config=self.hf_config, inputs_embeds=x, attention_mask=None, position_ids=pos, **extra)
-        return mask, pos, self.rotary(x, pos) if self.rotary is not None else None
+        if self.rotary is None:
+            return mask, pos, None
+        if "layer_type" in inspect.signature(self.rotary.forward).parameters:  # (Step-3.7: rope per layer type)
+            return mask, pos, self.rotary(x, pos, self._layer_type(layer))
+        return mask, pos, self.rotary(x, pos)
+
+    def _layer_type(self, layer: int | None) -> str:
+        """config.layer_types' entry of `layer` (full attention past the list: an MTP layer)."""
+        types = list(getattr(self.hf_config, "layer_types", None) or [])
+        return types[layer] if layer is not None and layer < len(types) else "full_attention"
 
     def _layer_type_mask_fn(self, layer: int) -> Callable:
         """The mask builder transformers uses for `layer`'s config.layer_types entry. An MTP layer (past the decoder
@@ -397,8 +406,7 @@ class LayerStreamer:
         builders = {"full_attention": "create_causal_mask", "sliding_attention": "create_sliding_window_causal_mask",
                     "chunked_attention": "create_chunked_causal_mask",
                     "linear_attention": "create_recurrent_attention_mask"}
-        types = list(getattr(self.hf_config, "layer_types", None) or [])
-        kind = types[layer] if layer < len(types) else "full_attention"
+        kind = self._layer_type(layer)
         if kind in ("moe", "mlp"):  # (Nemotron-H types its feed-forward-only layers: they take no mask)
             return lambda **_: None
         fn = getattr(mu, builders.get(kind, ""), None)
