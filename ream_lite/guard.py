@@ -220,12 +220,13 @@ class _UndoDelta:
         if tok.numel() == 0:
             return tok, None
         act, scale = self.block.act, self.block.output_scale  # (the judge's outputs are scaled as the block's)
+        xe = self.block.expert_input(x[tok])  # (a latent MoE: the change is mapped back by its output projection)
         if self.block.router_cfg.scales_input:  # Llama-4: the weight is inside the expert, E(w * x)
             w = r.weights[tok, slot]
-            return tok, scale * (routed_contribution(self.original, 0, x[tok], w, act, True)
-                                 - routed_contribution(self.merged, 0, x[tok], w, act, True))
-        d = expert_output(self.original, 0, x[tok], act).float() - expert_output(self.merged, 0, x[tok], act).float()
-        return tok, d * (scale * r.weights[tok, slot, None].float())
+            return tok, scale * (routed_contribution(self.original, 0, xe, w, act, True)
+                                 - routed_contribution(self.merged, 0, xe, w, act, True))
+        d = expert_output(self.original, 0, xe, act).float() - expert_output(self.merged, 0, xe, act).float()
+        return tok, self.block.to_hidden(d * (scale * r.weights[tok, slot, None].float()), with_bias=False)
 
 
 def guarded_plan(

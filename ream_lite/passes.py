@@ -27,7 +27,8 @@ def collect_stats(
     pass, e.g. the refit's target)."""
     rc = block.router_cfg
     gate = collected_gate(opts.saliency_gate)
-    collector = StatsCollector(rc.num_experts, h.hidden, block.act, rc.kind, dense=method.needs_dense(opts),
+    hidden = block.latent_in.weight.shape[0] if block.latent_in is not None else h.hidden  # (the experts' width)
+    collector = StatsCollector(rc.num_experts, hidden, block.act, rc.kind, dense=method.needs_dense(opts),
                                gate=gate, gram=method.needs_gram(opts))
     streamer.run_moe(block, h, out, observer=collector if also is None else Observers(collector, also))
     return collector.result()

@@ -196,6 +196,9 @@ def validate(layout: ModelLayout, n_keep: int, cfg: CompressConfig) -> None:
         raise ReamLiteError(f"--refit {cfg.refit.mode}: choose from {', '.join(REFIT_MODES)}")
     if cfg.refit.sweeps < 1 or not cfg.refit.ridge > 0:
         raise ReamLiteError("--refit-sweeps must be at least 1 and --refit-ridge above 0")
+    if cfg.refit.mode == "on" and layout.latent:
+        raise ReamLiteError("--refit on: the experts of this model run in a latent space (moe_latent_size) the refit "
+                            "does not model; use --refit auto (which skips it) or off")
     if cfg.refits and cfg.from_stats:
         raise ReamLiteError("the refit fits experts to calibration tokens, which saved statistics do not hold; "
                             "pass --refit off with --from-stats")
@@ -543,7 +546,8 @@ def compress_moe_layer(
     h_stats = h.view(0, split) if n_holdout else h
     out_stats = None if cfg.sequential else (out.view(0, split) if n_holdout else out)
     # the refit's target, the original routed output of the statistics tokens, is added up by the same pass
-    refitter = Refitter(streamer, block, h_stats, cfg.refit) if cfg.refits else None
+    # (a latent MoE is not refit: its experts' outputs reach the layer through a projection the fit does not model)
+    refitter = Refitter(streamer, block, h_stats, cfg.refit) if cfg.refits and block.latent_in is None else None
     try:
         with timing.phase("stats"):
             stats = collect_stats(streamer, block, h_stats, method, cfg.options, out_stats,

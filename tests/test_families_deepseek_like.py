@@ -235,10 +235,9 @@ def test_nemotron_h_guarded_ream_streams_as_transformers_runs_it(model_dirs, cal
 def test_nemotron_3_nano_real_shape_inspect_and_plan(tmp_path, monkeypatch):
     """Nemotron-3 Nano's real layer shapes (5 of its 52 layers: Mamba, MoE, Mamba, MoE, attention; headers only):
     inspect reads the family, its ungated experts and router; planned for a 24 GB card at 128 -> 64 experts, the
-    default fits; a latent-MoE variant (Nemotron-3 Super) is refused in one line."""
+    default fits."""
     from ream_lite.arch import ModelLayout
     from ream_lite.engine.streamer import StreamOptions
-    from ream_lite.errors import ReamLiteError
     from ream_lite.estimate import estimate_compression
     from ream_lite.pipeline import CompressConfig, resolve_keep, validate
 
@@ -263,8 +262,39 @@ def test_nemotron_3_nano_real_shape_inspect_and_plan(tmp_path, monkeypatch):
     est = estimate_compression(layout, cfg, resolve_keep(layout, 64), measure=False)
     assert est.peak_device_bytes <= 24 * GiB
 
-    c = json.loads((src / "config.json").read_text())
-    c["moe_latent_size"] = 1024
-    (src / "config.json").write_text(json.dumps(c))
-    with pytest.raises(ReamLiteError, match="moe_latent_size"):
-        ModelLayout(str(src))
+
+
+@pytest.fixture(scope="module")
+def latent_nemotron(tmp_path_factory):
+    """A tiny Nemotron-H with a latent MoE (moe_latent_size 16 < hidden 32), as Nemotron-3 Super: its experts run on
+    fc1_latent_proj(x), their sum goes through fc2_latent_proj."""
+    from tiny_models import build_model, save_model
+
+    model = build_model("nemotron_h", seed=4, moe_latent_size=16)
+    assert model.model.layers[1].mixer.experts.up_proj.shape[-1] == 16
+    return model, save_model(model, tmp_path_factory.mktemp("latent"))
+
+
+def test_latent_moe_streams_and_prunes_as_transformers_runs_it(latent_nemotron, calib_file, tmp_path):
+    """Latent MoE: streamed logits equal transformers'; REAP's output is the original with the removed experts masked
+    (transformers' own forward); paper REAM's merged output loads and runs as the streamer runs it; --refit on is
+    refused (the fit does not model the output projection)."""
+    from test_compress import masked_reference
+    from test_streamer import assert_loads_and_streams_as_transformers_runs_it, stream_logits
+    from tiny_models import build_model, reference_logits
+
+    model, src = latent_nemotron
+    ids = torch.randint(0, VOCAB, (3, 19), generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(stream_logits(src, ids), reference_logits(model, ids), atol=1e-4, rtol=1e-4)
+    common = ("--calib", calib_file, "--seq-len", 32, "--num-sequences", 12, "--device", "cpu")
+    run("compress", src, tmp_path / "reap", "--experts", 8, "--method", "reap", "--refit", "off", *common)
+    plan = json.loads((tmp_path / "reap" / "ream_plan.json").read_text())
+    removed = {L["layer"]: sorted(set(range(16)) - set(L["kept"])) for L in plan["layers"]}
+    pruned = AutoModelForCausalLM.from_pretrained(tmp_path / "reap", dtype=torch.float32)
+    oracle = masked_reference(build_model("nemotron_h", seed=4, moe_latent_size=16), removed, ids)
+    torch.testing.assert_close(reference_logits(pruned, ids), oracle, atol=1e-4, rtol=1e-4)
+    run("compress", src, tmp_path / "ream", "--experts", 8, "--method", "ream", *common)
+    assert_loads_and_streams_as_transformers_runs_it(tmp_path / "ream", model, AutoModelForCausalLM)
+    r = CliRunner().invoke(main, ["compress", str(src), str(tmp_path / "on"), "--experts", "8", "--refit", "on",
+                                  "--calib", str(calib_file)])
+    assert r.exit_code == 2 and "latent space" in r.output

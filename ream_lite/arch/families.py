@@ -380,12 +380,13 @@ NEMOTRON_H = replace(
     moe_attr="mixer", moe_disk="mixer", expert_proj_names=(None, "up_proj", "down_proj"), expert_act="ungated",
     hidden_act_key="mlp_hidden_act", mtp_layers_key=None, mask_by_layer_type=True, derived_keys=("num_hidden_layers",),
     disk_renames=(("model.", "backbone."),),
-    unsupported_keys=(("moe_latent_size", "the MoE runs its experts in a latent space (fc1 / fc2_latent_proj around "
-                       "them, Nemotron-3 Super); ream-lite runs experts on the block's input only"),),
+    latent_projections=("fc1_latent_proj", "fc2_latent_proj"),
     notes="Nemotron-H / Nemotron-3 Nano: DeepSeek-V3's router (float32 sigmoid + e_score_correction_bias, "
     "group-limited top-k, renormalised, routed_scaling_factor) over UNGATED experts, down(act(up x)) with "
     "mlp_hidden_act (ReLU^2), and an ungated shared expert; Mamba-2, attention (no rotary), MLP and MoE layers per "
-    "layers_block_type (each a pre-normed `mixer` with a residual), under the release's backbone.* names",
+    "layers_block_type (each a pre-normed `mixer` with a residual), under the release's backbone.* names; "
+    "Nemotron-3 Super's latent MoE (moe_latent_size): the experts run on fc1_latent_proj(x) and their weighted sum "
+    "goes through fc2_latent_proj (statistics, alignment and merges in the latent space; no refit)",
 )
 
 LONGCAT_FLASH = ArchSpec(

@@ -406,6 +406,11 @@ class ModelLayout:
         return LayerLayout(i, prefix, True, storage, n, is_mtp)
 
     @property
+    def latent(self) -> bool:
+        """Whether the experts run in a latent space (ArchSpec.latent_projections: Nemotron-3 Super)."""
+        return bool(self.spec.latent_projections) and bool(self.config.get("moe_latent_size"))
+
+    @property
     def zero_experts(self) -> int:
         """Zero-computation (identity) experts per MoE layer, routed beside the real ones (LongCat-Flash)."""
         key = self.spec.zero_experts_key

@@ -166,6 +166,9 @@ class ArchSpec:
     # config keys the transformers config class derives when config.json leaves them out (Nemotron-H:
     # num_hidden_layers from layers_block_type): read from it, never written to the output's config.json
     derived_keys: tuple[str, ...] = ()
+    # latent MoE (Nemotron-3 Super): attributes of the MoE block projecting its input into the experts' space and
+    # their summed output back (fc1_latent_proj, fc2_latent_proj); the experts then run on the projected input
+    latent_projections: tuple[str, str] | None = None
     # config keys whose set (truthy) value describes a variant ream-lite does not run: (key, why)
     unsupported_keys: tuple[tuple[str, str], ...] = ()
     notes: str = ""

@@ -102,6 +102,22 @@ class MoEBlock:
     # zero-computation experts' identity output (Routing.identity) counted in the block's output; like the shared
     # expert, the guard's and refit's routed-only views leave it out
     identity_output: bool = True
+    # latent MoE (ArchSpec.latent_projections): the experts run on latent_in(x) and their weighted sum is mapped back
+    # by latent_out (both linear); None: the experts run on the block's input
+    latent_in: nn.Module | None = None
+    latent_out: nn.Module | None = None
+
+    def expert_input(self, x: torch.Tensor) -> torch.Tensor:
+        """What the routed experts see of the block input x: x, or its latent projection."""
+        return x if self.latent_in is None else self.latent_in(x)
+
+    def to_hidden(self, y: torch.Tensor, with_bias: bool = True) -> torch.Tensor:
+        """A sum of expert outputs [T, *] in the block's output space (latent_out; its bias once, `with_bias`)."""
+        if self.latent_out is None:
+            return y
+        out = F.linear(y.to(self.latent_out.weight.dtype), self.latent_out.weight).float()
+        bias = getattr(self.latent_out, "bias", None)
+        return out + bias.float() if with_bias and bias is not None else out
 
     def restricted(self, kept: list[int]) -> MoEBlock:
         """The same block with only experts `kept` (original ids, ascending) left in the router (and its
@@ -305,6 +321,9 @@ class LayerStreamer:
                 act=self.layer_act(i),  # (gpt_oss, Ling 2.5: clamped, per layer)
                 output_scale=spec.config_scalar(self.hf_config, spec.moe_output_scale_key),
             )
+            if spec.latent_projections and self.layout.latent:
+                block.latent_in, block.latent_out = (
+                    self._fill(copy.deepcopy(getattr(meta_block, a)), f"{moe_prefix}.{a}") for a in spec.latent_projections)
         layer = self._fill(layer, info.prefix)
         if block is not None and spec.moe_post_norm:
             # (the layer applies it to the capture's zeros: nothing; run_moe applies it to the block's output)
@@ -469,16 +488,18 @@ class LayerStreamer:
                 for b in batches:
                     x = moe_in.read(b, self.device).reshape(-1, moe_in.hidden)
                     routing = route(x, block.router_weight, block.router_cfg, block.router_bias)
+                    xe = block.expert_input(x)  # (a latent MoE's experts see the projected input)
                     if observer is not None and c == 0:
-                        observer.on_routing(block.layer, b, x, routing)
+                        observer.on_routing(block.layer, b, xe, routing)
                     if observer is not None:
-                        observer.on_experts(block.layer, b, x, routing, w)
+                        observer.on_experts(block.layer, b, xe, routing, w)
                     if out is None:
                         continue
                     # float32 sums: more exact than bf16 and, on a CPU, far faster (bf16 index_add_ is slow there)
-                    acc = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-                    add_routed_output(acc, x, routing.indices, routing.weights, w, block.act, routing.by_expert,
+                    acc = torch.zeros(xe.shape, dtype=torch.float32, device=x.device)
+                    add_routed_output(acc, xe, routing.indices, routing.weights, w, block.act, routing.by_expert,
                                       block.router_cfg.scales_input)
+                    acc = block.to_hidden(acc, with_bias=c == 0)
                     if c == 0:
                         shared = block.shared_output(x)
                         if shared is not None:
