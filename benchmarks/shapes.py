@@ -95,6 +95,21 @@ def nemotron_3_nano(num_layers: int, dense_layers: int | None = None):
     )
 
 
+def longcat_flash(num_layers: int, dense_layers: int | None = None):
+    """LongCat-Flash (560B): hidden 6144, 28 layers of two MLA attention + dense-MLP (12288) sublayers with a shortcut
+    MoE of 512 experts x 2048 beside 256 zero-computation (identity) experts, top-12 over both, routed scaling 6.0,
+    64 heads (q rank 1536, kv rank 512, 128 + 64 qk dims, v 128), vocab 131072 (`dense_layers`: not used)."""
+    from transformers import LongcatFlashConfig
+
+    return LongcatFlashConfig(
+        vocab_size=131072, hidden_size=6144, num_layers=num_layers, num_attention_heads=64, num_key_value_heads=64,
+        ffn_hidden_size=12288, q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64,
+        v_head_dim=128, head_dim=64, moe_topk=12, n_routed_experts=512, zero_expert_num=256,
+        expert_ffn_hidden_size=2048, routed_scaling_factor=6.0, max_position_embeddings=131072,
+        tie_word_embeddings=False,
+    )
+
+
 def gpt_oss_120b(num_layers: int, dense_layers: int | None = None):
     """gpt-oss-120b: hidden 2880, 128 experts x 2880 (biases, clamped SwiGLU), top-4, 64 q / 8 kv heads of 64 with
     sinks, sliding window 128 on every other layer, vocab 201088; released with MXFP4 experts (synth: --mxfp4 is
@@ -144,8 +159,9 @@ SHAPES = {
     "glm-4.5-air": glm_45_air,
     "glm-5": glm_5,
     "nemotron-3-nano": nemotron_3_nano,
+    "longcat-flash": longcat_flash,
 }
 
 # the released models' decoder layer counts, for projections to the full model
 FULL_LAYERS = {"qwen3-30b-a3b": 48, "qwen3-next-80b": 48, "deepseek-v3": 61, "kimi-k2": 61, "gpt-oss-120b": 36,
-               "glm-4.5-air": 46, "glm-5": 78, "nemotron-3-nano": 52}
+               "glm-4.5-air": 46, "glm-5": 78, "nemotron-3-nano": 52, "longcat-flash": 28}

@@ -580,8 +580,9 @@ def _notes(est: CompressionEstimate, device: torch.device) -> list[str]:
             # a merge holds its whole group, and the alignment pass every pair's Gram: neither is chunked
             notes.append(f"the {est.peak_phase} needs {_size(est.peak_device_bytes)}, above the device budget "
                          f"{_size(m.device_budget)}: {est.merge.alignment_pairs} aligned pairs, groups of up to "
-                         f"{est.merge.largest_group} experts are held whole; pass --guard off (the paper's REAM, "
-                         "one plan per layer), --group-size smaller, or --method reap")
+                         f"{est.merge.largest_group} experts are held whole; pass "
+                         + ("--guard off (the paper's REAM, one plan per layer), " if est.guard != "off" else "")
+                         + "--group-size smaller, or --method reap")
         else:
             notes.append(f"the {est.peak_phase} needs {_size(est.peak_device_bytes)}, above the device budget "
                          f"{_size(m.device_budget)}: it is not split into chunks; lower --num-sequences or "

@@ -257,3 +257,40 @@ def test_dbrx_nested_config_and_flattened_experts(model_dirs, calib_file, tmp_pa
                 old, new = a.get(key).view(8, 16, 32), b.get(key).view(5, 16, 32)
                 assert all(torch.equal(new[pos], old[e]) for pos, e in enumerate(L["kept"]) if e not in changed)
     assert_loads_and_streams_as_transformers_runs_it(tmp_path / "out", model, AutoModelForCausalLM)
+
+
+def test_longcat_flash_real_shape_inspect_and_plan(tmp_path, monkeypatch):
+    """LongCat-Flash's real layer shape (1 of its 28 layers, headers only): 512 routed experts beside 256 identity
+    experts; inspect counts the routed ones and the router rows kept are 256 + 256; planned for a 24 GB card at
+    512 -> 256, REAP fits it, and paper REAM's whole-group merges either fit or the plan names the way out."""
+    import sys
+    from pathlib import Path
+
+    from ream_lite.engine.streamer import StreamOptions
+    from ream_lite.estimate import estimate_compression
+    from ream_lite.pipeline import CompressConfig, resolve_keep, validate
+    from ream_lite.sparse_checkpoint import write_sparse_checkpoint
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    from shapes import longcat_flash
+
+    src = write_sparse_checkpoint(longcat_flash(1), tmp_path / "lc")
+    r = CliRunner().invoke(main, ["inspect", str(src), "--json"])
+    assert r.exit_code == 0, r.output
+    info = json.loads(r.output)
+    assert info["family"] == "longcat_flash" and info["experts_per_layer"] == [512] and info["top_k"] == 12
+    layout = ModelLayout(str(src))
+    assert layout.zero_experts == 256 and layout.router_rows(0, list(range(256)))[-1] == 767
+    for name in ("mem_get_info", "is_available", "synchronize", "get_device_properties"):  # (planned, not run)
+        monkeypatch.setattr(torch.cuda, name, lambda *a, **k: (_ for _ in ()).throw(AssertionError("CUDA called")))
+    ests = {}
+    for kw in ({"method": "reap"}, {"method": "ream", "guard": "off"}):
+        cfg = CompressConfig(model=str(src), output=str(tmp_path / "out"), experts=256,
+                             stream=StreamOptions(device="cuda", max_gpu_memory=24 * 1024**3, progress=False), **kw)
+        validate(layout, resolve_keep(layout, 256), cfg)
+        ests[kw["method"]] = estimate_compression(layout, cfg, resolve_keep(layout, 256), measure=False)
+    assert ests["reap"].peak_device_bytes <= 24 * 1024**3
+    # paper REAM merges groups of up to 64 experts here, held whole (issue 18): plan says so and what to do
+    lines = ests["ream"].lines()
+    assert ests["ream"].peak_device_bytes <= 24 * 1024**3 or any(
+        "held whole; pass --group-size smaller, or --method reap" in x for x in lines)
