@@ -11,7 +11,8 @@ integer q in [-8, 7]; each group has one scale in the weight's float dtype (bf16
 Decoding is compressed-tensors' own (`PackedQuantizationCompressor.decompress`): q cast to the scale's dtype, times
 the scale in that dtype, then cast (bit for bit its result; tested against it where the package is installed).
 Encoding is its compressor's on a weight in the scale's dtype: scale = amax(|w|) / 7.5 per group computed in that
-dtype (an all-zero group's scale is the dtype's eps), q = round(w / scale) (ties to even) clamped to [-8, 7].
+dtype (an all-zero group's scale is the dtype's eps), q = round(w / scale) (ties to even) clamped to [-8, 7]; or, for
+the merged and refit experts ream-lite writes, the scale among amax / d (d in 5..8) with the least squared error.
 Asymmetric schemes (a `weight_zero_point`) are not read.
 """
 
@@ -61,16 +62,45 @@ def decode_int4(packed: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = 
     return w.reshape(*lead, rows, n).to(dtype)
 
 
-def encode_int4(w: torch.Tensor, group: int, scale_dtype: torch.dtype = torch.bfloat16
+# divisors of a group's absolute maximum tried by the least-squares scale search (`encode_int4(search=True)`): 7.5 is
+# compressed-tensors' rule; larger ones use the code -8 for the largest magnitude, smaller ones clip outliers
+SEARCH_DIVISORS = tuple(5.0 + 0.125 * i for i in range(25))  # 5.0 .. 8.0
+
+
+def encode_int4(w: torch.Tensor, group: int, scale_dtype: torch.dtype = torch.bfloat16, search: bool = False
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(packed int32 codes [..., out, in/8], scales [..., out, in/group] in `scale_dtype`) of `w` [..., out, in],
-    as compressed-tensors compresses a weight held in `scale_dtype`."""
+    as compressed-tensors compresses a weight held in `scale_dtype` (scale = amax / 7.5). `search`: each group's scale
+    is instead the one, among amax / d for d in SEARCH_DIVISORS (each rounded to `scale_dtype`), whose codes give
+    the least squared error against `w` in float32 (compressed-tensors' own scale on a tie): what ream-lite writes
+    for merged and refit experts, whose values no release scale was chosen for."""
     *lead, rows, n = w.shape
     if n % group:
         raise ValueError(f"INT4 groups of {group} do not divide rows of {n} values")
     x = w.to(scale_dtype).reshape(*lead, rows, n // group, group)
-    scale = x.abs().amax(-1) / HALF_RANGE
-    scale = torch.where(scale == 0, torch.tensor(torch.finfo(scale_dtype).eps, dtype=scale_dtype, device=w.device),
-                        scale)
-    q = torch.round(torch.clamp(x / scale.unsqueeze(-1), Q_MIN, Q_MAX)).to(torch.int8)
-    return pack_int4(q.reshape(*lead, rows, n)), scale
+    eps = torch.tensor(torch.finfo(scale_dtype).eps, dtype=scale_dtype, device=w.device)
+    amax = x.abs().amax(-1)
+
+    def codes(divisor: float) -> tuple[torch.Tensor, torch.Tensor]:
+        scale = amax / divisor
+        scale = torch.where(scale == 0, eps, scale)
+        return torch.round(torch.clamp(x / scale.unsqueeze(-1), Q_MIN, Q_MAX)), scale
+
+    q, scale = codes(HALF_RANGE)
+    if search:
+        target = w.float().reshape(x.shape)
+
+        def error(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:  # (of the values decode_int4 gives)
+            return ((q.to(scale_dtype) * scale.unsqueeze(-1)).float() - target).pow(2).sum(-1)
+
+        best = error(q, scale)
+        for d in SEARCH_DIVISORS:
+            if d == HALF_RANGE:
+                continue
+            q_d, scale_d = codes(d)
+            err = error(q_d, scale_d)
+            better = err < best
+            q = torch.where(better.unsqueeze(-1), q_d, q)
+            scale = torch.where(better, scale_d, scale)
+            best = torch.minimum(err, best)
+    return pack_int4(q.to(torch.int8).reshape(*lead, rows, n)), scale

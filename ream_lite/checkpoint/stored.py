@@ -316,10 +316,11 @@ def encode(t: StoredTensor, name: str, value: torch.Tensor) -> dict[str, torch.T
                            compress_statistics=".nested_absmax" in t.parts)
     if t.encoding == "nvfp4":
         return _encode_nvfp4(t, name, value)
-    if t.encoding == "int4_pack":  # fresh group scales, in the input's scale dtype; the shape record as the input's
+    if t.encoding == "int4_pack":  # fresh least-squares group scales in the input's scale dtype; the shape record
+        # as the input's
         from ream_lite.checkpoint.int4_pack import encode_int4
 
-        codes, scales = encode_int4(value, t.block[0], t.parts[INT_SCALE].torch_dtype)
+        codes, scales = encode_int4(value, t.block[0], t.parts[INT_SCALE].torch_dtype, search=True)
         out = {name + INT_PACKED: codes, name + INT_SCALE: scales}
         if INT_SHAPE in t.parts:
             out[name + INT_SHAPE] = torch.tensor(value.shape, dtype=t.parts[INT_SHAPE].torch_dtype)
