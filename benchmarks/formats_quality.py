@@ -5,8 +5,8 @@
 The testbed model (float32) is written as an FP8 block-scaled release (128 x 128 blocks, DeepSeek-style scales,
 `ream_lite.testing.convert_to_fp8`) and as an NVFP4 release (compressed-tensors nvfp4-pack-quantized,
 `convert_to_nvfp4`) and with its routed experts in INT4 as the Kimi-K2-Thinking / K2.5 releases (compressed-tensors
-pack-quantized W4A16, groups of 32, `convert_to_int4`). Every model is evaluated on all of data/eval.jsonl against the float32 original (KL per
-predicted token, top-1 agreement, perplexity):
+pack-quantized W4A16, groups of 32, `convert_to_int4`). Every model is evaluated on all of data/eval.jsonl against
+the float32 original (KL per predicted token, top-1 agreement, perplexity):
 
 - the FP8, NVFP4 and INT4 releases themselves (the cost of the format),
 - each method on the float32 model,

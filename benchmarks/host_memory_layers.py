@@ -30,7 +30,8 @@ def checkpoint(layers: int, root: Path) -> Path:
 
         cfg = tf.Qwen3MoeConfig(vocab_size=8192, hidden_size=1024, num_hidden_layers=layers, num_attention_heads=8,
                                 num_key_value_heads=4, head_dim=128, intermediate_size=2048, moe_intermediate_size=512,
-                                num_experts=64, num_experts_per_tok=8, norm_topk_prob=True, max_position_embeddings=4096)
+                                num_experts=64, num_experts_per_tok=8, norm_topk_prob=True,
+                                max_position_embeddings=4096)
         write_random_checkpoint(cfg, d, dtype=torch.bfloat16)
     return d
 

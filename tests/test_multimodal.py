@@ -34,8 +34,9 @@ PREFIXES = {"qwen3_5_moe": ("model.language_model.", "lm_head.weight", ("model.v
                        ("vision_model.", "multi_modal_projector.")),
             "qwen3_vl_moe": ("model.language_model.", "lm_head.weight", ("model.visual.",)),
             "step3p7": ("model.", "lm_head.weight", ("vision_model.", "vit_large_projector."))}
+# (Qwen3.5: 3 is its MTP layer, mtp.layers.0)
 MOE_LAYERS = {"qwen3_5_moe": [0, 1, 2, 3], "llama4": [1, 3], "qwen3_vl_moe": [1, 2], "step3p7": [1, 2]}
-EXPERTS_KEY = {"qwen3_5_moe": "num_experts", "step3p7": "n_routed_experts"}  # (others: num_local_experts)  # (Qwen3.5: 3 is its MTP layer, mtp.layers.0)
+EXPERTS_KEY = {"qwen3_5_moe": "num_experts", "step3p7": "n_routed_experts"}  # (others: num_local_experts)
 
 
 def add_mtp_block(d):

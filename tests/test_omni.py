@@ -57,7 +57,8 @@ def omni(tmp_path_factory):
     g = torch.Generator().manual_seed(9)
     for k, shape in (("talker.model.codec_embedding.weight", (16, 32)),
                      ("talker.model.layers.0.mlp.experts.0.gate_proj.weight", (8, 32)),
-                     ("talker.model.layers.0.mlp.gate.weight", (4, 32)), ("code2wav.pre_transformer.norm.weight", (32,))):
+                     ("talker.model.layers.0.mlp.gate.weight", (4, 32)),
+                     ("code2wav.pre_transformer.norm.weight", (32,))):
         sd[k] = torch.randn(shape, generator=g)
     d = root / "release"
     d.mkdir()

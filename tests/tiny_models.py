@@ -76,8 +76,8 @@ def family_config(family: str):
     if family == "step3p5":  # only inside its multimodal step3p7 wrapper here (no causal-LM class); layer 0 dense;
         # sliding (2 heads) / full (4 heads) / sliding attention, each its own rotary; layer 1's experts clamped
         c = {k: v for k, v in COMMON.items() if k != "num_hidden_layers"}
-        return tf.Step3p7TextConfig(**c, num_hidden_layers=3, head_dim=8, intermediate_size=48, moe_intermediate_size=16,
-                                    n_routed_experts=8, num_experts_per_tok=2, share_expert_dim=24,
+        return tf.Step3p7TextConfig(**c, num_hidden_layers=3, head_dim=8, intermediate_size=48,
+                                    moe_intermediate_size=16, n_routed_experts=8, num_experts_per_tok=2, share_expert_dim=24,
                                     mlp_layer_types=["dense", "sparse", "sparse"],
                                     layer_types=["sliding_attention", "full_attention", "sliding_attention"],
                                     sliding_window=6, num_sliding_attention_heads=2, moe_router_scaling_factor=2.0,

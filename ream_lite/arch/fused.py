@@ -113,7 +113,9 @@ def stored_slabs(spec: ArchSpec, expert: tuple[torch.Tensor, ...]) -> list[torch
 def canonical_expert(spec: ArchSpec, slabs: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
     """Inverse of `stored_slabs`: one expert's stored slabs -> (gate, up, down[, biases]) in canonical form."""
     if spec.fused_up:
-        return split_one(spec, slabs[0][None])[0], split_one(spec, slabs[2][None])[0], split_down(spec, slabs[1][None])[0]
+        gate, up, down = (split_one(spec, slabs[0][None]), split_one(spec, slabs[2][None]),
+                          split_down(spec, slabs[1][None]))
+        return gate[0], up[0], down[0]
     g, u = split_gate_up(spec, slabs[0][None])
     out = (g[0], u[0], split_down(spec, slabs[1][None])[0])
     if spec.fused_bias_names:

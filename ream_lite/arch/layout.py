@@ -394,7 +394,8 @@ class ModelLayout:
             # [E, ...] or flattened [E * rows, ...] (DBRX): whole experts along dim 0 either way
             shapes = [self.reader.shape(k) if k in self.reader else (0,) for k in self.fused_keys(i)]
             if any(not s[0] or s[0] % n or (s[0] > n and len(s) != 2) for s in shapes):
-                raise ReamLiteError(f"{self.path}: layer {i}: fused expert tensors disagree with the router ({n} experts)")
+                raise ReamLiteError(f"{self.path}: layer {i}: fused expert tensors disagree with the router "
+                                    f"({n} experts)")
         else:
             missing = [k for e in range(n) for k in self.per_expert_keys(i, e) if k not in self.reader]
             if missing:

@@ -322,8 +322,8 @@ class LayerStreamer:
                 output_scale=spec.config_scalar(self.hf_config, spec.moe_output_scale_key),
             )
             if spec.latent_projections and self.layout.latent:
-                block.latent_in, block.latent_out = (
-                    self._fill(copy.deepcopy(getattr(meta_block, a)), f"{moe_prefix}.{a}") for a in spec.latent_projections)
+                block.latent_in, block.latent_out = (self._fill(copy.deepcopy(getattr(meta_block, a)),
+                                                                f"{moe_prefix}.{a}") for a in spec.latent_projections)
         layer = self._fill(layer, info.prefix)
         if block is not None and spec.moe_post_norm:
             # (the layer applies it to the capture's zeros: nothing; run_moe applies it to the block's output)
