@@ -350,6 +350,19 @@ def compress(model, output, experts, method, calib, mix, packing, chat_template,
     )
     out = run(cfg, echo=lambda line: click.echo(line, err=True))
     click.echo(f"wrote {out}")
+    _echo_time(os.path.join(out, "ream_report.json"))
+
+
+def _echo_time(report_path: str) -> None:
+    """The closing summary's line of where the time went (ream_report.json totals.time), when the report has it."""
+    from ream_lite.pipeline import time_line
+
+    try:
+        with open(report_path) as f:
+            split = json.load(f)["totals"]["time"]
+    except (OSError, ValueError, KeyError):
+        return
+    click.echo(time_line(split))
 
 
 @main.command(name="apply")

@@ -236,8 +236,17 @@ def compress(cfg: CompressConfig, echo: Callable[[str], None] | None = None) -> 
     try:
         n_keep = resolve_keep(layout, cfg.experts)
         validate(layout, n_keep, cfg)
-        with OutputLock(cfg.output, cfg.command or "ream-lite compress"):  # (one run per output)
-            return _compress(layout, cfg, n_keep, echo or (lambda line: log.info("plan: %s", line)))
+        # where the time goes (read, store, write, each pass: ream_lite.timing), recorded in the report; a caller
+        # that enabled timing itself (benchmarks, with GPU syncs) keeps its own settings and totals
+        own_timing = not timing.enabled()
+        if own_timing:
+            timing.enable()
+        try:
+            with OutputLock(cfg.output, cfg.command or "ream-lite compress"):  # (one run per output)
+                return _compress(layout, cfg, n_keep, echo or (lambda line: log.info("plan: %s", line)))
+        finally:
+            if own_timing:
+                timing.disable()
     finally:
         layout.close()
 
@@ -377,7 +386,7 @@ def _compress(layout: ModelLayout, cfg: CompressConfig, n_keep: int, echo: Calla
         log.info("resume: %d hidden-state snapshots, %.1f MiB written to %s", resume_log.snapshots,
                  resume_log.bytes_written / 2**20, resume_log.dir)
         write_side_files(writer.tmp_dir, layout, cfg, n_keep, calibration_record(cfg, cal), layers, run, writer,
-                         first_run)
+                         first_run, est)
         # the resume record goes last: a kill or an error before the output is in place can still be resumed
         return writer.finish(output_config(layout, n_keep, cfg.drop_mtp, writer.output), source_dir=layout.path,
                              before_publish=resume_log.remove)
@@ -437,10 +446,37 @@ def close_stores(*stores: HiddenStateStore | None) -> None:
             store.close()
 
 
+def time_split(wall: float, est=None) -> dict:
+    """Where `wall` seconds of this process went, by part (ream_lite.timing's totals: read, store, write, snapshot,
+    and each pass's compute; `other`: what no part claims) against the plan's floor (each byte read once and the
+    same FLOPs, at the rates the plan used: measured by `ream-lite plan`, assumed here unless it measured)."""
+    parts = {k: round(v, 3) for k, v in timing.totals().items() if v > 0}
+    out = {"wall_seconds": round(wall, 3), "parts_seconds": parts,
+           "other_seconds": round(max(0.0, wall - sum(parts.values())), 3)}
+    if est is not None and est.floor_seconds > 0:
+        out.update(floor_seconds=round(est.floor_seconds, 3), floor_rates="measured" if est.rates.measured else
+                   "assumed", wall_over_floor=round(wall / est.floor_seconds, 2))
+    return out
+
+
+def time_line(split: dict) -> str:
+    """The closing summary's line of `time_split`: the largest parts first."""
+    parts = sorted(split["parts_seconds"].items(), key=lambda kv: -kv[1])
+    line = f"time {split['wall_seconds']:.1f} s: " + ", ".join(f"{k} {v:.1f} s" for k, v in parts[:8])
+    if split.get("floor_rates") == "measured":
+        line += f"; {split['wall_over_floor']:.2f}x the plan's floor of {split['floor_seconds']:.1f} s"
+    elif "floor_seconds" in split:  # (a floor at assumed rates says nothing of this machine)
+        line += "; the floor is not measured here (`ream-lite plan` measures this machine's rates)"
+    return line
+
+
 def build_report(layout: ModelLayout, cfg: CompressConfig, n_keep: int, calibration: dict, layers: list[dict],
-                 run: Meter, writer: CheckpointWriter, first_run: dict) -> dict:
+                 run: Meter, writer: CheckpointWriter, first_run: dict, est=None) -> dict:
     """Everything about the run (see ream_lite.report); ream_plan.json is its deterministic part."""
     totals = run.read()
+    if timing.enabled():
+        totals["time"] = time_split(timing.elapsed(), est)
+        log.info("%s", time_line(totals["time"]))
     peaks = [L["peak_device_bytes"] for L in layers if L.get("peak_device_bytes") is not None]
     totals["peak_device_bytes"] = max(peaks) if peaks else None  # each layer's Meter resets the CUDA peak
     totals.update(size_before_bytes=layout.reader.total_bytes(), size_after_bytes=writer.tensor_bytes,
@@ -467,9 +503,9 @@ def build_report(layout: ModelLayout, cfg: CompressConfig, n_keep: int, calibrat
 
 
 def write_side_files(d: Path, layout: ModelLayout, cfg: CompressConfig, n_keep: int, calibration: dict,
-                     layers: list[dict], run: Meter, writer: CheckpointWriter, first_run: dict) -> None:
+                     layers: list[dict], run: Meter, writer: CheckpointWriter, first_run: dict, est=None) -> None:
     """ream_report.json, ream_plan.json, the plots and the model card, into the partial output directory `d`."""
-    report = build_report(layout, cfg, n_keep, calibration, layers, run, writer, first_run)
+    report = build_report(layout, cfg, n_keep, calibration, layers, run, writer, first_run, est)
     for note in write_report(d, report):
         log.warning("%s", note)
     files.write_file(d / "README.md", model_card(report, output_name=Path(cfg.output).name), "the model card")

@@ -31,6 +31,7 @@ PASSES = ("attention", "stats", "alignment", "assignment", "merge", "guard", "re
 
 _enabled = False
 _sync_cuda = False
+_t_enabled = 0.0
 _seconds: dict[str, float] = defaultdict(float)
 _calls: dict[str, int] = defaultdict(int)
 _stack: list[list] = []  # [name, seconds spent in nested phases]
@@ -39,10 +40,16 @@ _bytes: dict[str, int] = defaultdict(int)
 
 def enable(sync: str | None = None) -> None:
     """Start recording (and reset); `sync="cuda"` synchronizes the GPU at every phase boundary."""
-    global _enabled, _sync_cuda
+    global _enabled, _sync_cuda, _t_enabled
     _enabled = True
     _sync_cuda = sync == "cuda"
+    _t_enabled = time.perf_counter()
     reset()
+
+
+def elapsed() -> float:
+    """Seconds since `enable` (the wall time the totals are parts of)."""
+    return time.perf_counter() - _t_enabled
 
 
 def disable() -> None:

@@ -231,3 +231,24 @@ def test_model_card_without_command_and_old_report():
                              "tokens_per_domain": {"prose": 8192}, "holdout_sequences": 2}
     card = model_card(report, 2 * 1024**3, 1024**3, "out")  # the positional call compress makes today
     assert "```bash" not in card and "2.00 GiB" in card and "1.00 GiB" in card and "builtin" in card
+
+
+def test_report_says_where_the_time_went(model_dirs, calib_file, tmp_path):
+    """`compress` records its wall time split by part (read, store, write, each pass's compute) and against the
+    plan's floor: the parts are positive, never more than the wall time, and the passes the run made are there."""
+    from click.testing import CliRunner
+
+    from ream_lite.cli import main
+    from ream_lite.pipeline import time_line
+
+    _, src = model_dirs["qwen3_moe"]
+    r = CliRunner().invoke(main, ["compress", str(src), str(tmp_path / "out"), "--experts", "6", "--calib",
+                                  str(calib_file), "--seq-len", "32", "--num-sequences", "12"])
+    assert r.exit_code == 0, r.output
+    split = json.loads((tmp_path / "out" / "ream_report.json").read_text())["totals"]["time"]
+    parts = split["parts_seconds"]
+    assert {"read", "stats", "guard", "sequential", "attention", "write"} <= set(parts)
+    assert all(v > 0 for v in parts.values())
+    assert sum(parts.values()) <= split["wall_seconds"] * 1.001 and split["other_seconds"] >= 0
+    assert split["floor_rates"] == "assumed" and split["wall_over_floor"] > 0
+    assert time_line(split).startswith(f"time {split['wall_seconds']:.1f} s: ") and time_line(split) in r.output
