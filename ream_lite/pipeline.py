@@ -452,7 +452,9 @@ def time_split(wall: float, est=None) -> dict:
     same FLOPs, at the rates the plan used: measured by `ream-lite plan`, assumed here unless it measured)."""
     parts = {k: round(v, 3) for k, v in timing.totals().items() if v > 0}
     out = {"wall_seconds": round(wall, 3), "parts_seconds": parts,
-           "other_seconds": round(max(0.0, wall - sum(parts.values())), 3)}
+           "other_seconds": round(max(0.0, wall - sum(parts.values())), 3),
+           # (unsynchronized on a GPU, a queued kernel is charged to whichever part next waits for the device)
+           "gpu_synchronized": timing.synchronized()}
     if est is not None and est.floor_seconds > 0:
         out.update(floor_seconds=round(est.floor_seconds, 3), floor_rates="measured" if est.rates.measured else
                    "assumed", wall_over_floor=round(wall / est.floor_seconds, 2))

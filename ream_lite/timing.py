@@ -47,6 +47,11 @@ def enable(sync: str | None = None) -> None:
     reset()
 
 
+def synchronized() -> bool:
+    """Whether phase boundaries synchronize the GPU (the parts are then attributable on CUDA)."""
+    return _sync_cuda
+
+
 def elapsed() -> float:
     """Seconds since `enable` (the wall time the totals are parts of)."""
     return time.perf_counter() - _t_enabled
