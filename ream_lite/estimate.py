@@ -631,9 +631,10 @@ def _layer_output_bytes(layout: ModelLayout, info: LayerLayout, n_keep: int, fmt
         return sum(written_bytes(fmt, k, r.entry(k)) for k in keys)
     routers = _router_keys(layout, info)
     total = 0
+    rows = info.num_experts + layout.zero_experts  # (router rows; LongCat-Flash's identity experts' are all kept)
     for k in keys:
         b = written_bytes(fmt, k, r.entry(k))
-        total += b // info.num_experts * n_keep if k in routers else b  # (router rows: [E, H], [E] or [1, E])
+        total += b // rows * (n_keep + layout.zero_experts) if k in routers else b  # ([E, H], [E] or [1, E] rows)
     if info.expert_storage == "fused":
         per_expert = sum(written_bytes(fmt, k, r.entry(k)) // info.num_experts for k in layout.expert_keys(info.index))
     else:

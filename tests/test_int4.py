@@ -322,3 +322,42 @@ def test_asymmetric_or_reordered_int4_is_refused(kimi, tmp_path, extra):
     save_file(sd, str(d / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(ReamLiteError, match=f"experts.0.up_proj.{extra}"):
         ModelLayout(str(d))
+
+
+@pytest.mark.parametrize("method", ["reap", "ream"])
+def test_plan_predicts_int4_reads_and_output_bytes(kimi, tmp_path, monkeypatch, method):
+    """`plan` counts an INT4 weight's scales and shape record with its codes: its predicted reads and output bytes
+    equal what compress reads and writes (the Kimi-K2.5 wrapper, vision tower included)."""
+    from test_plan import estimate, reads_of, tensor_bytes
+
+    from ream_lite.engine.streamer import StreamOptions
+    from ream_lite.pipeline import CompressConfig
+    from ream_lite.pipeline import compress as run_compress
+
+    _, _, src = kimi
+    read = reads_of(src, monkeypatch)
+    settings = {"method": method, "num_sequences": 8, "seq_len": 32, **({"guard": "off"} if method == "ream" else {})}
+    run_compress(CompressConfig(model=str(src), output=str(tmp_path / "out"), experts=8,
+                                stream=StreamOptions(device="cpu", progress=False), **settings))
+    est = estimate(src, 8, **settings)
+    assert est.output_bytes == tensor_bytes(tmp_path / "out")
+    assert est.read_bytes == max(read)
+
+
+def test_malformed_int4_weight_is_refused_in_one_line(kimi, tmp_path):
+    """An INT4 weight whose scales do not match its codes (a truncated or foreign file) is refused when the checkpoint
+    is opened, naming the tensor."""
+    from ream_lite.errors import ReamLiteError
+
+    _, _, int4 = kimi
+    d = tmp_path / "m"
+    d.mkdir()
+    for f in int4.iterdir():
+        if f.name != "model.safetensors":
+            (d / f.name).symlink_to(f)
+    sd = load_file(str(int4 / "model.safetensors"))
+    key = "language_model.model.layers.2.mlp.experts.3.down_proj.weight_scale"
+    sd[key] = sd[key][:5].contiguous()
+    save_file(sd, str(d / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ReamLiteError, match="experts.3.down_proj.weight_packed: not an INT4 pack-quantized weight"):
+        ModelLayout(str(d))
