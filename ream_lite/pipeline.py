@@ -197,8 +197,8 @@ def validate(layout: ModelLayout, n_keep: int, cfg: CompressConfig) -> None:
     if cfg.refit.sweeps < 1 or not cfg.refit.ridge > 0:
         raise ReamLiteError("--refit-sweeps must be at least 1 and --refit-ridge above 0")
     if cfg.refit.mode == "on" and layout.latent:
-        raise ReamLiteError("--refit on: the experts of this model run in a latent space (moe_latent_size) the refit "
-                            "does not model; use --refit auto (which skips it) or off")
+        raise ReamLiteError("--refit on: the experts of this model run in a latent space the refit does not model; "
+                            "use --refit auto (which skips it) or off")
     if cfg.refits and cfg.from_stats:
         raise ReamLiteError("the refit fits experts to calibration tokens, which saved statistics do not hold; "
                             "pass --refit off with --from-stats")

@@ -17,7 +17,7 @@ from ream_lite.arch.skeleton import causal_lm_skeleton
 from ream_lite.checkpoint.format import DTYPE_NAMES, encode_header
 from ream_lite.checkpoint.fp8 import scale_shape
 from ream_lite.checkpoint.reader import SINGLE_NAME
-from ream_lite.testing import _disk_names, fp8_quantization_config, is_fp8_release_weight
+from ream_lite.testing import _disk_names, fp8_quantization_config, int4_quantization_config, is_fp8_release_weight
 
 
 def write_sparse_checkpoint(config, out: str | Path, dtype: torch.dtype = torch.bfloat16,
@@ -71,11 +71,7 @@ def write_sparse_checkpoint(config, out: str | Path, dtype: torch.dtype = torch.
         cfg["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
             "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
     if int4_group is not None:
-        weights = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": int4_group}
-        cfg["quantization_config"] = {
-            "quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
-            "config_groups": {"group_0": {"targets": [r"re:.*mlp\.experts\.\d+\.(gate|up|down)_proj$"],
-                                          "weights": weights}}, "ignore": ["lm_head"]}
+        cfg["quantization_config"] = int4_quantization_config(FAMILIES[config.model_type], int4_group)
     if model_type is not None:
         cfg["model_type"] = model_type
     (out / "config.json").write_text(json.dumps(cfg, indent=2, default=str) + "\n")

@@ -210,6 +210,19 @@ def convert_to_nvfp4(src: str | Path, out: str | Path, form: str = "ct", seed: i
     return result
 
 
+def int4_quantization_config(spec, group: int) -> dict:
+    """The quantization_config of an INT4 release as the Kimi-K2-Thinking / K2.5 ones state it: compressed-tensors
+    pack-quantized, symmetric 4-bit groups of `group`, the routed experts of `spec`'s family as its target."""
+    names = "|".join(n for n in spec.expert_proj_names if n is not None)
+    experts = f"re:.*{spec.moe_disk}\\.{spec.experts_prefix}\\.\\d+\\.({names})$"
+    weights = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": group,
+               "dynamic": False, "actorder": None, "block_structure": None, "observer": "minmax"}
+    return {"quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
+            "config_groups": {"group_0": {"targets": [experts], "weights": weights, "input_activations": None,
+                                          "output_activations": None, "format": "pack-quantized"}},
+            "ignore": ["lm_head"], "kv_cache_scheme": None}
+
+
 def convert_to_int4(src: str | Path, out: str | Path, group: int = 32,
                     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
     """An INT4 copy of checkpoint `src` as the Kimi-K2-Thinking / K2.5 releases store theirs: the routed experts'
@@ -233,17 +246,8 @@ def convert_to_int4(src: str | Path, out: str | Path, group: int = 32,
         w.add(name + ".weight_packed", codes)
         w.add(name + ".weight_scale", scales)
         w.add(name + ".weight_shape", torch.tensor(r.shape(k), dtype=torch.int32))
-    spec = layout.spec
-    weights = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": group,
-               "dynamic": False, "actorder": None, "block_structure": None, "observer": "minmax"}
     cfg = layout.wrap_config(dict(layout.config))
-    experts_re = (f"re:.*{spec.moe_disk}\\.{spec.experts_prefix}\\.\\d+\\."
-                  f"({'|'.join(spec.expert_proj_names)})$")
-    cfg["quantization_config"] = {
-        "quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
-        "config_groups": {"group_0": {"targets": [experts_re], "weights": weights, "input_activations": None,
-                                      "output_activations": None, "format": "pack-quantized"}},
-        "ignore": ["lm_head"], "kv_cache_scheme": None}
+    cfg["quantization_config"] = int4_quantization_config(layout.spec, group)
     result = w.finish(cfg, source_dir=layout.path)
     layout.close()
     return result

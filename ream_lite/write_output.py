@@ -147,8 +147,7 @@ def _write_fused(writer: CheckpointWriter, r, key: str, kept: list[int], merged:
         dst = slice(pos * rows, (pos + 1) * rows)
         if e in merged:  # this expert's parts, encoded alone (its blocks and scales are its own; GGUF blocks as
             # read back: OutputFormat.encode)
-            enc = writer.output.encode(key, merged[e].reshape(rows, *like.shape[1:]) if rows > 1 else merged[e][None],
-                                       like)
+            enc = writer.output.encode(key, merged[e].reshape(rows, *like.shape[1:]), like)
             for sfx in parts:
                 parts[sfx][dst].copy_(enc[like.part_name(sfx, key)].reshape(parts[sfx][dst].shape))
         else:

@@ -305,6 +305,17 @@ def test_kimi_k2_thinking_int4_real_shape_inspect_and_plan(tmp_path, monkeypatch
         assert [x.kind for x in est.layers] == ["dense", "moe", "moe"]
 
 
+def altered_copy(src, d, edit) -> None:
+    """`src` in `d` with `edit` applied to its one shard's tensors (dict, changed in place); every other file linked."""
+    d.mkdir()
+    for f in src.iterdir():
+        if f.name != "model.safetensors":
+            (d / f.name).symlink_to(f)
+    sd = load_file(str(src / "model.safetensors"))
+    edit(sd)
+    save_file(sd, str(d / "model.safetensors"), metadata={"format": "pt"})
+
+
 @pytest.mark.parametrize("extra", ["weight_zero_point", "weight_g_idx"])
 def test_asymmetric_or_reordered_int4_is_refused(kimi, tmp_path, extra):
     """A zero point (asymmetric) or a group index (GPTQ activation order) beside an INT4 weight changes what its codes
@@ -313,13 +324,8 @@ def test_asymmetric_or_reordered_int4_is_refused(kimi, tmp_path, extra):
 
     _, _, int4 = kimi
     d = tmp_path / "m"
-    d.mkdir()
-    for f in int4.iterdir():
-        if f.name != "model.safetensors":
-            (d / f.name).symlink_to(f)
-    sd = load_file(str(int4 / "model.safetensors"))
-    sd[f"language_model.model.layers.1.mlp.experts.0.up_proj.{extra}"] = torch.zeros(4, dtype=torch.int32)
-    save_file(sd, str(d / "model.safetensors"), metadata={"format": "pt"})
+    key = f"language_model.model.layers.1.mlp.experts.0.up_proj.{extra}"
+    altered_copy(int4, d, lambda sd: sd.__setitem__(key, torch.zeros(4, dtype=torch.int32)))
     with pytest.raises(ReamLiteError, match=f"experts.0.up_proj.{extra}"):
         ModelLayout(str(d))
 
@@ -351,13 +357,7 @@ def test_malformed_int4_weight_is_refused_in_one_line(kimi, tmp_path):
 
     _, _, int4 = kimi
     d = tmp_path / "m"
-    d.mkdir()
-    for f in int4.iterdir():
-        if f.name != "model.safetensors":
-            (d / f.name).symlink_to(f)
-    sd = load_file(str(int4 / "model.safetensors"))
     key = "language_model.model.layers.2.mlp.experts.3.down_proj.weight_scale"
-    sd[key] = sd[key][:5].contiguous()
-    save_file(sd, str(d / "model.safetensors"), metadata={"format": "pt"})
+    altered_copy(int4, d, lambda sd: sd.__setitem__(key, sd[key][:5].contiguous()))
     with pytest.raises(ReamLiteError, match="experts.3.down_proj.weight_packed: not an INT4 pack-quantized weight"):
         ModelLayout(str(d))

@@ -25,9 +25,9 @@ _DENSE_HINT = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3"
 MULTIMODAL_WRAPPERS = {"llama4": "llama4_text", "qwen3_5_moe": "qwen3_5_moe_text", "qwen3_vl_moe": "qwen3_vl_moe_text",
                        "kimi_k25": "deepseek_v3",  # (Kimi-K2.5 / K2.6: a text_config of model_type kimi_k2)
                        "qwen3_omni_moe": "qwen3_omni_moe_text", "step3p7": "step3p5"}
-# where a wrapper's config.json holds its text model's config (default: text_config): Qwen3-Omni's thinker holds it,
-# beside its talker (an MoE of its own, copied unchanged)
-TEXT_CONFIG_PATH = {"qwen3_omni_moe": ("thinker_config", "text_config")}
+# where a wrapper's config.json holds its text model's config, a dotted path (default: text_config): Qwen3-Omni's
+# thinker holds it, beside its talker (an MoE of its own, copied unchanged)
+TEXT_CONFIG_PATH = {"qwen3_omni_moe": "thinker_config.text_config"}
 # wrapper config keys a text_config inherits when it lacks them (the wrappers write dtype and quantization at the top)
 _INHERITED_KEYS = ("dtype", "torch_dtype", "quantization_config")
 _ABSENT = object()
@@ -66,14 +66,12 @@ def split_multimodal_config(config: dict, where: str = "model") -> tuple[dict, d
     quantization_config where the text_config lacks them; any other config is returned as it is."""
     text_type = MULTIMODAL_WRAPPERS.get(config.get("model_type"))
     if text_type is None:
-        return config, None, ()
-    path = TEXT_CONFIG_PATH.get(config["model_type"], ("text_config",))
-    text = config
-    for key in path:
-        text = text.get(key) if isinstance(text, dict) else None
+        return config, None, {}
+    path = TEXT_CONFIG_PATH.get(config["model_type"], "text_config")
+    text = _dotted(config, path)
     if not isinstance(text, dict) or not text.get("num_hidden_layers"):
         raise ReamLiteError(f"{where}: the multimodal '{config['model_type']}' config.json has no "
-                            f"{'.'.join(path)} describing its language model")
+                            f"{path} describing its language model")
     if FAMILIES.get(text.get("model_type", text_type)) is not FAMILIES[text_type]:  # (an alias is the family)
         raise ReamLiteError(f"{where}: the multimodal '{config['model_type']}' config.json has a text_config of "
                             f"model_type '{text['model_type']}'; expected '{text_type}'")
@@ -295,15 +293,10 @@ class ModelLayout:
             text = _set_dotted(text, self._lifted[flat], value)
         if self.wrapper_config is None:
             return text
-        path = TEXT_CONFIG_PATH.get(self.wrapper_config["model_type"], ("text_config",))
         inner = {k: v for k, v in text.items() if k not in self._inherited}
         inner.update({k: v for k, v in self._inherited.items() if v is not _ABSENT})
-        for i in range(len(path) - 1, -1, -1):  # each level a copy: the wrapper's own dicts are never edited
-            level = self.wrapper_config
-            for key in path[:i]:
-                level = level[key]
-            inner = {**level, path[i]: inner}
-        return inner
+        return _set_dotted(self.wrapper_config, TEXT_CONFIG_PATH.get(self.wrapper_config["model_type"], "text_config"),
+                           inner)
 
     # -- keys ---------------------------------------------------------------------------------------------------
     def layer_prefix(self, layer: int) -> str:
@@ -406,10 +399,12 @@ class ModelLayout:
             storage = "per_expert"
         return LayerLayout(i, prefix, True, storage, n, is_mtp)
 
-    @property
+    @cached_property
     def latent(self) -> bool:
-        """Whether the experts run in a latent space (ArchSpec.latent_projections: Nemotron-3 Super)."""
-        return bool(self.spec.latent_projections) and bool(self.config.get("moe_latent_size"))
+        """Whether the experts run in a latent space: the MoE blocks store the input projection
+        ArchSpec.latent_projections names (Nemotron-3 Super; Nano's blocks have none)."""
+        proj = self.spec.latent_projections
+        return bool(proj) and any(self.moe_key(x.index, f"{proj[0]}.weight") in self.reader for x in self.moe_layers)
 
     @property
     def zero_experts(self) -> int:

@@ -29,9 +29,7 @@ class TextCausalLM(nn.Module):
 def causal_lm_skeleton(config, dtype: torch.dtype | None = None) -> nn.Module:
     """`config`'s causal LM built without weights (call under `torch.device("meta")` for a skeleton)."""
     from transformers import AutoModel, AutoModelForCausalLM
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-    from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_MAPPING_NAMES
 
     kwargs = {"dtype": dtype} if dtype is not None else {}
     if config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:

@@ -33,7 +33,8 @@ UNSCALED_FP8_MESSAGE = ("FP8 without a weight_scale_inv block scale; only block-
                         "style) can be decoded")
 
 # encodings whose encoder, given decoded values, does not always give the same bytes back (llama.cpp's K-quants;
-# INT4's amax / 7.5 scales shrink when re-derived from codes): the output format writes the bytes it encoded
+# INT4's group scales, re-derived from decoded codes, come out otherwise): the output format writes the bytes it
+# encoded
 REENCODE_DIFFERS = ("ggml", "int4_pack")
 
 FP8_SCALE = "_scale_inv"  # DeepSeek-V3 / Qwen3-FP8 / Kimi-K2 ("fp8" quant_method): one scale per block

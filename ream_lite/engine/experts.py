@@ -67,8 +67,8 @@ def _load_experts(layout: ModelLayout, layer: int, ids: list[int], dtype: torch.
         spec = layout.spec  # orientation and gate/up arrangement of the stored tensors (arch/fused.py)
         inter, hidden = fused.gate_up_dims(spec, layout.fused_slab_shape(layer, gu_key))
         w = _empty_chunk(ids, inter, hidden, dtype, device, bias=bool(bias_keys))
-        expert_bytes = max(r.entry(gu_key).nbytes // info.num_experts, 1)
-        step = max(1, READ_BLOCK_BYTES // expert_bytes)
+        slab_bytes = max(r.entry(gu_key).nbytes // info.num_experts, 1)
+        step = max(1, READ_BLOCK_BYTES // slab_bytes)
 
         def slabs(key: str, s: int, e: int) -> torch.Tensor:  # experts s..e-1 of a fused tensor: [e - s, *slab]
             rows = layout.fused_rows(layer, key)

@@ -18,6 +18,7 @@ memory plan has room, from one read of all of layer L's experts kept on the devi
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -177,6 +178,9 @@ class LayerStreamer:
             # (none in a NoPE model: Granite-4.0 hybrids with position_embedding_type "nope")
             rotary = getattr(self.base, "rotary_emb", None)
             self.rotary = type(rotary)(config=self.hf_config).to(self.device) if rotary is not None else None
+            # (Step-3.7: one rotary embedding per layer type, asked for by the layer's type)
+            self._rotary_by_type = self.rotary is not None and \
+                "layer_type" in inspect.signature(self.rotary.forward).parameters
         except Exception as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ReamLiteError(f"{layout.path}: transformers cannot build the model config.json describes "
@@ -321,7 +325,7 @@ class LayerStreamer:
                 act=self.layer_act(i),  # (gpt_oss, Ling 2.5: clamped, per layer)
                 output_scale=spec.config_scalar(self.hf_config, spec.moe_output_scale_key),
             )
-            if spec.latent_projections and self.layout.latent:
+            if self.layout.latent:
                 block.latent_in, block.latent_out = (self._fill(copy.deepcopy(getattr(meta_block, a)),
                                                                 f"{moe_prefix}.{a}") for a in spec.latent_projections)
         layer = self._fill(layer, info.prefix)
@@ -387,8 +391,6 @@ class LayerStreamer:
         return store
 
     def _mask_and_positions(self, x: torch.Tensor, layer: int | None = None):
-        import inspect
-
         from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
         bsz, t, _ = x.shape
@@ -407,7 +409,7 @@ class LayerStreamer:
         mask = fn(config=self.hf_config, inputs_embeds=x, attention_mask=None, position_ids=pos, **extra)
         if self.rotary is None:
             return mask, pos, None
-        if "layer_type" in inspect.signature(self.rotary.forward).parameters:  # (Step-3.7: rope per layer type)
+        if self._rotary_by_type:
             return mask, pos, self.rotary(x, pos, self._layer_type(layer))
         return mask, pos, self.rotary(x, pos)
 
