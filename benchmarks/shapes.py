@@ -150,6 +150,19 @@ def glm_5(num_layers: int, dense_layers: int | None = None):
                            tie_word_embeddings=False)
 
 
+def deepseek_v4_flash(num_layers: int, dense_layers: int | None = None):
+    """DeepSeek-V4-Flash: hidden 4096, 256 experts x 2048, top-6, one shared expert, sqrt-softplus router with a
+    selection bias, routed scaling 1.5; the first 3 layers hash-routed (a [129280, 6] table per layer); 4 residual
+    streams (hyper-connections); 64 heads of 512 sharing one KV head (q rank 1024), grouped output projection
+    (8 x 1024), sliding / compressed-sparse / heavily-compressed attention with a lightning indexer (64 heads of 128,
+    top 512); vocab 129280: transformers' defaults for it (`dense_layers`: how many layers are hash-routed)."""
+    from transformers import DeepseekV4Config
+
+    hashed = min(3 if dense_layers is None else dense_layers, num_layers)
+    return DeepseekV4Config(num_hidden_layers=num_layers, mlp_layer_types=["hash_moe"] * hashed +
+                            ["moe"] * (num_layers - hashed), tie_word_embeddings=False)
+
+
 SHAPES = {
     "qwen3-30b-a3b": qwen3_30b_a3b,
     "qwen3-next-80b": qwen3_next_80b,
@@ -160,8 +173,10 @@ SHAPES = {
     "glm-5": glm_5,
     "nemotron-3-nano": nemotron_3_nano,
     "longcat-flash": longcat_flash,
+    "deepseek-v4-flash": deepseek_v4_flash,
 }
 
 # the released models' decoder layer counts, for projections to the full model
 FULL_LAYERS = {"qwen3-30b-a3b": 48, "qwen3-next-80b": 48, "deepseek-v3": 61, "kimi-k2": 61, "gpt-oss-120b": 36,
-               "glm-4.5-air": 46, "glm-5": 78, "nemotron-3-nano": 52, "longcat-flash": 28}
+               "glm-4.5-air": 46, "glm-5": 78, "nemotron-3-nano": 52, "longcat-flash": 28,
+               "deepseek-v4-flash": 43}

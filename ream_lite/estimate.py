@@ -62,18 +62,19 @@ GiB, MiB = 1024**3, 1024**2
 RUNTIME_HOST_BYTES = {"cpu": GiB // 2, "cuda": 3 * GiB // 2}
 
 
-def compress_stores(dtype: torch.dtype, holdout_sequences: int, sequences: int) -> float:
-    """Hidden-state buffers `compress` holds at once, in units of one [tokens, hidden] buffer in `dtype`: the
-    layer's input and output, and the guard's y, y_hat and best y_hat (float32, held-out tokens only)."""
+def compress_stores(dtype: torch.dtype, holdout_sequences: int, sequences: int, streams: int = 1) -> float:
+    """Hidden-state buffers `compress` holds at once, in units of one [tokens, residual width] buffer in `dtype`:
+    the layer's input and output, and the guard's y, y_hat and best y_hat (float32, held-out tokens only, one
+    stream wide: an MoE block's output)."""
     elt = torch.empty(0, dtype=dtype).element_size()
-    return 2 + 3 * (4 / elt) * holdout_sequences / max(sequences, 1)
+    return 2 + 3 * (4 / elt) * holdout_sequences / max(sequences, 1) / streams
 
 
-def refit_stores(dtype: torch.dtype, holdout_sequences: int, sequences: int) -> float:
-    """The refit's target / residual buffer (float32, statistics tokens) in the same units: placed after the others
-    (`MemoryPlan.side_tier`)."""
+def refit_stores(dtype: torch.dtype, holdout_sequences: int, sequences: int, streams: int = 1) -> float:
+    """The refit's target / residual buffer (float32, statistics tokens, one stream wide) in the same units: placed
+    after the others (`MemoryPlan.side_tier`)."""
     elt = torch.empty(0, dtype=dtype).element_size()
-    return (4 / elt) * (sequences - holdout_sequences) / max(sequences, 1)
+    return (4 / elt) * (sequences - holdout_sequences) / max(sequences, 1) / streams
 
 
 def refits_per_layer(cfg: CompressConfig, merging: bool) -> int:
@@ -508,8 +509,9 @@ def estimate_compression(
     merge_bytes = gram_bytes + (2 * shape.largest_group + 1) * (e_decoded // elt * 4) if shape.largest_group else 0
     memory = plan_memory(
         layout, tokens, device, dtype, opts.max_gpu_memory, opts.max_cpu_memory, opts.tokens_per_batch,
-        opts.store_tier, reserve, compress_stores(dtype, held, n_seq), cfg.seq_len, opts.expert_cache,
-        max(align_bytes, merge_bytes) - reserve, refit_stores(dtype, held, n_seq) if cfg.refits else 0.0,
+        opts.store_tier, reserve, compress_stores(dtype, held, n_seq, layout.residual_streams), cfg.seq_len,
+        opts.expert_cache, max(align_bytes, merge_bytes) - reserve,
+        refit_stores(dtype, held, n_seq, layout.residual_streams) if cfg.refits else 0.0,
     )
 
     # device bytes per phase of an MoE layer, on top of the layer's weights, activations, device-tier stores and

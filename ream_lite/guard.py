@@ -32,7 +32,6 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from ream_lite.engine.experts import ExpertWeights, expert_output, routed_contribution
-from ream_lite.engine.router import route
 from ream_lite.engine.store import HiddenStateStore
 from ream_lite.engine.streamer import LayerStreamer, MoEBlock
 from ream_lite.methods import METHODS, LayerPlan, MethodInput, MethodOptions
@@ -137,7 +136,7 @@ class HeldOutJudge:
         self.best_error = float("inf")
 
     def _zeros(self) -> HiddenStateStore:
-        st = self.s.new_store(self.x.lengths, torch.float32)
+        st = self.s.new_store(self.x.lengths, torch.float32, width=self.x.hidden)
         st.buf.zero_()
         return st
 
@@ -215,7 +214,7 @@ class _UndoDelta:
     def __call__(self, b):
         s, x_store = self.j.s, self.j.x
         x = x_store.read(b, s.device).reshape(-1, x_store.hidden)
-        r = route(x, self.block.router_weight, self.block.router_cfg, self.block.router_bias)
+        r = self.block.route(x, x_store.batch_ids(b))
         tok, slot = torch.where(r.indices == self.p)
         if tok.numel() == 0:
             return tok, None

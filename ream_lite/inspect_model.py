@@ -19,7 +19,8 @@ def describe(layout: ModelLayout) -> dict:
         layers.append(
             {
                 "index": info.index,
-                "kind": ("mtp-" if info.is_mtp else "") + ("moe" if info.is_moe else "dense"),
+                "kind": ("mtp-" if info.is_mtp else "") + ("moe" if info.is_moe else "dense")
+                + ("-hash" if info.is_moe and layout.hash_routed(info.index) else ""),
                 "experts": info.num_experts,
                 "expert_storage": info.expert_storage,
                 "expert_bytes": eb,
@@ -50,6 +51,7 @@ def describe(layout: ModelLayout) -> dict:
         "top_k": rc.top_k,
         "router": {
             "kind": rc.kind,
+            "score": rc.score_fn,
             "renormalize": rc.renormalize,
             "scaling": rc.scaling,
             "n_group": rc.n_group,
@@ -57,6 +59,8 @@ def describe(layout: ModelLayout) -> dict:
             "has_selection_bias": spec.router_bias is not None,
         },
         "shared_experts": spec.shared_expert_attr is not None,
+        "residual_streams": layout.residual_streams,
+        "hash_routed_layers": [x.index for x in moe if layout.hash_routed(x.index)],
         "expert_storage": sorted({x.expert_storage for x in moe}),
         "hidden_size": cfg.get("hidden_size"),
         "expert_intermediate_size": cfg.get(spec.moe_intermediate_key),
@@ -74,6 +78,11 @@ def format_description(d: dict) -> str:
     router = rt["kind"] + (", renormalised" if rt["renormalize"] else "")
     if rt["kind"] == "sigmoid_grouped_topk":
         router += f", scaling {rt['scaling']}, groups {rt['n_group']} (top {rt['topk_group']})"
+        if rt.get("score", "sigmoid") != "sigmoid":
+            router += f", scores {rt['score']}"
+    if d.get("hash_routed_layers"):
+        router += (f"; layers {', '.join(map(str, d['hash_routed_layers']))} hash-routed (experts chosen by a table "
+                   "of the token id)")
     lines = [
         f"model        {d['path']}",
         f"family       {d['family']}" + (f" (the text model of a multimodal {d['multimodal']} checkpoint, under "
@@ -85,6 +94,8 @@ def format_description(d: dict) -> str:
         f"intermediate {d['expert_intermediate_size']}, stored {'/'.join(d['expert_storage'])}",
         f"router       {router}",
         f"shared       {'yes' if d['shared_experts'] else 'no'}",
+        *([f"residual     {d['residual_streams']} streams (hyper-connections)"] if d.get("residual_streams", 1) > 1
+          else []),
         "stored as    " + ", ".join(f"{k} {g(v)}" for k, v in d["stored_dtypes"].items())
         + (f" (quantization: {d['quantization']})" if d["quantization"] else ""),
         f"total        {g(d['total_bytes'])}, routed experts {g(d['expert_bytes'])} "

@@ -8,7 +8,7 @@ import torch
 
 from ream_lite import timing
 from ream_lite.engine.experts import ExpertWeights
-from ream_lite.engine.router import Routing, route
+from ream_lite.engine.router import Routing
 from ream_lite.engine.store import Batch, HiddenStateStore
 from ream_lite.engine.streamer import LayerStreamer, MoEBlock, Observers
 from ream_lite.errors import ReamLiteError
@@ -80,7 +80,7 @@ def routing_counts(streamer: LayerStreamer, block: MoEBlock, h: HiddenStateStore
             if b.start >= tokens:
                 break
             x = h.read(b, streamer.device).reshape(-1, h.hidden)
-            counter.on_routing(block.layer, b, x, route(x, block.router_weight, block.router_cfg, block.router_bias))
+            counter.on_routing(block.layer, b, x, block.route(x, h.batch_ids(b)))
     return counter.counts.tolist()
 
 

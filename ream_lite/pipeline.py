@@ -160,6 +160,9 @@ def validate(layout: ModelLayout, n_keep: int, cfg: CompressConfig) -> None:
         c = cfg.options.group_size or auto_group_size(n, k)
         if c * k < n or c < 1:
             raise ReamLiteError(f"--group-size {c}: {k} groups of {c} cannot hold {n} experts; use at least {-(-n // k)}")
+    if layout.mtp_keys_unsupported() and not cfg.drop_mtp:
+        raise ReamLiteError(f"{layout.spec.mtp_unsupported}: pass --drop-mtp to leave it out (the output then sets "
+                            f"{layout.spec.detached_mtp_key} = 0)")
     for x in layout.layers:
         if x.is_mtp and not cfg.drop_mtp:
             if not x.is_moe:
@@ -350,6 +353,8 @@ def _compress(layout: ModelLayout, cfg: CompressConfig, n_keep: int, echo: Calla
             h = streamer.embed(seqs)
         else:
             h = resumed_hidden(streamer, resume_log, manifest)
+            if h is not None:  # (the tokens of its rows: hash-routed layers choose experts by them)
+                h.token_ids = torch.cat([s.reshape(-1) for s in seqs]).cpu()
         bar = tqdm(total=len(steps), initial=done, desc=f"{cfg.method} {rc.num_experts}->{n_keep}",
                    disable=not cfg.stream.progress)
         for step in range(done, len(steps)):
@@ -563,7 +568,8 @@ def compress_layer(
     plan, merged = None, {}
     if block is not None:  # every pass over the layer's experts from one read of them, when they fit the plan
         with streamer.layer_experts(index):
-            plan, merged = compress_moe_layer(streamer, block, h, out, method, n_keep, cfg, n_holdout, on_stats)
+            plan, merged = compress_moe_layer(streamer, block, streamer.moe_input(h), out, method, n_keep, cfg,
+                                              n_holdout, on_stats)
             # the kept experts go to the output from the cache where it holds their stored bytes (no re-read)
             write_layer(writer, streamer.layout, index, plan, merged, streamer.stored_experts(index))
     else:

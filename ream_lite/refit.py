@@ -25,7 +25,6 @@ import torch
 
 from ream_lite import timing
 from ream_lite.engine.experts import ExpertWeights, add_routed_output
-from ream_lite.engine.router import route
 from ream_lite.engine.store import Batch, HiddenStateStore
 from ream_lite.engine.streamer import LayerStreamer, MoEBlock
 from ream_lite.errors import ReamLiteError
@@ -69,7 +68,7 @@ class RoutingIndex:
         with torch.inference_mode():
             for b in h.batches(streamer.opts.tokens_per_batch):
                 x = h.read(b, streamer.device).reshape(-1, h.hidden)
-                r = route(x, block.router_weight, block.router_cfg, block.router_bias)
+                r = block.route(x, h.batch_ids(b))
                 k = r.indices.shape[1]
                 rows.append(torch.arange(b.start, b.end, dtype=torch.int64).repeat_interleave(k))
                 experts.append(r.indices.reshape(-1).cpu())
@@ -97,7 +96,8 @@ class Refitter:
         self.block = replace(block, shared=None, shared_gate=None, output_scale=1.0, post_norm=None,
                              identity_output=False)
         # (its own tier: it goes to host RAM or the work dir when the hidden states leave it no room on the device)
-        self.store = streamer.new_store(h.lengths, torch.float32, streamer.plan.side_tier if streamer.plan else None)
+        self.store = streamer.new_store(h.lengths, torch.float32, streamer.plan.side_tier if streamer.plan else None,
+                                        width=h.hidden)
         self.store.buf.zero_()
         self.holds_target = True  # the store holds y (filled by `observer` in the statistics pass)
 

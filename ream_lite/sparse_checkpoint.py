@@ -39,6 +39,7 @@ def write_sparse_checkpoint(config, out: str | Path, dtype: torch.dtype = torch.
         for disk_name, shape, part in _disk_names(config.model_type, name, tuple(t.shape)):
             # as write_random_checkpoint: DeepSeek-style selection biases stay float32
             d = torch.float32 if "e_score_correction_bias" in disk_name else dtype
+            d = d if t.dtype.is_floating_point else t.dtype  # (a hash-routed layer's int64 table)
             parts = [(disk_name, d, shape)]
             if mxfp4 and disk_name.endswith(("experts.gate_up_proj", "experts.down_proj")):
                 e, k, n = shape  # [E, in, out]

@@ -75,7 +75,9 @@ def write_random_checkpoint(
         if name == "lm_head.weight" and getattr(config, "tie_word_embeddings", False):
             continue
         for disk_name, shape, _ in _disk_names(config.model_type, name, tuple(t.shape)):
-            if "norm" in disk_name:
+            if not t.dtype.is_floating_point:  # a hash-routed layer's [vocab, k] expert ids (DeepSeek-V4)
+                value = random_hash_table(shape, FAMILIES[config.model_type].num_experts(config.to_dict()), gen)
+            elif "norm" in disk_name:
                 value = torch.ones(shape, dtype=dtype)
             elif "e_score_correction_bias" in disk_name:
                 value = torch.zeros(shape, dtype=torch.float32)
@@ -95,6 +97,13 @@ def write_random_checkpoint(
     if tokenizer:
         save_char_tokenizer(out, config.vocab_size)
     return out
+
+
+def random_hash_table(shape: tuple[int, int], num_experts: int, gen: torch.Generator) -> torch.Tensor:
+    """[vocab, k] int64: k distinct random experts for every token id (a hash-routed layer's table)."""
+    rows = [torch.rand((min(4096, shape[0] - a), num_experts), generator=gen, device=gen.device).argsort(dim=1)
+            [:, : shape[1]].cpu() for a in range(0, shape[0], 4096)]
+    return torch.cat(rows)
 
 
 def fp8_quantization_config(block: tuple[int, int]) -> dict:

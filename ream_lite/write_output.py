@@ -18,6 +18,7 @@ from ream_lite.arch.layout import LayerLayout, ModelLayout
 from ream_lite.checkpoint import stored
 from ream_lite.checkpoint.output_format import OutputFormat
 from ream_lite.checkpoint.writer import CheckpointWriter
+from ream_lite.engine.hash_routing import remap_table, similarity_order
 from ream_lite.engine.streamer import checkpoint_dtype
 from ream_lite.errors import ReamLiteError
 from ream_lite.methods.apply import build_merged_experts
@@ -89,8 +90,12 @@ def _write_layer(writer, layout, layer, plan, merged, stored_experts) -> None:
     if spec.router_bias:
         router_keys.add(layout.moe_key(layer, spec.router_bias))
     expert_keys = set(layout.expert_keys(layer))
+    table_key = layout.moe_key(layer, spec.hash_table) if layout.hash_routed(layer) else None
     for k in keys:
-        if k in router_keys:  # (an encoded router is decoded, sliced and encoded again)
+        if k == table_key:  # a hash-routed layer's [vocab, k] expert ids, remapped onto the kept experts
+            order = similarity_order(r.get(layout.moe_key(layer, spec.router_weight), dtype=torch.float64))
+            writer.add(k, remap_table(r.get(k), order, kept).contiguous())  # (integers: in their own dtype, always)
+        elif k in router_keys:  # (an encoded router is decoded, sliced and encoded again)
             t = r.get(k)
             # the router weight is [E, H]; a selection bias has the experts on its last axis ([E], Ernie-4.5 [1, E])
             t = t[idx] if k == layout.moe_key(layer, spec.router_weight) else t[..., idx]

@@ -231,12 +231,13 @@ _ROUTERS = {
     "longcat_flash": ("mlp", "router.classifier", "router.e_score_correction_bias", "router"),
     "dbrx": ("ffn", "router.layer", None, "dbrx"),
     "step3p5": ("mlp", "gate", "gate.e_score_correction_bias", "gate"),  # (moe.router_bias on disk)
+    "deepseek_v4": ("mlp", "gate", "gate.e_score_correction_bias", "gate"),  # (gate.bias on disk; none in a hash layer)
 }
 
 
 def _tensor(module, name: str | None):
     """A parameter or buffer of `module` by dotted name (None for None)."""
-    if name is None:
+    if name is None or (name not in dict(module.named_parameters()) and name not in dict(module.named_buffers())):
         return None
     return module.get_parameter(name) if name in dict(module.named_parameters()) else module.get_buffer(name)
 

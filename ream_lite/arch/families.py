@@ -484,13 +484,69 @@ JAMBA = ArchSpec(
     "expert_layer_period / offset, the others dense",
 )
 
+# DeepSeek-V4's layer tensors as stored (the release's names, which transformers' save_pretrained writes back) for the
+# names transformers holds in memory: (in-memory substring, on-disk substring), applied in order
+_DEEPSEEK_V4_RENAMES = (
+    ("lm_head.", "head."),
+    (".self_attn.compressor.indexer.scorer.weights_proj.", ".attn.indexer.weights_proj."),
+    (".self_attn.compressor.indexer.q_b_proj.", ".attn.indexer.wq_b."),
+    (".self_attn.compressor.indexer.", ".attn.indexer.compressor."),
+    (".self_attn.", ".attn."), (".sinks", ".attn_sink"), (".position_bias", ".ape"),
+    (".q_a_proj.", ".wq_a."), (".q_a_norm.", ".q_norm."), (".q_b_proj.", ".wq_b."), (".kv_proj.", ".wkv."),
+    (".kv_norm.", ".norm."), (".o_a_proj.", ".wo_a."), (".o_b_proj.", ".wo_b."), (".compressor.gate_proj.", ".compressor.wgate."),
+    (".input_layernorm.", ".attn_norm."), (".post_attention_layernorm.", ".ffn_norm."),
+    (".attn_hc.", ".hc_attn_"), (".ffn_hc.", ".hc_ffn_"), (".mlp.", ".ffn."),
+    (".shared_experts.gate_proj.", ".shared_experts.w1."), (".shared_experts.up_proj.", ".shared_experts.w3."),
+    (".shared_experts.down_proj.", ".shared_experts.w2."), (".gate.e_score_correction_bias", ".gate.bias"),
+)
+
+DEEPSEEK_V4 = ArchSpec(
+    model_type="deepseek_v4",
+    num_experts_keys=("n_routed_experts", "num_local_experts"),
+    router_kind="sigmoid_grouped_topk",
+    lm_head_key="head.weight",
+    moe_disk="ffn",
+    router_bias="gate.bias",
+    expert_proj_names=("w1", "w3", "w2"),
+    shared_expert_attr="shared_experts",
+    renormalize_key=None,
+    always_renormalize=True,
+    router_fp32=False,
+    expert_act="swiglu_clamp",
+    expert_limits_key="swiglu_limit",
+    attn_implementation="eager",
+    disk_renames=_DEEPSEEK_V4_RENAMES,
+    residual_streams_key="hc_mult",
+    moe_stream_weights_attr="ffn_hc",
+    stream_head=("hc_head", "model.hc_head"),
+    rotary_types=("main", "compress"),
+    hash_table="gate.tid2eid",
+    score_fn_key="scoring_func",
+    release_names=(("layers_prefix", "layers"), ("embed_key", "embed.weight"), ("final_norm_key", "norm.weight"),
+                   ("stream_head", ("hc_head", "hc_head")),
+                   ("disk_renames", (*_DEEPSEEK_V4_RENAMES, ("hc_head.hc_", "hc_head_")))),
+    detached_mtp_prefix="mtp.",
+    detached_mtp_key="num_nextn_predict_layers",
+    mtp_unsupported="DeepSeek-V4's MTP block (mtp.*) is not modelled by transformers, so ream-lite cannot compress "
+    "it with the layers",
+    notes="DeepSeek-V4 (Flash / Pro): scoring_func (sqrt(softplus), sigmoid or softmax) of the logits + selection "
+    "bias (gate.bias), top-k, always renormalised, times routed_scaling_factor; the first layers (mlp_layer_types "
+    "hash_moe) choose their experts by a [vocab, k] table of the token id (gate.tid2eid), remapped when experts go "
+    "(engine/hash_routing.py); routed experts clamp gate and up before the activation (swiglu_limit); a shared "
+    "expert; manifold-constrained hyper-connections (hc_mult residual streams: the MoE block's input is their "
+    "weighted sum, its output enters each stream scaled by the layer's ffn_hc weights, which the engine keeps "
+    "beside the input); compressed sparse / heavily compressed attention run by transformers' own modules; read "
+    "and written under the release names (layers.N.attn.*, ffn.experts.N.w1/w2/w3; embed, norm, head and hc_head_* "
+    "at the top, or under model. as transformers' save_pretrained writes them)",
+)
+
 FAMILIES: dict[str, ArchSpec] = {}
 for _spec in (QWEN3_MOE, QWEN2_MOE, MIXTRAL, OLMOE, DEEPSEEK_V3, GLM4_MOE, QWEN3_NEXT, QWEN3_5_MOE_TEXT,
               QWEN3_VL_MOE_TEXT, QWEN3_OMNI_MOE_TEXT, LLAMA4_TEXT, GPT_OSS, ERNIE4_5_MOE, PHIMOE, GRANITEMOE,
               GRANITEMOESHARED, GRANITEMOEHYBRID,
               HUNYUAN_V1_MOE, MINIMAX_M2, MINIMAX, DOTS1, GLM4_MOE_LITE, DEEPSEEK_V32, GLM_MOE_DSA, DEEPSEEK_V2, JAMBA,
               EXAONE_MOE, SOLAR_OPEN, KIMI_LINEAR, FLEX_OLMO,
-              BAILING_HYBRID, NEMOTRON_H, LONGCAT_FLASH, DBRX, STEP3P5):
+              BAILING_HYBRID, NEMOTRON_H, LONGCAT_FLASH, DBRX, STEP3P5, DEEPSEEK_V4):
     FAMILIES[_spec.model_type] = _spec
     for _alias in _spec.aliases:
         FAMILIES[_alias] = _spec

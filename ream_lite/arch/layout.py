@@ -231,6 +231,10 @@ class ModelLayout:
                     self._derived.add(key)
         if not self.gguf:
             self.reader = CheckpointReader(self.path, fp8_block=fp8_block_size(self.config))
+        if self.spec.release_names:  # (the release's names where the checkpoint stores its embedding under them)
+            release = dict(self.spec.release_names)
+            if self.spec.embed_key not in self.reader and release.get("embed_key") in self.reader:
+                self.spec = replace(self.spec, **release)
         if self.wrapper_config is not None:
             self.spec = multimodal_spec(self.spec, list(self.reader.keys()), str(self.path))
         if self.spec.fused_orientation_from_shapes:
@@ -253,6 +257,17 @@ class ModelLayout:
             raise ReamLiteError(f"{self.path}: no MoE layer found in the checkpoint (router {self.spec.router_weight})")
         for key in (self.spec.embed_key,):
             self.reader.entry(key)
+        if self.residual_streams > 1 and (self.residual_streams - 1) * int(self.config["hidden_size"]) < \
+                self.residual_streams:  # (the stream weights are kept in the spare columns of a hidden-state row)
+            raise ReamLiteError(f"{self.path}: {self.spec.residual_streams_key} = {self.residual_streams} streams of "
+                                f"hidden_size {self.config['hidden_size']} are not supported")
+
+    def mtp_keys_unsupported(self) -> list[str]:
+        """Stored MTP tensors of a family whose MTP block ream-lite cannot run (ArchSpec.mtp_unsupported)."""
+        prefix = self.spec.detached_mtp_prefix
+        if not self.spec.mtp_unsupported or not prefix:
+            return []
+        return [k for k in self.reader.keys() if k.startswith(prefix)]
 
     def _fused_orientation(self, spec: ArchSpec) -> ArchSpec:
         """`spec` with fused_input_major as this checkpoint stores its fused experts (the first fused layer's shapes;
@@ -407,6 +422,21 @@ class ModelLayout:
         return bool(proj) and any(self.moe_key(x.index, f"{proj[0]}.weight") in self.reader for x in self.moe_layers)
 
     @property
+    def residual_streams(self) -> int:
+        """Hidden vectors each token carries between layers (DeepSeek-V4's hyper-connections: hc_mult; else 1)."""
+        key = self.spec.residual_streams_key
+        return int(self.config.get(key) or 1) if key else 1
+
+    @property
+    def residual_width(self) -> int:
+        """Values per token of the hidden states between layers: residual_streams x hidden_size."""
+        return self.residual_streams * int(self.config["hidden_size"])
+
+    def hash_routed(self, layer: int) -> bool:
+        """Whether MoE layer `layer` chooses its experts by the token id (it stores ArchSpec.hash_table)."""
+        return bool(self.spec.hash_table) and self.moe_key(layer, self.spec.hash_table) in self.reader
+
+    @property
     def zero_experts(self) -> int:
         """Zero-computation (identity) experts per MoE layer, routed beside the real ones (LongCat-Flash)."""
         key = self.spec.zero_experts_key
@@ -484,6 +514,10 @@ class ModelLayout:
                                 f"{unscaled[0]} is {UNSCALED_FP8_MESSAGE}")
         quant = self.config.get("quantization_config") or {}
         method = quant.get("quant_method")
+        expert_dtype = quant.get("expert_dtype") or self.config.get("expert_dtype")
+        if expert_dtype and "4" in str(expert_dtype):  # (DeepSeek-V4's releases: FP4 experts beside FP8 weights)
+            raise ReamLiteError(f"{self.path}: experts stored as expert_dtype {expert_dtype!r}; ream-lite does not "
+                                "decode that encoding yet: use a BF16 or FP8 conversion")
         if method == "compressed-tensors" and quant.get("format") not in COMPRESSED_TENSORS_FORMATS:
             raise ReamLiteError(f"{self.path}: compressed-tensors checkpoint in format {quant.get('format')!r}; "
                                 "ream-lite decodes its FP8 'float-quantized', 'nvfp4-pack-quantized' and INT4 "

@@ -35,6 +35,8 @@ class RouterConfig:
     # identity, weight * x; they are never pruned or merged (engine/router.py: Routing.identity)
     zero_experts: int = 0
     renorm_p: float = 1.0  # renormalisation divides by the p-norm of the top-k weights (1: their sum)
+    # sigmoid_grouped_topk's per-expert score of a logit: "sigmoid", or DeepSeek-V4's "sqrtsoftplus" / "softmax"
+    score_fn: str = "sigmoid"
 
     @property
     def scales_input(self) -> bool:
@@ -169,6 +171,28 @@ class ArchSpec:
     # latent MoE (Nemotron-3 Super): attributes of the MoE block projecting its input into the experts' space and
     # their summed output back (fc1_latent_proj, fc2_latent_proj); the experts then run on the projected input
     latent_projections: tuple[str, str] | None = None
+    # -- DeepSeek-V4 --
+    # config key of the number of residual streams (manifold-constrained hyper-connections: each token carries
+    # hc_mult hidden vectors between layers; a block sees their weighted sum and its output enters every stream
+    # scaled by a weight of its own); None: one stream
+    residual_streams_key: str | None = None
+    # the decoder layer's module computing those weights for its MoE block ((post, comb, collapsed) = module(h)):
+    # the engine keeps `post` beside the block's input and expands the block's output with it
+    moe_stream_weights_attr: str | None = None
+    # the model's module collapsing the streams before the final norm, and its checkpoint prefix
+    stream_head: tuple[str, str] | None = None
+    # rotary embeddings the decoder layers take as a dict keyed by these rope types (DeepSeek-V4: main, compress)
+    rotary_types: tuple[str, ...] = ()
+    # hash-routed layers: a [vocab, k] table of expert ids per token id (relative to the MoE block; a layer routes by
+    # it where the checkpoint stores it): the router's scores weight the experts the table chooses
+    hash_table: str | None = None
+    # config key of RouterConfig.score_fn
+    score_fn_key: str | None = None
+    # the names a release uses where they differ from what transformers' save_pretrained writes: field overrides
+    # of this spec, applied when the checkpoint stores the release's embedding key (`embed_key` among them)
+    release_names: tuple[tuple[str, object], ...] = ()
+    # an MTP module ream-lite cannot run (its structure not modelled by transformers): refused unless --drop-mtp
+    mtp_unsupported: str | None = None
     # config keys whose set (truthy) value describes a variant ream-lite does not run: (key, why)
     unsupported_keys: tuple[tuple[str, str], ...] = ()
     notes: str = ""
@@ -209,6 +233,7 @@ class ArchSpec:
             jitter_eps=float(config.get(self.jitter_key) or 0.0) if self.jitter_key else 0.0,
             zero_experts=int(config.get(self.zero_experts_key) or 0) if self.zero_experts_key else 0,
             renorm_p=float(config.get(self.renorm_p_key) or 1.0) if self.renorm_p_key else 1.0,
+            score_fn=str(config.get(self.score_fn_key) or "sigmoid") if self.score_fn_key else "sigmoid",
         )
 
     def disk_keys(self, key: str) -> tuple[str, ...]:

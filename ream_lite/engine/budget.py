@@ -190,7 +190,7 @@ def plan_memory(
     act = tokens_per_batch * elt * (8 * hidden + 3 * inter + 4 * max_n) + extra_activation_bytes
     act += tokens_per_batch * heads * 4 * min(tokens_per_batch, seq_len)
 
-    store_bytes = tokens * hidden * elt
+    store_bytes = tokens * layout.residual_width * elt  # (DeepSeek-V4: hc_mult streams of `hidden` per token)
     device_free = device_budget - dense - act - e_bytes * min(max_n, 8)
     tier = choose_tier(store_bytes, stores, device, device_free, host_budget, store_tier)
     on_device = tier == "device" or (device.type == "cpu" and tier == "host")

@@ -2,7 +2,8 @@
 
 Most families compute act(gate) * up with config.hidden_act (a plain transformers activation is returned for them,
 so their numbers do not change). gpt_oss clamps both projections and adds one to up (`ClampedSwiGLU`); Ling 2.5
-clamps act(gate) and up with a limit per layer (`ClampedAfterAct`); an object with a `glu(gate, up)` method tells
+clamps act(gate) and up with a limit per layer (`ClampedAfterAct`); DeepSeek-V4 clamps gate and up
+before the activation (`ClampedBeforeAct`); an object with a `glu(gate, up)` method tells
 `expert_intermediate` to hand it both projections.
 """
 
@@ -54,6 +55,23 @@ class ClampedAfterAct:
         return f"ClampedAfterAct({self.act.__class__.__name__}, limit={self.limit})"
 
 
+class ClampedBeforeAct:
+    """DeepSeek-V4: a = act(min(gate, limit)) * clamp(up, -limit, limit) (the gate clamped before the activation,
+    without gpt_oss's alpha and +1)."""
+
+    def __init__(self, act: Callable, limit: float):
+        self.act, self.limit = act, float(limit)
+
+    def glu(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        return self.act(gate.clamp(max=self.limit)) * up.clamp(min=-self.limit, max=self.limit)
+
+    def __call__(self, gate: torch.Tensor) -> torch.Tensor:
+        raise TypeError("ClampedBeforeAct combines gate and up: call glu(gate, up)")
+
+    def __repr__(self) -> str:
+        return f"ClampedBeforeAct({self.act.__class__.__name__}, limit={self.limit})"
+
+
 def layer_limit(hf_config, key: str, layer: int) -> float:
     """The clamp of `layer` from a per-layer list config attribute (0, a missing entry or no list: no clamp)."""
     limits = getattr(hf_config, key, None) or []
@@ -81,4 +99,8 @@ def expert_activation(spec: ArchSpec, hf_config, layer: int = 0) -> Callable:
         act = ACT2FN[_act_name(hf_config, spec.hidden_act_key)]
         limit = layer_limit(hf_config, spec.expert_limits_key, layer)
         return ClampedAfterAct(act, limit) if limit else act
+    if spec.expert_act == "swiglu_clamp":  # (spec.expert_limits_key names one limit for every layer)
+        act = ACT2FN[_act_name(hf_config, spec.hidden_act_key)]
+        limit = float(getattr(hf_config, spec.expert_limits_key, 0) or 0)
+        return ClampedBeforeAct(act, limit) if limit else act
     raise ReamLiteError(f"{spec.model_type}: unknown expert activation '{spec.expert_act}'")

@@ -57,10 +57,15 @@ class ExpertTokens:
         return rows // self.k, rows % self.k
 
 
-def route(x: torch.Tensor, weight: torch.Tensor, cfg: RouterConfig, bias: torch.Tensor | None = None) -> Routing:
+def route(x: torch.Tensor, weight: torch.Tensor, cfg: RouterConfig, bias: torch.Tensor | None = None,
+          chosen: torch.Tensor | None = None) -> Routing:
     """Route tokens x [T, H] with router weight [N, H] (and selection bias [N] for sigmoid routers, logit bias [N]
-    for gpt_oss). With zero-computation experts, the router has N + Z rows and the routing is split (`Routing`)."""
-    r = _route(x, weight, cfg, bias)
+    for gpt_oss). With zero-computation experts, the router has N + Z rows and the routing is split (`Routing`).
+    `chosen` [T, k]: the experts each token takes, decided elsewhere (a hash-routed layer's table lookup); the
+    router's scores then only weight them."""
+    if chosen is not None and cfg.kind != "sigmoid_grouped_topk":
+        raise ValueError(f"experts chosen by a table are weighted by a scored router, not {cfg.kind}")
+    r = _route(x, weight, cfg, bias, chosen)
     return _split_zero_experts(r, cfg.num_experts) if cfg.zero_experts else r
 
 
@@ -74,7 +79,19 @@ def _split_zero_experts(r: Routing, n: int) -> Routing:
                    identity)
 
 
-def _route(x: torch.Tensor, weight: torch.Tensor, cfg: RouterConfig, bias: torch.Tensor | None = None) -> Routing:
+def _scores(logits: torch.Tensor, fn: str) -> torch.Tensor:
+    """A scored router's per-expert gate values (RouterConfig.score_fn)."""
+    if fn == "sigmoid":
+        return logits.sigmoid()
+    if fn == "sqrtsoftplus":  # DeepSeek-V4
+        return F.softplus(logits).sqrt()
+    if fn == "softmax":
+        return torch.softmax(logits, dim=-1)
+    raise ValueError(f"unknown router score function {fn!r}")
+
+
+def _route(x: torch.Tensor, weight: torch.Tensor, cfg: RouterConfig, bias: torch.Tensor | None = None,
+           chosen: torch.Tensor | None = None) -> Routing:
     if cfg.kind == "softmax_topk":
         if cfg.fp32_logits:  # Ernie-4.5 / HunYuan: float32 router on float32 inputs
             logits = F.linear(x.float(), weight.float())
@@ -105,14 +122,17 @@ def _route(x: torch.Tensor, weight: torch.Tensor, cfg: RouterConfig, bias: torch
             logits = F.linear(x.to(weight.dtype), weight).float()
         else:
             logits = F.linear(x.float(), weight.float())
-        scores = logits.sigmoid()
-        choice = scores + bias.float() if bias is not None else scores
-        n = weight.shape[0]
-        if cfg.n_group > 1:  # groups scored by the sum of their best two
-            per_group = n // cfg.n_group
-            group_scores = choice.view(-1, cfg.n_group, per_group).topk(min(2, per_group), dim=-1)[0].sum(dim=-1)
-            choice = choice.masked_fill(~_kept_groups(group_scores, cfg, n), float("-inf"))
-        top_i = torch.topk(choice, k=cfg.top_k, dim=-1, sorted=False)[1]
+        scores = _scores(logits, cfg.score_fn)
+        if chosen is not None:  # (a hash-routed layer: the table chose)
+            top_i = chosen.to(logits.device, torch.long)
+        else:
+            choice = scores + bias.float() if bias is not None else scores
+            n = weight.shape[0]
+            if cfg.n_group > 1:  # groups scored by the sum of their best two
+                per_group = n // cfg.n_group
+                group_scores = choice.view(-1, cfg.n_group, per_group).topk(min(2, per_group), dim=-1)[0].sum(dim=-1)
+                choice = choice.masked_fill(~_kept_groups(group_scores, cfg, n), float("-inf"))
+            top_i = torch.topk(choice, k=cfg.top_k, dim=-1, sorted=False)[1]
         top_w = scores.gather(1, top_i)
         if cfg.renormalize:
             top_w = top_w / (top_w.sum(dim=-1, keepdim=True) + 1e-20)

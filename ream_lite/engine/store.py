@@ -55,6 +55,8 @@ class HiddenStateStore:
         self.tier: Tier = tier
         self.device = torch.device(device)
         self._mm = None
+        # the token id of every row (LayerStreamer.embed; hash-routed layers choose experts by it), or None
+        self.token_ids: torch.Tensor | None = None
         shape = (self.total_tokens, hidden)
         if tier == "device":
             self.buf = torch.empty(shape, dtype=dtype, device=self.device)
@@ -85,18 +87,38 @@ class HiddenStateStore:
             self._mm = mm
         else:
             raise ValueError(f"unknown tier {tier}")
+        self._rows = self.buf  # whole rows, whatever columns `buf` shows (`columns`)
 
     def view(self, first: int, last: int) -> HiddenStateStore:
         """Sequences first..last-1 as a store of their own that shares this one's buffer (no copy): batches of
         the view index only those rows. Closing the view leaves this store open."""
-        v = object.__new__(HiddenStateStore)
+        a, b = int(self.offsets[first]), int(self.offsets[last])
+        v = self._like(self.hidden, self.buf[a:b], self._rows[a:b])
         v.lengths = self.lengths[first:last]
         v.offsets = self.offsets[first : last + 1] - self.offsets[first]
         v.total_tokens = int(v.offsets[-1])
-        v.hidden, v.dtype, v.tier, v.device = self.hidden, self.dtype, self.tier, self.device
-        v._mm = None
-        v.buf = self.buf[int(self.offsets[first]) : int(self.offsets[last])]
+        v.token_ids = self.token_ids[a:b] if self.token_ids is not None else None
         return v
+
+    def columns(self, first: int, last: int) -> HiddenStateStore:
+        """Columns first..last-1 of the whole rows as a store of their own, sharing the buffer (no copy), for the
+        same sequences as this one. DeepSeek-V4's residual rows hold hc_mult x hidden values; once the MoE block's
+        input is written over them, its first `hidden` columns are that input and the next hc_mult the weights its
+        output enters the streams with."""
+        v = self._like(last - first, self._rows[:, first:last], self._rows)
+        v.lengths, v.offsets, v.total_tokens, v.token_ids = self.lengths, self.offsets, self.total_tokens, self.token_ids
+        return v
+
+    def _like(self, hidden: int, buf: torch.Tensor, rows: torch.Tensor) -> HiddenStateStore:
+        v = object.__new__(HiddenStateStore)
+        v.hidden, v.dtype, v.tier, v.device = hidden, self.dtype, self.tier, self.device
+        v._mm = None
+        v.buf, v._rows = buf, rows
+        return v
+
+    def batch_ids(self, b: Batch) -> torch.Tensor | None:
+        """The token ids of a batch's rows (flat), or None when the store does not know them."""
+        return None if self.token_ids is None else self.token_ids[b.start : b.end]
 
     @property
     def nbytes(self) -> int:
@@ -120,7 +142,7 @@ class HiddenStateStore:
         with timing.phase("store"):
             x = self.buf[b.start : b.end].to(device, copy=True)  # never a view: callers may write into it
         self._count("work_dir_read", x)
-        return x.view(len(b.seqs), b.length, self.hidden)
+        return x.reshape(len(b.seqs), b.length, self.hidden)  # (a `columns` view's copy may not be contiguous)
 
     def write(self, b: Batch, value: torch.Tensor) -> None:
         with timing.phase("store"):
@@ -195,7 +217,7 @@ class HiddenStateStore:
                                 "start over with --overwrite")
 
     def close(self) -> None:
-        self.buf = None  # type: ignore[assignment]
+        self.buf = self._rows = None  # type: ignore[assignment]
         self._mm = None  # unmaps the (already unlinked) disk-tier file
 
     def __del__(self) -> None:

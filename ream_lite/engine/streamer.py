@@ -38,6 +38,7 @@ from ream_lite.engine.budget import MemoryPlan, plan_memory, require_device
 from ream_lite.engine.expert_cache import LayerExpertCache
 from ream_lite.engine.expert_fn import expert_activation
 from ream_lite.engine.experts import ExpertWeights, add_routed_output, load_experts
+from ream_lite.engine.hash_routing import remap_table, similarity_order
 from ream_lite.engine.router import Routing, route
 from ream_lite.engine.store import Batch, HiddenStateStore
 from ream_lite.errors import ReamLiteError
@@ -78,7 +79,8 @@ class _MoECapture(nn.Module):
         self.captured: torch.Tensor | None = None
         self.returns_tuple = returns_tuple  # the layer unpacks (output, router_logits) (ArchSpec.moe_returns_tuple)
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, None]:
+    def forward(self, hidden_states: torch.Tensor, **_) -> torch.Tensor | tuple[torch.Tensor, None]:
+        # (DeepSeek-V4's layer also hands its block the token ids: the engine routes hash layers itself)
         self.captured = hidden_states
         zeros = torch.zeros_like(hidden_states)
         return (zeros, None) if self.returns_tuple else zeros
@@ -107,6 +109,23 @@ class MoEBlock:
     # by latent_out (both linear); None: the experts run on the block's input
     latent_in: nn.Module | None = None
     latent_out: nn.Module | None = None
+    # hash-routed layer (ArchSpec.hash_table): the [vocab, k] table of the experts each token id takes, and
+    # hash_routing.similarity_order of the original router (how removed experts are replaced in it)
+    hash_table: torch.Tensor | None = None
+    hash_order: torch.Tensor | None = None
+    # residual streams (DeepSeek-V4's hc_mult): the block's output enters each stream scaled by a weight the layer
+    # computes per token, kept in the columns after the block's input (LayerStreamer.attention_phase)
+    streams: int = 1
+
+    def route(self, x: torch.Tensor, token_ids: torch.Tensor | None) -> Routing:
+        """The routing of tokens x [T, H] whose ids are `token_ids` [T] (needed by a hash-routed layer only)."""
+        chosen = None
+        if self.hash_table is not None:
+            if token_ids is None:
+                raise ReamLiteError(f"layer {self.layer} chooses its experts by token id, and the hidden states "
+                                    "carry none")
+            chosen = self.hash_table[token_ids.to(self.hash_table.device)]
+        return route(x, self.router_weight, self.router_cfg, self.router_bias, chosen)
 
     def expert_input(self, x: torch.Tensor) -> torch.Tensor:
         """What the routed experts see of the block input x: x, or its latent projection."""
@@ -122,12 +141,18 @@ class MoEBlock:
 
     def restricted(self, kept: list[int]) -> MoEBlock:
         """The same block with only experts `kept` (original ids, ascending) left in the router (and its
-        zero-computation experts, which are never removed)."""
+        zero-computation experts, which are never removed); a hash-routed layer's table remapped as the output
+        writes it (engine/hash_routing.py)."""
         n, z = self.router_cfg.num_experts, self.router_cfg.zero_experts
         idx = torch.tensor(list(kept) + list(range(n, n + z)), device=self.router_weight.device)
         bias = self.router_bias[idx] if self.router_bias is not None else None
         cfg = replace(self.router_cfg, num_experts=len(kept))
-        return replace(self, router_weight=self.router_weight[idx], router_bias=bias, router_cfg=cfg)
+        table = None
+        if self.hash_table is not None:
+            table = remap_table(self.hash_table, self.hash_order, list(kept))
+            table = table.to(self.hash_table.device)
+        return replace(self, router_weight=self.router_weight[idx], router_bias=bias, router_cfg=cfg,
+                       hash_table=table, hash_order=None)
 
     def shared_output(self, x: torch.Tensor) -> torch.Tensor | None:
         if self.shared is None:
@@ -181,12 +206,19 @@ class LayerStreamer:
             # (Step-3.7: one rotary embedding per layer type, asked for by the layer's type)
             self._rotary_by_type = self.rotary is not None and \
                 "layer_type" in inspect.signature(self.rotary.forward).parameters
+            # the module collapsing the residual streams before the final norm (DeepSeek-V4's hc_head), tiny
+            self.stream_head = None
+            if layout.spec.stream_head and layout.residual_streams > 1:
+                attr, prefix = layout.spec.stream_head
+                self.stream_head = self._fill(copy.deepcopy(getattr(self.base, attr)), prefix)
         except Exception as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ReamLiteError(f"{layout.path}: transformers cannot build the model config.json describes "
                                 f"({type(e).__name__}: {first})") from None
         self._check_shapes()
         self.router_cfg = layout.router_config
+        self.hidden = int(self.hf_config.hidden_size)
+        self.streams = layout.residual_streams  # (hidden vectors per token between layers: DeepSeek-V4's hc_mult)
         self.plan: MemoryPlan | None = None
         self._cache: LayerExpertCache | None = None  # the open layer's experts (`layer_experts`)
         # how the output stores what a method writes: merged experts are run as written (`merged_as_written`)
@@ -241,23 +273,28 @@ class LayerStreamer:
         )
         return self.plan
 
-    def new_store(self, lengths: list[int], dtype: torch.dtype | None = None, tier: str | None = None
-                  ) -> HiddenStateStore:
+    def new_store(self, lengths: list[int], dtype: torch.dtype | None = None, tier: str | None = None,
+                  width: int | None = None) -> HiddenStateStore:
         """A hidden-state buffer for sequences of `lengths`, in the planned tier (compute dtype by default; `tier`:
-        another, e.g. the plan's `side_tier`)."""
+        another, e.g. the plan's `side_tier`), of `width` values per token (default: the residual's, every stream;
+        an MoE block's output is `hidden` wide)."""
         assert self.plan is not None
         return HiddenStateStore(
-            lengths, int(self.hf_config.hidden_size), dtype or self.dtype, tier or self.plan.store_tier, self.device,
-            self.opts.work_dir,
+            lengths, width or self.streams * self.hidden, dtype or self.dtype, tier or self.plan.store_tier,
+            self.device, self.opts.work_dir,
         )
+
+    def moe_input(self, h: HiddenStateStore) -> HiddenStateStore:
+        """The MoE block's input in `h` after `attention_phase` (with several residual streams, the first `hidden`
+        columns of each row; the stream weights follow them)."""
+        return h if self.streams == 1 else h.columns(0, self.hidden)
 
     # -- weights ------------------------------------------------------------------------------------------------
     def _fill(self, module: nn.Module, key_prefix: str) -> nn.Module:
         """Materialise a meta module on the device with the checkpoint tensors named `{key_prefix}.{name}`."""
         names = set(module.state_dict().keys())
         non_persistent = [n for n, _ in module.named_buffers() if n not in names]
-        if non_persistent:
-            raise ReamLiteError(f"{key_prefix}: module has computed buffers {non_persistent}; family not streamable")
+        computed = self._computed_modules(module, non_persistent, key_prefix)
         module.to_empty(device=self.device)
         r = self.layout.reader
         state = {}
@@ -276,7 +313,26 @@ class LayerStreamer:
             detail = next((x.strip() for x in str(e).splitlines() if "size mismatch" in x), str(e).splitlines()[0])
             raise ReamLiteError(f"{self.layout.path}: {key_prefix}: the checkpoint's tensors do not fit the model "
                                 f"config.json describes ({detail})") from None
+        for path, fresh in computed.items():  # (after to_empty, which would have emptied their buffers)
+            parent, _, name = path.rpartition(".")
+            setattr(module.get_submodule(parent) if parent else module, name, fresh)
         return module.eval()
+
+    def _computed_modules(self, module: nn.Module, non_persistent: list[str], key_prefix: str) -> dict[str, nn.Module]:
+        """The submodules holding computed (non-persistent) buffers, built for real from the config: rotary
+        embeddings inside a layer (DeepSeek-V4's compressors), which hold nothing the checkpoint stores."""
+        out = {}
+        for path in sorted({n.rpartition(".")[0] for n in non_persistent}):
+            owner = module.get_submodule(path) if path else module
+            try:
+                if not path or owner.state_dict():
+                    raise TypeError("it holds stored tensors too")
+                with torch.device(self.device):
+                    out[path] = type(owner)(self.hf_config).to(self.device)
+            except (TypeError, ValueError, AttributeError, KeyError):
+                raise ReamLiteError(f"{key_prefix}: module has computed buffers {non_persistent}; family not "
+                                    "streamable") from None
+        return out
 
     def _meta_layer(self, i: int) -> nn.Module:
         if i < len(self.hf_layers):
@@ -310,8 +366,8 @@ class LayerStreamer:
                 shared_gate = self._fill(copy.deepcopy(getattr(meta_block, spec.shared_gate_attr)), f"{moe_prefix}.{spec.shared_gate_attr}")
             r = self.layout.reader
             bias = None
-            if spec.router_bias:
-                # one value per expert, whatever the stored shape (Ernie-4.5 stores [1, E])
+            if spec.router_bias and not (self.layout.hash_routed(i) and f"{moe_prefix}.{spec.router_bias}" not in r):
+                # one value per expert (a hash-routed layer has no selection bias: its table selects), whatever the stored shape (Ernie-4.5 stores [1, E])
                 bias = r.get(f"{moe_prefix}.{spec.router_bias}", dtype=torch.float32, device=self.device).reshape(-1)
             # a float32 router (Ernie-4.5, HunYuan) keeps its stored precision whatever the compute dtype
             router_dtype = torch.float32 if self.router_cfg.fp32_logits else self.dtype
@@ -328,7 +384,16 @@ class LayerStreamer:
             if self.layout.latent:
                 block.latent_in, block.latent_out = (self._fill(copy.deepcopy(getattr(meta_block, a)),
                                                                 f"{moe_prefix}.{a}") for a in spec.latent_projections)
+            if self.layout.hash_routed(i):
+                block.hash_table = r.get(f"{moe_prefix}.{spec.hash_table}", device=self.device).long()
+                block.hash_order = similarity_order(r.get(f"{moe_prefix}.{spec.router_weight}", dtype=torch.float64))
+            block.streams = self.streams
         layer = self._fill(layer, info.prefix)
+        if capture is not None and self.streams > 1:  # the weights the block's output enters each stream with
+            def keep_post(_module, _inputs, output):
+                capture.stream_weights = output[0]
+
+            getattr(layer, spec.moe_stream_weights_attr).register_forward_hook(keep_post)
         if block is not None and spec.moe_post_norm:
             # (the layer applies it to the capture's zeros: nothing; run_moe applies it to the block's output)
             block.post_norm = getattr(layer, spec.moe_post_norm)
@@ -386,8 +451,12 @@ class LayerStreamer:
         scale = self.layout.spec.config_scalar(self.hf_config, self.layout.spec.embedding_scale_key)
         for b in store.batches(self.opts.tokens_per_batch):
             e = F.embedding(ids[b.start : b.end], w)
-            store.write(b, e * scale if scale != 1.0 else e)
+            e = e * scale if scale != 1.0 else e
+            if self.streams > 1:  # every residual stream starts as the embedding
+                e = e.unsqueeze(1).expand(-1, self.streams, -1)
+            store.write(b, e)
         del w
+        store.token_ids = ids.cpu()
         return store
 
     def _mask_and_positions(self, x: torch.Tensor, layer: int | None = None):
@@ -409,6 +478,8 @@ class LayerStreamer:
         mask = fn(config=self.hf_config, inputs_embeds=x, attention_mask=None, position_ids=pos, **extra)
         if self.rotary is None:
             return mask, pos, None
+        if self.layout.spec.rotary_types:  # (DeepSeek-V4: every rope type, each layer picks its own)
+            return mask, pos, {t: self.rotary(x, pos, t) for t in self.layout.spec.rotary_types}
         if self._rotary_by_type:
             return mask, pos, self.rotary(x, pos, self._layer_type(layer))
         return mask, pos, self.rotary(x, pos)
@@ -439,16 +510,23 @@ class LayerStreamer:
         """Layer i without its routed experts: `out` = residual after attention (or the whole output of a dense
         layer); for an MoE layer `h` is overwritten with the MoE block's input and the block is returned."""
         layer, block, capture = self.build_layer(i)
+        out.token_ids = h.token_ids  # (the same tokens, one layer on)
+        moe_in = self.moe_input(h)
+        weights = h.columns(self.hidden, self.hidden + self.streams) if self.streams > 1 else None
         with torch.inference_mode():
             for b in h.batches(self.opts.tokens_per_batch):
                 x = h.read(b, self.device)
                 mask, pos, pe = self._mask_and_positions(x, i)
+                if self.streams > 1:  # [B, T, streams, hidden], as the layer takes its residual
+                    x = x.view(*x.shape[:2], self.streams, self.hidden)
                 y = layer(x, attention_mask=mask, position_ids=pos, position_embeddings=pe)
                 y = y[0] if isinstance(y, tuple) else y
                 out.write(b, y)
                 if capture is not None:
-                    h.write(b, capture.captured)
+                    moe_in.write(b, capture.captured)
                     capture.captured = None
+                    if weights is not None:
+                        weights.write(b, capture.stream_weights)
         return block
 
     def run_layer(
@@ -457,7 +535,7 @@ class LayerStreamer:
         """Layer i: h (input) -> out (output). For an MoE layer, h holds the MoE block input afterwards."""
         block = self.attention_phase(i, h, out)
         if block is not None:
-            self.run_moe(block, h, out, observer)
+            self.run_moe(block, self.moe_input(h), out, observer)
 
     def run_moe(
         self,
@@ -479,17 +557,23 @@ class LayerStreamer:
             size = self.plan.experts_per_chunk if self.plan else n
             chunks = [list(range(a, min(a + size, n))) for a in range(0, n, size)]
         batches = moe_in.batches(self.opts.tokens_per_batch)
+        # into a residual of several streams (an `out` as wide as all of them, not an MoE-output store): the output
+        # enters each stream scaled by its weight, kept in the columns after the input (`attention_phase`)
+        weights = None
+        if block.streams > 1 and out is not None and out.hidden == block.streams * moe_in.hidden:
+            weights = moe_in.columns(moe_in.hidden, moe_in.hidden + block.streams)
         # a post-norm block's output is normed whole: over several chunks it is summed here first (float32)
         pending = None
         if block.post_norm is not None and out is not None and len(chunks) > 1:
-            pending = self.new_store(moe_in.lengths, torch.float32, self.plan.side_tier if self.plan else None)
+            pending = self.new_store(moe_in.lengths, torch.float32, self.plan.side_tier if self.plan else None,
+                                     width=moe_in.hidden)
             pending.buf.zero_()
         with torch.inference_mode():
             for c, ids in enumerate(chunks):
                 w = load(ids)
                 for b in batches:
                     x = moe_in.read(b, self.device).reshape(-1, moe_in.hidden)
-                    routing = route(x, block.router_weight, block.router_cfg, block.router_bias)
+                    routing = block.route(x, moe_in.batch_ids(b))
                     xe = block.expert_input(x)  # (a latent MoE's experts see the projected input)
                     if observer is not None and c == 0:
                         observer.on_routing(block.layer, b, xe, routing)
@@ -515,6 +599,9 @@ class LayerStreamer:
                         continue
                     if block.post_norm is not None:
                         acc = block.post_norm(acc.to(x.dtype)).float()
+                    if weights is not None:  # [T, streams, hidden]
+                        w_s = weights.read(b, self.device).reshape(-1, block.streams, 1).float()
+                        acc = w_s * acc[:, None, :]
                     out.add_(b, acc)
                 del w
             if pending is not None:
@@ -542,9 +629,13 @@ class LayerStreamer:
         name = self.layout.spec.final_norm_key.rsplit(".", 2)[-2]
         return self._fill(copy.deepcopy(getattr(self.base, name, None) or self.base.norm), weight_key.rsplit(".", 1)[0])
 
-    def head(self) -> tuple[nn.Module, torch.Tensor]:
+    def head(self) -> tuple[Callable[[torch.Tensor], torch.Tensor], torch.Tensor]:
+        """(the final norm, as a function of the last layer's output [B, T, residual width], the lm_head weight)."""
         norm = self.norm_module(self.layout.spec.final_norm_key)
         lm_head = self.layout.reader.get(self.layout.lm_head_key, dtype=self.dtype, device=self.device)
+        if self.streams > 1:  # the streams collapsed into one first (DeepSeek-V4's hc_head)
+            head = self.stream_head
+            return (lambda x: norm(head(x.view(*x.shape[:2], self.streams, self.hidden)))), lm_head
         return norm, lm_head
 
     def mtp_inputs(
