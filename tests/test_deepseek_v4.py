@@ -253,3 +253,20 @@ def test_flash_real_shape_inspect_and_plan(tmp_path):
     reap = estimate(src, 192, method="reap", num_sequences=256, seq_len=512,
                     stream={"device": "cuda", "max_gpu_memory": 24 * gib, "max_cpu_memory": 64 * gib})
     assert reap.peak_device_bytes <= 24 * gib
+
+
+def test_interrupted_run_resumes_byte_identical(v4, calib_file, tmp_path):
+    """Interrupted as hash-routed layer 1 starts: the resumed run's stores carry the token ids again (layer 1 routes
+    by them) and all four residual streams, and it writes the bytes an uninterrupted run writes."""
+    from test_resume import ctrl_c_at_layer, digests
+
+    _, d = v4
+    ref, out = tmp_path / "uninterrupted", tmp_path / "out"
+    a = ("--experts", "5", "--calib", str(calib_file), "--snapshot-every", "layer")
+    compress(d, out, *a)
+    out.rename(ref)  # (the plan records the command, output path included)
+    with ctrl_c_at_layer(1):
+        r = compress(d, out, *a, expect_ok=False)
+    assert r.exit_code == 2 and "1 of 4 layers are done" in r.output
+    compress(d, out, *a, "--resume")
+    assert digests(out) == digests(ref)
