@@ -71,6 +71,10 @@ def _stream_options(fn):
         click.option("--store", "store_tier", type=click.Choice(["auto", "device", "host", "disk"]), default="auto",
                      show_default=True, help="force the hidden-state store tier"),
         click.option("--batch-tokens", default=4096, show_default=True, help="tokens per forward batch"),
+        click.option("--experts-per-chunk", type=int, default=None,
+                     help="run at most this many routed experts at once (default: as many as the memory budget "
+                     "allows). The chunking decides float rounding: pinned, runs with other budgets, devices of "
+                     "the same kind or numbers of processes (torchrun) compute the same output"),
         click.option("--expert-cache", type=click.Choice(EXPERT_CACHE_MODES), default="auto", show_default=True,
                      help="compress runs an MoE layer's routed experts in many passes (statistics, alignment, "
                      "merging, each plan the guard judges, the next layer's inputs). 'auto': when all of a layer's "
@@ -86,7 +90,7 @@ def _stream_options(fn):
 
 
 def _make_options(device, dtype, max_gpu_memory, max_cpu_memory, work_dir, store_tier, batch_tokens,
-                  expert_cache="auto", trust_remote_code=False) -> StreamOptions:
+                  experts_per_chunk=None, expert_cache="auto", trust_remote_code=False) -> StreamOptions:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
@@ -103,6 +107,7 @@ def _make_options(device, dtype, max_gpu_memory, max_cpu_memory, work_dir, store
         tokens_per_batch=batch_tokens,
         expert_cache=expert_cache,
         trust_remote_code=trust_remote_code,
+        experts_per_chunk=experts_per_chunk,
     )
 
 
@@ -328,12 +333,16 @@ def compress(model, output, experts, method, calib, mix, packing, chat_template,
     too): OUTPUT then holds a GGUF of the same metadata and types (kept experts' blocks copied, merged experts
     quantized to their tensor's type); --out-format gguf writes a safetensors MODEL as a GGUF.
     """
+    from ream_lite import distributed
     from ream_lite.methods import MethodOptions
     from ream_lite.pipeline import CompressConfig
     from ream_lite.pipeline import compress as run
 
+    world = distributed.World.from_env()  # (under torchrun: one process per device, rank 0 runs the compression)
+    distributed.set_current(world)
     opts = _make_options(**stream)
-    opts.progress = sys.stderr.isatty()
+    opts.device = world.device(opts.device)
+    opts.progress = sys.stderr.isatty() and world.is_main
     method_opts = MethodOptions(
         saliency=saliency, saliency_gate=saliency_gate, grouping=grouping, group_size=group_size,
         gate_logit_sim=not no_gate_logit_sim, gated_sim=not no_gated_sim, align=align,
@@ -348,7 +357,20 @@ def compress(model, output, experts, method, calib, mix, packing, chat_template,
         save_stats=save_stats, from_stats=from_stats, out_dtype=out_dtype, quantize=quantize,
         double_quant=double_quant, out_format=out_format, gguf_type=gguf_type,
     )
+    if not world.is_main:
+        from ream_lite.rank_worker import serve
+
+        serve(world, cfg)
+        world.close()
+        # (a rank > 0 leaves at once: its interpreter's teardown, racing rank 0's, sometimes aborted in gloo's
+        # threads, turning a finished run into a failed one)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+    # (rank 0 stopping with an error exits non-zero: torchrun then stops the other ranks, wherever they wait)
     out = run(cfg, echo=lambda line: click.echo(line, err=True))
+    world.broadcast(("done",))
+    world.close()
     click.echo(f"wrote {out}")
     _echo_time(os.path.join(out, "ream_report.json"))
 
@@ -401,11 +423,14 @@ def apply_cmd(plan, model, output, device, max_shard_size, overwrite, trust_remo
 @click.option("--no-sequential", is_flag=True, help="as for compress: no re-run of the compressed layers")
 @click.option("--drop-mtp", is_flag=True, help="as for compress: MTP layers are not written")
 @click.option("--no-measure", is_flag=True, help="skip the read and compute measurements; assume slow-end rates")
+@click.option("--nproc", type=int, default=1, show_default=True,
+              help="processes of a torchrun run (torchrun --nproc-per-node N -m ream_lite compress ...): what each "
+              "rank reads in the statistics passes and the peak device memory of the ranks that serve them")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
 @_stream_options
 @_user_errors
 def plan_cmd(model, output, experts, method, guard, calib, mix, num_sequences, seq_len, holdout, no_sequential, drop_mtp,
-             no_measure, as_json, refit, refit_sweeps, refit_ridge, **stream) -> None:
+             no_measure, nproc, as_json, refit, refit_sweeps, refit_ridge, **stream) -> None:
     """What `compress MODEL OUTPUT` with the same options will need, from MODEL's headers only, before any work.
 
     \b
@@ -457,10 +482,16 @@ def plan_cmd(model, output, experts, method, guard, calib, mix, num_sequences, s
     if output:
         work_dir = opts.work_dir or str(Path(output).resolve().parent)  # compress's default
         shortfall = disk_shortfall(output, est.output_disk_bytes + est.resume_bytes, work_dir, est.work_dir_bytes)
+    from ream_lite.distributed import rank_lines, rank_plan
+
+    if nproc < 1:
+        raise ReamLiteError("--nproc: give at least 1")
+    ranks = rank_plan(est, layout, nproc) if nproc > 1 else None
     if as_json:
-        click.echo(json.dumps({**est.to_dict(), "disk_shortfall": shortfall}, indent=2))
+        click.echo(json.dumps({**est.to_dict(), "disk_shortfall": shortfall, **({"ranks": ranks} if ranks else {})},
+                              indent=2))
         return
-    click.echo("\n".join(est.lines()))
+    click.echo("\n".join(est.lines() + (rank_lines(ranks) if ranks else [])))
     if output:
         click.echo(f"disk space: {shortfall}" if shortfall else "disk space: enough for the output and work dir")
 

@@ -511,7 +511,7 @@ def estimate_compression(
         layout, tokens, device, dtype, opts.max_gpu_memory, opts.max_cpu_memory, opts.tokens_per_batch,
         opts.store_tier, reserve, compress_stores(dtype, held, n_seq, layout.residual_streams), cfg.seq_len,
         opts.expert_cache, max(align_bytes, merge_bytes) - reserve,
-        refit_stores(dtype, held, n_seq, layout.residual_streams) if cfg.refits else 0.0,
+        refit_stores(dtype, held, n_seq, layout.residual_streams) if cfg.refits else 0.0, opts.experts_per_chunk,
     )
 
     # device bytes per phase of an MoE layer, on top of the layer's weights, activations, device-tier stores and

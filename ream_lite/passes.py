@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from ream_lite import timing
+from ream_lite import distributed, timing
 from ream_lite.engine.experts import ExpertWeights
 from ream_lite.engine.router import Routing
 from ream_lite.engine.store import Batch, HiddenStateStore
@@ -18,20 +18,40 @@ from ream_lite.methods.apply import alignment_pairs, build_merged_experts, needs
 from ream_lite.methods.stats import AlignmentCollector, LayerStats, StatsCollector, collected_gate
 
 
+def stats_collector(block: MoEBlock, hidden: int, method, opts: MethodOptions) -> StatsCollector:
+    """The observer gathering what `method` needs of `block` (experts `hidden` wide on their input)."""
+    rc = block.router_cfg
+    width = block.latent_in.weight.shape[0] if block.latent_in is not None else hidden  # (the experts' width)
+    return StatsCollector(rc.num_experts, width, block.act, rc.kind, dense=method.needs_dense(opts),
+                          gate=collected_gate(opts.saliency_gate), gram=method.needs_gram(opts))
+
+
 def collect_stats(
     streamer: LayerStreamer, block: MoEBlock, h: HiddenStateStore, method, opts: MethodOptions,
     out: HiddenStateStore | None = None, also=None,
 ) -> LayerStats:
     """One pass of the MoE block over its cached inputs with the statistics `method` needs (adding the original
     MoE output into `out` when given, for non-sequential compression; `also`: another observer fed by the same
-    pass, e.g. the refit's target)."""
-    rc = block.router_cfg
-    gate = collected_gate(opts.saliency_gate)
-    hidden = block.latent_in.weight.shape[0] if block.latent_in is not None else h.hidden  # (the experts' width)
-    collector = StatsCollector(rc.num_experts, hidden, block.act, rc.kind, dense=method.needs_dense(opts),
-                               gate=gate, gram=method.needs_gram(opts))
-    streamer.run_moe(block, h, out, observer=collector if also is None else Observers(collector, also))
-    return collector.result()
+    pass, e.g. the refit's target). Under torchrun the expert chunks are split over the ranks (`distributed`)."""
+    collector = stats_collector(block, h.hidden, method, opts)
+    world = distributed.current()
+    chunks = streamer.expert_chunks(block.router_cfg.num_experts)
+    if world.size == 1 or len(chunks) == 1 or (block.post_norm is not None and out is not None):
+        streamer.run_moe(block, h, out, observer=collector if also is None else Observers(collector, also))
+        return collector.result()
+    # each rank its contiguous share of the chunks (rank 0 the first); rank 0 sends the MoE inputs, gathers rows
+    shares = [[chunks[i] for i in world.share(len(chunks), r)] for r in range(world.size)]
+    world.broadcast(("stats", block.layer, shares, distributed.store_sent(world, block.layer, h)))
+    distributed.send_store_once(world, block.layer, h, streamer.opts.tokens_per_batch)
+    before = streamer.layout.reader.bytes_read
+    streamer.run_moe(block, h, out, observer=Observers(collector, also), chunks=shares[0])
+    world.stats_bytes_read += streamer.layout.reader.bytes_read - before
+    stats = collector.result()
+    distributed.merge_rows(stats, world.gather(None), [[e for c in s for e in c] for s in shares])
+    rest = [c for s in shares[1:] for c in s]
+    if out is not None or also is not None:  # sums over every expert, added in the one-process chunk order
+        streamer.run_moe(block, h, out, observer=also, chunks=rest, first_call=False)
+    return stats
 
 
 STAT_FIELDS = {"reap_sum": "REAP saliency", "ean_sum": "expert output norm", "gated_out_sum": "gated output",
@@ -96,8 +116,19 @@ def alignment_stats(
     for c, m in pairs:
         members.setdefault(c, []).append(m)
     acts = AlignmentCollector(pairs, block.act)
+    chunks = [[c, *ms] for c, ms in sorted(members.items())]
+    world = distributed.current()
     with timing.phase("alignment"):
-        streamer.run_moe(block, h, None, observer=acts, chunks=[[c, *ms] for c, ms in sorted(members.items())])
+        if world.size == 1 or len(chunks) == 1:
+            streamer.run_moe(block, h, None, observer=acts, chunks=chunks)
+            return acts
+        # each rank a contiguous share of the centroids' chunks: every pair's Gram is computed in one chunk, every
+        # expert's norms in the first chunk it is in (AlignmentCollector), so the rank owning it has them whole
+        shares = [[chunks[i] for i in world.share(len(chunks), r)] for r in range(world.size)]
+        world.broadcast(("align", block.layer, pairs, shares, distributed.store_sent(world, block.layer, h)))
+        distributed.send_store_once(world, block.layer, h, streamer.opts.tokens_per_batch)
+        streamer.run_moe(block, h, None, observer=acts, chunks=shares[0])
+        distributed.merge_alignment(acts, world.gather(None), shares, streamer.device)
     return acts
 
 

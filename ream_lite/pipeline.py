@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ream_lite import timing
+from ream_lite import distributed, timing
 from ream_lite.arch.layout import ModelLayout
 from ream_lite.calib import CalibrationSet, build_calibration
 from ream_lite.calib.text import load_tokenizer
@@ -319,6 +319,8 @@ def _compress(layout: ModelLayout, cfg: CompressConfig, n_keep: int, echo: Calla
     streamer = LayerStreamer(layout, cfg.stream)
     streamer.plan = est.memory
     streamer.output_format = est.output_format
+    world = distributed.current()
+    world.broadcast(("plan", streamer.plan))  # (the other ranks run rank 0's chunks and batches: rank_worker)
     rc = layout.router_config
     identity = run_identity(layout, cfg, streamer, seqs)
     manifest = resumable_run(cfg, identity, streamer)
@@ -390,8 +392,12 @@ def _compress(layout: ModelLayout, cfg: CompressConfig, n_keep: int, echo: Calla
         close_stores(h, out)
         log.info("resume: %d hidden-state snapshots, %.1f MiB written to %s", resume_log.snapshots,
                  resume_log.bytes_written / 2**20, resume_log.dir)
+        ranks = None
+        if world.size > 1:  # every rank's wall time, peak memory and reads, for the report
+            world.broadcast(("summary",))
+            ranks = world.gather(world.summary(layout.reader.bytes_read))
         write_side_files(writer.tmp_dir, layout, cfg, n_keep, calibration_record(cfg, cal), layers, run, writer,
-                         first_run, est)
+                         first_run, est, ranks)
         # the resume record goes last: a kill or an error before the output is in place can still be resumed
         return writer.finish(output_config(layout, n_keep, cfg.drop_mtp, writer.output), source_dir=layout.path,
                              before_publish=resume_log.remove)
@@ -478,9 +484,15 @@ def time_line(split: dict) -> str:
 
 
 def build_report(layout: ModelLayout, cfg: CompressConfig, n_keep: int, calibration: dict, layers: list[dict],
-                 run: Meter, writer: CheckpointWriter, first_run: dict, est=None) -> dict:
-    """Everything about the run (see ream_lite.report); ream_plan.json is its deterministic part."""
+                 run: Meter, writer: CheckpointWriter, first_run: dict, est=None, ranks: list[dict] | None = None
+                 ) -> dict:
+    """Everything about the run (see ream_lite.report); ream_plan.json is its deterministic part. `ranks`: each
+    rank's summary under torchrun (`distributed.World.summary`)."""
     totals = run.read()
+    if ranks:  # (the chunk and batch settings that make the numbers independent of the world size)
+        totals["distributed"] = {"world_size": len(ranks), "ranks": ranks,
+                                 "experts_per_chunk": est.memory.experts_per_chunk if est else None,
+                                 "tokens_per_batch": cfg.stream.tokens_per_batch}
     if timing.enabled():
         totals["time"] = time_split(timing.elapsed(), est)
         log.info("%s", time_line(totals["time"]))
@@ -510,9 +522,10 @@ def build_report(layout: ModelLayout, cfg: CompressConfig, n_keep: int, calibrat
 
 
 def write_side_files(d: Path, layout: ModelLayout, cfg: CompressConfig, n_keep: int, calibration: dict,
-                     layers: list[dict], run: Meter, writer: CheckpointWriter, first_run: dict, est=None) -> None:
+                     layers: list[dict], run: Meter, writer: CheckpointWriter, first_run: dict, est=None,
+                     ranks: list[dict] | None = None) -> None:
     """ream_report.json, ream_plan.json, the plots and the model card, into the partial output directory `d`."""
-    report = build_report(layout, cfg, n_keep, calibration, layers, run, writer, first_run, est)
+    report = build_report(layout, cfg, n_keep, calibration, layers, run, writer, first_run, est, ranks)
     for note in write_report(d, report):
         log.warning("%s", note)
     files.write_file(d / "README.md", model_card(report, output_name=Path(cfg.output).name), "the model card")

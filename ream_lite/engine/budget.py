@@ -152,12 +152,16 @@ def plan_memory(
     expert_cache: str = "auto",
     phase_bytes: int = 0,
     side_stores: float = 0.0,
+    max_chunk: int | None = None,
 ) -> MemoryPlan:
     """The plan for `tokens` hidden states. `phase_bytes`: the most device bytes a pass of the caller holds in place
     of an expert chunk (the alignment pass's chunk, a merge in float32), beside which the expert cache must fit.
 
     The expert chunk is sized as without the cache (the chunking decides float rounding; the cache must not), and
-    the cache is used only when all of a layer's experts fit beside the largest chunk or pass as well."""
+    the cache is used only when all of a layer's experts fit beside the largest chunk or pass as well. `max_chunk`:
+    at most this many experts per chunk (--experts-per-chunk)."""
+    if max_chunk is not None and max_chunk < 1:
+        raise ReamLiteError(f"--experts-per-chunk {max_chunk}: give at least 1")
     if expert_cache not in EXPERT_CACHE_MODES:
         raise ReamLiteError(f"--expert-cache {expert_cache}: choose from {', '.join(EXPERT_CACHE_MODES)}")
     elt = torch.empty(0, dtype=dtype).element_size()
@@ -195,7 +199,7 @@ def plan_memory(
     tier = choose_tier(store_bytes, stores, device, device_free, host_budget, store_tier)
     on_device = tier == "device" or (device.type == "cpu" and tier == "host")
     left = device_budget - dense - act - (int(stores * store_bytes) if on_device else 0)
-    chunk = max(1, min(max_n, left // max(e_bytes, 1)))
+    chunk = max(1, min(max_n, left // max(e_bytes, 1), max_chunk or max_n))
     # (an encoded layer's cache keeps the stored parts beside the decoded values: expert_cache.keeps_encoded)
     layer_experts = max(m.num_experts * expert_bytes(layout, m.index, dtype) + encoded_cache_bytes(layout, m.index)
                         for m in moe)

@@ -176,6 +176,9 @@ class StreamOptions:
     progress: bool = True
     expert_cache: str = "auto"  # auto: keep an MoE layer's experts on the device while it is compressed, if they fit
     trust_remote_code: bool = False  # accept a model_type that needs the checkpoint's own code (arch.layout)
+    # at most this many experts per chunk (the chunking decides float rounding: pinned, runs on other budgets or
+    # world sizes compute the same numbers); None: as many as the memory plan allows
+    experts_per_chunk: int | None = None
 
 
 def checkpoint_dtype(config: dict) -> torch.dtype:
@@ -270,6 +273,7 @@ class LayerStreamer:
             stores,
             seq_len,
             self.opts.expert_cache,
+            max_chunk=self.opts.experts_per_chunk,
         )
         return self.plan
 
@@ -350,7 +354,11 @@ class LayerStreamer:
         with torch.device("meta"):
             return type(self.hf_layers[-1])(config, i).to(self.dtype)
 
-    def build_layer(self, i: int) -> tuple[nn.Module, MoEBlock | None, _MoECapture | None]:
+    def moe_block(self, i: int) -> MoEBlock:
+        """MoE layer i's block alone (router, shared expert ...), without materialising the rest of the layer."""
+        return self.build_layer(i, with_layer=False)[1]
+
+    def build_layer(self, i: int, with_layer: bool = True) -> tuple[nn.Module, MoEBlock | None, _MoECapture | None]:
         spec, info = self.layout.spec, self.layout.layers[i]
         layer = self._meta_layer(i)
         block = capture = None
@@ -388,6 +396,8 @@ class LayerStreamer:
                 block.hash_table = r.get(f"{moe_prefix}.{spec.hash_table}", device=self.device).long()
                 block.hash_order = similarity_order(r.get(f"{moe_prefix}.{spec.router_weight}", dtype=torch.float64))
             block.streams = self.streams
+        if not with_layer and block is not None and not spec.moe_post_norm:
+            return layer, block, None
         layer = self._fill(layer, info.prefix)
         if capture is not None and self.streams > 1:  # the weights the block's output enters each stream with
             def keep_post(_module, _inputs, output):
@@ -545,17 +555,18 @@ class LayerStreamer:
         observer: MoEObserver | None = None,
         experts: Callable[[list[int]], ExpertWeights] | None = None,
         chunks: list[list[int]] | None = None,
+        first_call: bool = True,
     ) -> None:
         """Run the MoE block over the cached inputs, expert chunk by expert chunk, adding into `out` (if given).
 
         `experts` loads a chunk by expert position in `block`'s router (default: the layer's own experts, through
-        `experts`); a method passes its compressed experts here together with a restricted block.
+        `experts`); a method passes its compressed experts here together with a restricted block. `first_call`
+        False: `chunks` continue an earlier call over the same block (the shared expert was added then).
         """
         load = experts or (lambda ids: self.experts(block.layer, ids))
         n = block.router_cfg.num_experts
         if chunks is None:
-            size = self.plan.experts_per_chunk if self.plan else n
-            chunks = [list(range(a, min(a + size, n))) for a in range(0, n, size)]
+            chunks = self.expert_chunks(n)
         batches = moe_in.batches(self.opts.tokens_per_batch)
         # into a residual of several streams (an `out` as wide as all of them, not an MoE-output store): the output
         # enters each stream scaled by its weight, kept in the columns after the input (`attention_phase`)
@@ -585,8 +596,8 @@ class LayerStreamer:
                     acc = torch.zeros(xe.shape, dtype=torch.float32, device=x.device)
                     add_routed_output(acc, xe, routing.indices, routing.weights, w, block.act, routing.by_expert,
                                       block.router_cfg.scales_input)
-                    acc = block.to_hidden(acc, with_bias=c == 0)
-                    if c == 0:
+                    acc = block.to_hidden(acc, with_bias=c == 0 and first_call)
+                    if c == 0 and first_call:
                         shared = block.shared_output(x)
                         if shared is not None:
                             acc += shared.float()
@@ -609,6 +620,11 @@ class LayerStreamer:
                     y = pending.read(b, self.device).to(self.dtype)
                     out.add_(b, block.post_norm(y).float())
                 pending.close()
+
+    def expert_chunks(self, n: int) -> list[list[int]]:
+        """The expert chunks a pass over all n experts of a layer runs (the memory plan's chunk size)."""
+        size = self.plan.experts_per_chunk if self.plan else n
+        return [list(range(a, min(a + size, n))) for a in range(0, n, size)]
 
     def forward_layers(
         self, h: HiddenStateStore, observer: MoEObserver | None = None, desc: str = "layers"

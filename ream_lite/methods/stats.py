@@ -163,12 +163,17 @@ class StatsCollector:
 
 class AlignmentCollector:
     """Second pass, only for experts in non-singleton groups: for each (centroid c, member j) pair, the cross Gram
-    A_c^T A_j [I, I] of their intermediate activations over the same tokens, and each neuron's squared norm."""
+    A_c^T A_j [I, I] of their intermediate activations over the same tokens, and each neuron's squared norm.
+
+    An expert in several chunks (a member the guard's candidates give to two centroids) has its norms summed over
+    the tokens once, in the first chunk it is in: summed in every chunk, they were counted twice, and each count
+    would depend on how chunks were ordered."""
 
     def __init__(self, pairs: list[tuple[int, int]], act: Callable):
         self.pairs, self.act = pairs, act
         self.cross: dict[tuple[int, int], torch.Tensor] = {}
         self.sq: dict[int, torch.Tensor] = {}
+        self._sq_chunk: dict[int, tuple[int, ...]] = {}  # expert -> the chunk its norms are summed in
 
     def on_routing(self, layer: int, batch: Batch, x: torch.Tensor, routing: Routing) -> None:
         pass
@@ -176,7 +181,10 @@ class AlignmentCollector:
     def on_experts(self, layer: int, batch: Batch, x: torch.Tensor, routing: Routing, experts: ExpertWeights) -> None:
         pos = {e: j for j, e in enumerate(experts.ids)}
         acts = {e: expert_intermediate(experts, j, x, self.act).float() for e, j in pos.items()}
+        chunk = tuple(experts.ids)
         for e, a in acts.items():  # accumulated on the device, in float64
+            if self._sq_chunk.setdefault(e, chunk) != chunk:
+                continue
             s = (a * a).sum(0).double()
             self.sq[e] = self.sq[e] + s if e in self.sq else s
         for c, j in self.pairs:

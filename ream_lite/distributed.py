@@ -1,0 +1,264 @@
+"""`compress` on several processes: `torchrun --nproc-per-node N -m ream_lite compress ...`.
+
+One process per device (rank). Rank 0 runs the whole compression as a one-process run does (calibration, every
+layer's attention, plans, merges, the guard, the refit, the sequential pass, the output and its resume record);
+the other ranks serve it. What they take over, so far, are the passes that run many experts over every
+calibration token: each MoE layer's **statistics pass**, and REAM's **alignment pass** (one chunk per centroid with
+its members). The pass's expert chunks (for the statistics pass the one-process run's chunks, which
+`--experts-per-chunk` pins) are split into contiguous ranges, one per rank; rank 0 broadcasts the layer's MoE
+inputs once (and their token ids), every rank reads **only its own chunks** from the checkpoint and runs every
+calibration batch through them, and rank 0 gathers each expert's statistics (each pair's Gram, each expert's
+neuron norms) from the rank that computed them. Each number is computed on one rank, by the same operations in the
+same order as in one process, so plans and outputs do not depend on the world size (tested byte for byte on CPU
+with 1, 2 and 3 ranks, one thread per process as torchrun starts them).
+
+Sums over all experts (the original MoE output of a non-sequential run, the refit's target) must be added in the
+one-process chunk order to stay exact: rank 0 adds its own chunks' during the pass and runs the other chunks'
+routed outputs afterwards (routed tokens only, no dense statistics). Not split yet: merges, the guard's
+candidates, the refit and the sequential pass (they run on rank 0).
+
+Decisions and data travel over a gloo group (CPU tensors; no rank ever waits inside an NCCL collective for
+another's disk), with an explicit timeout (REAM_LITE_DIST_TIMEOUT_MIN, default 60 minutes). If any rank dies,
+torchrun stops the others; `--resume` under torchrun continues from rank 0's last snapshot, with any world size.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import resource
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from ream_lite.errors import ReamLiteError
+
+
+def _timeout() -> datetime.timedelta:
+    return datetime.timedelta(minutes=float(os.environ.get("REAM_LITE_DIST_TIMEOUT_MIN", "60")))
+
+
+@dataclass
+class World:
+    """This process's place among the ranks of one run (rank 0 of 1 without torchrun)."""
+
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+    started: float = field(default_factory=time.monotonic)
+    stats_bytes_read: int = 0  # checkpoint bytes this rank read in its shares of the statistics passes
+    sent_layer: int | None = None  # rank 0: the layer whose MoE inputs the other ranks hold
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def from_env(cls) -> World:
+        """The world torchrun describes (WORLD_SIZE, RANK, LOCAL_RANK and its rendezvous), joined over gloo; a
+        world of one otherwise."""
+        size = int(os.environ.get("WORLD_SIZE", "1"))
+        if size <= 1:
+            return cls()
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group("gloo", timeout=_timeout())
+        return cls(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+    def device(self, requested: str) -> str:
+        """The device of this rank: `cuda` becomes this rank's own card (cuda:LOCAL_RANK); anything else as given."""
+        return f"cuda:{self.local_rank}" if requested == "cuda" and self.size > 1 else requested
+
+    def share(self, n: int, rank: int | None = None) -> range:
+        """Rank `rank`'s contiguous share of n items (the first n % size ranks take one more; a rank may get none)."""
+        rank = self.rank if rank is None else rank
+        base, extra = divmod(n, self.size)
+        start = rank * base + min(rank, extra)
+        return range(start, start + base + (1 if rank < extra else 0))
+
+    def broadcast(self, obj=None):
+        """Rank 0's `obj` on every rank."""
+        if self.size == 1:
+            return obj
+        import torch.distributed as dist
+
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def broadcast_tensor(self, t: torch.Tensor) -> torch.Tensor:
+        """Rank 0's CPU tensor into `t` (same shape and dtype on every rank)."""
+        if self.size > 1:
+            import torch.distributed as dist
+
+            dist.broadcast(t, src=0)
+        return t
+
+    def gather(self, obj) -> list | None:
+        """Every rank's `obj`, in rank order, on rank 0 (None elsewhere)."""
+        if self.size == 1:
+            return [obj]
+        import torch.distributed as dist
+
+        out = [None] * self.size if self.is_main else None
+        dist.gather_object(obj, out, dst=0)
+        return out
+
+    def summary(self, bytes_read: int) -> dict:
+        """What the report records of this rank: wall time so far, peak resident memory, checkpoint bytes read."""
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # (Linux: KiB)
+        out = {"rank": self.rank, "wall_s": round(time.monotonic() - self.started, 3), "peak_rss_bytes": peak,
+               "bytes_read": int(bytes_read), "stats_pass_bytes_read": self.stats_bytes_read}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            out["peak_device_bytes"] = int(torch.cuda.max_memory_allocated())
+        return out
+
+    def close(self) -> None:
+        """Leave the group, once every rank is there (one tearing its connections down while another still reads
+        from them aborts that one)."""
+        if self.size > 1:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.barrier()
+                if self.is_main:  # (the other ranks exit without tearing the group down: ream_lite.cli)
+                    dist.destroy_process_group()
+
+
+_CURRENT = World()
+
+
+def current() -> World:
+    """The world this process runs in (set by `ream-lite compress` under torchrun)."""
+    return _CURRENT
+
+
+def set_current(world: World) -> None:
+    global _CURRENT
+    _CURRENT = world
+
+
+# -- the statistics pass, split by expert chunks ---------------------------------------------------------------------
+STAT_ROWS = ("reap_sum", "reap2_sum", "ean_sum", "gated_out_sum", "out_sum")  # per expert (LayerStats fields)
+
+
+def store_sent(world: World, layer: int, h) -> tuple | None:
+    """What a job message says of layer `layer`'s MoE inputs: None when the other ranks already hold them, else
+    (lengths, hidden, whether token ids follow) of the store `send_store_once` is about to send."""
+    if world.sent_layer == layer:
+        return None
+    return list(h.lengths), h.hidden, h.token_ids is not None
+
+
+def send_store_once(world: World, layer: int, h, tokens_per_batch: int) -> None:
+    """Rank 0: layer `layer`'s MoE inputs `h` to every rank, unless they hold them already (its statistics and
+    alignment passes run over the same statistics tokens)."""
+    if world.sent_layer != layer:
+        send_store(world, h, tokens_per_batch)
+        world.sent_layer = layer
+
+
+def send_store(world: World, h, tokens_per_batch: int) -> None:
+    """Rank 0: the rows of store `h` (and their token ids) to every rank, batch by batch (CPU tensors)."""
+    for b in h.batches(tokens_per_batch):
+        world.broadcast_tensor(h.read(b, "cpu").reshape(b.end - b.start, h.hidden).contiguous())
+    if h.token_ids is not None:
+        world.broadcast_tensor(h.token_ids.clone())
+
+
+def receive_store(world: World, streamer, lengths: list[int], hidden: int, has_ids: bool):
+    """The other ranks: a store like rank 0's `send_store` sent, in this rank's planned tier."""
+    h = streamer.new_store(lengths, width=hidden)
+    for b in h.batches(streamer.opts.tokens_per_batch):
+        buf = world.broadcast_tensor(torch.empty((b.end - b.start, hidden), dtype=h.dtype))
+        h.write(b, buf)
+    if has_ids:
+        h.token_ids = world.broadcast_tensor(torch.empty(h.total_tokens, dtype=torch.long))
+    return h
+
+
+def stats_rows(stats) -> dict[str, torch.Tensor | None]:
+    return {k: getattr(stats, k) for k in STAT_ROWS}
+
+
+def merge_rows(stats, parts: list[dict | None], owners: list[list[int]]) -> None:
+    """Into rank 0's `stats`: each expert's rows from the rank that computed them (`owners[r]`: rank r's experts)."""
+    for r, part in enumerate(parts):
+        if r == 0 or not owners[r]:
+            continue
+        if part is None or "error" in part:
+            raise ReamLiteError(f"rank {r}: {part.get('error') if part else 'no statistics'}")
+        idx = torch.tensor(owners[r])
+        with torch.inference_mode():  # (the collector's tensors are inference tensors)
+            for k in STAT_ROWS:
+                dst = getattr(stats, k)
+                if dst is not None:
+                    dst[idx] = part[k][idx].to(dst.dtype)
+
+
+# -- what `ream-lite plan --nproc N` says of each rank ---------------------------------------------------------------
+def rank_plan(est, layout, nproc: int) -> list[dict]:
+    """Per rank of an N-process run planned by `est` (estimate.CompressionEstimate): checkpoint bytes read in the
+    statistics passes (its share of each MoE layer's expert chunks; rank 0 reads a layer's experts once for all its
+    passes where the expert cache holds them), and the peak device bytes of a rank > 0 (the layer's MoE inputs of
+    the statistics tokens and activations, beside one expert chunk and the statistics accumulators, or the
+    largest alignment chunk and the layer's Grams). Rank 0's other figures are the plan's."""
+    world = World(0, nproc)
+    m = est.memory
+    elt = torch.empty(0, dtype=getattr(torch, m.dtype)).element_size()
+    hidden = int(layout.config["hidden_size"])
+    stats_tokens = est.tokens - est.holdout_sequences * est.seq_len
+    inputs = stats_tokens * hidden * elt
+    dense = 2 * m.max_experts * hidden * 8 if est.method in ("ream", "hc-smoe") else 0
+    reads = [0] * nproc
+    for x in est.layers:
+        if x.kind not in ("moe", "mtp") or not x.experts_per_chunk:
+            continue
+        per_expert = x.expert_bytes // max(x.experts, 1)
+        sizes = [min(x.experts_per_chunk, x.experts - a) for a in range(0, x.experts, x.experts_per_chunk)]
+        for r in range(nproc):
+            reads[r] += per_expert * sum(sizes[c] for c in world.share(len(sizes), r))
+    if m.cache_experts:  # (rank 0 reads each layer's experts once, into its cache, whatever its share)
+        reads[0] = sum(x.expert_bytes for x in est.layers if x.kind in ("moe", "mtp"))
+    stats_phase = m.experts_per_chunk * m.expert_bytes + dense
+    align_phase = est.merge.largest_alignment_chunk * m.expert_bytes + est.gram_bytes if est.gram_bytes else 0
+    peak = inputs + m.activation_bytes + max(stats_phase, align_phase)
+    return [{"rank": r, "stats_pass_bytes_read": reads[r], "peak_device_bytes": None if r == 0 else peak}
+            for r in range(nproc)]
+
+
+def rank_lines(ranks: list[dict]) -> list[str]:
+    from ream_lite.estimate import _size as g
+    lines = [f"ranks      {len(ranks)} processes (torchrun): the statistics passes' expert chunks split over them, "
+             "everything else on rank 0 (the figures above)"]
+    for r in ranks:
+        peak = "as above" if r["peak_device_bytes"] is None else f"peak device {g(r['peak_device_bytes'])}"
+        lines.append(f"  rank {r['rank']:<3} reads {g(r['stats_pass_bytes_read'])} in the statistics passes; {peak}")
+    return lines
+
+
+def alignment_part(acts) -> dict:
+    """A rank's share of an alignment pass, on the CPU: its pairs' cross Grams and its experts' neuron norms."""
+    return {"cross": {k: v.cpu() for k, v in acts.cross.items()}, "sq": {k: v.cpu() for k, v in acts.sq.items()}}
+
+
+def merge_alignment(acts, parts: list[dict | None], shares: list[list[list[int]]], device) -> None:
+    """Into rank 0's AlignmentCollector `acts`: each pair's Gram from the rank whose chunk holds it, each expert's
+    norms from the rank holding the first chunk it is in."""
+    first: dict[int, int] = {}  # expert -> the rank of the first chunk it is in
+    for r, share in enumerate(shares):
+        for chunk in share:
+            for e in chunk:
+                first.setdefault(e, r)
+    for r, part in enumerate(parts):
+        if r == 0 or not shares[r]:
+            continue
+        if part is None or "error" in part:
+            raise ReamLiteError(f"rank {r}: {part.get('error') if part else 'no alignment statistics'}")
+        for pair, g in part["cross"].items():
+            acts.cross[pair] = g.to(device)
+        for e, s in part["sq"].items():
+            if first[e] == r:
+                acts.sq[e] = s.to(device)

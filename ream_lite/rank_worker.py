@@ -1,0 +1,93 @@
+"""The ranks other than 0 of a `torchrun ... -m ream_lite compress` run: they serve rank 0's statistics passes.
+
+Each message rank 0 broadcasts is a tuple (see `distributed`):
+- ("plan", MemoryPlan): the memory plan rank 0 follows (its expert chunks and token batches);
+- ("stats", layer, shares, store): this rank runs its share of the layer's expert chunks over the layer's MoE inputs
+  and sends each of its experts' statistics back; `store` (lengths, hidden, token ids follow): the inputs follow
+  the message (None: the ones this rank holds);
+- ("align", layer, pairs, shares, store): the same for the alignment pass (pair Grams and neuron norms);
+- ("summary",): this rank's wall time, peak memory and bytes read, for the report;
+- ("done",): the run is over (or rank 0 stopped).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from ream_lite import distributed
+from ream_lite.arch.layout import ModelLayout
+from ream_lite.engine.streamer import LayerStreamer
+from ream_lite.methods import METHODS
+from ream_lite.methods.stats import AlignmentCollector
+from ream_lite.passes import stats_collector
+
+log = logging.getLogger(__name__)
+
+
+def serve(world: distributed.World, cfg) -> None:
+    """Answer rank 0 until it says the run is done (`cfg`: the same CompressConfig rank 0 runs)."""
+    layout = ModelLayout(cfg.model, trust_remote_code=cfg.stream.trust_remote_code)
+    held = None  # (layer, its MoE inputs): a layer's statistics and alignment passes run over the same tokens
+    try:
+        streamer = None
+        method = METHODS[cfg.method]
+        while True:
+            msg = world.broadcast(None)
+            kind = msg[0]
+            if kind == "done":
+                return
+            if kind == "plan":
+                streamer = LayerStreamer(layout, cfg.stream)
+                streamer.plan = msg[1]
+            elif kind == "summary":
+                world.gather(world.summary(layout.reader.bytes_read))
+            elif kind in ("stats", "align"):
+                layer, store = msg[1], msg[-1]
+                if store is not None:  # (the layer's MoE inputs follow the message)
+                    if held is not None:
+                        held[1].close()
+                    held = (layer, distributed.receive_store(world, streamer, *store))
+                if held is None or held[0] != layer:
+                    raise RuntimeError(f"rank {world.rank}: no MoE inputs of layer {layer}")
+                job = _stats if kind == "stats" else _alignment
+                world.gather(_guarded(world, layer, kind, lambda: job(world, streamer, method, cfg, held[1], *msg[1:-1])))
+            else:
+                raise RuntimeError(f"rank {world.rank}: unknown message {kind!r} from rank 0")
+    finally:
+        if held is not None:
+            held[1].close()
+        layout.close()
+
+
+def _guarded(world, layer: int, kind: str, job) -> dict:
+    """The job's result, or the error that stopped it (sent to rank 0, which stops the run with it: a rank's
+    traceback alone says little)."""
+    try:
+        return job()
+    except Exception as e:
+        log.exception("rank %d: layer %d %s", world.rank, layer, kind)
+        return {"error": f"layer {layer} ({kind}): {type(e).__name__}: {e}"}
+
+
+def _stats(world, streamer: LayerStreamer, method, cfg, h, layer: int, shares: list[list[list[int]]]) -> dict:
+    """This rank's share of layer `layer`'s statistics pass: its experts' rows."""
+    mine = shares[world.rank]
+    if not mine:
+        return {}
+    block = streamer.moe_block(layer)
+    collector = stats_collector(block, h.hidden, method, cfg.options)
+    before = streamer.layout.reader.bytes_read
+    streamer.run_moe(block, h, None, observer=collector, chunks=mine)
+    world.stats_bytes_read += streamer.layout.reader.bytes_read - before
+    return distributed.stats_rows(collector.result())
+
+
+def _alignment(world, streamer: LayerStreamer, method, cfg, h, layer: int, pairs, shares) -> dict:
+    """This rank's share of layer `layer`'s alignment pass: its chunks' pair Grams and neuron norms."""
+    mine = shares[world.rank]
+    if not mine:
+        return {}
+    block = streamer.moe_block(layer)
+    acts = AlignmentCollector([tuple(p) for p in pairs], block.act)
+    streamer.run_moe(block, h, None, observer=acts, chunks=mine)
+    return distributed.alignment_part(acts)
