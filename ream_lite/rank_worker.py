@@ -50,7 +50,7 @@ def serve(world: distributed.World, cfg) -> None:
                 if held is None or held[0] != layer:
                     raise RuntimeError(f"rank {world.rank}: no MoE inputs of layer {layer}")
                 job = _stats if kind == "stats" else _alignment
-                world.gather(_guarded(world, layer, kind, lambda: job(world, streamer, method, cfg, held[1], *msg[1:-1])))
+                world.gather(_guarded(job, world, streamer, method, cfg, held[1], *msg[1:-1]))
             else:
                 raise RuntimeError(f"rank {world.rank}: unknown message {kind!r} from rank 0")
     finally:
@@ -59,14 +59,14 @@ def serve(world: distributed.World, cfg) -> None:
         layout.close()
 
 
-def _guarded(world, layer: int, kind: str, job) -> dict:
-    """The job's result, or the error that stopped it (sent to rank 0, which stops the run with it: a rank's
+def _guarded(job, world, streamer, method, cfg, h, layer: int, *args) -> dict:
+    """job(...)'s result, or the error that stopped it (sent to rank 0, which stops the run with it: a rank's
     traceback alone says little)."""
     try:
-        return job()
+        return job(world, streamer, method, cfg, h, layer, *args)
     except Exception as e:
-        log.exception("rank %d: layer %d %s", world.rank, layer, kind)
-        return {"error": f"layer {layer} ({kind}): {type(e).__name__}: {e}"}
+        log.exception("rank %d: layer %d, %s", world.rank, layer, job.__name__)
+        return {"error": f"layer {layer} ({job.__name__.strip('_')}): {type(e).__name__}: {e}"}
 
 
 def _stats(world, streamer: LayerStreamer, method, cfg, h, layer: int, shares: list[list[list[int]]]) -> dict:
