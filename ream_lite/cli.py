@@ -342,6 +342,8 @@ def compress(model, output, experts, method, calib, mix, packing, chat_template,
     distributed.set_current(world)
     opts = _make_options(**stream)
     opts.device = world.device(opts.device)
+    if world.size > 1 and opts.device.startswith("cuda"):
+        torch.cuda.set_device(opts.device)  # (this rank's card is the current one: its peak memory is reported)
     opts.progress = sys.stderr.isatty() and world.is_main
     method_opts = MethodOptions(
         saliency=saliency, saliency_gate=saliency_gate, grouping=grouping, group_size=group_size,

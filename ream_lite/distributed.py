@@ -18,7 +18,7 @@ routed outputs afterwards (routed tokens only, no dense statistics). Not split y
 candidates, the refit and the sequential pass (they run on rank 0).
 
 Decisions and data travel over a gloo group (CPU tensors; no rank ever waits inside an NCCL collective for
-another's disk), with an explicit timeout (REAM_LITE_DIST_TIMEOUT_MIN, default 60 minutes). If any rank dies,
+another's disk), with an explicit timeout (REAM_LITE_DIST_TIMEOUT_MIN, default a week: see `_timeout`). If any rank dies,
 torchrun stops the others; `--resume` under torchrun continues from rank 0's last snapshot, with any world size.
 """
 
@@ -36,7 +36,10 @@ from ream_lite.errors import ReamLiteError
 
 
 def _timeout() -> datetime.timedelta:
-    return datetime.timedelta(minutes=float(os.environ.get("REAM_LITE_DIST_TIMEOUT_MIN", "60")))
+    """How long a collective waits. The other ranks wait in one through all that rank 0 does alone (calibration,
+    merges, the guard, the refit, writing: hours on a large model), so the default is a week: a rank that dies is
+    caught by torchrun, which stops the others; the timeout only bounds a rank that hangs alive."""
+    return datetime.timedelta(minutes=float(os.environ.get("REAM_LITE_DIST_TIMEOUT_MIN", str(7 * 24 * 60))))
 
 
 @dataclass
@@ -48,6 +51,7 @@ class World:
     local_rank: int = 0
     started: float = field(default_factory=time.monotonic)
     stats_bytes_read: int = 0  # checkpoint bytes this rank read in its shares of the statistics passes
+    sums_bytes_read: int = 0  # rank 0: the other ranks' experts read again for sums over every expert
     sent_layer: int | None = None  # rank 0: the layer whose MoE inputs the other ranks hold
 
     @property
@@ -110,7 +114,8 @@ class World:
         """What the report records of this rank: wall time so far, peak resident memory, checkpoint bytes read."""
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # (Linux: KiB)
         out = {"rank": self.rank, "wall_s": round(time.monotonic() - self.started, 3), "peak_rss_bytes": peak,
-               "bytes_read": int(bytes_read), "stats_pass_bytes_read": self.stats_bytes_read}
+               "bytes_read": int(bytes_read), "stats_pass_bytes_read": self.stats_bytes_read,
+               "sums_bytes_read": self.sums_bytes_read}
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             out["peak_device_bytes"] = int(torch.cuda.max_memory_allocated())
         return out
@@ -179,8 +184,10 @@ def receive_store(world: World, streamer, lengths: list[int], hidden: int, has_i
     return h
 
 
-def stats_rows(stats) -> dict[str, torch.Tensor | None]:
-    return {k: getattr(stats, k) for k in STAT_ROWS}
+def stats_rows(stats, experts: list[int]) -> dict[str, torch.Tensor | None]:
+    """The rows of `experts` (a rank's own) of each per-expert statistic: what the rank sends rank 0."""
+    idx = torch.tensor(experts, dtype=torch.long)
+    return {k: None if getattr(stats, k) is None else getattr(stats, k)[idx].clone() for k in STAT_ROWS}
 
 
 def merge_rows(stats, parts: list[dict | None], owners: list[list[int]]) -> None:
@@ -195,7 +202,7 @@ def merge_rows(stats, parts: list[dict | None], owners: list[list[int]]) -> None
             for k in STAT_ROWS:
                 dst = getattr(stats, k)
                 if dst is not None:
-                    dst[idx] = part[k][idx].to(dst.dtype)
+                    dst[idx] = part[k].to(dst.dtype)
 
 
 # -- what `ream-lite plan --nproc N` says of each rank ---------------------------------------------------------------
@@ -213,6 +220,7 @@ def rank_plan(est, layout, nproc: int) -> list[dict]:
     inputs = stats_tokens * hidden * elt
     dense = 2 * m.max_experts * hidden * 8 if est.method in ("ream", "hc-smoe") else 0
     reads = [0] * nproc
+    sums = 0  # rank 0 reads the other ranks' experts again for sums over every expert (refit target, --no-sequential)
     for x in est.layers:
         if x.kind not in ("moe", "mtp") or not x.experts_per_chunk:
             continue
@@ -220,22 +228,27 @@ def rank_plan(est, layout, nproc: int) -> list[dict]:
         sizes = [min(x.experts_per_chunk, x.experts - a) for a in range(0, x.experts, x.experts_per_chunk)]
         for r in range(nproc):
             reads[r] += per_expert * sum(sizes[c] for c in world.share(len(sizes), r))
+        if len(sizes) > 1 and (est.merge.refits or not est.sequential):
+            sums += per_expert * sum(sizes[c] for r in range(1, nproc) for c in world.share(len(sizes), r))
     if m.cache_experts:  # (rank 0 reads each layer's experts once, into its cache, whatever its share)
-        reads[0] = sum(x.expert_bytes for x in est.layers if x.kind in ("moe", "mtp"))
+        reads[0], sums = sum(x.expert_bytes for x in est.layers if x.kind in ("moe", "mtp")), 0
     stats_phase = m.experts_per_chunk * m.expert_bytes + dense
     align_phase = est.merge.largest_alignment_chunk * m.expert_bytes + est.gram_bytes if est.gram_bytes else 0
     peak = inputs + m.activation_bytes + max(stats_phase, align_phase)
-    return [{"rank": r, "stats_pass_bytes_read": reads[r], "peak_device_bytes": None if r == 0 else peak}
-            for r in range(nproc)]
+    return [{"rank": r, "stats_pass_bytes_read": reads[r], "sums_bytes_read": sums if r == 0 else 0,
+             "peak_device_bytes": None if r == 0 else peak} for r in range(nproc)]
 
 
 def rank_lines(ranks: list[dict]) -> list[str]:
     from ream_lite.estimate import _size as g
-    lines = [f"ranks      {len(ranks)} processes (torchrun): the statistics passes' expert chunks split over them, "
-             "everything else on rank 0 (the figures above)"]
+    lines = [f"ranks      {len(ranks)} processes (torchrun): the statistics and alignment passes' expert chunks split "
+             "over them, everything else on rank 0 (the figures above)"]
     for r in ranks:
         peak = "as above" if r["peak_device_bytes"] is None else f"peak device {g(r['peak_device_bytes'])}"
-        lines.append(f"  rank {r['rank']:<3} reads {g(r['stats_pass_bytes_read'])} in the statistics passes; {peak}")
+        again = f" (and {g(r['sums_bytes_read'])} of the others' again, for sums over every expert)" \
+            if r["sums_bytes_read"] else ""
+        lines.append(f"  rank {r['rank']:<3} reads {g(r['stats_pass_bytes_read'])} in the statistics passes{again}; "
+                     f"{peak}")
     return lines
 
 

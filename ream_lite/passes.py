@@ -50,7 +50,9 @@ def collect_stats(
     distributed.merge_rows(stats, world.gather(None), [[e for c in s for e in c] for s in shares])
     rest = [c for s in shares[1:] for c in s]
     if out is not None or also is not None:  # sums over every expert, added in the one-process chunk order
+        before = streamer.layout.reader.bytes_read
         streamer.run_moe(block, h, out, observer=also, chunks=rest, first_call=False)
+        world.sums_bytes_read += streamer.layout.reader.bytes_read - before
     return stats
 
 
@@ -118,8 +120,11 @@ def alignment_stats(
     acts = AlignmentCollector(pairs, block.act)
     chunks = [[c, *ms] for c, ms in sorted(members.items())]
     world = distributed.current()
+    # (a pair's Gram sums over every chunk holding both its experts: split only where that is one chunk, which the
+    # guard's candidates sharing their centroids make the rule)
+    in_one = all(sum(c in ch and j in ch for ch in chunks) == 1 for c, j in pairs)
     with timing.phase("alignment"):
-        if world.size == 1 or len(chunks) == 1:
+        if world.size == 1 or len(chunks) == 1 or not in_one:
             streamer.run_moe(block, h, None, observer=acts, chunks=chunks)
             return acts
         # each rank a contiguous share of the centroids' chunks: every pair's Gram is computed in one chunk, every

@@ -13,6 +13,7 @@ Each message rank 0 broadcasts is a tuple (see `distributed`):
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 from ream_lite import distributed
 from ream_lite.arch.layout import ModelLayout
@@ -27,6 +28,8 @@ log = logging.getLogger(__name__)
 def serve(world: distributed.World, cfg) -> None:
     """Answer rank 0 until it says the run is done (`cfg`: the same CompressConfig rank 0 runs)."""
     layout = ModelLayout(cfg.model, trust_remote_code=cfg.stream.trust_remote_code)
+    if cfg.stream.work_dir is None:  # (where rank 0 spills too: beside OUTPUT, not the system temp dir)
+        cfg.stream.work_dir = str(Path(cfg.output).resolve().parent)
     held = None  # (layer, its MoE inputs): a layer's statistics and alignment passes run over the same tokens
     try:
         streamer = None
@@ -79,7 +82,7 @@ def _stats(world, streamer: LayerStreamer, method, cfg, h, layer: int, shares: l
     before = streamer.layout.reader.bytes_read
     streamer.run_moe(block, h, None, observer=collector, chunks=mine)
     world.stats_bytes_read += streamer.layout.reader.bytes_read - before
-    return distributed.stats_rows(collector.result())
+    return distributed.stats_rows(collector.result(), [e for chunk in mine for e in chunk])
 
 
 def _alignment(world, streamer: LayerStreamer, method, cfg, h, layer: int, pairs, shares) -> dict:

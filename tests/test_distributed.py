@@ -105,7 +105,12 @@ def test_world_sizes_give_the_same_bytes(qwen, calib_file, tmp_path, n, method):
     r = CliRunner().invoke(main, ["plan", str(qwen), *BASE, *map(str, args), "--nproc", str(n), "--no-measure",
                                   "--json"])
     assert r.exit_code == 0, r.output
-    assert [x["stats_pass_bytes_read"] for x in json.loads(r.output)["ranks"]] == stats_reads
+    planned = json.loads(r.output)["ranks"]
+    assert [x["stats_pass_bytes_read"] for x in planned] == stats_reads
+    # rank 0 reads the others' experts again where a sum over every expert is needed (the default's refit target)
+    again = ranks[0]["sums_bytes_read"]
+    assert again == planned[0]["sums_bytes_read"] and again in (0, expert_bytes - stats_reads[0])
+    assert (again > 0) == ("--guard" not in method)  # (REAP and the default refit; paper REAM does not)
 
 
 def test_a_rank_without_chunks_and_a_grouped_sigmoid_router(model_dirs, calib_file, tmp_path):

@@ -586,7 +586,7 @@ class LayerStreamer:
                     x = moe_in.read(b, self.device).reshape(-1, moe_in.hidden)
                     routing = block.route(x, moe_in.batch_ids(b))
                     xe = block.expert_input(x)  # (a latent MoE's experts see the projected input)
-                    if observer is not None and c == 0:
+                    if observer is not None and c == 0 and first_call:
                         observer.on_routing(block.layer, b, xe, routing)
                     if observer is not None:
                         observer.on_experts(block.layer, b, xe, routing, w)
