@@ -4,7 +4,7 @@ One process per device (rank). Rank 0 runs the whole compression as a one-proces
 layer's attention, plans, merges, the guard, the refit, the sequential pass, the output and its resume record);
 the other ranks serve it. What they take over, so far, are the passes that run many experts over every
 calibration token: each MoE layer's **statistics pass**, and REAM's **alignment pass** (one chunk per centroid with
-its members). The pass's expert chunks (for the statistics pass the one-process run's chunks, which
+its members), and then paper REAM's **merges** (each rank those of the centroids it aligned: it holds their Grams). The pass's expert chunks (for the statistics pass the one-process run's chunks, which
 `--experts-per-chunk` pins) are split into contiguous ranges, one per rank; rank 0 broadcasts the layer's MoE
 inputs once (and their token ids), every rank reads **only its own chunks** from the checkpoint and runs every
 calibration batch through them, and rank 0 gathers each expert's statistics (each pair's Gram, each expert's
@@ -14,8 +14,8 @@ with 1, 2 and 3 ranks, one thread per process as torchrun starts them).
 
 Sums over all experts (the original MoE output of a non-sequential run, the refit's target) must be added in the
 one-process chunk order to stay exact: rank 0 adds its own chunks' during the pass and runs the other chunks'
-routed outputs afterwards (routed tokens only, no dense statistics). Not split yet: merges, the guard's
-candidates, the refit and the sequential pass (they run on rank 0).
+routed outputs afterwards (routed tokens only, no dense statistics). Not split yet: the guard's candidates and
+their merges, the refit and the sequential pass (they run on rank 0).
 
 Decisions and data travel over a gloo group (CPU tensors; no rank ever waits inside an NCCL collective for
 another's disk), with an explicit timeout (REAM_LITE_DIST_TIMEOUT_MIN, default a week: see `_timeout`). If any rank dies,
@@ -52,7 +52,9 @@ class World:
     started: float = field(default_factory=time.monotonic)
     stats_bytes_read: int = 0  # checkpoint bytes this rank read in its shares of the statistics passes
     sums_bytes_read: int = 0  # rank 0: the other ranks' experts read again for sums over every expert
+    merged_groups: int = 0  # merged groups this rank built
     sent_layer: int | None = None  # rank 0: the layer whose MoE inputs the other ranks hold
+    align_split: tuple | None = None  # rank 0: (layer, each rank's centroids) of the last alignment pass split
 
     @property
     def is_main(self) -> bool:
@@ -115,7 +117,7 @@ class World:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # (Linux: KiB)
         out = {"rank": self.rank, "wall_s": round(time.monotonic() - self.started, 3), "peak_rss_bytes": peak,
                "bytes_read": int(bytes_read), "stats_pass_bytes_read": self.stats_bytes_read,
-               "sums_bytes_read": self.sums_bytes_read}
+               "sums_bytes_read": self.sums_bytes_read, "merged_groups": self.merged_groups}
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             out["peak_device_bytes"] = int(torch.cuda.max_memory_allocated())
         return out
@@ -241,8 +243,8 @@ def rank_plan(est, layout, nproc: int) -> list[dict]:
 
 def rank_lines(ranks: list[dict]) -> list[str]:
     from ream_lite.estimate import _size as g
-    lines = [f"ranks      {len(ranks)} processes (torchrun): the statistics and alignment passes' expert chunks split "
-             "over them, everything else on rank 0 (the figures above)"]
+    lines = [f"ranks      {len(ranks)} processes (torchrun): the statistics and alignment passes' expert chunks "
+             "(and paper REAM's merges) split over them, everything else on rank 0 (the figures above)"]
     for r in ranks:
         peak = "as above" if r["peak_device_bytes"] is None else f"peak device {g(r['peak_device_bytes'])}"
         again = f" (and {g(r['sums_bytes_read'])} of the others' again, for sums over every expert)" \
@@ -275,3 +277,15 @@ def merge_alignment(acts, parts: list[dict | None], shares: list[list[list[int]]
         for e, s in part["sq"].items():
             if first[e] == r:
                 acts.sq[e] = s.to(device)
+
+
+def merge_groups(plan, merged: dict, parts: list[dict | None], shares: list[list[int]]) -> None:
+    """Into rank 0's `merged` and `plan.perms`: the merged experts and neuron alignments of the other ranks'
+    groups."""
+    for r, part in enumerate(parts):
+        if r == 0 or not shares[r]:
+            continue
+        if part is None or "error" in part:
+            raise ReamLiteError(f"rank {r}: {part.get('error') if part else 'no merged experts'}")
+        merged.update(part["merged"])
+        plan.perms.update(part["perms"])

@@ -134,6 +134,7 @@ def alignment_stats(
         distributed.send_store_once(world, block.layer, h, streamer.opts.tokens_per_batch)
         streamer.run_moe(block, h, None, observer=acts, chunks=shares[0])
         distributed.merge_alignment(acts, world.gather(None), shares, streamer.device)
+        world.align_split = (block.layer, [[ch[0] for ch in share] for share in shares])  # (each rank's centroids)
     return acts
 
 
@@ -153,21 +154,56 @@ def presolve_alignments(streamer: LayerStreamer, plans: list[LayerPlan], acts: A
 
 def merge_plan(
     streamer: LayerStreamer, block: MoEBlock, h: HiddenStateStore, plan: LayerPlan,
-    acts: AlignmentCollector | None = None, perm_cache: dict | None = None,
+    acts: AlignmentCollector | None = None, perm_cache: dict | None = None, split: bool = False,
 ) -> dict:
     """Merged experts of `plan` (host memory, stored dtype), after the activation pass its alignment needs (unless
-    `acts` already holds it; `perm_cache` shares solved alignments between plans)."""
+    `acts` already holds it; `perm_cache` shares solved alignments between plans). `split`: under torchrun, each
+    rank merges the groups of the centroids whose alignment chunks it ran (`merge_shares`)."""
     if acts is None and needs_activation_pass(plan):
         acts = alignment_stats(streamer, block, h, [plan])
     perm_cache = {} if perm_cache is None else perm_cache
-    presolve_alignments(streamer, [plan], acts, perm_cache)
+    shares = merge_shares(streamer, plan) if split else None
+    if shares is None:
+        presolve_alignments(streamer, [plan], acts, perm_cache)
 
     def load(ids: list[int]) -> ExpertWeights:  # the merges run in float32
         return streamer.experts(plan.layer, ids, torch.float32)
 
     with timing.phase("merge"):  # (assignments not solved in advance are solved here, one by one)
-        return build_merged_experts(streamer.layout, plan, acts, streamer.device, perm_cache, load,
-                                    streamer.output_format, streamer.dtype)
+        if shares is None:
+            return build_merged_experts(streamer.layout, plan, acts, streamer.device, perm_cache, load,
+                                        streamer.output_format, streamer.dtype)
+        world = distributed.current()
+        world.broadcast(("merge", plan.layer, plan, shares))
+        merged = build_merged_experts(streamer.layout, plan, acts, streamer.device, perm_cache, load,
+                                      streamer.output_format, streamer.dtype, only=set(shares[0]))
+        world.merged_groups += len(shares[0])
+        distributed.merge_groups(plan, merged, world.gather(None), shares)
+        return {c: merged[c] for c in plan.merged_groups()}  # (the one-process order)
+
+
+def plain_output(streamer: LayerStreamer, layer: int) -> bool:
+    """Whether the layer's merged experts are written as plain tensors: an encoded output remembers the bytes it
+    encoded (OutputFormat.readback) in the process that merged them, which must then be the writing rank 0."""
+    out, r = streamer.output_format, streamer.layout.reader
+    return out.quantize is None and not out.gguf_types and not any(
+        r.entry(k).is_encoded for k in streamer.layout.expert_keys(layer))
+
+
+def merge_shares(streamer: LayerStreamer, plan: LayerPlan) -> list[list[int]] | None:
+    """Each rank's centroids for merging `plan`'s groups under torchrun (None: merge on rank 0 alone): the ones
+    whose alignment chunks it ran (it holds their Grams), or, for merges that need no activations, contiguous
+    shares of the centroids."""
+    world = distributed.current()
+    centroids = sorted(plan.merged_groups())
+    if world.size == 1 or len(centroids) < 2 or not plain_output(streamer, plan.layer):
+        return None
+    if not needs_activation_pass(plan):
+        return [[centroids[i] for i in world.share(len(centroids), r)] for r in range(world.size)]
+    split = world.align_split
+    if split is None or split[0] != plan.layer or sorted(c for s in split[1] for c in s) != centroids:
+        return None
+    return split[1]
 
 
 def compressed_loader(streamer: LayerStreamer, plan: LayerPlan, merged: dict):

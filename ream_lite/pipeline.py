@@ -320,7 +320,7 @@ def _compress(layout: ModelLayout, cfg: CompressConfig, n_keep: int, echo: Calla
     streamer.plan = est.memory
     streamer.output_format = est.output_format
     world = distributed.current()
-    world.broadcast(("plan", streamer.plan))  # (the other ranks run rank 0's chunks and batches: rank_worker)
+    world.broadcast(("plan", streamer.plan, streamer.output_format))  # (rank 0's chunks, batches, output)
     rc = layout.router_config
     identity = run_identity(layout, cfg, streamer, seqs)
     manifest = resumable_run(cfg, identity, streamer)
@@ -615,7 +615,7 @@ def compress_moe_layer(
         if cfg.guard_mode == "off":
             plan = method.plan(MethodInput(stats, n_keep, block.router_cfg.n_group, cfg.options, cfg.seed))
             plan.validate()
-            merged = merge_plan(streamer, block, h_stats, plan)
+            merged = merge_plan(streamer, block, h_stats, plan, split=True)
             if refitter is not None:  # --refit on without held-out tokens: fitted, not judged
                 merged, plan.refit = refitter.fit(plan, merged, compressed_loader(streamer, plan, merged))
                 plan.refit["used"] = True

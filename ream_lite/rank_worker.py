@@ -5,7 +5,10 @@ Each message rank 0 broadcasts is a tuple (see `distributed`):
 - ("stats", layer, shares, store): this rank runs its share of the layer's expert chunks over the layer's MoE inputs
   and sends each of its experts' statistics back; `store` (lengths, hidden, token ids follow): the inputs follow
   the message (None: the ones this rank holds);
-- ("align", layer, pairs, shares, store): the same for the alignment pass (pair Grams and neuron norms);
+- ("align", layer, pairs, shares, store): the same for the alignment pass (pair Grams and neuron norms), which this
+  rank keeps for the layer's merges;
+- ("merge", layer, plan, shares): this rank merges the groups of its centroids and sends them back with their
+  neuron alignments;
 - ("summary",): this rank's wall time, peak memory and bytes read, for the report;
 - ("done",): the run is over (or rank 0 stopped).
 """
@@ -15,10 +18,13 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import torch
+
 from ream_lite import distributed
 from ream_lite.arch.layout import ModelLayout
 from ream_lite.engine.streamer import LayerStreamer
 from ream_lite.methods import METHODS
+from ream_lite.methods.apply import build_merged_experts, needs_activation_pass
 from ream_lite.methods.stats import AlignmentCollector
 from ream_lite.passes import stats_collector
 
@@ -31,6 +37,7 @@ def serve(world: distributed.World, cfg) -> None:
     if cfg.stream.work_dir is None:  # (where rank 0 spills too: beside OUTPUT, not the system temp dir)
         cfg.stream.work_dir = str(Path(cfg.output).resolve().parent)
     held = None  # (layer, its MoE inputs): a layer's statistics and alignment passes run over the same tokens
+    acts = None  # (layer, this rank's AlignmentCollector): the Grams its merges of that layer need
     try:
         streamer = None
         method = METHODS[cfg.method]
@@ -41,7 +48,7 @@ def serve(world: distributed.World, cfg) -> None:
                 return
             if kind == "plan":
                 streamer = LayerStreamer(layout, cfg.stream)
-                streamer.plan = msg[1]
+                streamer.plan, streamer.output_format = msg[1], msg[2]
             elif kind == "summary":
                 world.gather(world.summary(layout.reader.bytes_read))
             elif kind in ("stats", "align"):
@@ -53,7 +60,14 @@ def serve(world: distributed.World, cfg) -> None:
                 if held is None or held[0] != layer:
                     raise RuntimeError(f"rank {world.rank}: no MoE inputs of layer {layer}")
                 job = _stats if kind == "stats" else _alignment
-                world.gather(_guarded(job, world, streamer, method, cfg, held[1], *msg[1:-1]))
+                result = _guarded(job, world, streamer, method, cfg, held[1], *msg[1:-1])
+                if kind == "align":  # (kept for the merges of the same layer)
+                    acts = (layer, result.pop("_acts", None))
+                world.gather(result)
+            elif kind == "merge":
+                layer = msg[1]
+                held_acts = acts[1] if acts is not None and acts[0] == layer else None
+                world.gather(_guarded(_merge, world, streamer, method, cfg, held_acts, *msg[1:]))
             else:
                 raise RuntimeError(f"rank {world.rank}: unknown message {kind!r} from rank 0")
     finally:
@@ -93,4 +107,23 @@ def _alignment(world, streamer: LayerStreamer, method, cfg, h, layer: int, pairs
     block = streamer.moe_block(layer)
     acts = AlignmentCollector([tuple(p) for p in pairs], block.act)
     streamer.run_moe(block, h, None, observer=acts, chunks=mine)
-    return distributed.alignment_part(acts)
+    return {**distributed.alignment_part(acts), "_acts": acts}
+
+
+def _merge(world, streamer: LayerStreamer, method, cfg, acts, layer: int, plan, shares: list[list[int]]) -> dict:
+    """This rank's share of merging layer `layer`'s `plan`: the merged experts of its centroids' groups (aligned by
+    the Grams its alignment pass computed) and their neuron alignments."""
+    mine = shares[world.rank]
+    if not mine:
+        return {}
+    if acts is None and needs_activation_pass(plan):
+        raise RuntimeError(f"rank {world.rank}: no alignment statistics of layer {layer}")
+
+    def load(ids: list[int]):
+        return streamer.experts(layer, ids, torch.float32)
+
+    merged = build_merged_experts(streamer.layout, plan, acts, streamer.device, {}, load, streamer.output_format,
+                                  streamer.dtype, only=set(mine))
+    world.merged_groups += len(mine)
+    pairs = {(c, m) for c in mine for m in plan.groups[c][1:]}
+    return {"merged": merged, "perms": {p: v for p, v in plan.perms.items() if p in pairs}}

@@ -78,11 +78,12 @@ def qwen(tmp_path_factory):
     return save_model(build_model("qwen3_moe"), tmp_path_factory.mktemp("qwen"))
 
 
-@pytest.mark.parametrize("n,method", [(2, ["--method", "reap"]), (3, ["--method", "ream", "--guard", "off"]),
+@pytest.mark.parametrize("n,method", [(2, ["--method", "reap"]), (3, ["--method", "ream", "--guard", "off", "--group-size", "2"]),
                                       (2, [])])
 def test_world_sizes_give_the_same_bytes(qwen, calib_file, tmp_path, n, method):
-    """REAP, paper REAM (--guard off) and the default (guarded REAM with refit): three chunks of 3, 3 and 2
-    experts split over the ranks; every rank reads only its chunks in the statistics passes, each expert once."""
+    """REAP, paper REAM (--guard off, three merged groups of two per layer: one per rank to align and merge) and
+    the default (guarded REAM with refit): three chunks of 3, 3 and 2 experts split over the ranks; every rank
+    reads only its chunks in the statistics passes, each expert once."""
     args = ("--experts", "5", "--calib", calib_file, "--experts-per-chunk", "3", "--expert-cache", "off", *method)
     ref = one_process(qwen, tmp_path / "one", *args)
     out = torchrun(n, qwen, tmp_path / "many", *args)
@@ -102,8 +103,8 @@ def test_world_sizes_give_the_same_bytes(qwen, calib_file, tmp_path, n, method):
     shares = [World(r, n).share(3) for r in range(n)]
     assert stats_reads == [3 * per_expert * sum((3, 3, 2)[c] for c in s) for s in shares]
     # `plan --nproc` says so before the run
-    r = CliRunner().invoke(main, ["plan", str(qwen), *BASE, *map(str, args), "--nproc", str(n), "--no-measure",
-                                  "--json"])
+    plan_args = [str(a) for a in args if str(a) not in ("--group-size", "2")]  # (plan has no --group-size)
+    r = CliRunner().invoke(main, ["plan", str(qwen), *BASE, *plan_args, "--nproc", str(n), "--no-measure", "--json"])
     assert r.exit_code == 0, r.output
     planned = json.loads(r.output)["ranks"]
     assert [x["stats_pass_bytes_read"] for x in planned] == stats_reads
@@ -111,6 +112,8 @@ def test_world_sizes_give_the_same_bytes(qwen, calib_file, tmp_path, n, method):
     again = ranks[0]["sums_bytes_read"]
     assert again == planned[0]["sums_bytes_read"] and again in (0, expert_bytes - stats_reads[0])
     assert (again > 0) == ("--guard" not in method)  # (REAP and the default refit; paper REAM does not)
+    if "--guard" in method:  # paper REAM: every rank merged the groups of its centroids (those it aligned)
+        assert all(r["merged_groups"] > 0 for r in ranks)
 
 
 def test_a_rank_without_chunks_and_a_grouped_sigmoid_router(model_dirs, calib_file, tmp_path):

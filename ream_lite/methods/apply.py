@@ -108,13 +108,14 @@ def build_merged_experts(
     layout: ModelLayout, plan: LayerPlan, acts: AlignmentCollector | None, device: torch.device | str,
     perm_cache: dict[tuple[int, int], torch.Tensor] | None = None,
     load: Callable[[list[int]], ExpertWeights] | None = None, output: OutputFormat | None = None,
-    value_dtype: torch.dtype = torch.bfloat16,
+    value_dtype: torch.dtype = torch.bfloat16, only: set[int] | None = None,
 ) -> dict[int, tuple[torch.Tensor, ...]]:
     """centroid id -> merged (gate, up, down) in host memory as the output holds them (`merged_as_written`: the
     stored dtype, or `value_dtype` for an encoded or decoded `output`), for every non-singleton group (the alignment and the merge itself run on `device`, in float32). `perm_cache` ((centroid, member) -> permutation) is read and
     filled: the alignment of a pair depends only on the pair, so plans sharing pairs solve each once. `load(ids)`
     gives the layer's experts `ids` in float32 on `device` (default: read from the checkpoint; `compress` serves
-    them from its layer cache, with the same values, so `apply` merges to the same bytes)."""
+    them from its layer cache, with the same values, so `apply` merges to the same bytes). `only`: merge just
+    the groups of these centroids (a rank's share under torchrun)."""
 
     def read(ids: list[int]) -> ExpertWeights:
         return load_experts(layout, plan.layer, ids, torch.float32, device)
@@ -125,6 +126,8 @@ def build_merged_experts(
         cache.setdefault(pair, perm)
     out = {}
     for c, members in plan.merged_groups().items():
+        if only is not None and c not in only:
+            continue
         w = load(members)
         weights = [w.expert(j) for j in range(len(members))]  # (biases too, where the experts have them)
         costs: list[torch.Tensor | None] = [None]
