@@ -84,6 +84,10 @@ class World:
         start = rank * base + min(rank, extra)
         return range(start, start + base + (1 if rank < extra else 0))
 
+    def shares(self, items: list) -> list[list]:
+        """Every rank's contiguous share of `items`, in rank order (`share`)."""
+        return [[items[i] for i in self.share(len(items), r)] for r in range(self.size)]
+
     def broadcast(self, obj=None):
         """Rank 0's `obj` on every rank."""
         if self.size == 1:
@@ -151,20 +155,17 @@ def set_current(world: World) -> None:
 STAT_ROWS = ("reap_sum", "reap2_sum", "ean_sum", "gated_out_sum", "out_sum")  # per expert (LayerStats fields)
 
 
-def store_sent(world: World, layer: int, h) -> tuple | None:
-    """What a job message says of layer `layer`'s MoE inputs: None when the other ranks already hold them, else
-    (lengths, hidden, whether token ids follow) of the store `send_store_once` is about to send."""
+def start_job(world: World, message: tuple, h, tokens_per_batch: int) -> None:
+    """Rank 0: a pass's job `message` ("stats" | "align", layer, ...) to every rank, then the layer's MoE inputs `h`
+    unless they hold them already (a layer's statistics and alignment passes run over the same statistics tokens).
+    The message ends with what follows it: (lengths, hidden, whether token ids follow) of the store, or None."""
+    layer = message[1]
     if world.sent_layer == layer:
-        return None
-    return list(h.lengths), h.hidden, h.token_ids is not None
-
-
-def send_store_once(world: World, layer: int, h, tokens_per_batch: int) -> None:
-    """Rank 0: layer `layer`'s MoE inputs `h` to every rank, unless they hold them already (its statistics and
-    alignment passes run over the same statistics tokens)."""
-    if world.sent_layer != layer:
-        send_store(world, h, tokens_per_batch)
-        world.sent_layer = layer
+        world.broadcast((*message, None))
+        return
+    world.broadcast((*message, (list(h.lengths), h.hidden, h.token_ids is not None)))
+    send_store(world, h, tokens_per_batch)
+    world.sent_layer = layer
 
 
 def send_store(world: World, h, tokens_per_batch: int) -> None:
@@ -192,13 +193,20 @@ def stats_rows(stats, experts: list[int]) -> dict[str, torch.Tensor | None]:
     return {k: None if getattr(stats, k) is None else getattr(stats, k)[idx].clone() for k in STAT_ROWS}
 
 
-def merge_rows(stats, parts: list[dict | None], owners: list[list[int]]) -> None:
-    """Into rank 0's `stats`: each expert's rows from the rank that computed them (`owners[r]`: rank r's experts)."""
+def served(parts: list[dict | None], shares: list[list], what: str):
+    """(rank, its part) of every rank > 0 that had a share of a job (`shares[r]`), rank 0 stopping the run with the
+    first error a rank sent (or the part it failed to send)."""
     for r, part in enumerate(parts):
-        if r == 0 or not owners[r]:
+        if r == 0 or not shares[r]:
             continue
         if part is None or "error" in part:
-            raise ReamLiteError(f"rank {r}: {part.get('error') if part else 'no statistics'}")
+            raise ReamLiteError(f"rank {r}: {part.get('error') if part else 'no ' + what}")
+        yield r, part
+
+
+def merge_rows(stats, parts: list[dict | None], owners: list[list[int]]) -> None:
+    """Into rank 0's `stats`: each expert's rows from the rank that computed them (`owners[r]`: rank r's experts)."""
+    for r, part in served(parts, owners, "statistics"):
         idx = torch.tensor(owners[r])
         with torch.inference_mode():  # (the collector's tensors are inference tensors)
             for k in STAT_ROWS:
@@ -228,10 +236,11 @@ def rank_plan(est, layout, nproc: int) -> list[dict]:
             continue
         per_expert = x.expert_bytes // max(x.experts, 1)
         sizes = [min(x.experts_per_chunk, x.experts - a) for a in range(0, x.experts, x.experts_per_chunk)]
+        per_rank = [sum(s) for s in world.shares(sizes)]  # (experts of each rank's chunks)
         for r in range(nproc):
-            reads[r] += per_expert * sum(sizes[c] for c in world.share(len(sizes), r))
+            reads[r] += per_expert * per_rank[r]
         if len(sizes) > 1 and (est.merge.refits or not est.sequential):
-            sums += per_expert * sum(sizes[c] for r in range(1, nproc) for c in world.share(len(sizes), r))
+            sums += per_expert * sum(per_rank[1:])
     if m.cache_experts:  # (rank 0 reads each layer's experts once, into its cache, whatever its share)
         reads[0], sums = sum(x.expert_bytes for x in est.layers if x.kind in ("moe", "mtp")), 0
     stats_phase = m.experts_per_chunk * m.expert_bytes + dense
@@ -267,11 +276,7 @@ def merge_alignment(acts, parts: list[dict | None], shares: list[list[list[int]]
         for chunk in share:
             for e in chunk:
                 first.setdefault(e, r)
-    for r, part in enumerate(parts):
-        if r == 0 or not shares[r]:
-            continue
-        if part is None or "error" in part:
-            raise ReamLiteError(f"rank {r}: {part.get('error') if part else 'no alignment statistics'}")
+    for r, part in served(parts, shares, "alignment statistics"):
         for pair, g in part["cross"].items():
             acts.cross[pair] = g.to(device)
         for e, s in part["sq"].items():
@@ -282,10 +287,6 @@ def merge_alignment(acts, parts: list[dict | None], shares: list[list[list[int]]
 def merge_groups(plan, merged: dict, parts: list[dict | None], shares: list[list[int]]) -> None:
     """Into rank 0's `merged` and `plan.perms`: the merged experts and neuron alignments of the other ranks'
     groups."""
-    for r, part in enumerate(parts):
-        if r == 0 or not shares[r]:
-            continue
-        if part is None or "error" in part:
-            raise ReamLiteError(f"rank {r}: {part.get('error') if part else 'no merged experts'}")
+    for _, part in served(parts, shares, "merged experts"):
         merged.update(part["merged"])
         plan.perms.update(part["perms"])

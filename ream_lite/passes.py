@@ -37,12 +37,11 @@ def collect_stats(
     world = distributed.current()
     chunks = streamer.expert_chunks(block.router_cfg.num_experts)
     if world.size == 1 or len(chunks) == 1 or (block.post_norm is not None and out is not None):
-        streamer.run_moe(block, h, out, observer=collector if also is None else Observers(collector, also))
+        streamer.run_moe(block, h, out, observer=Observers(collector, also))
         return collector.result()
     # each rank its contiguous share of the chunks (rank 0 the first); rank 0 sends the MoE inputs, gathers rows
-    shares = [[chunks[i] for i in world.share(len(chunks), r)] for r in range(world.size)]
-    world.broadcast(("stats", block.layer, shares, distributed.store_sent(world, block.layer, h)))
-    distributed.send_store_once(world, block.layer, h, streamer.opts.tokens_per_batch)
+    shares = world.shares(chunks)
+    distributed.start_job(world, ("stats", block.layer, shares), h, streamer.opts.tokens_per_batch)
     before = streamer.layout.reader.bytes_read
     streamer.run_moe(block, h, out, observer=Observers(collector, also), chunks=shares[0])
     world.stats_bytes_read += streamer.layout.reader.bytes_read - before
@@ -129,9 +128,8 @@ def alignment_stats(
             return acts
         # each rank a contiguous share of the centroids' chunks: every pair's Gram is computed in one chunk, every
         # expert's norms in the first chunk it is in (AlignmentCollector), so the rank owning it has them whole
-        shares = [[chunks[i] for i in world.share(len(chunks), r)] for r in range(world.size)]
-        world.broadcast(("align", block.layer, pairs, shares, distributed.store_sent(world, block.layer, h)))
-        distributed.send_store_once(world, block.layer, h, streamer.opts.tokens_per_batch)
+        shares = world.shares(chunks)
+        distributed.start_job(world, ("align", block.layer, pairs, shares), h, streamer.opts.tokens_per_batch)
         streamer.run_moe(block, h, None, observer=acts, chunks=shares[0])
         distributed.merge_alignment(acts, world.gather(None), shares, streamer.device)
         world.align_split = (block.layer, [[ch[0] for ch in share] for share in shares])  # (each rank's centroids)
@@ -199,7 +197,7 @@ def merge_shares(streamer: LayerStreamer, plan: LayerPlan) -> list[list[int]] | 
     if world.size == 1 or len(centroids) < 2 or not plain_output(streamer, plan.layer):
         return None
     if not needs_activation_pass(plan):
-        return [[centroids[i] for i in world.share(len(centroids), r)] for r in range(world.size)]
+        return world.shares(centroids)
     split = world.align_split
     if split is None or split[0] != plan.layer or sorted(c for s in split[1] for c in s) != centroids:
         return None

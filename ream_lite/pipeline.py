@@ -31,7 +31,7 @@ from ream_lite.checkpoint.lock import OutputLock
 from ream_lite.checkpoint.writer import DEFAULT_MAX_SHARD_BYTES, CheckpointWriter, partial_dir
 from ream_lite.diskspace import check_disk_space
 from ream_lite.engine.store import HiddenStateStore
-from ream_lite.engine.streamer import LayerStreamer, MoEBlock, StreamOptions
+from ream_lite.engine.streamer import LayerStreamer, MoEBlock, StreamOptions, token_ids
 from ream_lite.errors import ReamLiteError
 from ream_lite.estimate import estimate_compression
 from ream_lite.guard import GUARD_MODES, HeldOutJudge, guarded_plan
@@ -42,7 +42,7 @@ from ream_lite.methods.grouping import auto_group_size
 from ream_lite.methods.stats import LayerStats, collected_gate
 from ream_lite.model_card import model_card
 from ream_lite.passes import RoutingCounter, check_finite, collect_stats, compressed_loader, merge_plan, routing_counts
-from ream_lite.refit import REFIT_MODES, Refitter, RefitOptions
+from ream_lite.refit import REFIT_MODES, RefitOptions, Refitter
 from ream_lite.report import Meter, versions, write_report
 from ream_lite.resume import ResumeLog, RunIdentity, SnapshotSchedule, input_fingerprint, tokens_hash
 from ream_lite.stats_io import check_reusable, load_layer_stats, read_stats_info, save_layer_stats, start_stats_dir
@@ -50,8 +50,8 @@ from ream_lite.write_output import (
     compression_steps,
     copy_non_layer_tensors,
     open_writer,
-    record_of,
     output_config,
+    record_of,
     validate_output_path,
     write_layer,
     write_planned,
@@ -356,7 +356,7 @@ def _compress(layout: ModelLayout, cfg: CompressConfig, n_keep: int, echo: Calla
         else:
             h = resumed_hidden(streamer, resume_log, manifest)
             if h is not None:  # (the tokens of its rows: hash-routed layers choose experts by them)
-                h.token_ids = torch.cat([s.reshape(-1) for s in seqs]).cpu()
+                h.token_ids = token_ids(seqs)
         bar = tqdm(total=len(steps), initial=done, desc=f"{cfg.method} {rc.num_experts}->{n_keep}",
                    disable=not cfg.stream.progress)
         for step in range(done, len(steps)):

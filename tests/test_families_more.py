@@ -302,18 +302,11 @@ def test_plan_predicts_reads_and_output_bytes(model_dirs, tmp_path, monkeypatch,
     (LongCat-Flash) and for experts flattened along dim 0 (DBRX); its reads for LongCat's per-expert layout too.
     (For fused plain layouts, DBRX's as Qwen3-MoE's saved fused, plan over-counts the kept experts' re-reads: not
     asserted here.)"""
-    from test_plan import estimate, reads_of, tensor_bytes
-
-    from ream_lite.engine.streamer import StreamOptions
-    from ream_lite.pipeline import CompressConfig
-    from ream_lite.pipeline import compress as run_compress
+    from test_plan import compress_and_estimate, tensor_bytes
 
     _, src = model_dirs[family]
-    read = reads_of(src, monkeypatch)
-    settings = {"method": "reap", "num_sequences": 8, "seq_len": 32}
-    run_compress(CompressConfig(model=str(src), output=str(tmp_path / "out"), experts=4,
-                                stream=StreamOptions(device="cpu", progress=False), **settings))
-    est = estimate(src, 4, **settings)
+    est, read = compress_and_estimate(src, tmp_path / "out", 4, monkeypatch, method="reap", num_sequences=8,
+                                      seq_len=32)
     assert est.output_bytes == tensor_bytes(tmp_path / "out")
     if family == "longcat_flash":
-        assert est.read_bytes == max(read)
+        assert est.read_bytes == read

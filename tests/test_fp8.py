@@ -182,21 +182,14 @@ def test_unknown_quantization_is_refused(fp8_dirs, tmp_path):
 @pytest.mark.parametrize("out_dtype,method", [("stored", "reap"), ("stored", "ream"), ("bf16", "reap")])
 def test_plan_predicts_fp8_reads_and_output_bytes(fp8_dirs, tmp_path, monkeypatch, out_dtype, method):
     """`plan` counts an FP8 tensor's scales with its values: reads and output bytes equal what compress does."""
-    from test_plan import estimate, reads_of, tensor_bytes
-
-    from ream_lite.engine.streamer import StreamOptions
-    from ream_lite.pipeline import CompressConfig
-    from ream_lite.pipeline import compress as run_compress
+    from test_plan import compress_and_estimate, tensor_bytes
 
     _, src = fp8_dirs["deepseek_v3"]
-    read = reads_of(src, monkeypatch)
     settings = {"method": method, "num_sequences": 8, "seq_len": 32, "out_dtype": out_dtype,
                 **({"guard": "off"} if method == "ream" else {})}
-    run_compress(CompressConfig(model=str(src), output=str(tmp_path / "out"), experts=8,
-                                stream=StreamOptions(device="cpu", progress=False), **settings))
-    est = estimate(src, 8, **settings)
+    est, read = compress_and_estimate(src, tmp_path / "out", 8, monkeypatch, **settings)
     assert est.output_bytes == tensor_bytes(tmp_path / "out")
-    assert est.read_bytes == max(read)
+    assert est.read_bytes == read
 
 
 def test_kimi_k2_fp8_shape_inspects_and_plans_into_24gb(tmp_path, monkeypatch):

@@ -334,20 +334,13 @@ def test_asymmetric_or_reordered_int4_is_refused(kimi, tmp_path, extra):
 def test_plan_predicts_int4_reads_and_output_bytes(kimi, tmp_path, monkeypatch, method):
     """`plan` counts an INT4 weight's scales and shape record with its codes: its predicted reads and output bytes
     equal what compress reads and writes (the Kimi-K2.5 wrapper, vision tower included)."""
-    from test_plan import estimate, reads_of, tensor_bytes
-
-    from ream_lite.engine.streamer import StreamOptions
-    from ream_lite.pipeline import CompressConfig
-    from ream_lite.pipeline import compress as run_compress
+    from test_plan import compress_and_estimate, tensor_bytes
 
     _, _, src = kimi
-    read = reads_of(src, monkeypatch)
     settings = {"method": method, "num_sequences": 8, "seq_len": 32, **({"guard": "off"} if method == "ream" else {})}
-    run_compress(CompressConfig(model=str(src), output=str(tmp_path / "out"), experts=8,
-                                stream=StreamOptions(device="cpu", progress=False), **settings))
-    est = estimate(src, 8, **settings)
+    est, read = compress_and_estimate(src, tmp_path / "out", 8, monkeypatch, **settings)
     assert est.output_bytes == tensor_bytes(tmp_path / "out")
-    assert est.read_bytes == max(read)
+    assert est.read_bytes == read
 
 
 def test_malformed_int4_weight_is_refused_in_one_line(kimi, tmp_path):

@@ -40,6 +40,15 @@ def estimate(path, experts, measure=False, **kw):
     return estimate_compression(layout, cfg, n_keep, measure=measure)
 
 
+def compress_and_estimate(src, out, experts, monkeypatch, stream: dict | None = None, **settings):
+    """Compress `src` into `out` on the CPU and plan the same run: (the plan's estimate, the most bytes one reader of
+    `src` read while compressing)."""
+    read = reads_of(src, monkeypatch)
+    compress(CompressConfig(model=str(src), output=str(out), experts=experts,
+                            stream=StreamOptions(device="cpu", progress=False, **(stream or {})), **settings))
+    return estimate(src, experts, stream=stream or {}, **settings), max(read)
+
+
 def tensor_bytes(directory) -> int:
     with CheckpointReader(directory) as r:
         return r.total_bytes()
@@ -86,13 +95,10 @@ def test_mtp_layers_are_counted_unless_dropped(tmp_path, monkeypatch, drop_mtp):
     from tiny_models import save_mtp_model
 
     src = save_mtp_model(tmp_path / "ds")
-    read = reads_of(src, monkeypatch)
     settings = {"method": "reap", "num_sequences": 8, "seq_len": 32, "drop_mtp": drop_mtp}
-    compress(CompressConfig(model=str(src), output=str(tmp_path / "out"), experts=8,
-                            stream=StreamOptions(device="cpu", progress=False), **settings))
-    est = estimate(src, 8, **settings)
+    est, read = compress_and_estimate(src, tmp_path / "out", 8, monkeypatch, **settings)
     assert est.output_bytes == tensor_bytes(tmp_path / "out")
-    assert est.read_bytes == max(read)
+    assert est.read_bytes == read
     mtp = [x for x in est.layers if x.kind == "mtp"]
     assert len(mtp) == 1 and (mtp[0].output_bytes == 0) == drop_mtp
     assert ("dropped" in "\n".join(est.lines())) == drop_mtp
@@ -108,12 +114,9 @@ def test_predicted_reads_match_what_compress_reads(model_dirs, tmp_path, monkeyp
     re-read by every pass: exactly where the passes are fixed; with the guard, an upper bound (it may choose
     pruning, and then writes no merged expert), within 15%."""
     src = model_dirs["deepseek_v3"][1]
-    read = reads_of(src, monkeypatch)
     settings = {"method": method, "guard": guard, "num_sequences": 8, "seq_len": 32, "sequential": sequential}
-    compress(CompressConfig(model=str(src), output=str(tmp_path / "out"), experts=12,
-                            stream=StreamOptions(device="cpu", progress=False, expert_cache=cache), **settings))
-    actual = max(read)
-    est = estimate(src, 12, stream={"expert_cache": cache}, **settings)
+    est, actual = compress_and_estimate(src, tmp_path / "out", 12, monkeypatch, stream={"expert_cache": cache},
+                                        **settings)
     assert est.memory.cache_experts == (cache == "auto")  # (a tiny model always fits)
     predicted = est.read_bytes
     if exact:
@@ -127,12 +130,9 @@ def test_with_the_cache_guarded_ream_reads_each_layers_experts_once(model_dirs, 
     one read of each MoE layer's experts, and the output's kept experts are written from that same read (the cache
     holds their stored bytes: per-expert tensors in the compute dtype): each expert byte is read exactly once."""
     src = model_dirs["deepseek_v3"][1]
-    read = reads_of(src, monkeypatch)
     settings = {"method": "ream", "guard": "group", "num_sequences": 8, "seq_len": 32}
-    out = compress(CompressConfig(model=str(src), output=str(tmp_path / "out"), experts=12,
-                                  stream=StreamOptions(device="cpu", progress=False), **settings))
-    est = estimate(src, 12, **settings)
-    layers = {L["layer"]: L for L in json.loads((out / "ream_plan.json").read_text())["layers"]}
+    est, read = compress_and_estimate(src, tmp_path / "out", 12, monkeypatch, **settings)
+    layers = {L["layer"]: L for L in json.loads((tmp_path / "out" / "ream_plan.json").read_text())["layers"]}
     expected = est.other_bytes + est.embed_bytes
     for x in est.layers:
         expected += 2 * x.non_expert_bytes  # built to run the layer, then copied
@@ -140,7 +140,7 @@ def test_with_the_cache_guarded_ream_reads_each_layers_experts_once(model_dirs, 
             assert layers[x.index]["kept"]
             expected += x.expert_bytes
             assert x.read_bytes == 2 * x.non_expert_bytes + x.expert_bytes
-    assert max(read) == expected
+    assert read == expected
     assert any("read once for all its passes" in line for line in est.lines())
 
 
@@ -148,15 +148,12 @@ def test_reads_with_the_cache_in_a_narrower_compute_dtype(model_dirs, tmp_path, 
     """A float32 checkpoint run in bfloat16: the cached bf16 copy cannot give the merges their exact float32
     weights, so those loads (and only those) read the checkpoint; the prediction follows."""
     src = model_dirs["deepseek_v3"][1]
-    read = reads_of(src, monkeypatch)
     settings = {"method": "ream", "guard": "off", "num_sequences": 8, "seq_len": 32}
     stream = {"dtype": torch.bfloat16}
-    compress(CompressConfig(model=str(src), output=str(tmp_path / "out"), experts=12,
-                            stream=StreamOptions(device="cpu", progress=False, **stream), **settings))
-    est = estimate(src, 12, stream=stream, **settings)
+    est, read = compress_and_estimate(src, tmp_path / "out", 12, monkeypatch, stream=stream, **settings)
     off = estimate(src, 12, stream={**stream, "expert_cache": "off"}, **settings)
     assert est.memory.cache_experts and est.merge.merge_reads > 0
-    assert max(read) == est.read_bytes < off.read_bytes
+    assert read == est.read_bytes < off.read_bytes
 
 
 def test_guard_candidates_and_buffers_match_a_real_run(model_dirs, tmp_path):

@@ -113,9 +113,6 @@ class MoEBlock:
     # hash_routing.similarity_order of the original router (how removed experts are replaced in it)
     hash_table: torch.Tensor | None = None
     hash_order: torch.Tensor | None = None
-    # residual streams (DeepSeek-V4's hc_mult): the block's output enters each stream scaled by a weight the layer
-    # computes per token, kept in the columns after the block's input (LayerStreamer.attention_phase)
-    streams: int = 1
 
     def route(self, x: torch.Tensor, token_ids: torch.Tensor | None) -> Routing:
         """The routing of tokens x [T, H] whose ids are `token_ids` [T] (needed by a hash-routed layer only)."""
@@ -179,6 +176,12 @@ class StreamOptions:
     # at most this many experts per chunk (the chunking decides float rounding: pinned, runs on other budgets or
     # world sizes compute the same numbers); None: as many as the memory plan allows
     experts_per_chunk: int | None = None
+
+
+def token_ids(sequences: list[torch.Tensor]) -> torch.Tensor:
+    """The token ids of `sequences`, flat on the host, in the rows' order of the stores built from them
+    (HiddenStateStore.token_ids)."""
+    return torch.cat([s.reshape(-1) for s in sequences]).cpu()
 
 
 def checkpoint_dtype(config: dict) -> torch.dtype:
@@ -293,6 +296,12 @@ class LayerStreamer:
         columns of each row; the stream weights follow them)."""
         return h if self.streams == 1 else h.columns(0, self.hidden)
 
+    def stream_weights(self, h: HiddenStateStore) -> HiddenStateStore | None:
+        """With several residual streams (DeepSeek-V4's hc_mult), the columns after the MoE block's input in `h`
+        (or in its `moe_input` view: columns index whole rows): the weight the block's output enters each stream
+        with, per token. None with one stream."""
+        return h.columns(self.hidden, self.hidden + self.streams) if self.streams > 1 else None
+
     # -- weights ------------------------------------------------------------------------------------------------
     def _fill(self, module: nn.Module, key_prefix: str) -> nn.Module:
         """Materialise a meta module on the device with the checkpoint tensors named `{key_prefix}.{name}`."""
@@ -374,9 +383,11 @@ class LayerStreamer:
                 shared_gate = self._fill(copy.deepcopy(getattr(meta_block, spec.shared_gate_attr)), f"{moe_prefix}.{spec.shared_gate_attr}")
             r = self.layout.reader
             bias = None
-            if spec.router_bias and not (self.layout.hash_routed(i) and f"{moe_prefix}.{spec.router_bias}" not in r):
-                # one value per expert (a hash-routed layer has no selection bias: its table selects), whatever the stored shape (Ernie-4.5 stores [1, E])
-                bias = r.get(f"{moe_prefix}.{spec.router_bias}", dtype=torch.float32, device=self.device).reshape(-1)
+            bias_key = f"{moe_prefix}.{spec.router_bias}" if spec.router_bias else None
+            # (a hash-routed layer has no selection bias: its table selects)
+            if bias_key and (bias_key in r or not self.layout.hash_routed(i)):
+                # one value per expert, whatever the stored shape (Ernie-4.5 stores [1, E])
+                bias = r.get(bias_key, dtype=torch.float32, device=self.device).reshape(-1)
             # a float32 router (Ernie-4.5, HunYuan) keeps its stored precision whatever the compute dtype
             router_dtype = torch.float32 if self.router_cfg.fp32_logits else self.dtype
             block = MoEBlock(
@@ -395,7 +406,6 @@ class LayerStreamer:
             if self.layout.hash_routed(i):
                 block.hash_table = r.get(f"{moe_prefix}.{spec.hash_table}", device=self.device).long()
                 block.hash_order = similarity_order(r.get(f"{moe_prefix}.{spec.router_weight}", dtype=torch.float64))
-            block.streams = self.streams
         if not with_layer and block is not None and not spec.moe_post_norm:
             return layer, block, None
         layer = self._fill(layer, info.prefix)
@@ -457,7 +467,8 @@ class LayerStreamer:
             self.make_plan(sum(len(s) for s in sequences), seq_len=max(len(s) for s in sequences))
         store = self.new_store([len(s) for s in sequences])
         w = self.layout.reader.get(self.layout.spec.embed_key, dtype=self.dtype, device=self.device)
-        ids = torch.cat([s.reshape(-1) for s in sequences]).to(self.device)
+        store.token_ids = token_ids(sequences)
+        ids = store.token_ids.to(self.device)
         scale = self.layout.spec.config_scalar(self.hf_config, self.layout.spec.embedding_scale_key)
         for b in store.batches(self.opts.tokens_per_batch):
             e = F.embedding(ids[b.start : b.end], w)
@@ -466,7 +477,6 @@ class LayerStreamer:
                 e = e.unsqueeze(1).expand(-1, self.streams, -1)
             store.write(b, e)
         del w
-        store.token_ids = ids.cpu()
         return store
 
     def _mask_and_positions(self, x: torch.Tensor, layer: int | None = None):
@@ -521,8 +531,7 @@ class LayerStreamer:
         layer); for an MoE layer `h` is overwritten with the MoE block's input and the block is returned."""
         layer, block, capture = self.build_layer(i)
         out.token_ids = h.token_ids  # (the same tokens, one layer on)
-        moe_in = self.moe_input(h)
-        weights = h.columns(self.hidden, self.hidden + self.streams) if self.streams > 1 else None
+        moe_in, weights = self.moe_input(h), self.stream_weights(h)
         with torch.inference_mode():
             for b in h.batches(self.opts.tokens_per_batch):
                 x = h.read(b, self.device)
@@ -571,8 +580,8 @@ class LayerStreamer:
         # into a residual of several streams (an `out` as wide as all of them, not an MoE-output store): the output
         # enters each stream scaled by its weight, kept in the columns after the input (`attention_phase`)
         weights = None
-        if block.streams > 1 and out is not None and out.hidden == block.streams * moe_in.hidden:
-            weights = moe_in.columns(moe_in.hidden, moe_in.hidden + block.streams)
+        if out is not None and out.hidden == self.streams * moe_in.hidden:
+            weights = self.stream_weights(moe_in)
         # a post-norm block's output is normed whole: over several chunks it is summed here first (float32)
         pending = None
         if block.post_norm is not None and out is not None and len(chunks) > 1:
@@ -611,7 +620,7 @@ class LayerStreamer:
                     if block.post_norm is not None:
                         acc = block.post_norm(acc.to(x.dtype)).float()
                     if weights is not None:  # [T, streams, hidden]
-                        w_s = weights.read(b, self.device).reshape(-1, block.streams, 1).float()
+                        w_s = weights.read(b, self.device).reshape(-1, self.streams, 1).float()
                         acc = w_s * acc[:, None, :]
                     out.add_(b, acc)
                 del w
