@@ -119,11 +119,8 @@ def alignment_stats(
     acts = AlignmentCollector(pairs, block.act)
     chunks = [[c, *ms] for c, ms in sorted(members.items())]
     world = distributed.current()
-    # (a pair's Gram sums over every chunk holding both its experts: split only where that is one chunk, which the
-    # guard's candidates sharing their centroids make the rule)
-    in_one = all(sum(c in ch and j in ch for ch in chunks) == 1 for c, j in pairs)
     with timing.phase("alignment"):
-        if world.size == 1 or len(chunks) == 1 or not in_one:
+        if world.size == 1 or len(chunks) == 1 or not pairs_in_one_chunk(pairs, chunks):
             streamer.run_moe(block, h, None, observer=acts, chunks=chunks)
             return acts
         # each rank a contiguous share of the centroids' chunks: every pair's Gram is computed in one chunk, every
@@ -134,6 +131,16 @@ def alignment_stats(
         distributed.merge_alignment(acts, world.gather(None), shares, streamer.device)
         world.align_split = (block.layer, [[ch[0] for ch in share] for share in shares])  # (each rank's centroids)
     return acts
+
+
+def pairs_in_one_chunk(pairs: list[tuple[int, int]], chunks: list[list[int]]) -> bool:
+    """Whether each pair's experts share exactly one chunk: a pair's Gram sums over every chunk holding both, so the
+    alignment pass splits over ranks only then (the guard's candidates sharing their centroids make it the rule)."""
+    where: dict[int, set[int]] = {}
+    for i, chunk in enumerate(chunks):
+        for e in chunk:
+            where.setdefault(e, set()).add(i)
+    return all(len(where[c] & where[j]) == 1 for c, j in pairs)
 
 
 def presolve_alignments(streamer: LayerStreamer, plans: list[LayerPlan], acts: AlignmentCollector | None,
