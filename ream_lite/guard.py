@@ -252,7 +252,7 @@ def guarded_plan(
 
     for cand in list(cands):
         merging = bool(cand.plan.merged_groups())
-        merged = merge_plan(streamer, block, h_stats, cand.plan, acts, perms) if merging else {}
+        merged = merge_plan(streamer, block, h_stats, cand.plan, acts, perms, split=True) if merging else {}
         judge.judge(cand, compressed_loader(streamer, cand.plan, merged), keep_as_start=merging)
         consider(cand, merged)
         if merging and (start is None or cand.error < start[0].error):

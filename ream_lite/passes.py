@@ -147,14 +147,16 @@ def presolve_alignments(streamer: LayerStreamer, plans: list[LayerPlan], acts: A
                         perm_cache: dict) -> None:
     """Solve the neuron alignments of `plans` all at once on every CPU core (ream_lite.lsap) instead of one by one
     as the merges need them, where that reads nothing extra: the layer's experts cached on the device. Elsewhere
-    (one usable core, no cache) the merges solve each pair as they go."""
+    (one usable core, no cache) the merges solve each pair as they go. Under torchrun, only the groups this rank
+    merges (`own_centroids`)."""
     if not plans:
         return
     pool, layer = shared_pool(), plans[0].layer
     if pool.workers < 2 or not streamer.holds_experts(layer, torch.float32):
         return
     with timing.phase("assignment"):
-        solve_alignments(plans, acts, perm_cache, lambda ids: streamer.experts(layer, ids, torch.float32), pool)
+        solve_alignments(plans, acts, perm_cache, lambda ids: streamer.experts(layer, ids, torch.float32), pool,
+                         only=own_centroids(streamer, plans))
 
 
 def merge_plan(
@@ -168,8 +170,7 @@ def merge_plan(
         acts = alignment_stats(streamer, block, h, [plan])
     perm_cache = {} if perm_cache is None else perm_cache
     shares = merge_shares(streamer, plan) if split else None
-    if shares is None:
-        presolve_alignments(streamer, [plan], acts, perm_cache)
+    presolve_alignments(streamer, [plan], acts, perm_cache)  # (this rank's groups)
 
     def load(ids: list[int]) -> ExpertWeights:  # the merges run in float32
         return streamer.experts(plan.layer, ids, torch.float32)
@@ -206,9 +207,24 @@ def merge_shares(streamer: LayerStreamer, plan: LayerPlan) -> list[list[int]] | 
     if not needs_activation_pass(plan):
         return world.shares(centroids)
     split = world.align_split
-    if split is None or split[0] != plan.layer or sorted(c for s in split[1] for c in s) != centroids:
+    if split is None or split[0] != plan.layer:
         return None
-    return split[1]
+    # (the guard's candidates each merge some of the centroids the shared alignment pass ran)
+    wanted = set(centroids)
+    shares = [[c for c in share if c in wanted] for share in split[1]]
+    return shares if sum(map(len, shares)) == len(centroids) else None
+
+
+def own_centroids(streamer: LayerStreamer, plans: list[LayerPlan]) -> set[int] | None:
+    """The centroids of `plans` whose groups this process merges: under torchrun, where the merges split, rank 0's
+    share (the other ranks solve their own groups' alignments); None: all of them."""
+    if distributed.current().size == 1:
+        return None
+    mine: set[int] = set()
+    for plan in plans:
+        shares = merge_shares(streamer, plan)
+        mine |= set(plan.merged_groups()) if shares is None else set(shares[0])
+    return mine
 
 
 def compressed_loader(streamer: LayerStreamer, plan: LayerPlan, merged: dict):

@@ -8,7 +8,7 @@ Each message rank 0 broadcasts is a tuple (see `distributed`):
 - ("align", layer, pairs, shares, store): the same for the alignment pass (pair Grams and neuron norms), which this
   rank keeps for the layer's merges;
 - ("merge", layer, plan, shares): this rank merges the groups of its centroids and sends them back with their
-  neuron alignments;
+  neuron alignments (paper REAM's plan, or each of the guard's candidates in turn);
 - ("summary",): this rank's wall time, peak memory and bytes read, for the report;
 - ("done",): the run is over (or rank 0 stopped).
 """
@@ -38,6 +38,7 @@ def serve(world: distributed.World, cfg) -> None:
         cfg.stream.work_dir = str(Path(cfg.output).resolve().parent)
     held = None  # (layer, its MoE inputs): a layer's statistics and alignment passes run over the same tokens
     acts = None  # (layer, this rank's AlignmentCollector): the Grams its merges of that layer need
+    perms: tuple[int, dict] = (-1, {})  # (layer, its solved alignments): the guard's candidates share pairs
     try:
         streamer = None
         method = METHODS[cfg.method]
@@ -67,7 +68,9 @@ def serve(world: distributed.World, cfg) -> None:
             elif kind == "merge":
                 layer = msg[1]
                 held_acts = acts[1] if acts is not None and acts[0] == layer else None
-                world.gather(_guarded(_merge, world, streamer, method, cfg, held_acts, *msg[1:]))
+                if perms[0] != layer:
+                    perms = (layer, {})
+                world.gather(_guarded(_merge, world, streamer, method, cfg, (held_acts, perms[1]), *msg[1:]))
             else:
                 raise RuntimeError(f"rank {world.rank}: unknown message {kind!r} from rank 0")
     finally:
@@ -110,9 +113,11 @@ def _alignment(world, streamer: LayerStreamer, method, cfg, h, layer: int, pairs
     return {**distributed.alignment_part(acts), "_acts": acts}
 
 
-def _merge(world, streamer: LayerStreamer, method, cfg, acts, layer: int, plan, shares: list[list[int]]) -> dict:
+def _merge(world, streamer: LayerStreamer, method, cfg, held, layer: int, plan, shares: list[list[int]]) -> dict:
     """This rank's share of merging layer `layer`'s `plan`: the merged experts of its centroids' groups (aligned by
-    the Grams its alignment pass computed) and their neuron alignments."""
+    the Grams its alignment pass computed; `held`: those and the alignments solved for earlier plans of the layer)
+    and their neuron alignments."""
+    acts, perm_cache = held
     mine = shares[world.rank]
     if not mine:
         return {}
@@ -122,8 +127,8 @@ def _merge(world, streamer: LayerStreamer, method, cfg, acts, layer: int, plan, 
     def load(ids: list[int]):
         return streamer.experts(layer, ids, torch.float32)
 
-    merged = build_merged_experts(streamer.layout, plan, acts, streamer.device, {}, load, streamer.output_format,
-                                  streamer.dtype, only=set(mine))
+    merged = build_merged_experts(streamer.layout, plan, acts, streamer.device, perm_cache, load,
+                                  streamer.output_format, streamer.dtype, only=set(mine))
     world.merged_groups += len(mine)
     pairs = {(c, m) for c in mine for m in plan.groups[c][1:]}
     return {"merged": merged, "perms": {p: v for p, v in plan.perms.items() if p in pairs}}

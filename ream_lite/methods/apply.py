@@ -38,12 +38,13 @@ def pair_cost(align: str, act_cost: torch.Tensor | None, centroid_features, memb
 
 def solve_alignments(
     plans: list[LayerPlan], acts: AlignmentCollector | None, perm_cache: dict[tuple[int, int], torch.Tensor],
-    load: Callable[[list[int]], ExpertWeights], pool: AssignmentPool,
+    load: Callable[[list[int]], ExpertWeights], pool: AssignmentPool, only: set[int] | None = None,
 ) -> None:
     """Solve every (centroid, member) alignment of `plans` that `perm_cache` lacks, in batches on the assignment
     pool (all cores), into `perm_cache`; `build_merged_experts` then finds them there. Each pair gets the cost
     matrix and the solver `merge_group` would use, so the permutations are the same. Loads each group's experts
-    once more than merging alone does: call it only where loads read nothing (the layer's expert cache)."""
+    once more than merging alone does: call it only where loads read nothing (the layer's expert cache). `only`:
+    the groups of these centroids alone (a rank's share under torchrun)."""
     batch = 4 * pool.workers  # bounds the cost matrices held at once (4.5 MiB each at 768 neurons, 32 at 2048)
     pairs: list[tuple[int, int]] = []
     costs: list = []
@@ -60,6 +61,8 @@ def solve_alignments(
         if plan.align == "none":
             continue
         for c, members in plan.merged_groups().items():
+            if only is not None and c not in only:
+                continue
             todo = [m for m in members[1:] if (c, m) not in perm_cache and (c, m) not in pairs]
             if not todo:
                 continue
