@@ -53,6 +53,7 @@ class World:
     stats_bytes_read: int = 0  # checkpoint bytes this rank read in its shares of the statistics passes
     sums_bytes_read: int = 0  # rank 0: the other ranks' experts read again for sums over every expert
     merged_groups: int = 0  # merged groups this rank built
+    tokens: dict = field(default_factory=dict)  # pass -> tokens this rank ran in the passes split by token batches
     sent_layer: int | None = None  # rank 0: the layer whose MoE inputs the other ranks hold
     align_split: tuple | None = None  # rank 0: (layer, each rank's centroids) of the last alignment pass split
 
@@ -116,12 +117,17 @@ class World:
         dist.gather_object(obj, out, dst=0)
         return out
 
+    def ran(self, what: str, tokens: int) -> None:
+        """Count `tokens` this rank ran in its share of pass `what` (split by token batches), for the report."""
+        self.tokens[what] = self.tokens.get(what, 0) + tokens
+
     def summary(self, bytes_read: int) -> dict:
         """What the report records of this rank: wall time so far, peak resident memory, checkpoint bytes read."""
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # (Linux: KiB)
         out = {"rank": self.rank, "wall_s": round(time.monotonic() - self.started, 3), "peak_rss_bytes": peak,
                "bytes_read": int(bytes_read), "stats_pass_bytes_read": self.stats_bytes_read,
-               "sums_bytes_read": self.sums_bytes_read, "merged_groups": self.merged_groups}
+               "sums_bytes_read": self.sums_bytes_read, "merged_groups": self.merged_groups,
+               "tokens": dict(self.tokens)}
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             out["peak_device_bytes"] = int(torch.cuda.max_memory_allocated())
         return out
@@ -290,3 +296,63 @@ def merge_groups(plan, merged: dict, parts: list[dict | None], shares: list[list
     for _, part in served(parts, shares, "merged experts"):
         merged.update(part["merged"])
         plan.perms.update(part["perms"])
+
+
+# -- passes split by token batches: attention and the rest of each layer, the sequential pass -----------------------
+def batch_ranges(world: World, batches: list) -> list[tuple[int, int]]:
+    """Every rank's contiguous share of a store's `batches` (`HiddenStateStore.batches`), as its sequences
+    (first, last): a view of those sequences batches exactly as the whole store does there. An empty share is
+    (n, n) at the end."""
+    end = batches[-1].seqs.stop if batches else 0
+    return [(s[0].seqs.start, s[-1].seqs.stop) if s else (end, end) for s in world.shares(batches)]
+
+
+def send_rows(world: World, stores: list, ranges: list[tuple[int, int]], tokens_per_batch: int) -> None:
+    """Rank 0: the rows of each store in `stores` (sequences ranges[r], batch by batch, CPU tensors) to rank r > 0,
+    and their token ids where the first store knows them."""
+    import torch.distributed as dist
+
+    for r in range(1, world.size):
+        a, b = ranges[r]
+        if a == b:
+            continue
+        for st in stores:
+            v = st.view(a, b)
+            for batch in v.batches(tokens_per_batch):
+                dist.send(v.read(batch, "cpu").reshape(batch.end - batch.start, v.hidden).contiguous(), dst=r)
+        ids = stores[0].view(a, b).token_ids
+        if ids is not None:
+            dist.send(ids.contiguous(), dst=r)
+
+
+def recv_rows(stores: list, tokens_per_batch: int, src: int = 0, ids: bool = False) -> None:
+    """Rows (and, with `ids`, the first store's token ids) that rank `src` sends (`send_rows`, `send_back`) into
+    `stores`, batch by batch."""
+    import torch.distributed as dist
+
+    for st in stores:
+        for batch in st.batches(tokens_per_batch):
+            buf = torch.empty((batch.end - batch.start, st.hidden), dtype=st.dtype)
+            dist.recv(buf, src=src)
+            st.write(batch, buf)
+    if ids:
+        st = stores[0]
+        st.token_ids = torch.empty(st.total_tokens, dtype=torch.long)
+        dist.recv(st.token_ids, src=src)
+
+
+def send_back(stores: list, tokens_per_batch: int) -> None:
+    """A rank > 0: its rows of `stores` to rank 0, batch by batch (received by `receive_all`)."""
+    import torch.distributed as dist
+
+    for st in stores:
+        for batch in st.batches(tokens_per_batch):
+            dist.send(st.read(batch, "cpu").reshape(batch.end - batch.start, st.hidden).contiguous(), dst=0)
+
+
+def receive_all(world: World, stores: list, ranges: list[tuple[int, int]], tokens_per_batch: int) -> None:
+    """Rank 0: every other rank's rows of `stores` (its sequences ranges[r]) into them."""
+    for r in range(1, world.size):
+        a, b = ranges[r]
+        if a != b:
+            recv_rows([st.view(a, b) for st in stores], tokens_per_batch, src=r)

@@ -244,3 +244,60 @@ def compressed_loader(streamer: LayerStreamer, plan: LayerPlan, merged: dict):
 
     return load
 
+
+# -- passes split by token batches under torchrun ----------------------------------------------------------------------
+def attention_pass(streamer: LayerStreamer, i: int, h: HiddenStateStore, out: HiddenStateStore) -> MoEBlock | None:
+    """Layer i but its routed experts (`LayerStreamer.attention_phase`: attention, a dense layer's MLP, the MoE
+    block's input into `h`). Under torchrun the token batches are split over the ranks: rank 0 sends each rank its
+    sequences' rows, runs its own and takes back theirs (every batch computed as in one process)."""
+    world = distributed.current()
+    tpb = streamer.opts.tokens_per_batch
+    batches = h.batches(tpb)
+    if world.size == 1 or len(batches) < 2:
+        return streamer.attention_phase(i, h, out)
+    ranges = distributed.batch_ranges(world, batches)
+    world.broadcast(("attention", i, ranges, list(h.lengths), h.token_ids is not None, out.hidden))
+    distributed.send_rows(world, [h], ranges, tpb)
+    a, b = ranges[0]
+    mine = h.view(a, b)
+    block = streamer.attention_phase(i, mine, out.view(a, b))
+    world.ran("attention", mine.total_tokens)
+    out.token_ids = h.token_ids  # (the same tokens, one layer on)
+    distributed.receive_all(world, [h, out], ranges, tpb)
+    _ = list(distributed.served(world.gather(None), [b > a for a, b in ranges], "attention outputs"))
+    return block
+
+
+def sequential_pass(streamer: LayerStreamer, block: MoEBlock, h: HiddenStateStore, out: HiddenStateStore,
+                    plan: LayerPlan, merged: dict, stats_tokens: int) -> list[int]:
+    """The compressed MoE block (`block` restricted to `plan.kept`, merged experts from `merged`) over the layer's
+    MoE inputs `h`, added into `out` (the next layer's input); returns the tokens routed to each kept expert among
+    the first `stats_tokens` rows. Under torchrun the token batches are split over the ranks as in
+    `attention_pass`; the ranks read the kept experts themselves and are sent the merged ones."""
+    counter = RoutingCounter(len(plan.kept), stats_tokens)
+    loader = compressed_loader(streamer, plan, merged)
+    world = distributed.current()
+    tpb = streamer.opts.tokens_per_batch
+    batches = h.batches(tpb)
+    if world.size == 1 or len(batches) < 2:
+        streamer.run_moe(block, h, out, observer=counter, experts=loader)
+        return counter.counts.tolist()
+    ranges = distributed.batch_ranges(world, batches)
+    world.broadcast(("sequential", plan.layer, ranges, list(h.lengths), h.token_ids is not None, out.hidden, plan,
+                     merged, stats_tokens))
+    distributed.send_rows(world, [h.columns(0, moe_row_width(streamer)), out], ranges, tpb)
+    a, b = ranges[0]
+    mine = h.view(a, b)
+    streamer.run_moe(block, mine, out.view(a, b), observer=counter, experts=loader)
+    world.ran("sequential", mine.total_tokens)
+    distributed.receive_all(world, [out], ranges, tpb)
+    for _, part in distributed.served(world.gather(None), [b > a for a, b in ranges], "routing counts"):
+        counter.counts += part["counts"]
+    return counter.counts.tolist()
+
+
+def moe_row_width(streamer: LayerStreamer) -> int:
+    """Values per token the MoE block reads from its layer's rows: its input, and with several residual streams
+    the weights its output enters them with (`LayerStreamer.stream_weights`)."""
+    return streamer.hidden + (streamer.streams if streamer.streams > 1 else 0)
+

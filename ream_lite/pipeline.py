@@ -41,7 +41,9 @@ from ream_lite.methods.apply import needs_activation_pass
 from ream_lite.methods.grouping import auto_group_size
 from ream_lite.methods.stats import LayerStats, collected_gate
 from ream_lite.model_card import model_card
-from ream_lite.passes import RoutingCounter, check_finite, collect_stats, compressed_loader, merge_plan, routing_counts
+from ream_lite.passes import (
+    attention_pass, check_finite, collect_stats, compressed_loader, merge_plan, routing_counts, sequential_pass,
+)
 from ream_lite.refit import REFIT_MODES, RefitOptions, Refitter
 from ream_lite.report import Meter, versions, write_report
 from ream_lite.resume import ResumeLog, RunIdentity, SnapshotSchedule, input_fingerprint, tokens_hash
@@ -577,7 +579,7 @@ def compress_layer(
     """Layer `index` from h into out, compressed if MoE, and written; returns the MoE layer's record."""
     meter = Meter(streamer.device)
     with timing.phase("attention"):
-        block = streamer.attention_phase(index, h, out)
+        block = attention_pass(streamer, index, h, out)
     plan, merged = None, {}
     if block is not None:  # every pass over the layer's experts from one read of them, when they fit the plan
         with streamer.layer_experts(index):
@@ -637,10 +639,8 @@ def compress_moe_layer(
     stats_tokens = h_stats.total_tokens
     plan.tokens = stats_tokens
     if cfg.sequential:  # the compressed block makes the next layer's input; its routing is counted on the way
-        counter = RoutingCounter(len(plan.kept), stats_tokens)
         with timing.phase("sequential"):
-            streamer.run_moe(compressed, h, out, observer=counter, experts=compressed_loader(streamer, plan, merged))
-        plan.frequency_after = counter.counts.tolist()
+            plan.frequency_after = sequential_pass(streamer, compressed, h, out, plan, merged, stats_tokens)
     else:
         plan.frequency_after = routing_counts(streamer, compressed, h, stats_tokens)
     return plan, merged

@@ -1,4 +1,4 @@
-"""The ranks other than 0 of a `torchrun ... -m ream_lite compress` run: they serve rank 0's statistics passes.
+"""The ranks other than 0 of a `torchrun ... -m ream_lite compress` run: they serve rank 0's passes.
 
 Each message rank 0 broadcasts is a tuple (see `distributed`):
 - ("plan", MemoryPlan): the memory plan rank 0 follows (its expert chunks and token batches);
@@ -9,6 +9,12 @@ Each message rank 0 broadcasts is a tuple (see `distributed`):
   rank keeps for the layer's merges;
 - ("merge", layer, plan, shares): this rank merges the groups of its centroids and sends them back with their
   neuron alignments (paper REAM's plan, or each of the guard's candidates in turn);
+- ("attention", layer, ranges, lengths, ids, width): this rank runs the layer but its routed experts (attention,
+  a dense MLP) over its share of the token batches, sequences ranges[rank], whose rows (and token ids) rank 0 sends
+  next, and sends back the layer's rows and the MoE block's inputs;
+- ("sequential", layer, ranges, lengths, ids, width, plan, merged, stats_tokens): the same for the sequential pass:
+  the compressed block (kept experts read here, merged ones in the message) over its batches' MoE inputs, added into
+  their residual rows, which it sends back with its routing counts;
 - ("summary",): this rank's wall time, peak memory and bytes read, for the report;
 - ("done",): the run is over (or rank 0 stopped).
 """
@@ -26,7 +32,7 @@ from ream_lite.engine.streamer import LayerStreamer
 from ream_lite.methods import METHODS
 from ream_lite.methods.apply import build_merged_experts, needs_activation_pass
 from ream_lite.methods.stats import AlignmentCollector
-from ream_lite.passes import stats_collector
+from ream_lite.passes import RoutingCounter, compressed_loader, moe_row_width, stats_collector
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +71,8 @@ def serve(world: distributed.World, cfg) -> None:
                 if kind == "align":  # (kept for the merges of the same layer)
                     acts = (layer, result.pop("_acts", None))
                 world.gather(result)
+            elif kind in ("attention", "sequential"):
+                world.gather(_rows_job(world, streamer, cfg, msg))
             elif kind == "merge":
                 layer = msg[1]
                 held_acts = acts[1] if acts is not None and acts[0] == layer else None
@@ -132,3 +140,51 @@ def _merge(world, streamer: LayerStreamer, method, cfg, held, layer: int, plan, 
     world.merged_groups += len(mine)
     pairs = {(c, m) for c in mine for m in plan.groups[c][1:]}
     return {"merged": merged, "perms": {p: v for p, v in plan.perms.items() if p in pairs}}
+
+
+def _rows_job(world, streamer: LayerStreamer, cfg, msg: tuple) -> dict:
+    """This rank's share of a pass split by token batches (`passes.attention_pass`, `passes.sequential_pass`): its
+    sequences' rows come from rank 0, the results go back to it, and an error is sent after the rows (rank 0 waits
+    for them in any case)."""
+    kind, layer, ranges, lengths, has_ids, width = msg[:6]
+    a, b = ranges[world.rank]
+    if a == b:
+        return {}
+    tpb = streamer.opts.tokens_per_batch
+    h = streamer.new_store(lengths[a:b])  # (whole residual rows)
+    out = streamer.new_store(lengths[a:b], width=width)
+    try:
+        if kind == "attention":
+            received, back = [h], [h, out]
+        else:
+            received, back = [h.columns(0, moe_row_width(streamer)), out], [out]
+        distributed.recv_rows(received, tpb, ids=has_ids)
+        h.token_ids = received[0].token_ids
+        if kind == "attention":
+            result = _guarded(_attention, world, streamer, None, cfg, (h, out), layer)
+        else:
+            result = _guarded(_sequential, world, streamer, None, cfg, (h, out), layer, *msg[6:], sum(lengths[:a]))
+        distributed.send_back(back, tpb)
+        world.ran(kind, h.total_tokens)
+        return result
+    finally:
+        h.close()
+        out.close()
+
+
+def _attention(world, streamer: LayerStreamer, method, cfg, stores, layer: int) -> dict:
+    streamer.attention_phase(layer, *stores)
+    return {}
+
+
+def _sequential(world, streamer: LayerStreamer, method, cfg, stores, layer: int, plan, merged: dict,
+                stats_tokens: int, offset: int) -> dict:
+    """The compressed block over this rank's rows (the first of which is row `offset` of the layer's), with the
+    routing counts of the statistics tokens among them."""
+    h, out = stores
+    counter = RoutingCounter(len(plan.kept), stats_tokens - offset)
+    block = streamer.moe_block(layer).restricted(plan.kept)
+    streamer.run_moe(block, streamer.moe_input(h), out, observer=counter,
+                     experts=compressed_loader(streamer, plan, merged))
+    return {"counts": counter.counts}
+

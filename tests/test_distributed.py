@@ -84,7 +84,8 @@ def test_world_sizes_give_the_same_bytes(qwen, calib_file, tmp_path, n, method):
     """REAP, paper REAM (--guard off, three merged groups of two per layer: one per rank to align and merge) and
     the default (guarded REAM with refit): three chunks of 3, 3 and 2 experts split over the ranks; every rank
     reads only its chunks in the statistics passes, each expert once."""
-    args = ("--experts", "5", "--calib", calib_file, "--experts-per-chunk", "3", "--expert-cache", "off", *method)
+    args = ("--experts", "5", "--calib", calib_file, "--experts-per-chunk", "3", "--expert-cache", "off",
+            "--batch-tokens", "64", *method)
     ref = one_process(qwen, tmp_path / "one", *args)
     out = torchrun(n, qwen, tmp_path / "many", *args)
     assert_same_output(ref, out)
@@ -114,6 +115,9 @@ def test_world_sizes_give_the_same_bytes(qwen, calib_file, tmp_path, n, method):
     assert (again > 0) == ("--guard" not in method)  # (REAP and the default refit; paper REAM does not)
     if "reap" not in method:  # paper REAM, and each of the guard's merging candidates: every rank merged the
         assert all(r["merged_groups"] > 0 for r in ranks)  # groups of its centroids (those it aligned)
+    # attention (and the dense layer) and the sequential pass: the 6 batches of 2 sequences split over the ranks
+    for r, batches in zip(ranks, [len(World(r, n).share(6)) for r in range(n)], strict=True):
+        assert r["tokens"] == {"attention": 3 * 64 * batches, "sequential": 3 * 64 * batches}  # (3 layers)
 
 
 def test_a_rank_without_chunks_and_a_grouped_sigmoid_router(model_dirs, calib_file, tmp_path):
@@ -122,11 +126,25 @@ def test_a_rank_without_chunks_and_a_grouped_sigmoid_router(model_dirs, calib_fi
     reads nothing). Non-sequential: the original MoE output is added in the one-process chunk order, the shared
     expert once."""
     _, src = model_dirs["deepseek_v3"]
-    args = ("--experts", "8", "--calib", calib_file, "--experts-per-chunk", "8", "--no-sequential")
+    args = ("--experts", "8", "--calib", calib_file, "--experts-per-chunk", "8", "--no-sequential",
+            "--batch-tokens", "96")
     ref = one_process(src, tmp_path / "one", *args)
     out = torchrun(3, src, tmp_path / "many", *args)
     assert_same_output(ref, out)
-    assert [r["stats_pass_bytes_read"] > 0 for r in ranks_of(out)] == [False, True, False]
+    ranks = ranks_of(out)
+    assert [r["stats_pass_bytes_read"] > 0 for r in ranks] == [False, True, False]
+    # (attention and the dense first layer, 3 layers: 4 batches of 3 sequences over 3 ranks; no sequential pass)
+    assert [r["tokens"] for r in ranks] == [{"attention": batches * 96 * 3} for batches in (2, 1, 1)]
+
+
+def test_residual_streams_and_hash_routed_layers(tmp_path, calib_file):
+    """DeepSeek-V4: rows of several residual streams (the MoE block's input and its stream weights travel with
+    them) and hash-routed layers (the token ids travel too), default REAM, batches split over two ranks."""
+    from test_deepseek_v4 import build_v4
+
+    src = save_model(build_v4(), tmp_path / "v4")
+    args = ("--experts", "5", "--calib", calib_file, "--experts-per-chunk", "3", "--batch-tokens", "64")
+    assert_same_output(one_process(src, tmp_path / "one", *args), torchrun(2, src, tmp_path / "many", *args))
 
 
 def test_fused_experts(tmp_path, calib_file):
