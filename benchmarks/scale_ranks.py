@@ -50,6 +50,8 @@ def main() -> None:
     ap.add_argument("--experts-per-chunk", type=int, default=32)
     ap.add_argument("--extra", default="", help="more compress arguments, one string")
     ap.add_argument("--dir", default=None)
+    ap.add_argument("--ranks-only", action="store_true",
+                    help="run the N-rank command alone (e.g. an older commit's, beside a full run of this one)")
     args = ap.parse_args()
     base = Path(args.dir or tempfile.mkdtemp(prefix="ream-ranks-"))
     src = synthesize(args.shape, base / args.shape, args.layers)
@@ -62,21 +64,23 @@ def main() -> None:
     for method in args.methods:
         outs = {k: base / f"out-{method}-{k}" for k in ("1x1", f"1x{n}", f"{n}x1")}
         one = [sys.executable, "-m", "ream_lite", "compress", str(src)]
-        wall = {
-            "1x1": run([*one, str(outs["1x1"]), "--method", method, *common], 1),
-            f"1x{n}": run([*one, str(outs[f"1x{n}"]), "--method", method, *common], n),
-            f"{n}x1": run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(n),
-                           "-m", "ream_lite", "compress", str(src), str(outs[f"{n}x1"]), "--method", method,
-                           *common], 1),
-        }
-        same = (outs["1x1"] / "model.safetensors").read_bytes() == (outs[f"{n}x1"] / "model.safetensors").read_bytes()
+        wall = {f"{n}x1": run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                               str(n), "-m", "ream_lite", "compress", str(src), str(outs[f"{n}x1"]), "--method",
+                               method, *common], 1)}
         report = json.loads((outs[f"{n}x1"] / "ream_report.json").read_text())
         ranks = report["totals"]["distributed"]["ranks"]
         parts = report["totals"].get("time", {}).get("parts_seconds", {})
-        print(f"\n{method}: wall 1 process x 1 thread {wall['1x1']:.1f} s, 1 process x {n} threads "
-              f"{wall[f'1x{n}']:.1f} s, {n} ranks x 1 thread {wall[f'{n}x1']:.1f} s: speed-up "
-              f"{wall['1x1'] / wall[f'{n}x1']:.2f}x over one thread, {wall[f'1x{n}'] / wall[f'{n}x1']:.2f}x over "
-              f"{n} threads; output byte-identical to the one-process run: {same}")
+        if args.ranks_only:
+            print(f"\n{method}: wall {n} ranks x 1 thread {wall[f'{n}x1']:.1f} s")
+        else:
+            wall["1x1"] = run([*one, str(outs["1x1"]), "--method", method, *common], 1)
+            wall[f"1x{n}"] = run([*one, str(outs[f"1x{n}"]), "--method", method, *common], n)
+            same = (outs["1x1"] / "model.safetensors").read_bytes() == \
+                (outs[f"{n}x1"] / "model.safetensors").read_bytes()
+            print(f"\n{method}: wall 1 process x 1 thread {wall['1x1']:.1f} s, 1 process x {n} threads "
+                  f"{wall[f'1x{n}']:.1f} s, {n} ranks x 1 thread {wall[f'{n}x1']:.1f} s: speed-up "
+                  f"{wall['1x1'] / wall[f'{n}x1']:.2f}x over one thread, {wall[f'1x{n}'] / wall[f'{n}x1']:.2f}x "
+                  f"over {n} threads; output byte-identical to the one-process run: {same}")
         for r in ranks:
             print(f"  rank {r['rank']}: peak RSS {r['peak_rss_bytes'] / GiB:.2f} GiB, read {r['bytes_read'] / GiB:.2f} "
                   f"GiB, of which statistics passes {r['stats_pass_bytes_read'] / GiB:.2f} GiB, wall {r['wall_s']:.1f} s")

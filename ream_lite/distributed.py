@@ -1,21 +1,27 @@
 """`compress` on several processes: `torchrun --nproc-per-node N -m ream_lite compress ...`.
 
-One process per device (rank). Rank 0 runs the whole compression as a one-process run does (calibration, every
-layer's attention, plans, merges, the guard, the refit, the sequential pass, the output and its resume record);
-the other ranks serve it. What they take over, so far, are the passes that run many experts over every
-calibration token: each MoE layer's **statistics pass**, and REAM's **alignment pass** (one chunk per centroid with
-its members), and then paper REAM's **merges** (each rank those of the centroids it aligned: it holds their Grams). The pass's expert chunks (for the statistics pass the one-process run's chunks, which
-`--experts-per-chunk` pins) are split into contiguous ranges, one per rank; rank 0 broadcasts the layer's MoE
-inputs once (and their token ids), every rank reads **only its own chunks** from the checkpoint and runs every
-calibration batch through them, and rank 0 gathers each expert's statistics (each pair's Gram, each expert's
-neuron norms) from the rank that computed them. Each number is computed on one rank, by the same operations in the
-same order as in one process, so plans and outputs do not depend on the world size (tested byte for byte on CPU
-with 1, 2 and 3 ranks, one thread per process as torchrun starts them).
+One process per device (rank). Rank 0 runs the compression as a one-process run does (calibration, plans, the
+guard's judging, the refit, the output and its resume record); the other ranks serve it, taking over the passes
+that run many experts or many tokens, split two ways:
 
-Sums over all experts (the original MoE output of a non-sequential run, the refit's target) must be added in the
-one-process chunk order to stay exact: rank 0 adds its own chunks' during the pass and runs the other chunks'
-routed outputs afterwards (routed tokens only, no dense statistics). Not split yet: the guard's candidates and
-their merges, the refit and the sequential pass (they run on rank 0).
+- **by expert chunks**: each MoE layer's statistics pass, REAM's alignment pass (one chunk per centroid with its
+  members) and the merges (paper REAM's plan, and every merging candidate of the guard: each rank aligns and
+  merges the groups of the centroids it aligned, holding their Grams). The pass's expert chunks (for the
+  statistics pass the one-process run's chunks, which `--experts-per-chunk` pins) are split into contiguous
+  ranges, one per rank; rank 0 broadcasts the layer's MoE inputs once (and their token ids), every rank reads
+  **only its own chunks** from the checkpoint and runs every calibration batch through them, and rank 0 gathers
+  each expert's statistics (each pair's Gram, each expert's neuron norms, each merged expert) from the rank that
+  computed them.
+- **by token batches**: each layer's attention (and a dense layer's MLP), the sequential re-run of the compressed
+  MoE block, and the sums over every expert (a non-sequential run's original MoE output, the refit's target).
+  Rank 0 sends each rank the rows of its contiguous share of the batches, runs its own share, and takes theirs
+  back. Sums must be added in the one-process chunk order to stay exact, so they are not split by chunks: rank 0
+  adds its own chunks' part during the statistics pass, then each rank continues its batches' rows with the
+  other chunks, reading those again.
+
+Each number is computed on one rank, by the same operations in the same order as in one process, so plans and
+outputs do not depend on the world size (tested byte for byte on CPU with 1, 2 and 3 ranks, one thread per
+process as torchrun starts them).
 
 Decisions and data travel over a gloo group (CPU tensors; no rank ever waits inside an NCCL collective for
 another's disk), with an explicit timeout (REAM_LITE_DIST_TIMEOUT_MIN, default a week: see `_timeout`). If any rank dies,
@@ -225,9 +231,11 @@ def merge_rows(stats, parts: list[dict | None], owners: list[list[int]]) -> None
 def rank_plan(est, layout, nproc: int) -> list[dict]:
     """Per rank of an N-process run planned by `est` (estimate.CompressionEstimate): checkpoint bytes read in the
     statistics passes (its share of each MoE layer's expert chunks; rank 0 reads a layer's experts once for all its
-    passes where the expert cache holds them), and the peak device bytes of a rank > 0 (the layer's MoE inputs of
+    passes where the expert cache holds them) and again for the sums over every expert (the chunks rank 0 did not
+    run, for its share of the token batches), and the peak device bytes of a rank > 0 (the layer's MoE inputs of
     the statistics tokens and activations, beside one expert chunk and the statistics accumulators, or the
-    largest alignment chunk and the layer's Grams). Rank 0's other figures are the plan's."""
+    largest alignment chunk and the layer's Grams, or its share of the rows in the passes split by token batches).
+    Rank 0's other figures are the plan's."""
     world = World(0, nproc)
     m = est.memory
     elt = torch.empty(0, dtype=getattr(torch, m.dtype)).element_size()
@@ -236,7 +244,7 @@ def rank_plan(est, layout, nproc: int) -> list[dict]:
     inputs = stats_tokens * hidden * elt
     dense = 2 * m.max_experts * hidden * 8 if est.method in ("ream", "hc-smoe") else 0
     reads = [0] * nproc
-    sums = 0  # rank 0 reads the other ranks' experts again for sums over every expert (refit target, --no-sequential)
+    sums = 0  # the other ranks' experts read again for sums over every expert (refit target, --no-sequential)
     for x in est.layers:
         if x.kind not in ("moe", "mtp") or not x.experts_per_chunk:
             continue
@@ -247,19 +255,24 @@ def rank_plan(est, layout, nproc: int) -> list[dict]:
             reads[r] += per_expert * per_rank[r]
         if len(sizes) > 1 and (est.merge.refits or not est.sequential):
             sums += per_expert * sum(per_rank[1:])
+    sums_0 = sums
     if m.cache_experts:  # (rank 0 reads each layer's experts once, into its cache, whatever its share)
-        reads[0], sums = sum(x.expert_bytes for x in est.layers if x.kind in ("moe", "mtp")), 0
+        reads[0], sums_0 = sum(x.expert_bytes for x in est.layers if x.kind in ("moe", "mtp")), 0
     stats_phase = m.experts_per_chunk * m.expert_bytes + dense
     align_phase = est.merge.largest_alignment_chunk * m.expert_bytes + est.gram_bytes if est.gram_bytes else 0
-    peak = inputs + m.activation_bytes + max(stats_phase, align_phase)
-    return [{"rank": r, "stats_pass_bytes_read": reads[r], "sums_bytes_read": sums if r == 0 else 0,
+    # split by token batches: a share of the rows (whole residual rows in and out, or the float32 target too)
+    width = hidden * int(layout.residual_streams)
+    rows = -(-est.tokens // nproc) * width * (2 * elt + 4) + m.experts_per_chunk * m.expert_bytes
+    peak = m.activation_bytes + max(inputs + max(stats_phase, align_phase), inputs + rows)
+    return [{"rank": r, "stats_pass_bytes_read": reads[r], "sums_bytes_read": sums_0 if r == 0 else sums,
              "peak_device_bytes": None if r == 0 else peak} for r in range(nproc)]
 
 
 def rank_lines(ranks: list[dict]) -> list[str]:
     from ream_lite.estimate import _size as g
     lines = [f"ranks      {len(ranks)} processes (torchrun): the statistics and alignment passes' expert chunks "
-             "(and paper REAM's merges) split over them, everything else on rank 0 (the figures above)"]
+             "and the merges split over them, attention, the sequential pass and sums over every expert by token "
+             "batches; the guard's judging and the refit on rank 0 (the figures above)"]
     for r in ranks:
         peak = "as above" if r["peak_device_bytes"] is None else f"peak device {g(r['peak_device_bytes'])}"
         again = f" (and {g(r['sums_bytes_read'])} of the others' again, for sums over every expert)" \
@@ -307,9 +320,10 @@ def batch_ranges(world: World, batches: list) -> list[tuple[int, int]]:
     return [(s[0].seqs.start, s[-1].seqs.stop) if s else (end, end) for s in world.shares(batches)]
 
 
-def send_rows(world: World, stores: list, ranges: list[tuple[int, int]], tokens_per_batch: int) -> None:
+def send_rows(world: World, stores: list, ranges: list[tuple[int, int]], tokens_per_batch: int,
+              ids: bool = True) -> None:
     """Rank 0: the rows of each store in `stores` (sequences ranges[r], batch by batch, CPU tensors) to rank r > 0,
-    and their token ids where the first store knows them."""
+    and (`ids`) their token ids where the first store knows them."""
     import torch.distributed as dist
 
     for r in range(1, world.size):
@@ -320,9 +334,9 @@ def send_rows(world: World, stores: list, ranges: list[tuple[int, int]], tokens_
             v = st.view(a, b)
             for batch in v.batches(tokens_per_batch):
                 dist.send(v.read(batch, "cpu").reshape(batch.end - batch.start, v.hidden).contiguous(), dst=r)
-        ids = stores[0].view(a, b).token_ids
-        if ids is not None:
-            dist.send(ids.contiguous(), dst=r)
+        token_ids = stores[0].view(a, b).token_ids if ids else None
+        if token_ids is not None:
+            dist.send(token_ids.contiguous(), dst=r)
 
 
 def recv_rows(stores: list, tokens_per_batch: int, src: int = 0, ids: bool = False) -> None:

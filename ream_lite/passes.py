@@ -49,10 +49,38 @@ def collect_stats(
     distributed.merge_rows(stats, world.gather(None), [[e for c in s for e in c] for s in shares])
     rest = [c for s in shares[1:] for c in s]
     if out is not None or also is not None:  # sums over every expert, added in the one-process chunk order
-        before = streamer.layout.reader.bytes_read
-        streamer.run_moe(block, h, out, observer=also, chunks=rest, first_call=False)
-        world.sums_bytes_read += streamer.layout.reader.bytes_read - before
+        continue_sums(streamer, block, h, out, also, rest)
     return stats
+
+
+def continue_sums(streamer: LayerStreamer, block: MoEBlock, h: HiddenStateStore, out: HiddenStateStore | None,
+                  also, rest: list[list[int]]) -> None:
+    """Rank 0, after a statistics pass split by expert chunks: add the `rest` chunks' routed outputs (the other
+    ranks' chunks, in order) into `out` and `also`'s store (the refit's target), which hold rank 0's chunks' part.
+    Exact only in the one-process order, chunk after chunk, so this is split by token batches instead: each rank
+    continues the sums of its share of the batches (rows sent there and back; the other ranks hold the MoE inputs
+    since the statistics pass, and read the rest chunks again). Several residual streams: on rank 0 alone (the
+    ranks' MoE inputs lack the stream weights)."""
+    world = distributed.current()
+    tpb = streamer.opts.tokens_per_batch
+    batches = h.batches(tpb)
+    before = streamer.layout.reader.bytes_read
+    if len(batches) < 2 or streamer.streams > 1:
+        streamer.run_moe(block, h, out, observer=also, chunks=rest, first_call=False)
+    else:
+        ranges = distributed.batch_ranges(world, batches)
+        sums = [st for st in (out, also.store if also is not None else None) if st is not None]
+        world.broadcast(("sums", block.layer, ranges, [(st.hidden, st.dtype) for st in sums], out is not None, rest))
+        distributed.send_rows(world, sums, ranges, tpb, ids=False)
+        a, b = ranges[0]
+        mine = h.view(a, b)
+        view = also.at(a, b) if also is not None else None
+        streamer.run_moe(block, mine, out.view(a, b) if out is not None else None, observer=view, chunks=rest,
+                         first_call=False)
+        world.ran("sums", mine.total_tokens)
+        distributed.receive_all(world, sums, ranges, tpb)
+        _ = list(distributed.served(world.gather(None), [b > a for a, b in ranges], "sums"))
+    world.sums_bytes_read += streamer.layout.reader.bytes_read - before
 
 
 STAT_FIELDS = {"reap_sum": "REAP saliency", "ean_sum": "expert output norm", "gated_out_sum": "gated output",

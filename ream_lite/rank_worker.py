@@ -15,6 +15,9 @@ Each message rank 0 broadcasts is a tuple (see `distributed`):
 - ("sequential", layer, ranges, lengths, ids, width, plan, merged, stats_tokens): the same for the sequential pass:
   the compressed block (kept experts read here, merged ones in the message) over its batches' MoE inputs, added into
   their residual rows, which it sends back with its routing counts;
+- ("sums", layer, ranges, stores, out, rest): after a statistics pass, this rank continues the sums over every
+  expert (a non-sequential run's MoE output, the refit's target) for its share of the token batches: their rows
+  come from rank 0 holding its own chunks' part, this rank adds the `rest` chunks' in order and sends them back;
 - ("summary",): this rank's wall time, peak memory and bytes read, for the report;
 - ("done",): the run is over (or rank 0 stopped).
 """
@@ -33,6 +36,7 @@ from ream_lite.methods import METHODS
 from ream_lite.methods.apply import build_merged_experts, needs_activation_pass
 from ream_lite.methods.stats import AlignmentCollector
 from ream_lite.passes import RoutingCounter, compressed_loader, moe_row_width, stats_collector
+from ream_lite.refit import RoutedTarget
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +75,10 @@ def serve(world: distributed.World, cfg) -> None:
                 if kind == "align":  # (kept for the merges of the same layer)
                     acts = (layer, result.pop("_acts", None))
                 world.gather(result)
+            elif kind == "sums":
+                if held is None or held[0] != msg[1]:
+                    raise RuntimeError(f"rank {world.rank}: no MoE inputs of layer {msg[1]}")
+                world.gather(_sums(world, streamer, held[1], *msg[1:]))
             elif kind in ("attention", "sequential"):
                 world.gather(_rows_job(world, streamer, cfg, msg))
             elif kind == "merge":
@@ -187,4 +195,35 @@ def _sequential(world, streamer: LayerStreamer, method, cfg, stores, layer: int,
     streamer.run_moe(block, streamer.moe_input(h), out, observer=counter,
                      experts=compressed_loader(streamer, plan, merged))
     return {"counts": counter.counts}
+
+
+def _sums(world, streamer: LayerStreamer, h, layer: int, ranges, stores: list, has_out: bool, rest) -> dict:
+    """This rank's share of `passes.continue_sums` over the layer's MoE inputs `h` (held since the statistics pass):
+    the sums of its batches' rows, continued with the `rest` chunks."""
+    a, b = ranges[world.rank]
+    if a == b:
+        return {}
+    tpb = streamer.opts.tokens_per_batch
+    mine = h.view(a, b)
+    sums = [streamer.new_store(mine.lengths, dtype, width=width) for width, dtype in stores]
+    try:
+        distributed.recv_rows(sums, tpb)
+        block = streamer.moe_block(layer)
+        out = sums[0] if has_out else None
+        target = RoutedTarget(sums[-1], block.act, block.router_cfg.scales_input) if len(sums) > has_out else None
+        result = _guarded(_continue, world, streamer, None, None, (block, mine, out, target), layer, rest)
+        distributed.send_back(sums, tpb)
+        world.ran("sums", mine.total_tokens)
+        return result
+    finally:
+        for st in sums:
+            st.close()
+
+
+def _continue(world, streamer: LayerStreamer, method, cfg, h, layer: int, rest) -> dict:
+    block, mine, out, target = h
+    before = streamer.layout.reader.bytes_read
+    streamer.run_moe(block, mine, out, observer=target, chunks=rest, first_call=False)
+    world.sums_bytes_read += streamer.layout.reader.bytes_read - before
+    return {}
 

@@ -52,6 +52,10 @@ class RoutedTarget:
     def on_routing(self, layer: int, batch: Batch, x: torch.Tensor, routing) -> None:
         pass
 
+    def at(self, first: int, last: int) -> RoutedTarget:
+        """The same target over sequences first..last-1 only (a view of its store: batches index those rows)."""
+        return RoutedTarget(self.store.view(first, last), self.act, self.scale_input)
+
     def on_experts(self, layer: int, batch: Batch, x: torch.Tensor, routing, experts: ExpertWeights) -> None:
         acc = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
         add_routed_output(acc, x, routing.indices, routing.weights, experts, self.act, routing.by_expert,

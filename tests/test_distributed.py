@@ -60,6 +60,11 @@ def assert_same_output(a: Path, b: Path) -> None:
     assert json.loads((a / "config.json").read_text()) == json.loads((b / "config.json").read_text())
 
 
+def statistics_tokens(out: Path) -> int:
+    """Calibration tokens the statistics passes saw, over all MoE layers."""
+    return sum(x["tokens"] for x in json.loads((out / "ream_report.json").read_text())["layers"])
+
+
 def ranks_of(out: Path) -> list[dict]:
     return json.loads((out / "ream_report.json").read_text())["totals"]["distributed"]["ranks"]
 
@@ -112,12 +117,19 @@ def test_world_sizes_give_the_same_bytes(qwen, calib_file, tmp_path, n, method):
     # rank 0 reads the others' experts again where a sum over every expert is needed (the default's refit target)
     again = ranks[0]["sums_bytes_read"]
     assert again == planned[0]["sums_bytes_read"] and again in (0, expert_bytes - stats_reads[0])
+    ranks = [dict(r, tokens=dict(r["tokens"])) for r in ranks]
     assert (again > 0) == ("--guard" not in method)  # (REAP and the default refit; paper REAM does not)
     if "reap" not in method:  # paper REAM, and each of the guard's merging candidates: every rank merged the
         assert all(r["merged_groups"] > 0 for r in ranks)  # groups of its centroids (those it aligned)
     # attention (and the dense layer) and the sequential pass: the 6 batches of 2 sequences split over the ranks
     for r, batches in zip(ranks, [len(World(r, n).share(6)) for r in range(n)], strict=True):
-        assert r["tokens"] == {"attention": 3 * 64 * batches, "sequential": 3 * 64 * batches}  # (3 layers)
+        assert r["tokens"].pop("attention") == r["tokens"].pop("sequential") == 3 * 64 * batches  # (3 layers)
+    # the sums over every expert (the refit's target), continued by each rank for its share of the statistics
+    # batches with the chunks rank 0 did not run: every statistics token once, each rank reading those chunks
+    if again:
+        assert sum(r["tokens"].pop("sums") for r in ranks) == statistics_tokens(out)
+        assert [r["sums_bytes_read"] for r in ranks] == [again] * n == [x["sums_bytes_read"] for x in planned]
+    assert all(not r["tokens"] for r in ranks)
 
 
 def test_a_rank_without_chunks_and_a_grouped_sigmoid_router(model_dirs, calib_file, tmp_path):
@@ -133,8 +145,11 @@ def test_a_rank_without_chunks_and_a_grouped_sigmoid_router(model_dirs, calib_fi
     assert_same_output(ref, out)
     ranks = ranks_of(out)
     assert [r["stats_pass_bytes_read"] > 0 for r in ranks] == [False, True, False]
-    # (attention and the dense first layer, 3 layers: 4 batches of 3 sequences over 3 ranks; no sequential pass)
-    assert [r["tokens"] for r in ranks] == [{"attention": batches * 96 * 3} for batches in (2, 1, 1)]
+    # (attention and the dense first layer, 3 layers: 4 batches of 3 sequences over 3 ranks; no sequential pass;
+    # the original MoE output of the 2 MoE layers' statistics tokens continued by each rank over its batches)
+    assert [r["tokens"]["attention"] for r in ranks] == [batches * 96 * 3 for batches in (2, 1, 1)]
+    sums = [r["tokens"]["sums"] for r in ranks]
+    assert all(t > 0 for t in sums) and sum(sums) == statistics_tokens(out)
 
 
 def test_residual_streams_and_hash_routed_layers(tmp_path, calib_file):
