@@ -48,6 +48,8 @@ def main() -> None:
     ap.add_argument("--sequences", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--experts-per-chunk", type=int, default=32)
+    ap.add_argument("--batch-tokens", type=int, default=1024,
+                    help="tokens per batch: the passes split by token batches need several")
     ap.add_argument("--extra", default="", help="more compress arguments, one string")
     ap.add_argument("--dir", default=None)
     ap.add_argument("--ranks-only", action="store_true",
@@ -57,10 +59,11 @@ def main() -> None:
     src = synthesize(args.shape, base / args.shape, args.layers)
     common = ["--experts", args.experts, "--num-sequences", str(args.sequences), "--seq-len", str(args.seq_len),
               "--device", "cpu", "--experts-per-chunk", str(args.experts_per_chunk), "--expert-cache", "off",
+              "--batch-tokens", str(args.batch_tokens),
               "--overwrite", *args.extra.split()]
     n = args.nproc
-    print(f"{args.shape}, {args.layers} layers, {args.sequences} x {args.seq_len} tokens, chunks of "
-          f"{args.experts_per_chunk} experts, {os.cpu_count()} CPU cores")
+    print(f"{args.shape}, {args.layers} layers, {args.sequences} x {args.seq_len} tokens in batches of "
+          f"{args.batch_tokens}, chunks of {args.experts_per_chunk} experts, {os.cpu_count()} CPU cores")
     for method in args.methods:
         outs = {k: base / f"out-{method}-{k}" for k in ("1x1", f"1x{n}", f"{n}x1")}
         one = [sys.executable, "-m", "ream_lite", "compress", str(src)]
