@@ -59,6 +59,7 @@ class World:
     stats_bytes_read: int = 0  # checkpoint bytes this rank read in its shares of the statistics passes
     sums_bytes_read: int = 0  # rank 0: the other ranks' experts read again for sums over every expert
     merged_groups: int = 0  # merged groups this rank built
+    alignments_solved: int = 0  # neuron alignments (Hungarian assignments) this rank solved in shared rounds
     tokens: dict = field(default_factory=dict)  # pass -> tokens this rank ran in the passes split by token batches
     sent_layer: int | None = None  # rank 0: the layer whose MoE inputs the other ranks hold
     align_split: tuple | None = None  # rank 0: (layer, each rank's centroids) of the last alignment pass split
@@ -133,6 +134,7 @@ class World:
         out = {"rank": self.rank, "wall_s": round(time.monotonic() - self.started, 3), "peak_rss_bytes": peak,
                "bytes_read": int(bytes_read), "stats_pass_bytes_read": self.stats_bytes_read,
                "sums_bytes_read": self.sums_bytes_read, "merged_groups": self.merged_groups,
+               "alignments_solved": self.alignments_solved,
                "tokens": dict(self.tokens)}
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             out["peak_device_bytes"] = int(torch.cuda.max_memory_allocated())
@@ -225,6 +227,57 @@ def merge_rows(stats, parts: list[dict | None], owners: list[list[int]]) -> None
                 dst = getattr(stats, k)
                 if dst is not None:
                     dst[idx] = part[k].to(dst.dtype)
+
+
+# -- the neuron alignments of a layer's merges, split by pair -------------------------------------------------------
+SOLVE_ROUND = 4  # alignments per rank per round: bounds the cost matrices in flight
+
+
+def solve_alignments(world: World, layer: int, items: list[tuple[str, int, int]], act_cost, perm_cache: dict, load,
+                     pool) -> None:
+    """Rank 0: solve the alignments `items` ((align, centroid, member), `methods.apply.alignment_items`) over the
+    ranks, into `perm_cache`. Balanced by pair, not by group: the guard's largest candidate groups hold dozens of
+    members. In rounds of SOLVE_ROUND items per rank: rank 0 sends each rank the activation part of its items'
+    costs (the ranks hold only their own chunks' Grams), every rank builds each cost as one process does
+    (`alignment_costs`: the weight part from the experts it reads) and solves it, and rank 0 gathers the
+    permutations. A permutation depends only on its cost matrix, so where it is solved changes no bit."""
+    import torch.distributed as dist
+
+    from ream_lite.methods.apply import solve_items
+
+    step = SOLVE_ROUND * world.size
+    rounds = [world.shares(items[a : a + step]) for a in range(0, len(items), step)]
+    first = next(((c, m) for align, c, m in items if "act" in align), None)
+    spec = None
+    if first is not None:  # (the shape and dtype of every activation cost: the ranks receive into them)
+        t = act_cost(*first)
+        spec = (tuple(t.shape), t.dtype)
+    world.broadcast(("solve", layer, rounds, spec))
+    for shares in rounds:
+        sends = []
+        for r in range(1, world.size):
+            for align, c, m in shares[r]:
+                if "act" in align:
+                    t = act_cost(c, m).cpu().contiguous()
+                    sends.append((t, dist.isend(t, dst=r)))
+        solve_items(shares[0], act_cost, perm_cache, load, pool)
+        world.alignments_solved += len(shares[0])
+        for _, work in sends:
+            work.wait()
+        for _, part in served(world.gather(None), shares, "alignments"):
+            perm_cache.update(part["perms"])
+
+
+def receive_act_costs(share: list[tuple[str, int, int]], spec) -> dict[tuple[int, int], torch.Tensor]:
+    """A rank > 0: the activation parts of its round's costs, as `solve_alignments` sends them."""
+    import torch.distributed as dist
+
+    out = {}
+    for align, c, m in share:
+        if "act" in align:
+            out[(c, m)] = torch.empty(spec[0], dtype=spec[1])
+            dist.recv(out[(c, m)], src=0)
+    return out
 
 
 # -- what `ream-lite plan --nproc N` says of each rank ---------------------------------------------------------------

@@ -688,7 +688,8 @@ def _layer_cost(
     if info.is_moe:
         writes = memory.cache_experts and writes_as_stored(layout, info.index, getattr(torch, memory.dtype))
         moe_work, experts_read = _moe_work(layout, info, cfg, n_keep, chunk, shape, tokens, held, inter,
-                                           _cached_dtypes(layout, info, memory), writes)
+                                           _cached_dtypes(layout, info, memory), writes,
+                                           feature_room=memory.activation_bytes // 2)
         work = work + moe_work
         reads += experts_read * e_stored
     return LayerCost(**cost, output_bytes=_layer_output_bytes(layout, info, n_keep, fmt), read_bytes=reads,
@@ -731,10 +732,12 @@ def _cached_dtypes(layout: ModelLayout, info: LayerLayout, memory: MemoryPlan) -
 def _moe_work(
     layout: ModelLayout, info: LayerLayout, cfg: CompressConfig, n_keep: int, chunk: int, shape: MergeShape,
     tokens: int, held: int, inter: int, cached: str = "none", written_from_cache: bool = False,
+    feature_room: int = 0,
 ) -> tuple[Work, int]:
     """What one MoE layer's passes in `pipeline.compress_moe_layer` compute, and how many experts they read
     (`cached`: which loads the layer's expert cache serves, see `_cached_dtypes`; `written_from_cache`: the kept
-    experts go to the output from the cache, which holds their stored bytes, instead of being read again)."""
+    experts go to the output from the cache, which holds their stored bytes, instead of being read again;
+    `feature_room`: the refit's `Refitter.feature_room`)."""
     h, n, k = int(layout.config["hidden_size"]), info.num_experts, layout.router_config.top_k
     expert = 6.0 * h * inter  # gate, up and down matmuls, per token
     route = lambda experts, chunks: 2.0 * h * experts * chunks
@@ -764,10 +767,13 @@ def _moe_work(
         )
         reads += n * originals + n_keep * shape.judged + shape.undo_groups
     if shape.refits:  # ream_lite.refit, per fitted plan: the routing index, the residual of the plan, then per sweep
-        # each routed token's gate / up twice (accumulate, update), its down projection twice, the expert's Gram
-        # and cross term; the statistics pass adds y up (the first fit), later fits run the original block again
+        # each routed token's gate / up once, or twice beyond the room where an expert's features are kept between
+        # accumulating and updating, its down projection twice, the expert's Gram and cross term; the statistics
+        # pass adds y up (the first fit), later fits run the original block again
         sweeps = cfg.refit.sweeps
-        per_token = 6.0 * h * inter + sweeps * (12.0 * h * inter + 2.0 * inter * inter)
+        feature_bytes = max(1.0, stats_tokens * k / max(n_keep, 1) * (inter + 1) * 4)  # (an average expert's)
+        again = 1.0 - min(1.0, feature_room / feature_bytes)
+        per_token = 6.0 * h * inter + sweeps * ((8.0 + 4.0 * again) * h * inter + 2.0 * inter * inter)
         # and per expert and sweep a solve: the Cholesky factor (float64) and the triangular solves for H rows
         solves = shape.refits * sweeps * n_keep
         work = work + Work(

@@ -14,7 +14,9 @@ from ream_lite.engine.streamer import LayerStreamer, MoEBlock, Observers
 from ream_lite.errors import ReamLiteError
 from ream_lite.lsap import shared_pool
 from ream_lite.methods import LayerPlan, MethodOptions
-from ream_lite.methods.apply import alignment_pairs, build_merged_experts, needs_activation_pass, solve_alignments
+from ream_lite.methods.apply import (
+    act_cost_of, alignment_items, alignment_pairs, build_merged_experts, needs_activation_pass, solve_alignments,
+)
 from ream_lite.methods.stats import AlignmentCollector, LayerStats, StatsCollector, collected_gate
 
 
@@ -173,18 +175,29 @@ def pairs_in_one_chunk(pairs: list[tuple[int, int]], chunks: list[list[int]]) ->
 
 def presolve_alignments(streamer: LayerStreamer, plans: list[LayerPlan], acts: AlignmentCollector | None,
                         perm_cache: dict) -> None:
-    """Solve the neuron alignments of `plans` all at once on every CPU core (ream_lite.lsap) instead of one by one
-    as the merges need them, where that reads nothing extra: the layer's experts cached on the device. Elsewhere
-    (one usable core, no cache) the merges solve each pair as they go. Under torchrun, only the groups this rank
-    merges (`own_centroids`)."""
+    """Solve the neuron alignments of `plans` all at once instead of one by one as the merges need them: under
+    torchrun over the ranks (`distributed.solve_alignments`, balanced by pair whatever the groups' sizes), else on
+    every CPU core (ream_lite.lsap) where that reads nothing extra (the layer's experts cached on the device).
+    Elsewhere (one usable core, no cache) the merges solve each pair as they go."""
     if not plans:
         return
     pool, layer = shared_pool(), plans[0].layer
+
+    def load(ids: list[int]) -> ExpertWeights:
+        return streamer.experts(layer, ids, torch.float32)
+
+    world = distributed.current()
+    if world.size > 1:
+        items = alignment_items(plans, perm_cache)
+        if len(items) > 1:
+            with timing.phase("assignment"):
+                distributed.solve_alignments(world, layer, items, lambda c, m: act_cost_of(acts, c, m), perm_cache,
+                                             load, pool)
+        return
     if pool.workers < 2 or not streamer.holds_experts(layer, torch.float32):
         return
     with timing.phase("assignment"):
-        solve_alignments(plans, acts, perm_cache, lambda ids: streamer.experts(layer, ids, torch.float32), pool,
-                         only=own_centroids(streamer, plans))
+        solve_alignments(plans, acts, perm_cache, load, pool)
 
 
 def merge_plan(
@@ -198,7 +211,7 @@ def merge_plan(
         acts = alignment_stats(streamer, block, h, [plan])
     perm_cache = {} if perm_cache is None else perm_cache
     shares = merge_shares(streamer, plan) if split else None
-    presolve_alignments(streamer, [plan], acts, perm_cache)  # (this rank's groups)
+    presolve_alignments(streamer, [plan], acts, perm_cache)
 
     def load(ids: list[int]) -> ExpertWeights:  # the merges run in float32
         return streamer.experts(plan.layer, ids, torch.float32)
@@ -208,7 +221,8 @@ def merge_plan(
             return build_merged_experts(streamer.layout, plan, acts, streamer.device, perm_cache, load,
                                         streamer.output_format, streamer.dtype)
         world = distributed.current()
-        world.broadcast(("merge", plan.layer, plan, shares))
+        theirs = {c for share in shares[1:] for c in share}  # (their groups' alignments, where solved already)
+        world.broadcast(("merge", plan.layer, plan, shares, {p: v for p, v in perm_cache.items() if p[0] in theirs}))
         merged = build_merged_experts(streamer.layout, plan, acts, streamer.device, perm_cache, load,
                                       streamer.output_format, streamer.dtype, only=set(shares[0]))
         world.merged_groups += len(shares[0])
@@ -241,18 +255,6 @@ def merge_shares(streamer: LayerStreamer, plan: LayerPlan) -> list[list[int]] | 
     wanted = set(centroids)
     shares = [[c for c in share if c in wanted] for share in split[1]]
     return shares if sum(map(len, shares)) == len(centroids) else None
-
-
-def own_centroids(streamer: LayerStreamer, plans: list[LayerPlan]) -> set[int] | None:
-    """The centroids of `plans` whose groups this process merges: under torchrun, where the merges split, rank 0's
-    share (the other ranks solve their own groups' alignments); None: all of them."""
-    if distributed.current().size == 1:
-        return None
-    mine: set[int] = set()
-    for plan in plans:
-        shares = merge_shares(streamer, plan)
-        mine |= set(plan.merged_groups()) if shares is None else set(shares[0])
-    return mine
 
 
 def compressed_loader(streamer: LayerStreamer, plan: LayerPlan, merged: dict):

@@ -7,8 +7,12 @@ Each message rank 0 broadcasts is a tuple (see `distributed`):
   the message (None: the ones this rank holds);
 - ("align", layer, pairs, shares, store): the same for the alignment pass (pair Grams and neuron norms), which this
   rank keeps for the layer's merges;
-- ("merge", layer, plan, shares): this rank merges the groups of its centroids and sends them back with their
-  neuron alignments (paper REAM's plan, or each of the guard's candidates in turn);
+- ("solve", layer, rounds, spec): this rank solves its share of each round of the layer's neuron alignments
+  (Hungarian assignments), the activation parts of their costs received from rank 0 (`spec`: their shape and
+  dtype), and sends back the permutations, round by round;
+- ("merge", layer, plan, shares, perms): this rank merges the groups of its centroids (their alignments solved
+  already in `perms`) and sends them back with their neuron alignments (paper REAM's plan, or each of the guard's
+  candidates in turn);
 - ("attention", layer, ranges, lengths, ids, width): this rank runs the layer but its routed experts (attention,
   a dense MLP) over its share of the token batches, sequences ranges[rank], whose rows (and token ids) rank 0 sends
   next, and sends back the layer's rows and the MoE block's inputs;
@@ -32,8 +36,9 @@ import torch
 from ream_lite import distributed
 from ream_lite.arch.layout import ModelLayout
 from ream_lite.engine.streamer import LayerStreamer
+from ream_lite.lsap import solve
 from ream_lite.methods import METHODS
-from ream_lite.methods.apply import build_merged_experts, needs_activation_pass
+from ream_lite.methods.apply import alignment_costs, build_merged_experts, needs_activation_pass
 from ream_lite.methods.stats import AlignmentCollector
 from ream_lite.passes import RoutingCounter, compressed_loader, moe_row_width, stats_collector
 from ream_lite.refit import RoutedTarget
@@ -81,12 +86,15 @@ def serve(world: distributed.World, cfg) -> None:
                 world.gather(_sums(world, streamer, held[1], *msg[1:]))
             elif kind in ("attention", "sequential"):
                 world.gather(_rows_job(world, streamer, cfg, msg))
+            elif kind == "solve":
+                _solve(world, streamer, *msg[1:])
             elif kind == "merge":
                 layer = msg[1]
                 held_acts = acts[1] if acts is not None and acts[0] == layer else None
                 if perms[0] != layer:
                     perms = (layer, {})
-                world.gather(_guarded(_merge, world, streamer, method, cfg, (held_acts, perms[1]), *msg[1:]))
+                perms[1].update(msg[4])  # (the alignments of this rank's groups solved already)
+                world.gather(_guarded(_merge, world, streamer, method, cfg, (held_acts, perms[1]), *msg[1:4]))
             else:
                 raise RuntimeError(f"rank {world.rank}: unknown message {kind!r} from rank 0")
     finally:
@@ -226,4 +234,23 @@ def _continue(world, streamer: LayerStreamer, method, cfg, h, layer: int, rest) 
     streamer.run_moe(block, mine, out, observer=target, chunks=rest, first_call=False)
     world.sums_bytes_read += streamer.layout.reader.bytes_read - before
     return {}
+
+
+def _solve(world, streamer: LayerStreamer, layer: int, rounds: list, spec) -> None:
+    """This rank's share of each round of `distributed.solve_alignments`: its items' costs built as one process
+    builds them (the weight part from the experts it reads) and solved."""
+    def load(ids: list[int]):
+        return streamer.experts(layer, ids, torch.float32)
+
+    for shares in rounds:
+        mine = shares[world.rank]
+        act = distributed.receive_act_costs(mine, spec)  # (every send received, whatever happens next)
+        world.gather(_guarded(_solve_share, world, streamer, None, None, (mine, act, load), layer) if mine else {})
+
+
+def _solve_share(world, streamer, method, cfg, job, layer: int) -> dict:
+    mine, act, load = job
+    perms = {pair: torch.from_numpy(solve(cost)) for pair, cost in alignment_costs(mine, lambda c, m: act[(c, m)], load)}
+    world.alignments_solved += len(perms)
+    return {"perms": perms}
 

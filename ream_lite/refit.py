@@ -10,8 +10,10 @@ solve gives its new down projection, rounded as the output will hold it, and a s
 the residual. Experts are visited in order, chunk by chunk as the engine loads them, for `sweeps` sweeps.
 
 Memory: one float32 [statistics tokens, hidden] store (in the planned tier), the routing index (k ints and floats
-per token, on the host), and per expert an I x I Gram and an H x I cross term. Work per sweep: two gathers of
-every routed token and its expert's gate / up projections, about one and a half routed forward passes.
+per token, on the host), and per expert an I x I Gram and an H x I cross term, with its features kept from the
+Gram's pass for the update (up to half the batch activations' room, free while the refit runs). Work per sweep:
+two gathers of every routed token and its expert's gate / up projections once (twice beyond that room), about one
+routed forward pass.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from ream_lite.written import merged_as_written
 
 log = logging.getLogger(__name__)
 REFIT_MODES = ("auto", "on", "off")
+FEATURE_ROOM = 256 * 2**20  # bytes of kept features without a memory plan (see Refitter.feature_room)
 
 
 @dataclass(frozen=True)
@@ -104,6 +107,9 @@ class Refitter:
                                         width=h.hidden)
         self.store.buf.zero_()
         self.holds_target = True  # the store holds y (filled by `observer` in the statistics pass)
+        # an expert's features, computed for its normal equations, are kept for its residual update in this much
+        # memory (beyond it they are computed again): the batch activations' room, free while the refit runs
+        self.feature_room = streamer.plan.activation_bytes // 2 if streamer.plan else FEATURE_ROOM
 
     def observer(self) -> RoutedTarget:
         return RoutedTarget(self.store, self.block.act, self.block.router_cfg.scales_input)
@@ -152,9 +158,9 @@ class Refitter:
         def features(w: ExpertWeights, j: int, rows: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
             return refit_features(w, j, self.h.gather(rows, dev), g.to(dev), act, scale_input)
 
-        def subtract(w: ExpertWeights, j: int, p: int, delta: torch.Tensor) -> None:
-            for rows, g in self._blocks(*index.of(p)):
-                f = features(w, j, rows, g)
+        def subtract(w: ExpertWeights, j: int, p: int, delta: torch.Tensor, kept: list | None = None) -> None:
+            for b, (rows, g) in enumerate(self._blocks(*index.of(p))):
+                f = kept[b] if kept is not None and b < len(kept) else features(w, j, rows, g)
                 self.store.put(rows, self.store.gather(rows, dev) - f @ delta.T)
 
         with torch.inference_mode():
@@ -178,11 +184,18 @@ class Refitter:
                         d = w0.shape[1]
                         gram = torch.zeros(d, d, dtype=torch.float64, device=dev)
                         cross = torch.zeros(w0.shape[0], d, dtype=torch.float64, device=dev)
+                        kept: list[torch.Tensor] = []  # the first blocks' features, for the update below
+                        room = self.feature_room
                         for rows, g in self._blocks(*routed):
                             f = features(w, j, rows, g)
                             t = self.store.gather(rows, dev) + f @ cur.T
                             gram += (f.T @ f).double()
                             cross += (t.T @ f).double()
+                            if f.nbytes <= room:
+                                kept.append(f)
+                                room -= f.nbytes
+                            else:
+                                room = 0
                         try:
                             fitted = ridge_solve(gram, cross, w0, self.opts.ridge)
                         except torch.linalg.LinAlgError:  # (Inf / NaN activations: overflow or a corrupt input)
@@ -192,7 +205,8 @@ class Refitter:
                                 "corrupt); try --dtype float32 or --refit off") from None
                         written = self._as_written(plan, p, e, merged, fitted)
                         new = down_matrix(ExpertWeights([e], *(t[None] for t in written)), 0).to(dev)
-                        subtract(w, j, p, new - cur)  # (no check for a zero change: on a GPU it would wait)
+                        subtract(w, j, p, new - cur, kept)  # (no check for a zero change: a GPU would wait)
+                        del kept
                         fitted_at.add(p)
                         out[e] = written
                     del w

@@ -119,8 +119,9 @@ def test_world_sizes_give_the_same_bytes(qwen, calib_file, tmp_path, n, method):
     assert again == planned[0]["sums_bytes_read"] and again in (0, expert_bytes - stats_reads[0])
     ranks = [dict(r, tokens=dict(r["tokens"])) for r in ranks]
     assert (again > 0) == ("--guard" not in method)  # (REAP and the default refit; paper REAM does not)
-    if "reap" not in method:  # paper REAM, and each of the guard's merging candidates: every rank merged the
-        assert all(r["merged_groups"] > 0 for r in ranks)  # groups of its centroids (those it aligned)
+    if "reap" not in method:  # paper REAM, and each of the guard's merging candidates: every rank solved its
+        assert all(r["alignments_solved"] > 0 for r in ranks)  # share of the neuron alignments (by pair) and merged
+        assert all(r["merged_groups"] > 0 for r in ranks)  # the groups of its centroids (those it aligned)
     # attention (and the dense layer) and the sequential pass: the 6 batches of 2 sequences split over the ranks
     for r, batches in zip(ranks, [len(World(r, n).share(6)) for r in range(n)], strict=True):
         assert r["tokens"].pop("attention") == r["tokens"].pop("sequential") == 3 * 64 * batches  # (3 layers)

@@ -3,6 +3,8 @@ solution against a dense joint solve, and its place in compress / the guard / ap
 
 import json
 
+from dataclasses import replace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -50,9 +52,11 @@ def layer0(model_dir, seed=0, sequences=6, length=24):
     return layout, s, block, h
 
 
-def fit(s, block, h, plan, sweeps=2, ridge=1e-2):
+def fit(s, block, h, plan, sweeps=2, ridge=1e-2, feature_room=None):
     r = Refitter(s, block, h, RefitOptions("on", sweeps, ridge))
     r.holds_target = False  # y from a pass of the original block (the statistics pass is not run here)
+    if feature_room is not None:
+        r.feature_room = feature_room
     try:
         return r.fit(plan, {}, compressed_loader(s, plan, {}))
     finally:
@@ -146,6 +150,21 @@ def test_streamed_refit_converges_to_the_dense_joint_solve(qwen):
     # two sweeps already take most of the way
     two, rec2 = fit(s, block, h, pruning_plan(0, 8, "reap", KEPT, {}), sweeps=2, ridge=ridge)
     assert rec2["calib_error_after"] < rec["calib_error_before"]
+    layout.close()
+
+
+def test_kept_features_change_no_bit(qwen):
+    """An expert's features kept between its normal equations and its residual update (all of them, the first
+    blocks', none) give the same fit to the bit: they are the numbers computed again otherwise."""
+    layout, s, block, h = layer0(qwen, sequences=8)
+    s.opts = replace(s.opts, tokens_per_batch=16)  # (several blocks of routed rows per expert)
+    plan = pruning_plan(0, 8, "reap", KEPT, {})
+    runs = [fit(s, block, h, plan, sweeps=3, feature_room=room) for room in (0, 2 * 16 * 16 * 4, 2**30)]  # (2: blocks of 16 rows x 16)
+    for fitted, record in runs[1:]:
+        assert record == runs[0][1]
+        for e in KEPT:
+            assert all(torch.equal(a, b) for a, b in zip(fitted[e], runs[0][0][e], strict=True))
+    assert runs[0][1]["calib_error_after"] < runs[0][1]["calib_error_before"]
     layout.close()
 
 

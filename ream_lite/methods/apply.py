@@ -27,7 +27,7 @@ def needs_activation_pass(plan: LayerPlan) -> bool:
 def pair_cost(align: str, act_cost: torch.Tensor | None, centroid_features, member) -> torch.Tensor:
     """The float64 [I, I] cost of matching the member's neurons to the centroid's: C_act + C_wt as `align` says
     (`centroid_features`: `weight_features` of the centroid, when "weight" is in `align`)."""
-    inter = member[0].shape[0]
+    inter = member[0].shape[0] if member is not None else act_cost.shape[0]
     cost = torch.zeros(inter, inter, dtype=torch.float64)
     if "act" in align:
         cost += act_cost.double().cpu()
@@ -36,16 +36,67 @@ def pair_cost(align: str, act_cost: torch.Tensor | None, centroid_features, memb
     return cost
 
 
+def alignment_items(plans: list[LayerPlan], perm_cache: dict[tuple[int, int], torch.Tensor]
+                    ) -> list[tuple[str, int, int]]:
+    """(align, centroid, member) of every alignment `plans` need and `perm_cache` lacks, in the order the merges
+    meet them, each once (the plans' recorded alignments go into `perm_cache` first)."""
+    items: list[tuple[str, int, int]] = []
+    seen: set[tuple[int, int]] = set()
+    for plan in plans:
+        for pair, perm in plan.perms.items():
+            perm_cache.setdefault(pair, perm)
+        if plan.align == "none":
+            continue
+        for c, members in plan.merged_groups().items():
+            for m in members[1:]:
+                if (c, m) not in perm_cache and (c, m) not in seen:
+                    seen.add((c, m))
+                    items.append((plan.align, c, m))
+    return items
+
+
+def alignment_costs(items: list[tuple[str, int, int]], act_cost: Callable[[int, int], torch.Tensor | None],
+                    load: Callable[[list[int]], ExpertWeights]):
+    """((centroid, member), float64 cost as numpy) of each item, the cost `merge_group` would build: `act_cost(c,
+    m)` the activation part (where the alignment uses it), the weight part from the experts `load` gives (a run of
+    items of one centroid loads it and its members at once)."""
+    i = 0
+    while i < len(items):
+        align, c = items[i][0], items[i][1]
+        j = i
+        while j < len(items) and items[j][:2] == (align, c):
+            j += 1
+        members = [m for _, _, m in items[i:j]]
+        w = load([c, *members]) if "weight" in align else None
+        fc = weight_features(w.gate[0], w.up[0], w.down[0]) if w is not None else None
+        for k, m in enumerate(members, 1):
+            ca = act_cost(c, m) if "act" in align else None
+            member = (w.gate[k], w.up[k], w.down[k]) if w is not None else None
+            yield (c, m), pair_cost(align, ca, fc, member).numpy()
+        del w
+        i = j
+
+
 def solve_alignments(
     plans: list[LayerPlan], acts: AlignmentCollector | None, perm_cache: dict[tuple[int, int], torch.Tensor],
-    load: Callable[[list[int]], ExpertWeights], pool: AssignmentPool, only: set[int] | None = None,
+    load: Callable[[list[int]], ExpertWeights], pool: AssignmentPool,
 ) -> None:
     """Solve every (centroid, member) alignment of `plans` that `perm_cache` lacks, in batches on the assignment
     pool (all cores), into `perm_cache`; `build_merged_experts` then finds them there. Each pair gets the cost
     matrix and the solver `merge_group` would use, so the permutations are the same. Loads each group's experts
-    once more than merging alone does: call it only where loads read nothing (the layer's expert cache). `only`:
-    the groups of these centroids alone (a rank's share under torchrun)."""
-    batch = 4 * pool.workers  # bounds the cost matrices held at once (4.5 MiB each at 768 neurons, 32 at 2048)
+    once more than merging alone does: call it only where loads read nothing (the layer's expert cache)."""
+    solve_items(alignment_items(plans, perm_cache), lambda c, m: act_cost_of(acts, c, m), perm_cache, load, pool)
+
+
+def act_cost_of(acts: AlignmentCollector, c: int, m: int) -> torch.Tensor:
+    """The activation part of aligning member m to centroid c, from the alignment pass's Grams."""
+    return activation_cost(acts.cross[(c, m)], acts.sq[c], acts.sq[m])
+
+
+def solve_items(items: list[tuple[str, int, int]], act_cost, perm_cache: dict, load, pool: AssignmentPool) -> None:
+    """`alignment_costs` of `items` solved on `pool`, into `perm_cache`, in batches bounding the cost matrices held
+    at once (4.5 MiB each at 768 neurons, 32 at 2048)."""
+    batch = 4 * pool.workers
     pairs: list[tuple[int, int]] = []
     costs: list = []
 
@@ -55,26 +106,11 @@ def solve_alignments(
         pairs.clear()
         costs.clear()
 
-    for plan in plans:
-        for pair, perm in plan.perms.items():
-            perm_cache.setdefault(pair, perm)
-        if plan.align == "none":
-            continue
-        for c, members in plan.merged_groups().items():
-            if only is not None and c not in only:
-                continue
-            todo = [m for m in members[1:] if (c, m) not in perm_cache and (c, m) not in pairs]
-            if not todo:
-                continue
-            w = load([c, *todo])
-            fc = weight_features(w.gate[0], w.up[0], w.down[0]) if "weight" in plan.align else None
-            for j, m in enumerate(todo, 1):
-                ca = activation_cost(acts.cross[(c, m)], acts.sq[c], acts.sq[m]) if "act" in plan.align else None
-                costs.append(pair_cost(plan.align, ca, fc, (w.gate[j], w.up[j], w.down[j])).numpy())
-                pairs.append((c, m))
-            del w
-            if len(pairs) >= batch:
-                flush()
+    for pair, cost in alignment_costs(items, act_cost, load):
+        pairs.append(pair)
+        costs.append(cost)
+        if len(pairs) >= batch:
+            flush()
     flush()
 
 
