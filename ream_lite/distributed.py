@@ -12,6 +12,8 @@ that run many experts or many tokens, split two ways:
   **only its own chunks** from the checkpoint and runs every calibration batch through them, and rank 0 gathers
   each expert's statistics (each pair's Gram, each expert's neuron norms, each merged expert) from the rank that
   computed them.
+- **by pair**: the layer's neuron alignments (Hungarian assignments with their float64 costs), before the merges:
+  a candidate group may hold dozens of members, so a split by centroid alone leaves one rank most of the work.
 - **by token batches**: each layer's attention (and a dense layer's MLP), the sequential re-run of the compressed
   MoE block, and the sums over every expert (a non-sequential run's original MoE output, the refit's target).
   Rank 0 sends each rank the rows of its contiguous share of the batches, runs its own share, and takes theirs
