@@ -84,7 +84,7 @@ def qwen(tmp_path_factory):
 
 
 @pytest.mark.parametrize("n,method", [(2, ["--method", "reap"]), (3, ["--method", "ream", "--guard", "off", "--group-size", "2"]),
-                                      (2, [])])
+                                      (2, []), (3, [])])
 def test_world_sizes_give_the_same_bytes(qwen, calib_file, tmp_path, n, method):
     """REAP, paper REAM (--guard off, three merged groups of two per layer: one per rank to align and merge) and
     the default (guarded REAM with refit): three chunks of 3, 3 and 2 experts split over the ranks; every rank
