@@ -99,14 +99,22 @@ class World:
         return [[items[i] for i in self.share(len(items), r)] for r in range(self.size)]
 
     def broadcast(self, obj=None):
-        """Rank 0's `obj` on every rank."""
+        """Rank 0's `obj` on every rank. Tensors in it (in dicts, lists and tuples) travel as raw bytes after the
+        rest (`pack`): a layer's merged experts are gigabytes, which pickling would copy twice on each side."""
         if self.size == 1:
             return obj
         import torch.distributed as dist
 
-        box = [obj]
+        tensors: list[torch.Tensor] = []
+        box = [pack(obj, tensors) if self.is_main else None]
         dist.broadcast_object_list(box, src=0)
-        return box[0]
+        skeleton, metas = box[0]
+        if not self.is_main:
+            tensors = [torch.empty(shape, dtype=dtype) for shape, dtype in metas]
+        for t in tensors:
+            if t.numel():
+                dist.broadcast(as_bytes(t), src=0)
+        return unpack(skeleton, tensors)
 
     def broadcast_tensor(self, t: torch.Tensor) -> torch.Tensor:
         """Rank 0's CPU tensor into `t` (same shape and dtype on every rank)."""
@@ -117,14 +125,30 @@ class World:
         return t
 
     def gather(self, obj) -> list | None:
-        """Every rank's `obj`, in rank order, on rank 0 (None elsewhere)."""
+        """Every rank's `obj`, in rank order, on rank 0 (None elsewhere); tensors in it travel as raw bytes, as in
+        `broadcast`."""
         if self.size == 1:
             return [obj]
         import torch.distributed as dist
 
+        tensors: list[torch.Tensor] = []
+        packed = pack(obj, tensors)
         out = [None] * self.size if self.is_main else None
-        dist.gather_object(obj, out, dst=0)
-        return out
+        dist.gather_object(packed, out, dst=0)
+        if not self.is_main:
+            for t in tensors:
+                if t.numel():
+                    dist.send(as_bytes(t), dst=0)
+            return None
+        result = [obj]
+        for r in range(1, self.size):
+            skeleton, metas = out[r]
+            received = [torch.empty(shape, dtype=dtype) for shape, dtype in metas]
+            for t in received:
+                if t.numel():
+                    dist.recv(as_bytes(t), src=r)
+            result.append(unpack(skeleton, received))
+        return result
 
     def ran(self, what: str, tokens: int) -> None:
         """Count `tokens` this rank ran in its share of pass `what` (split by token batches), for the report."""
@@ -152,6 +176,43 @@ class World:
                 dist.barrier()
                 if self.is_main:  # (the other ranks exit without tearing the group down: ream_lite.cli)
                     dist.destroy_process_group()
+
+
+class _Slot(int):
+    """Where a tensor was in an object `pack` took it out of: its index in the tensor list."""
+
+
+def pack(obj, tensors: list[torch.Tensor]):
+    """(obj with every tensor inside dicts, lists and tuples replaced by its index in `tensors`, which receives the
+    tensors on the host, contiguous; each tensor's (shape, dtype))."""
+    def walk(x):
+        if isinstance(x, torch.Tensor):
+            tensors.append(x.detach().to("cpu").contiguous())
+            return _Slot(len(tensors) - 1)
+        if isinstance(x, dict):
+            return {k: walk(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)) and type(x) in (list, tuple):
+            return type(x)(walk(v) for v in x)
+        return x
+
+    skeleton = walk(obj)
+    return skeleton, [(tuple(t.shape), t.dtype) for t in tensors]
+
+
+def unpack(skeleton, tensors: list[torch.Tensor]):
+    """`pack`'s inverse."""
+    if isinstance(skeleton, _Slot):
+        return tensors[int(skeleton)]
+    if isinstance(skeleton, dict):
+        return {k: unpack(v, tensors) for k, v in skeleton.items()}
+    if isinstance(skeleton, (list, tuple)) and type(skeleton) in (list, tuple):
+        return type(skeleton)(unpack(v, tensors) for v in skeleton)
+    return skeleton
+
+
+def as_bytes(t: torch.Tensor) -> torch.Tensor:
+    """The bytes of a contiguous host tensor, as a uint8 view (any dtype travels, bfloat16 and FP8 included)."""
+    return t.reshape(-1).view(torch.uint8)
 
 
 _CURRENT = World()

@@ -83,6 +83,30 @@ def qwen(tmp_path_factory):
     return save_model(build_model("qwen3_moe"), tmp_path_factory.mktemp("qwen"))
 
 
+def test_tensors_travel_as_bytes_beside_the_rest():
+    """What `World.broadcast` and `World.gather` send: the object without its tensors (pickled), then each tensor's
+    raw bytes, any dtype, rebuilt bit for bit."""
+    from ream_lite.distributed import as_bytes, pack, unpack
+
+    g = torch.Generator().manual_seed(0)
+    obj = {"merged": {3: (torch.randn(4, 5, generator=g).bfloat16(), torch.randn(2, 3, generator=g)[:, 1])},
+           "perms": {(1, 2): torch.randperm(7, generator=g)}, "n": 5, "empty": torch.zeros(0, 8),
+           "scalar": torch.tensor(2.5, dtype=torch.float64), "fp8": torch.randn(3, generator=g).to(torch.float8_e4m3fn),
+           "plain": [1, (2, "three")]}
+    tensors: list[torch.Tensor] = []
+    skeleton, metas = pack(obj, tensors)
+    assert len(tensors) == len(metas) == 6 and not any(isinstance(v, torch.Tensor) for v in skeleton.values())
+    wire = [torch.empty(shape, dtype=dtype) for shape, dtype in metas]  # (what the receiver allocates)
+    for src, dst in zip(tensors, wire, strict=True):
+        as_bytes(dst).copy_(as_bytes(src))
+    back = unpack(skeleton, wire)
+    assert back["n"] == 5 and back["plain"] == [1, (2, "three")]
+    for a, b in [(obj["merged"][3][0], back["merged"][3][0]), (obj["merged"][3][1], back["merged"][3][1]),
+                 (obj["perms"][(1, 2)], back["perms"][(1, 2)]), (obj["empty"], back["empty"]),
+                 (obj["scalar"], back["scalar"]), (obj["fp8"], back["fp8"])]:
+        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(as_bytes(a.contiguous()), as_bytes(b))
+
+
 @pytest.mark.parametrize("n,method", [(2, ["--method", "reap"]), (3, ["--method", "ream", "--guard", "off", "--group-size", "2"]),
                                       (2, []), (3, [])])
 def test_world_sizes_give_the_same_bytes(qwen, calib_file, tmp_path, n, method):
