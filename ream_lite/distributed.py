@@ -480,6 +480,12 @@ def send_back(stores: list, tokens_per_batch: int) -> None:
             dist.send(st.read(batch, "cpu").reshape(batch.end - batch.start, st.hidden).contiguous(), dst=0)
 
 
+def rows_served(world: World, ranges: list[tuple[int, int]], what: str) -> None:
+    """Rank 0, after a pass split by token batches: stop the run with the first error a rank with rows sent."""
+    for _ in served(world.gather(None), [b > a for a, b in ranges], what):
+        pass
+
+
 def receive_all(world: World, stores: list, ranges: list[tuple[int, int]], tokens_per_batch: int) -> None:
     """Rank 0: every other rank's rows of `stores` (its sequences ranges[r]) into them."""
     for r in range(1, world.size):

@@ -65,12 +65,11 @@ def continue_sums(streamer: LayerStreamer, block: MoEBlock, h: HiddenStateStore,
     ranks' MoE inputs lack the stream weights)."""
     world = distributed.current()
     tpb = streamer.opts.tokens_per_batch
-    batches = h.batches(tpb)
     before = streamer.layout.reader.bytes_read
-    if len(batches) < 2 or streamer.streams > 1:
+    ranges = batch_split(streamer, h) if streamer.streams == 1 else None
+    if ranges is None:
         streamer.run_moe(block, h, out, observer=also, chunks=rest, first_call=False)
     else:
-        ranges = distributed.batch_ranges(world, batches)
         sums = [st for st in (out, also.store if also is not None else None) if st is not None]
         world.broadcast(("sums", block.layer, ranges, [(st.hidden, st.dtype) for st in sums], out is not None, rest))
         distributed.send_rows(world, sums, ranges, tpb, ids=False)
@@ -81,7 +80,7 @@ def continue_sums(streamer: LayerStreamer, block: MoEBlock, h: HiddenStateStore,
                          first_call=False)
         world.ran("sums", mine.total_tokens)
         distributed.receive_all(world, sums, ranges, tpb)
-        _ = list(distributed.served(world.gather(None), [b > a for a, b in ranges], "sums"))
+        distributed.rows_served(world, ranges, "sums")
     world.sums_bytes_read += streamer.layout.reader.bytes_read - before
 
 
@@ -280,12 +279,10 @@ def attention_pass(streamer: LayerStreamer, i: int, h: HiddenStateStore, out: Hi
     """Layer i but its routed experts (`LayerStreamer.attention_phase`: attention, a dense layer's MLP, the MoE
     block's input into `h`). Under torchrun the token batches are split over the ranks: rank 0 sends each rank its
     sequences' rows, runs its own and takes back theirs (every batch computed as in one process)."""
-    world = distributed.current()
-    tpb = streamer.opts.tokens_per_batch
-    batches = h.batches(tpb)
-    if world.size == 1 or len(batches) < 2:
+    ranges = batch_split(streamer, h)
+    if ranges is None:
         return streamer.attention_phase(i, h, out)
-    ranges = distributed.batch_ranges(world, batches)
+    world, tpb = distributed.current(), streamer.opts.tokens_per_batch
     world.broadcast(("attention", i, ranges, list(h.lengths), h.token_ids is not None, out.hidden))
     distributed.send_rows(world, [h], ranges, tpb)
     a, b = ranges[0]
@@ -294,7 +291,7 @@ def attention_pass(streamer: LayerStreamer, i: int, h: HiddenStateStore, out: Hi
     world.ran("attention", mine.total_tokens)
     out.token_ids = h.token_ids  # (the same tokens, one layer on)
     distributed.receive_all(world, [h, out], ranges, tpb)
-    _ = list(distributed.served(world.gather(None), [b > a for a, b in ranges], "attention outputs"))
+    distributed.rows_served(world, ranges, "attention outputs")
     return block
 
 
@@ -306,13 +303,11 @@ def sequential_pass(streamer: LayerStreamer, block: MoEBlock, h: HiddenStateStor
     `attention_pass`; the ranks read the kept experts themselves and are sent the merged ones."""
     counter = RoutingCounter(len(plan.kept), stats_tokens)
     loader = compressed_loader(streamer, plan, merged)
-    world = distributed.current()
-    tpb = streamer.opts.tokens_per_batch
-    batches = h.batches(tpb)
-    if world.size == 1 or len(batches) < 2:
+    ranges = batch_split(streamer, h)
+    if ranges is None:
         streamer.run_moe(block, h, out, observer=counter, experts=loader)
         return counter.counts.tolist()
-    ranges = distributed.batch_ranges(world, batches)
+    world, tpb = distributed.current(), streamer.opts.tokens_per_batch
     world.broadcast(("sequential", plan.layer, ranges, list(h.lengths), h.token_ids is not None, out.hidden, plan,
                      merged, stats_tokens))
     distributed.send_rows(world, [h.columns(0, moe_row_width(streamer)), out], ranges, tpb)
@@ -324,6 +319,14 @@ def sequential_pass(streamer: LayerStreamer, block: MoEBlock, h: HiddenStateStor
     for _, part in distributed.served(world.gather(None), [b > a for a, b in ranges], "routing counts"):
         counter.counts += part["counts"]
     return counter.counts.tolist()
+
+
+def batch_split(streamer: LayerStreamer, h: HiddenStateStore) -> list[tuple[int, int]] | None:
+    """Each rank's share of `h`'s token batches, as sequence ranges (`distributed.batch_ranges`), for a pass split
+    by batches under torchrun; None where it runs in this process alone (one process, or a single batch)."""
+    world = distributed.current()
+    batches = h.batches(streamer.opts.tokens_per_batch)
+    return distributed.batch_ranges(world, batches) if world.size > 1 and len(batches) > 1 else None
 
 
 def moe_row_width(streamer: LayerStreamer) -> int:
