@@ -375,7 +375,7 @@ def rank_plan(est, layout, nproc: int) -> list[dict]:
     if m.cache_experts:  # (rank 0 reads each layer's experts once, into its cache, whatever its share)
         reads[0], sums_0 = sum(x.expert_bytes for x in est.layers if x.kind in ("moe", "mtp")), 0
     stats_phase = m.experts_per_chunk * m.expert_bytes + dense
-    align_phase = est.merge.largest_alignment_chunk * m.expert_bytes + est.gram_bytes if est.gram_bytes else 0
+    align_phase = est.merge.largest_alignment_chunk * m.expert_bytes + est.gram_device_bytes if est.gram_bytes else 0
     # split by token batches: a share of the rows (whole residual rows in and out, or the float32 target too)
     width = hidden * int(layout.residual_streams)
     rows = -(-est.tokens // nproc) * width * (2 * elt + 4) + m.experts_per_chunk * m.expert_bytes
@@ -413,7 +413,7 @@ def merge_alignment(acts, parts: list[dict | None], shares: list[list[list[int]]
                 first.setdefault(e, r)
     for r, part in served(parts, shares, "alignment statistics"):
         for pair, g in part["cross"].items():
-            acts.cross[pair] = g.to(device)
+            acts.cross[pair] = acts.park(g) if acts.park is not None else g.to(device)
         for e, s in part["sq"].items():
             if first[e] == r:
                 acts.sq[e] = s.to(device)

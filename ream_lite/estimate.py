@@ -231,7 +231,9 @@ class CompressionEstimate:
     merge: MergeShape
     layers: list[LayerCost]
     phases: dict[str, int]  # device bytes at the peak of each phase of an MoE layer
-    gram_bytes: int  # the activation-alignment Grams of one layer (on the device)
+    gram_bytes: int  # the activation-alignment Grams of one layer
+    gram_host_bytes: int  # of which in host memory (a GPU run parks each chunk's once it is done)
+    gram_device_bytes: int  # Grams and norms on the device during the alignment pass
     host_peak_bytes: int
     merged_host_bytes: int  # merged experts held in host memory at once
     input_bytes: int  # the checkpoint's tensor bytes
@@ -371,7 +373,9 @@ class CompressionEstimate:
         ]
         if g.alignment_pairs:
             out.append(f"  alignment      {g.alignment_pairs} (centroid, member) pairs: {_size(self.gram_bytes)} of "
-                       f"float64 Grams, chunks of up to {g.largest_alignment_chunk} experts")
+                       f"float64 Grams, chunks of up to {g.largest_alignment_chunk} experts"
+                       + (f"; each chunk's in host memory once it is done ({_size(self.gram_host_bytes)})"
+                          if self.gram_host_bytes else ""))
         if g.judged:
             out.append(f"  guard          {g.judged} candidate plans judged per MoE layer on held-out tokens")
         if g.refits:
@@ -498,15 +502,21 @@ def estimate_compression(
 
     shape = merge_shape(rc.num_experts, n_keep, rc.n_group, cfg.method, cfg.options, cfg.guard_mode, cfg.seed, cfg)
     # float64 [I, I] cross Gram per aligned pair and per-neuron norms per expert, accumulated on the device; with
-    # the guard they stay alive while every candidate runs expert chunk by expert chunk, so they are reserved
-    # beside the chunk
+    # the guard they stay alive while every candidate runs expert chunk by expert chunk. On a GPU each chunk's
+    # Grams go to host memory once its pass is done (passes.gram_park) and come back one at a time for the
+    # merges: the device holds the norms and one chunk's Grams. Elsewhere all of them are reserved beside the chunk.
     gram_bytes = 8 * (shape.alignment_pairs * inter * inter + shape.alignment_experts * inter)
-    reserve = gram_bytes if cfg.guard_mode != "off" else 0
+    parked = device.type != "cpu" and shape.alignment_pairs > 0
+    norm_bytes = 8 * shape.alignment_experts * inter
+    gram_host = gram_bytes - norm_bytes if parked else 0
+    chunk_grams = 8 * max(shape.largest_alignment_chunk - 1, 1) * inter * inter if parked else gram_bytes - norm_bytes
+    reserve = (norm_bytes if parked else gram_bytes) if cfg.guard_mode != "off" else 0
     # what the alignment pass (a centroid and every member any candidate gives it, in one chunk) and a merge (a
     # group in float32, its aligned copies and the merged expert) hold beside the layer: the expert cache must fit
     # beside them too
-    align_bytes = shape.largest_alignment_chunk * e_decoded + gram_bytes if shape.alignment_pairs else 0
-    merge_bytes = gram_bytes + (2 * shape.largest_group + 1) * (e_decoded // elt * 4) if shape.largest_group else 0
+    align_bytes = shape.largest_alignment_chunk * e_decoded + norm_bytes + chunk_grams if shape.alignment_pairs else 0
+    merge_grams = norm_bytes + 8 * inter * inter if parked else gram_bytes
+    merge_bytes = merge_grams + (2 * shape.largest_group + 1) * (e_decoded // elt * 4) if shape.largest_group else 0
     memory = plan_memory(
         layout, tokens, device, dtype, opts.max_gpu_memory, opts.max_cpu_memory, opts.tokens_per_batch,
         opts.store_tier, reserve, compress_stores(dtype, held, n_seq, layout.residual_streams), cfg.seq_len,
@@ -540,6 +550,7 @@ def estimate_compression(
     if shape.refits:  # a fit holds every kept expert as written (its new down projection beside gate and up)
         merged_host += n_keep * (e_decoded if encoded else e_stored)
     host_store = (memory.all_stores_bytes if memory.store_tier == "host" else 0) + memory.side_bytes("host")
+    host_store += gram_host  # (a GPU run's alignment Grams, parked)
     runtime = RUNTIME_HOST_BYTES.get(device.type, RUNTIME_HOST_BYTES["cpu"])
     if device.type == "cpu":  # one memory: the device figures are host memory
         host_peak = max(phases.values()) + host_store + merged_host + runtime
@@ -557,7 +568,7 @@ def estimate_compression(
         model=str(layout.path), family=layout.spec.model_type, method=cfg.method, guard=cfg.guard_mode,
         sequential=cfg.sequential, experts=rc.num_experts, kept=n_keep, sequences=n_seq, seq_len=cfg.seq_len,
         tokens=tokens, holdout_sequences=held, memory=memory, merge=shape, layers=layers, phases=phases,
-        gram_bytes=gram_bytes, refit_sweeps=cfg.refit.sweeps, refit_ridge=cfg.refit.ridge,
+        gram_bytes=gram_bytes, gram_host_bytes=gram_host, gram_device_bytes=norm_bytes + chunk_grams, refit_sweeps=cfg.refit.sweeps, refit_ridge=cfg.refit.ridge,
         host_peak_bytes=host_peak, merged_host_bytes=merged_host, input_bytes=r.total_bytes(), other_bytes=other,
         embed_bytes=r.entry(layout.spec.embed_key).nbytes,
         output_bytes=output, output_disk_bytes=output_disk, resume_bytes=_resume_bytes(cfg, memory), rates=rates,

@@ -145,21 +145,29 @@ def alignment_stats(
     members: dict[int, list[int]] = {}
     for c, m in pairs:
         members.setdefault(c, []).append(m)
-    acts = AlignmentCollector(pairs, block.act)
+    acts = AlignmentCollector(pairs, block.act, park=gram_park(streamer))
     chunks = [[c, *ms] for c, ms in sorted(members.items())]
     world = distributed.current()
     with timing.phase("alignment"):
         if world.size == 1 or len(chunks) == 1 or not pairs_in_one_chunk(pairs, chunks):
             streamer.run_moe(block, h, None, observer=acts, chunks=chunks)
-            return acts
+            return acts.finish()
         # each rank a contiguous share of the centroids' chunks: every pair's Gram is computed in one chunk, every
         # expert's norms in the first chunk it is in (AlignmentCollector), so the rank owning it has them whole
         shares = world.shares(chunks)
         distributed.start_job(world, ("align", block.layer, pairs, shares), h, streamer.opts.tokens_per_batch)
         streamer.run_moe(block, h, None, observer=acts, chunks=shares[0])
-        distributed.merge_alignment(acts, world.gather(None), shares, streamer.device)
+        distributed.merge_alignment(acts.finish(), world.gather(None), shares, streamer.device)
         world.align_split = (block.layer, [[ch[0] for ch in share] for share in shares])  # (each rank's centroids)
     return acts
+
+
+def gram_park(streamer: LayerStreamer):
+    """Where an alignment pass keeps each chunk's Grams once that chunk is done: host memory when the pass runs on
+    a GPU (the merges bring each back as they need it), else where they are."""
+    if streamer.device.type == "cpu":
+        return None
+    return lambda t: t.to("cpu")
 
 
 def pairs_in_one_chunk(pairs: list[tuple[int, int]], chunks: list[list[int]]) -> bool:

@@ -40,7 +40,7 @@ from ream_lite.lsap import solve
 from ream_lite.methods import METHODS
 from ream_lite.methods.apply import alignment_costs, build_merged_experts, needs_activation_pass
 from ream_lite.methods.stats import AlignmentCollector
-from ream_lite.passes import RoutingCounter, compressed_loader, moe_row_width, stats_collector
+from ream_lite.passes import RoutingCounter, compressed_loader, gram_park, moe_row_width, stats_collector
 from ream_lite.refit import RoutedTarget
 
 log = logging.getLogger(__name__)
@@ -132,8 +132,9 @@ def _alignment(world, streamer: LayerStreamer, method, cfg, h, layer: int, pairs
     if not mine:
         return {}
     block = streamer.moe_block(layer)
-    acts = AlignmentCollector([tuple(p) for p in pairs], block.act)
+    acts = AlignmentCollector([tuple(p) for p in pairs], block.act, park=gram_park(streamer))
     streamer.run_moe(block, h, None, observer=acts, chunks=mine)
+    acts.finish()
     return {**distributed.alignment_part(acts), "_acts": acts}
 
 

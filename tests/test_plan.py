@@ -279,6 +279,23 @@ def test_deepseek_v3_layer_is_chunked_within_the_budget(tmp_path, no_cuda):
     assert est.output_bytes == pytest.approx(est.input_bytes - 64 * moe[0].expert_bytes / 256, rel=1e-3)
 
 
+def test_deepseek_v3_default_fits_24gb_at_the_paper_calibration(tmp_path, no_cuda):
+    """Guarded REAM (the default) at DeepSeek-V3's shape, 256 -> 96 experts, 3072 x 512 tokens, a 24 GB card: the
+    guard's 554 alignment Grams (17 GiB of float64) do not fit beside the layer, so each chunk's go to host memory
+    once it is done (passes.gram_park), and the plan counts them there; on a CPU they are all counted where they
+    are."""
+    cfg = DeepseekV3Config(num_hidden_layers=2, first_k_dense_replace=1, vocab_size=1024)
+    src = write_sparse_checkpoint(cfg, tmp_path / "dsv3")
+    paper = {"num_sequences": 3072, "seq_len": 512}
+    est = estimate(src, 96, **paper, stream={"device": "cuda", "max_gpu_memory": 24 * GiB})
+    assert est.merge.alignment_pairs > 500 and est.gram_bytes > 16 * GiB
+    assert est.gram_host_bytes > est.gram_bytes - GiB and est.gram_device_bytes < 2 * GiB
+    assert max(est.phases.values()) == est.peak_device_bytes <= 24 * GiB
+    assert est.host_peak_bytes > est.gram_host_bytes + est.merged_host_bytes
+    cpu = estimate(src, 96, **paper, stream={"device": "cpu"})
+    assert cpu.gram_host_bytes == 0 and cpu.gram_device_bytes == cpu.gram_bytes
+
+
 def test_sparse_checkpoint_takes_no_space(qwen3_30b_shape):
     layout = ModelLayout(str(qwen3_30b_shape))
     size = (qwen3_30b_shape / "model.safetensors").stat()

@@ -236,3 +236,31 @@ def test_refit_on_without_guard_fits_every_layer(qwen, calib_file, tmp_path):
     bare.write_text((out / "ream_plan.json").read_text())
     r = CliRunner().invoke(main, ["apply", str(bare), str(qwen), str(tmp_path / "x")])
     assert r.exit_code != 0 and "compressed output" in r.output
+
+
+def test_alignment_grams_parked_chunk_by_chunk_are_the_same_numbers(qwen):
+    """On a GPU an alignment pass parks each chunk's Grams in host memory once the chunk is done
+    (`passes.gram_park`): each is moved once, after its last batch, and holds the same numbers as when it stays;
+    a pair in two chunks is summed on after the first parked it. (Here on the CPU, with a park that records.)"""
+    from ream_lite.methods.stats import AlignmentCollector
+
+    layout, s, block, h = layer0(qwen, sequences=8)
+    s.opts = replace(s.opts, tokens_per_batch=48)  # (several batches per chunk)
+    pairs = [(0, 1), (0, 2), (3, 4), (5, 6)]
+    chunks = [[0, 1, 2], [3, 4, 5, 6], [5, 6]]  # ((5, 6) in two chunks: summed in both)
+    parked: list[tuple[int, int]] = []
+
+    def park(t):
+        parked.append(next(p for p, g in acts.cross.items() if g is t))
+        return t.clone()
+
+    plain = AlignmentCollector(pairs, block.act)
+    acts = AlignmentCollector(pairs, block.act, park=park)
+    for collector in (plain, acts):
+        s.run_moe(block, h, None, observer=collector, chunks=chunks)
+    assert parked == [(0, 1), (0, 2), (3, 4), (5, 6)]  # (chunks 1 and 2 done; the last one waits for finish)
+    acts.finish()
+    assert parked[4:] == [(5, 6)]
+    for p in pairs:
+        assert torch.equal(acts.gram(*p), plain.gram(*p))
+    layout.close()

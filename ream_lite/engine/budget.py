@@ -195,7 +195,8 @@ def plan_memory(
     act += tokens_per_batch * heads * 4 * min(tokens_per_batch, seq_len)
 
     store_bytes = tokens * layout.residual_width * elt  # (DeepSeek-V4: hc_mult streams of `hidden` per token)
-    device_free = device_budget - dense - act - e_bytes * min(max_n, 8)
+    # (the stores stay on the device only beside a few experts' chunk and the largest phase of a layer's passes)
+    device_free = device_budget - dense - act - max(e_bytes * min(max_n, 8), phase_bytes)
     tier = choose_tier(store_bytes, stores, device, device_free, host_budget, store_tier)
     on_device = tier == "device" or (device.type == "cpu" and tier == "host")
     left = device_budget - dense - act - (int(stores * store_bytes) if on_device else 0)

@@ -90,7 +90,7 @@ def solve_alignments(
 
 def act_cost_of(acts: AlignmentCollector, c: int, m: int) -> torch.Tensor:
     """The activation part of aligning member m to centroid c, from the alignment pass's Grams."""
-    return activation_cost(acts.cross[(c, m)], acts.sq[c], acts.sq[m])
+    return activation_cost(acts.gram(c, m), acts.sq[c], acts.sq[m])
 
 
 def solve_items(items: list[tuple[str, int, int]], act_cost, perm_cache: dict, load, pool: AssignmentPool) -> None:
@@ -172,7 +172,7 @@ def build_merged_experts(
         costs: list[torch.Tensor | None] = [None]
         for m in members[1:]:
             if "act" in plan.align and (c, m) not in cache:
-                costs.append(activation_cost(acts.cross[(c, m)], acts.sq[c], acts.sq[m]))
+                costs.append(act_cost_of(acts, c, m))
             else:
                 costs.append(None)
         known = [None] + [cache.get((c, m)) for m in members[1:]]

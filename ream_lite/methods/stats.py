@@ -169,11 +169,31 @@ class AlignmentCollector:
     the tokens once, in the first chunk it is in: summed in every chunk, they were counted twice, and each count
     would depend on how chunks were ordered."""
 
-    def __init__(self, pairs: list[tuple[int, int]], act: Callable):
+    def __init__(self, pairs: list[tuple[int, int]], act: Callable, park: Callable | None = None):
         self.pairs, self.act = pairs, act
         self.cross: dict[tuple[int, int], torch.Tensor] = {}
         self.sq: dict[int, torch.Tensor] = {}
         self._sq_chunk: dict[int, tuple[int, ...]] = {}  # expert -> the chunk its norms are summed in
+        # where a chunk's Grams go once its pass is over (e.g. to host memory: a layer's Grams are tens of GiB at
+        # DeepSeek-V3's shape under the guard, one chunk's hundreds of MiB); `gram` brings one back
+        self.park = park
+        self._chunk: tuple[int, ...] | None = None  # the chunk whose Grams are being summed
+        self._chunk_pairs: list[tuple[int, int]] = []
+
+    def gram(self, c: int, j: int) -> torch.Tensor:
+        """The cross Gram of pair (c, j), on the device of the norms (where it was summed)."""
+        return self.cross[(c, j)].to(self.sq[c].device)
+
+    def finish(self) -> "AlignmentCollector":
+        """The pass is over: the last chunk's Grams go where the others went."""
+        self._park_chunk()
+        return self
+
+    def _park_chunk(self) -> None:
+        if self.park is not None:
+            for pair in self._chunk_pairs:
+                self.cross[pair] = self.park(self.cross[pair])
+        self._chunk_pairs = []
 
     def on_routing(self, layer: int, batch: Batch, x: torch.Tensor, routing: Routing) -> None:
         pass
@@ -182,6 +202,10 @@ class AlignmentCollector:
         pos = {e: j for j, e in enumerate(experts.ids)}
         acts = {e: expert_intermediate(experts, j, x, self.act).float() for e, j in pos.items()}
         chunk = tuple(experts.ids)
+        if chunk != self._chunk:  # (a pass runs every batch through a chunk before the next: the last one is done)
+            self._park_chunk()
+            self._chunk = chunk
+            self._chunk_pairs = [(c, j) for c, j in self.pairs if c in acts and j in acts]
         for e, a in acts.items():  # accumulated on the device, in float64
             if self._sq_chunk.setdefault(e, chunk) != chunk:
                 continue
@@ -190,4 +214,5 @@ class AlignmentCollector:
         for c, j in self.pairs:
             if c in acts and j in acts:
                 g = (acts[c].T @ acts[j]).double()
-                self.cross[(c, j)] = self.cross[(c, j)] + g if (c, j) in self.cross else g
+                # (a pair in two chunks is summed on in the second: brought back from where the first parked it)
+                self.cross[(c, j)] = self.cross[(c, j)].to(g.device) + g if (c, j) in self.cross else g
