@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from dataclasses import asdict, astuple, dataclass, field
+from dataclasses import asdict, astuple, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -41,7 +41,9 @@ from ream_lite.arch.layout import LayerLayout, ModelLayout
 from ream_lite.calib import planned_counts
 from ream_lite.checkpoint.output_format import OutputFormat
 from ream_lite.checkpoint.writer import HEADER_RESERVE, OWN_FILES, WEIGHT_SUFFIXES
-from ream_lite.engine.budget import MemoryPlan, physical_ram, plan_memory, require_device
+from ream_lite.engine.budget import (
+    MemoryPlan, alignment_chunk_size, merge_slice_size, physical_ram, plan_memory, require_device,
+)
 from ream_lite.engine.expert_cache import holds_exactly, keeps_encoded, writes_as_stored
 from ream_lite.engine.experts import expert_bytes
 from ream_lite.engine.streamer import checkpoint_dtype
@@ -509,20 +511,45 @@ def estimate_compression(
     parked = device.type != "cpu" and shape.alignment_pairs > 0
     norm_bytes = 8 * shape.alignment_experts * inter
     gram_host = gram_bytes - norm_bytes if parked else 0
-    chunk_grams = 8 * max(shape.largest_alignment_chunk - 1, 1) * inter * inter if parked else gram_bytes - norm_bytes
     reserve = (norm_bytes if parked else gram_bytes) if cfg.guard_mode != "off" else 0
-    # what the alignment pass (a centroid and every member any candidate gives it, in one chunk) and a merge (a
-    # group in float32, its aligned copies and the merged expert) hold beside the layer: the expert cache must fit
-    # beside them too
-    align_bytes = shape.largest_alignment_chunk * e_decoded + norm_bytes + chunk_grams if shape.alignment_pairs else 0
-    merge_grams = norm_bytes + 8 * inter * inter if parked else gram_bytes
-    merge_bytes = merge_grams + (2 * shape.largest_group + 1) * (e_decoded // elt * 4) if shape.largest_group else 0
-    memory = plan_memory(
-        layout, tokens, device, dtype, opts.max_gpu_memory, opts.max_cpu_memory, opts.tokens_per_batch,
-        opts.store_tier, reserve, compress_stores(dtype, held, n_seq, layout.residual_streams), cfg.seq_len,
-        opts.expert_cache, max(align_bytes, merge_bytes) - reserve,
-        refit_stores(dtype, held, n_seq, layout.residual_streams) if cfg.refits else 0.0, opts.experts_per_chunk,
-    )
+    f32_expert = e_decoded // elt * 4
+
+    def phase_bytes(chunk: int | None) -> tuple[int, int, int]:
+        """(alignment pass, merge, Grams on the device in the alignment pass) beside the layer, with expert chunks
+        of `chunk` (None: groups held whole, the bound before the chunk is known). The alignment pass runs a
+        centroid with at most chunk - 1 of its members at a time (passes.alignment_chunks), a merge loads chunk / 2
+        members at a time in float32 beside the centroid, the sum and one permuted copy (passes.merge_slice), and
+        the centroid's and a member's float64 weight features where the alignment uses weights."""
+        a_chunk = shape.largest_alignment_chunk if chunk is None else min(
+            shape.largest_alignment_chunk, alignment_chunk_size(chunk, e_decoded, inter))
+        grams = norm_bytes + (8 * max(a_chunk - 1, 1) * inter * inter if parked else gram_bytes - norm_bytes)
+        align = a_chunk * e_decoded + grams if shape.alignment_pairs else 0
+        members = shape.largest_group - 1 if chunk is None else min(shape.largest_group - 1,
+                                                                    merge_slice_size(chunk, e_decoded, elt))
+        loaded = (members + (members if chunk is None else 1) + 2) * f32_expert  # (slice, copies, centroid, sum)
+        weight = 4 * f32_expert if "weight" in cfg.options.align else 0  # (MERGE_HELD counts these too)
+        merge_grams = norm_bytes + 8 * inter * inter if parked else gram_bytes
+        merge = merge_grams + loaded + weight if shape.largest_group else 0
+        return align, merge, grams
+
+    def memory_plan(chunk: int | None, max_chunk: int | None):
+        align, merge, _ = phase_bytes(chunk)
+        return plan_memory(
+            layout, tokens, device, dtype, opts.max_gpu_memory, opts.max_cpu_memory, opts.tokens_per_batch,
+            opts.store_tier, reserve, compress_stores(dtype, held, n_seq, layout.residual_streams), cfg.seq_len,
+            opts.expert_cache, max(align, merge) - reserve,
+            refit_stores(dtype, held, n_seq, layout.residual_streams) if cfg.refits else 0.0, max_chunk,
+        )
+
+    # planned with whole groups first (the stores placed for the largest phases), then again with the phases that
+    # chunk bounds, never with a larger chunk than those phases assumed
+    memory = memory_plan(None, opts.experts_per_chunk)
+    if shape.largest_group or shape.alignment_pairs:
+        memory = memory_plan(memory.experts_per_chunk, memory.experts_per_chunk)
+    align_bytes, merge_bytes, gram_device = phase_bytes(memory.experts_per_chunk)
+    if shape.alignment_pairs:  # (the chunks the alignment pass runs)
+        shape = replace(shape, largest_alignment_chunk=min(
+            shape.largest_alignment_chunk, alignment_chunk_size(memory.experts_per_chunk, e_decoded, inter)))
 
     # device bytes per phase of an MoE layer, on top of the layer's weights, activations, device-tier stores and
     # expert cache
@@ -568,7 +595,7 @@ def estimate_compression(
         model=str(layout.path), family=layout.spec.model_type, method=cfg.method, guard=cfg.guard_mode,
         sequential=cfg.sequential, experts=rc.num_experts, kept=n_keep, sequences=n_seq, seq_len=cfg.seq_len,
         tokens=tokens, holdout_sequences=held, memory=memory, merge=shape, layers=layers, phases=phases,
-        gram_bytes=gram_bytes, gram_host_bytes=gram_host, gram_device_bytes=norm_bytes + chunk_grams, refit_sweeps=cfg.refit.sweeps, refit_ridge=cfg.refit.ridge,
+        gram_bytes=gram_bytes, gram_host_bytes=gram_host, gram_device_bytes=gram_device, refit_sweeps=cfg.refit.sweeps, refit_ridge=cfg.refit.ridge,
         host_peak_bytes=host_peak, merged_host_bytes=merged_host, input_bytes=r.total_bytes(), other_bytes=other,
         embed_bytes=r.entry(layout.spec.embed_key).nbytes,
         output_bytes=output, output_disk_bytes=output_disk, resume_bytes=_resume_bytes(cfg, memory), rates=rates,

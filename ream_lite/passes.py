@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 
 from ream_lite import distributed, timing
+from ream_lite.engine.budget import alignment_chunk_size, merge_slice_size
 from ream_lite.engine.experts import ExpertWeights
 from ream_lite.engine.router import Routing
 from ream_lite.engine.store import Batch, HiddenStateStore
@@ -146,7 +147,7 @@ def alignment_stats(
     for c, m in pairs:
         members.setdefault(c, []).append(m)
     acts = AlignmentCollector(pairs, block.act, park=gram_park(streamer))
-    chunks = [[c, *ms] for c, ms in sorted(members.items())]
+    chunks = alignment_chunks(streamer, members)
     world = distributed.current()
     with timing.phase("alignment"):
         if world.size == 1 or len(chunks) == 1 or not pairs_in_one_chunk(pairs, chunks):
@@ -158,7 +159,8 @@ def alignment_stats(
         distributed.start_job(world, ("align", block.layer, pairs, shares), h, streamer.opts.tokens_per_batch)
         streamer.run_moe(block, h, None, observer=acts, chunks=shares[0])
         distributed.merge_alignment(acts.finish(), world.gather(None), shares, streamer.device)
-        world.align_split = (block.layer, [[ch[0] for ch in share] for share in shares])  # (each rank's centroids)
+        # (each rank's centroids; one whose chunks two ranks share is merged where all its Grams are: rank 0)
+        world.align_split = (block.layer, [list(dict.fromkeys(ch[0] for ch in share)) for share in shares])
     return acts
 
 
@@ -226,15 +228,37 @@ def merge_plan(
     with timing.phase("merge"):  # (assignments not solved in advance are solved here, one by one)
         if shares is None:
             return build_merged_experts(streamer.layout, plan, acts, streamer.device, perm_cache, load,
-                                        streamer.output_format, streamer.dtype)
+                                        streamer.output_format, streamer.dtype, group_slice=merge_slice(streamer))
         world = distributed.current()
         theirs = {c for share in shares[1:] for c in share}  # (their groups' alignments, where solved already)
         world.broadcast(("merge", plan.layer, plan, shares, {p: v for p, v in perm_cache.items() if p[0] in theirs}))
         merged = build_merged_experts(streamer.layout, plan, acts, streamer.device, perm_cache, load,
-                                      streamer.output_format, streamer.dtype, only=set(shares[0]))
+                                      streamer.output_format, streamer.dtype, only=set(shares[0]),
+                                      group_slice=merge_slice(streamer))
         world.merged_groups += len(shares[0])
         distributed.merge_groups(plan, merged, world.gather(None), shares)
         return {c: merged[c] for c in plan.merged_groups()}  # (the one-process order)
+
+
+def merge_slice(streamer: LayerStreamer) -> int | None:
+    """Members a merge loads at once (`build_merged_experts`), in an expert chunk's room (`merge_slice_size`; None
+    without a memory plan: the whole group)."""
+    m = streamer.plan
+    return merge_slice_size(m.experts_per_chunk, m.expert_bytes, streamer.dtype.itemsize) if m else None
+
+
+def alignment_chunks(streamer: LayerStreamer, members: dict[int, list[int]]) -> list[list[int]]:
+    """The alignment pass's chunks: each centroid with the members any plan gives it, in an expert chunk's room
+    with their Grams (`alignment_chunk_size`; the centroid in each: a pair's Gram is summed where both run, so the
+    numbers are the same however the members are cut)."""
+    m = streamer.plan
+    inter = m.expert_bytes // streamer.dtype.itemsize // (3 * streamer.hidden) if m else 0
+    size = alignment_chunk_size(m.experts_per_chunk, m.expert_bytes, inter) if m else None
+    out = []
+    for c, ms in sorted(members.items()):
+        step = size - 1 if size else max(1, len(ms))
+        out += [[c, *ms[a : a + step]] for a in range(0, len(ms), step)]
+    return out
 
 
 def plain_output(streamer: LayerStreamer, layer: int) -> bool:

@@ -40,7 +40,9 @@ from ream_lite.lsap import solve
 from ream_lite.methods import METHODS
 from ream_lite.methods.apply import alignment_costs, build_merged_experts, needs_activation_pass
 from ream_lite.methods.stats import AlignmentCollector
-from ream_lite.passes import RoutingCounter, compressed_loader, gram_park, moe_row_width, stats_collector
+from ream_lite.passes import (
+    RoutingCounter, compressed_loader, gram_park, merge_slice, moe_row_width, stats_collector,
+)
 from ream_lite.refit import RoutedTarget
 
 log = logging.getLogger(__name__)
@@ -153,7 +155,8 @@ def _merge(world, streamer: LayerStreamer, method, cfg, held, layer: int, plan, 
         return streamer.experts(layer, ids, torch.float32)
 
     merged = build_merged_experts(streamer.layout, plan, acts, streamer.device, perm_cache, load,
-                                  streamer.output_format, streamer.dtype, only=set(mine))
+                                  streamer.output_format, streamer.dtype, only=set(mine),
+                                  group_slice=merge_slice(streamer))
     world.merged_groups += len(mine)
     pairs = {(c, m) for c in mine for m in plan.groups[c][1:]}
     return {"merged": merged, "perms": {p: v for p, v in plan.perms.items() if p in pairs}}

@@ -296,6 +296,21 @@ def test_deepseek_v3_default_fits_24gb_at_the_paper_calibration(tmp_path, no_cud
     assert cpu.gram_host_bytes == 0 and cpu.gram_device_bytes == cpu.gram_bytes
 
 
+def test_kimi_k2_default_fits_24gb_at_the_paper_calibration(tmp_path, no_cuda):
+    """Kimi-K2's shape (384 experts, one routing group), 384 -> 96, 3072 x 512 tokens, a 24 GB card: the guard's
+    ladder reaches one group of 289 experts (1586 aligned pairs, 50 GiB of Grams). The alignment pass runs each
+    centroid with as many members as fit in an expert chunk's room beside their Grams, and a merge loads a
+    slice of members at a time (engine.budget), so the default fits where it needed 146 GiB before."""
+    cfg = DeepseekV3Config(num_hidden_layers=2, first_k_dense_replace=1, vocab_size=1024, n_routed_experts=384,
+                           n_group=1, topk_group=1, num_experts_per_tok=8)
+    src = write_sparse_checkpoint(cfg, tmp_path / "kimi")
+    est = estimate(src, 96, num_sequences=3072, seq_len=512, stream={"device": "cuda", "max_gpu_memory": 24 * GiB})
+    assert est.merge.largest_group == 289 and est.merge.alignment_pairs > 1500
+    assert est.merge.largest_alignment_chunk < est.merge.largest_group
+    assert est.merge.largest_alignment_chunk <= est.memory.experts_per_chunk
+    assert max(est.phases.values()) == est.peak_device_bytes <= 24 * GiB
+
+
 def test_sparse_checkpoint_takes_no_space(qwen3_30b_shape):
     layout = ModelLayout(str(qwen3_30b_shape))
     size = (qwen3_30b_shape / "model.safetensors").stat()

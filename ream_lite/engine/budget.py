@@ -238,3 +238,18 @@ def plan_memory(
         side_store_bytes=side_bytes,
         side_tier=side_tier,
     )
+
+
+def alignment_chunk_size(experts_per_chunk: int, expert_bytes: int, inter: int) -> int:
+    """Experts an alignment pass runs at once (a centroid and some of its members): as many as fit in an expert
+    chunk's room together with the float64 [I, I] Gram each member's pair sums beside them (at least a pair)."""
+    return max(2, experts_per_chunk * expert_bytes // (expert_bytes + 8 * inter * inter))
+
+
+MERGE_HELD = 7  # float32 experts a merge holds beside its slice of members: the centroid, the sum, a permuted
+# copy, and (aligning by weights) the centroid's and a member's float64 features
+
+
+def merge_slice_size(experts_per_chunk: int, expert_bytes: int, elt: int) -> int:
+    """Members a merge loads at once (float32) so that it holds no more than an expert chunk's room (at least one)."""
+    return max(1, experts_per_chunk * expert_bytes // (expert_bytes // elt * 4) - MERGE_HELD)

@@ -10,7 +10,7 @@ from ream_lite.arch.layout import ModelLayout
 from ream_lite.checkpoint.output_format import OutputFormat
 from ream_lite.engine.experts import ExpertWeights, load_experts
 from ream_lite.lsap import AssignmentPool
-from ream_lite.methods.align import activation_cost, hungarian, merge, permute_expert, weight_cost, weight_features
+from ream_lite.methods.align import activation_cost, hungarian, permute_expert, weight_cost, weight_features
 from ream_lite.methods.plan import LayerPlan
 from ream_lite.methods.stats import AlignmentCollector
 from ream_lite.written import merged_as_written
@@ -114,6 +114,39 @@ def solve_items(items: list[tuple[str, int, int]], act_cost, perm_cache: dict, l
     flush()
 
 
+class GroupMerge:
+    """One group's merge, member by member: sum_j coef_j * P_j(W_j) in float32, the centroid first (P = identity),
+    each member permuted onto the centroid by the Hungarian algorithm on C_act + C_wt (as `align` says). Adding the
+    members one at a time holds the centroid, the sum and one member, whatever the group's size (the guard's
+    largest candidates hold hundreds at Kimi-K2's shape), with the numbers of adding them all at once."""
+
+    def __init__(self, centroid: tuple[torch.Tensor, ...], coef: float, align: str):
+        self.centroid, self.align = centroid, align
+        self.out = [torch.zeros_like(t, dtype=torch.float32) for t in centroid]
+        self.perms: list[torch.Tensor] = []
+        self._fc = None  # the centroid's weight features, once a member needs them
+        self._add(centroid, coef)
+
+    def _add(self, w: tuple[torch.Tensor, ...], coef: float) -> None:
+        for acc, t in zip(self.out, w):
+            acc.add_(t.float(), alpha=float(coef))
+
+    def add(self, member: tuple[torch.Tensor, ...], coef: float, act_cost: torch.Tensor | None,
+            known: torch.Tensor | None = None) -> None:
+        """Member `member` (its parts) with weight `coef`: aligned by `known` (its permutation computed already for
+        the same pair), or solved on its cost."""
+        if known is not None:
+            perm = known
+        elif self.align == "none":
+            perm = torch.arange(member[0].shape[0])
+        else:
+            if "weight" in self.align and self._fc is None:
+                self._fc = weight_features(*self.centroid[:3])
+            perm = hungarian(pair_cost(self.align, act_cost, self._fc, member))
+        self.perms.append(perm)
+        self._add(permute_expert(member, perm), coef)
+
+
 def merge_group(
     weights: list[tuple[torch.Tensor, ...]],
     coefs: list[float],
@@ -121,40 +154,28 @@ def merge_group(
     act_cost: list[torch.Tensor | None],
     known_perms: list[torch.Tensor | None] | None = None,
 ) -> tuple[tuple[torch.Tensor, ...], list[torch.Tensor]]:
-    """Merge experts (centroid first): member j is permuted onto the centroid by the Hungarian algorithm on
-    C_act + C_wt (as `align` says), then sum_j coef_j * P_j(W_j) in float32. Returns merged weights and perms.
+    """Merge experts (centroid first) as `GroupMerge` does, all given at once. Returns merged weights and perms.
     `known_perms[j]`, when given, is member j's permutation already computed for the same (centroid, member)."""
-    centroid = weights[0]
-    aligned, perms = [centroid], []
-    fc = None
+    group = GroupMerge(weights[0], coefs[0], align)
     known = known_perms or [None] * len(weights)
-    for w, ca, kp in zip(weights[1:], act_cost[1:], known[1:]):
-        inter = w[0].shape[0]
-        if kp is not None:
-            perm = kp
-        elif align == "none":
-            perm = torch.arange(inter)
-        else:
-            if "weight" in align and fc is None:
-                fc = weight_features(*centroid[:3])
-            perm = hungarian(pair_cost(align, ca, fc, w))
-        perms.append(perm)
-        aligned.append(permute_expert(w, perm))
-    return merge(aligned, coefs), perms
+    for w, coef, ca, kp in zip(weights[1:], coefs[1:], act_cost[1:], known[1:]):
+        group.add(w, coef, ca, kp)
+    return tuple(group.out), group.perms
 
 
 def build_merged_experts(
     layout: ModelLayout, plan: LayerPlan, acts: AlignmentCollector | None, device: torch.device | str,
     perm_cache: dict[tuple[int, int], torch.Tensor] | None = None,
     load: Callable[[list[int]], ExpertWeights] | None = None, output: OutputFormat | None = None,
-    value_dtype: torch.dtype = torch.bfloat16, only: set[int] | None = None,
+    value_dtype: torch.dtype = torch.bfloat16, only: set[int] | None = None, group_slice: int | None = None,
 ) -> dict[int, tuple[torch.Tensor, ...]]:
     """centroid id -> merged (gate, up, down) in host memory as the output holds them (`merged_as_written`: the
     stored dtype, or `value_dtype` for an encoded or decoded `output`), for every non-singleton group (the alignment and the merge itself run on `device`, in float32). `perm_cache` ((centroid, member) -> permutation) is read and
     filled: the alignment of a pair depends only on the pair, so plans sharing pairs solve each once. `load(ids)`
     gives the layer's experts `ids` in float32 on `device` (default: read from the checkpoint; `compress` serves
     them from its layer cache, with the same values, so `apply` merges to the same bytes). `only`: merge just
-    the groups of these centroids (a rank's share under torchrun)."""
+    the groups of these centroids (a rank's share under torchrun). `group_slice`: load a group's members this many
+    at a time (default all at once: the numbers are the same either way, `GroupMerge`)."""
 
     def read(ids: list[int]) -> ExpertWeights:
         return load_experts(layout, plan.layer, ids, torch.float32, device)
@@ -167,21 +188,23 @@ def build_merged_experts(
     for c, members in plan.merged_groups().items():
         if only is not None and c not in only:
             continue
-        w = load(members)
-        weights = [w.expert(j) for j in range(len(members))]  # (biases too, where the experts have them)
-        costs: list[torch.Tensor | None] = [None]
-        for m in members[1:]:
-            if "act" in plan.align and (c, m) not in cache:
-                costs.append(act_cost_of(acts, c, m))
-            else:
-                costs.append(None)
-        known = [None] + [cache.get((c, m)) for m in members[1:]]
-        merged, perms = merge_group(weights, plan.weights[c], plan.align, costs, known)
+        coefs, rest = plan.weights[c], members[1:]
+        first = load([c])
+        group = GroupMerge(first.expert(0), coefs[0], plan.align)  # (biases too, where the experts have them)
+        step = group_slice or max(1, len(rest))
+        for a in range(0, len(rest), step):  # the members a slice at a time
+            ids = rest[a : a + step]
+            w = load(ids)
+            for j, m in enumerate(ids):
+                ca = act_cost_of(acts, c, m) if "act" in plan.align and (c, m) not in cache else None
+                group.add(w.expert(j), coefs[1 + a + j], ca, cache.get((c, m)))
+            del w
+        merged, perms = tuple(group.out), group.perms
+        del first, group
         solved = {(c, m): p for m, p in zip(members[1:], perms)}
         cache.update(solved)
         plan.perms.update(solved)
         # on the host (N' merged experts may not fit next to a chunk), rounded once as written: what is written, and
         # what the sequential pass and the guard then run, are the same numbers
         out[c] = merged_as_written(layout, plan.layer, c, plan.kept.index(c), merged, output, value_dtype)
-        del w, weights
     return out
