@@ -153,13 +153,16 @@ def alignment_stats(
         if world.size == 1 or len(chunks) == 1 or not pairs_in_one_chunk(pairs, chunks):
             streamer.run_moe(block, h, None, observer=acts, chunks=chunks)
             return acts.finish()
-        # each rank a contiguous share of the centroids' chunks: every pair's Gram is computed in one chunk, every
-        # expert's norms in the first chunk it is in (AlignmentCollector), so the rank owning it has them whole
-        shares = world.shares(chunks)
+        # each rank a contiguous share of the centroids, with all their chunks: every pair's Gram is computed in one
+        # chunk, every expert's norms in the first chunk it is in (AlignmentCollector), so the rank owning it has
+        # them whole, and each centroid's Grams are on one rank (its merges go there)
+        by_centroid: dict[int, list[list[int]]] = {}
+        for ch in chunks:
+            by_centroid.setdefault(ch[0], []).append(ch)
+        shares = [[ch for cs in share for ch in cs] for share in world.shares(list(by_centroid.values()))]
         distributed.start_job(world, ("align", block.layer, pairs, shares), h, streamer.opts.tokens_per_batch)
         streamer.run_moe(block, h, None, observer=acts, chunks=shares[0])
         distributed.merge_alignment(acts.finish(), world.gather(None), shares, streamer.device)
-        # (each rank's centroids; one whose chunks two ranks share is merged where all its Grams are: rank 0)
         world.align_split = (block.layer, [list(dict.fromkeys(ch[0] for ch in share)) for share in shares])
     return acts
 
