@@ -26,8 +26,9 @@ outputs do not depend on the world size (tested byte for byte on CPU with 1, 2 a
 process as torchrun starts them).
 
 Decisions and data travel over a gloo group (CPU tensors; no rank ever waits inside an NCCL collective for
-another's disk), with an explicit timeout (REAM_LITE_DIST_TIMEOUT_MIN, default a week: see `_timeout`). If any rank dies,
-torchrun stops the others; `--resume` under torchrun continues from rank 0's last snapshot, with any world size.
+another's disk), with an explicit timeout (REAM_LITE_DIST_TIMEOUT_MIN, default a week: see `_timeout`). If any
+rank dies, torchrun stops the others; `--resume` under torchrun continues from rank 0's last snapshot, with any
+world size.
 """
 
 from __future__ import annotations
@@ -191,7 +192,7 @@ def pack(obj, tensors: list[torch.Tensor]):
             return _Slot(len(tensors) - 1)
         if isinstance(x, dict):
             return {k: walk(v) for k, v in x.items()}
-        if isinstance(x, (list, tuple)) and type(x) in (list, tuple):
+        if type(x) in (list, tuple):  # (not their subclasses: named tuples travel pickled, whole)
             return type(x)(walk(v) for v in x)
         return x
 
@@ -205,7 +206,7 @@ def unpack(skeleton, tensors: list[torch.Tensor]):
         return tensors[int(skeleton)]
     if isinstance(skeleton, dict):
         return {k: unpack(v, tensors) for k, v in skeleton.items()}
-    if isinstance(skeleton, (list, tuple)) and type(skeleton) in (list, tuple):
+    if type(skeleton) in (list, tuple):
         return type(skeleton)(unpack(v, tensors) for v in skeleton)
     return skeleton
 
@@ -245,10 +246,20 @@ def start_job(world: World, message: tuple, h, tokens_per_batch: int) -> None:
     world.sent_layer = layer
 
 
+def batch_rows(st, b) -> torch.Tensor:
+    """Batch `b`'s rows of store `st` as one contiguous [rows, width] host tensor: what travels between ranks."""
+    return st.read(b, "cpu").reshape(b.end - b.start, st.hidden).contiguous()
+
+
+def empty_rows(st, b) -> torch.Tensor:
+    """A host buffer for batch `b`'s rows of store `st`, to receive them into."""
+    return torch.empty((b.end - b.start, st.hidden), dtype=st.dtype)
+
+
 def send_store(world: World, h, tokens_per_batch: int) -> None:
     """Rank 0: the rows of store `h` (and their token ids) to every rank, batch by batch (CPU tensors)."""
     for b in h.batches(tokens_per_batch):
-        world.broadcast_tensor(h.read(b, "cpu").reshape(b.end - b.start, h.hidden).contiguous())
+        world.broadcast_tensor(batch_rows(h, b))
     if h.token_ids is not None:
         world.broadcast_tensor(h.token_ids.clone())
 
@@ -257,8 +268,7 @@ def receive_store(world: World, streamer, lengths: list[int], hidden: int, has_i
     """The other ranks: a store like rank 0's `send_store` sent, in this rank's planned tier."""
     h = streamer.new_store(lengths, width=hidden)
     for b in h.batches(streamer.opts.tokens_per_batch):
-        buf = world.broadcast_tensor(torch.empty((b.end - b.start, hidden), dtype=h.dtype))
-        h.write(b, buf)
+        h.write(b, world.broadcast_tensor(empty_rows(h, b)))
     if has_ids:
         h.token_ids = world.broadcast_tensor(torch.empty(h.total_tokens, dtype=torch.long))
     return h
@@ -446,10 +456,7 @@ def send_rows(world: World, stores: list, ranges: list[tuple[int, int]], tokens_
         a, b = ranges[r]
         if a == b:
             continue
-        for st in stores:
-            v = st.view(a, b)
-            for batch in v.batches(tokens_per_batch):
-                dist.send(v.read(batch, "cpu").reshape(batch.end - batch.start, v.hidden).contiguous(), dst=r)
+        send_back([st.view(a, b) for st in stores], tokens_per_batch, dst=r)
         token_ids = stores[0].view(a, b).token_ids if ids else None
         if token_ids is not None:
             dist.send(token_ids.contiguous(), dst=r)
@@ -462,7 +469,7 @@ def recv_rows(stores: list, tokens_per_batch: int, src: int = 0, ids: bool = Fal
 
     for st in stores:
         for batch in st.batches(tokens_per_batch):
-            buf = torch.empty((batch.end - batch.start, st.hidden), dtype=st.dtype)
+            buf = empty_rows(st, batch)
             dist.recv(buf, src=src)
             st.write(batch, buf)
     if ids:
@@ -471,13 +478,14 @@ def recv_rows(stores: list, tokens_per_batch: int, src: int = 0, ids: bool = Fal
         dist.recv(st.token_ids, src=src)
 
 
-def send_back(stores: list, tokens_per_batch: int) -> None:
-    """A rank > 0: its rows of `stores` to rank 0, batch by batch (received by `receive_all`)."""
+def send_back(stores: list, tokens_per_batch: int, dst: int = 0) -> None:
+    """The rows of `stores` to rank `dst`, batch by batch: a rank > 0's results to rank 0 (received by
+    `receive_all`), or rank 0's rows to a rank (`send_rows`)."""
     import torch.distributed as dist
 
     for st in stores:
         for batch in st.batches(tokens_per_batch):
-            dist.send(st.read(batch, "cpu").reshape(batch.end - batch.start, st.hidden).contiguous(), dst=0)
+            dist.send(batch_rows(st, batch), dst=dst)
 
 
 def rows_served(world: World, ranges: list[tuple[int, int]], what: str) -> None:

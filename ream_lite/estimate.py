@@ -42,7 +42,7 @@ from ream_lite.calib import planned_counts
 from ream_lite.checkpoint.output_format import OutputFormat
 from ream_lite.checkpoint.writer import HEADER_RESERVE, OWN_FILES, WEIGHT_SUFFIXES
 from ream_lite.engine.budget import (
-    MemoryPlan, alignment_chunk_size, merge_slice_size, physical_ram, plan_memory, require_device,
+    MemoryPlan, alignment_chunk_size, expert_width, merge_slice_size, physical_ram, plan_memory, require_device,
 )
 from ream_lite.engine.expert_cache import holds_exactly, keeps_encoded, writes_as_stored
 from ream_lite.engine.experts import expert_bytes
@@ -500,7 +500,7 @@ def estimate_compression(
     rc = layout.router_config
     hidden = int(layout.config["hidden_size"])
     e_decoded = max(expert_bytes(layout, x.index, dtype) for x in layout.moe_layers)
-    inter = e_decoded // elt // (3 * hidden)  # from the tensors: families name the config key differently
+    inter = expert_width(e_decoded, elt, hidden)
 
     shape = merge_shape(rc.num_experts, n_keep, rc.n_group, cfg.method, cfg.options, cfg.guard_mode, cfg.seed, cfg)
     # float64 [I, I] cross Gram per aligned pair and per-neuron norms per expert, accumulated on the device; with

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from ream_lite import distributed, timing
-from ream_lite.engine.budget import alignment_chunk_size, merge_slice_size
+from ream_lite.engine.budget import alignment_chunk_size, expert_width, merge_slice_size
 from ream_lite.engine.experts import ExpertWeights
 from ream_lite.engine.router import Routing
 from ream_lite.engine.store import Batch, HiddenStateStore
@@ -255,7 +255,7 @@ def alignment_chunks(streamer: LayerStreamer, members: dict[int, list[int]]) -> 
     with their Grams (`alignment_chunk_size`; the centroid in each: a pair's Gram is summed where both run, so the
     numbers are the same however the members are cut)."""
     m = streamer.plan
-    inter = m.expert_bytes // streamer.dtype.itemsize // (3 * streamer.hidden) if m else 0
+    inter = expert_width(m.expert_bytes, streamer.dtype.itemsize, streamer.hidden) if m else 0
     size = alignment_chunk_size(m.experts_per_chunk, m.expert_bytes, inter) if m else None
     out = []
     for c, ms in sorted(members.items()):

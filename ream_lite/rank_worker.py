@@ -77,8 +77,10 @@ def serve(world: distributed.World, cfg) -> None:
                     held = (layer, distributed.receive_store(world, streamer, *store))
                 if held is None or held[0] != layer:
                     raise RuntimeError(f"rank {world.rank}: no MoE inputs of layer {layer}")
-                job = _stats if kind == "stats" else _alignment
-                result = _guarded(job, world, streamer, method, cfg, held[1], *msg[1:-1])
+                if kind == "stats":
+                    result = _guarded(layer, _stats, world, streamer, method, cfg, held[1], *msg[1:-1])
+                else:
+                    result = _guarded(layer, _alignment, world, streamer, held[1], *msg[1:-1])
                 if kind == "align":  # (kept for the merges of the same layer)
                     acts = (layer, result.pop("_acts", None))
                 world.gather(result)
@@ -87,7 +89,7 @@ def serve(world: distributed.World, cfg) -> None:
                     raise RuntimeError(f"rank {world.rank}: no MoE inputs of layer {msg[1]}")
                 world.gather(_sums(world, streamer, held[1], *msg[1:]))
             elif kind in ("attention", "sequential"):
-                world.gather(_rows_job(world, streamer, cfg, msg))
+                world.gather(_rows_job(world, streamer, msg))
             elif kind == "solve":
                 _solve(world, streamer, *msg[1:])
             elif kind == "merge":
@@ -96,7 +98,7 @@ def serve(world: distributed.World, cfg) -> None:
                 if perms[0] != layer:
                     perms = (layer, {})
                 perms[1].update(msg[4])  # (the alignments of this rank's groups solved already)
-                world.gather(_guarded(_merge, world, streamer, method, cfg, (held_acts, perms[1]), *msg[1:4]))
+                world.gather(_guarded(layer, _merge, world, streamer, held_acts, perms[1], *msg[1:4]))
             else:
                 raise RuntimeError(f"rank {world.rank}: unknown message {kind!r} from rank 0")
     finally:
@@ -105,13 +107,13 @@ def serve(world: distributed.World, cfg) -> None:
         layout.close()
 
 
-def _guarded(job, world, streamer, method, cfg, h, layer: int, *args) -> dict:
-    """job(...)'s result, or the error that stopped it (sent to rank 0, which stops the run with it: a rank's
-    traceback alone says little)."""
+def _guarded(layer: int, job, *args) -> dict:
+    """job(*args)'s result (a dict; None: {}), or the error that stopped it (sent to rank 0, which stops the run
+    with it: a rank's traceback alone says little)."""
     try:
-        return job(world, streamer, method, cfg, h, layer, *args)
+        return job(*args) or {}
     except Exception as e:
-        log.exception("rank %d: layer %d, %s", world.rank, layer, job.__name__)
+        log.exception("rank %d: layer %d, %s", distributed.current().rank, layer, job.__name__)
         return {"error": f"layer {layer} ({job.__name__.strip('_')}): {type(e).__name__}: {e}"}
 
 
@@ -128,7 +130,7 @@ def _stats(world, streamer: LayerStreamer, method, cfg, h, layer: int, shares: l
     return distributed.stats_rows(collector.result(), [e for chunk in mine for e in chunk])
 
 
-def _alignment(world, streamer: LayerStreamer, method, cfg, h, layer: int, pairs, shares) -> dict:
+def _alignment(world, streamer: LayerStreamer, h, layer: int, pairs, shares) -> dict:
     """This rank's share of layer `layer`'s alignment pass: its chunks' pair Grams and neuron norms."""
     mine = shares[world.rank]
     if not mine:
@@ -140,11 +142,11 @@ def _alignment(world, streamer: LayerStreamer, method, cfg, h, layer: int, pairs
     return {**distributed.alignment_part(acts), "_acts": acts}
 
 
-def _merge(world, streamer: LayerStreamer, method, cfg, held, layer: int, plan, shares: list[list[int]]) -> dict:
+def _merge(world, streamer: LayerStreamer, acts, perm_cache: dict, layer: int, plan, shares: list[list[int]]
+           ) -> dict:
     """This rank's share of merging layer `layer`'s `plan`: the merged experts of its centroids' groups (aligned by
-    the Grams its alignment pass computed; `held`: those and the alignments solved for earlier plans of the layer)
-    and their neuron alignments."""
-    acts, perm_cache = held
+    the Grams its alignment pass computed, `acts`, or by the alignments solved already for the layer,
+    `perm_cache`) and their neuron alignments."""
     mine = shares[world.rank]
     if not mine:
         return {}
@@ -162,7 +164,7 @@ def _merge(world, streamer: LayerStreamer, method, cfg, held, layer: int, plan, 
     return {"merged": merged, "perms": {p: v for p, v in plan.perms.items() if p in pairs}}
 
 
-def _rows_job(world, streamer: LayerStreamer, cfg, msg: tuple) -> dict:
+def _rows_job(world, streamer: LayerStreamer, msg: tuple) -> dict:
     """This rank's share of a pass split by token batches (`passes.attention_pass`, `passes.sequential_pass`): its
     sequences' rows come from rank 0, the results go back to it, and an error is sent after the rows (rank 0 waits
     for them in any case)."""
@@ -181,9 +183,9 @@ def _rows_job(world, streamer: LayerStreamer, cfg, msg: tuple) -> dict:
         distributed.recv_rows(received, tpb, ids=has_ids)
         h.token_ids = received[0].token_ids
         if kind == "attention":
-            result = _guarded(_attention, world, streamer, None, cfg, (h, out), layer)
+            result = _guarded(layer, _attention, streamer, layer, h, out)
         else:
-            result = _guarded(_sequential, world, streamer, None, cfg, (h, out), layer, *msg[6:], sum(lengths[:a]))
+            result = _guarded(layer, _sequential, streamer, h, out, layer, *msg[6:], sum(lengths[:a]))
         distributed.send_back(back, tpb)
         world.ran(kind, h.total_tokens)
         return result
@@ -192,16 +194,15 @@ def _rows_job(world, streamer: LayerStreamer, cfg, msg: tuple) -> dict:
         out.close()
 
 
-def _attention(world, streamer: LayerStreamer, method, cfg, stores, layer: int) -> dict:
-    streamer.attention_phase(layer, *stores)
-    return {}
+def _attention(streamer: LayerStreamer, layer: int, h, out) -> None:
+    """The layer but its routed experts over this rank's rows (the MoE block's inputs written into `h`)."""
+    streamer.attention_phase(layer, h, out)
 
 
-def _sequential(world, streamer: LayerStreamer, method, cfg, stores, layer: int, plan, merged: dict,
-                stats_tokens: int, offset: int) -> dict:
+def _sequential(streamer: LayerStreamer, h, out, layer: int, plan, merged: dict, stats_tokens: int,
+                offset: int) -> dict:
     """The compressed block over this rank's rows (the first of which is row `offset` of the layer's), with the
     routing counts of the statistics tokens among them."""
-    h, out = stores
     counter = RoutingCounter(len(plan.kept), stats_tokens - offset)
     block = streamer.moe_block(layer).restricted(plan.kept)
     streamer.run_moe(block, streamer.moe_input(h), out, observer=counter,
@@ -223,7 +224,7 @@ def _sums(world, streamer: LayerStreamer, h, layer: int, ranges, stores: list, h
         block = streamer.moe_block(layer)
         out = sums[0] if has_out else None
         target = RoutedTarget(sums[-1], block.act, block.router_cfg.scales_input) if len(sums) > has_out else None
-        result = _guarded(_continue, world, streamer, None, None, (block, mine, out, target), layer, rest)
+        result = _guarded(layer, _continue, world, streamer, block, mine, out, target, rest)
         distributed.send_back(sums, tpb)
         world.ran("sums", mine.total_tokens)
         return result
@@ -232,12 +233,11 @@ def _sums(world, streamer: LayerStreamer, h, layer: int, ranges, stores: list, h
             st.close()
 
 
-def _continue(world, streamer: LayerStreamer, method, cfg, h, layer: int, rest) -> dict:
-    block, mine, out, target = h
+def _continue(world, streamer: LayerStreamer, block, h, out, target, rest) -> None:
+    """The sums of rows `h` continued with the `rest` chunks (into `out` and `target`'s store)."""
     before = streamer.layout.reader.bytes_read
-    streamer.run_moe(block, mine, out, observer=target, chunks=rest, first_call=False)
+    streamer.run_moe(block, h, out, observer=target, chunks=rest, first_call=False)
     world.sums_bytes_read += streamer.layout.reader.bytes_read - before
-    return {}
 
 
 def _solve(world, streamer: LayerStreamer, layer: int, rounds: list, spec) -> None:
@@ -249,12 +249,13 @@ def _solve(world, streamer: LayerStreamer, layer: int, rounds: list, spec) -> No
     for shares in rounds:
         mine = shares[world.rank]
         act = distributed.receive_act_costs(mine, spec)  # (every send received, whatever happens next)
-        world.gather(_guarded(_solve_share, world, streamer, None, None, (mine, act, load), layer) if mine else {})
+        world.gather(_guarded(layer, _solve_share, world, mine, act, load) if mine else {})
 
 
-def _solve_share(world, streamer, method, cfg, job, layer: int) -> dict:
-    mine, act, load = job
-    perms = {pair: torch.from_numpy(solve(cost)) for pair, cost in alignment_costs(mine, lambda c, m: act[(c, m)], load)}
+def _solve_share(world, mine: list, act: dict, load) -> dict:
+    """The permutations of this rank's items of a round (`alignment_costs`, the activation parts in `act`)."""
+    costs = alignment_costs(mine, lambda c, m: act[(c, m)], load)
+    perms = {pair: torch.from_numpy(solve(cost)) for pair, cost in costs}
     world.alignments_solved += len(perms)
     return {"perms": perms}
 

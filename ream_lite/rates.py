@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from ream_lite.arch.layout import ModelLayout
+from ream_lite.engine.budget import expert_width
 from ream_lite.engine.experts import ExpertWeights, add_routed_output, expert_bytes, expert_output
 from ream_lite.engine.router import route
 from ream_lite.methods.align import hungarian, weight_cost, weight_features
@@ -112,7 +113,7 @@ def measure_rates(
     from transformers.activations import ACT2FN
 
     rc, hidden = layout.router_config, int(layout.config["hidden_size"])
-    inter = expert_bytes(layout, layout.moe_layers[0].index, torch.float32) // 4 // (3 * hidden)
+    inter = expert_width(expert_bytes(layout, layout.moe_layers[0].index, torch.float32), 4, hidden)
     act = ACT2FN[layout.config.get("hidden_act", "silu")]
     per_token = 6.0 * hidden * inter  # one expert: gate, up, down
     rows = tokens_per_batch if device.type == "cuda" else max(64, min(tokens_per_batch, int(CPU_FLOPS_PER_CALL / per_token)))

@@ -149,9 +149,7 @@ class Refitter:
         y_sq = max(self._sq(), 1e-300)
         block = self.block.restricted(plan.kept)
         index = RoutingIndex(s, block, self.h)
-        n = len(plan.kept)
-        size = s.plan.experts_per_chunk if s.plan else n
-        chunks = [list(range(a, min(a + size, n))) for a in range(0, n, size)]
+        chunks = s.expert_chunks(len(plan.kept))
         fitted_at: set[int] = set()  # positions fitted so far: their current values are out[kept[p]] (as written)
         out = dict(merged)
 

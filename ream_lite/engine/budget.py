@@ -240,6 +240,12 @@ def plan_memory(
     )
 
 
+def expert_width(expert_bytes: int, elt: int, hidden: int) -> int:
+    """An expert's intermediate width from its decoded bytes (gate, up and down of hidden x I values of `elt`
+    bytes): from the tensors, since families name the config key differently."""
+    return expert_bytes // elt // (3 * hidden)
+
+
 def alignment_chunk_size(experts_per_chunk: int, expert_bytes: int, inter: int) -> int:
     """Experts an alignment pass runs at once (a centroid and some of its members): as many as fit in an expert
     chunk's room together with the float64 [I, I] Gram each member's pair sums beside them (at least a pair)."""
