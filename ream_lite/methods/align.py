@@ -50,6 +50,11 @@ def merge(experts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], coefs:
     """sum_j coef_j * W_j for gate, up and down (and the biases, where the experts have them), in float32."""
     out = [torch.zeros_like(t, dtype=torch.float32) for t in experts[0]]
     for w, c in zip(experts, coefs):
-        for acc, t in zip(out, w):
-            acc.add_(t.float(), alpha=float(c))
+        add_scaled(out, w, c)
     return tuple(out)
+
+
+def add_scaled(out: list[torch.Tensor], w: tuple[torch.Tensor, ...], coef: float) -> None:
+    """out += coef * w, part by part, in float32 (one term of `merge`, in its order)."""
+    for acc, t in zip(out, w):
+        acc.add_(t.float(), alpha=float(coef))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 
 import torch
@@ -10,7 +11,7 @@ from ream_lite.arch.layout import ModelLayout
 from ream_lite.checkpoint.output_format import OutputFormat
 from ream_lite.engine.experts import ExpertWeights, load_experts
 from ream_lite.lsap import AssignmentPool
-from ream_lite.methods.align import activation_cost, hungarian, permute_expert, weight_cost, weight_features
+from ream_lite.methods.align import activation_cost, add_scaled, hungarian, permute_expert, weight_cost, weight_features
 from ream_lite.methods.plan import LayerPlan
 from ream_lite.methods.stats import AlignmentCollector
 from ream_lite.written import merged_as_written
@@ -60,13 +61,8 @@ def alignment_costs(items: list[tuple[str, int, int]], act_cost: Callable[[int, 
     """((centroid, member), float64 cost as numpy) of each item, the cost `merge_group` would build: `act_cost(c,
     m)` the activation part (where the alignment uses it), the weight part from the experts `load` gives (a run of
     items of one centroid loads it and its members at once)."""
-    i = 0
-    while i < len(items):
-        align, c = items[i][0], items[i][1]
-        j = i
-        while j < len(items) and items[j][:2] == (align, c):
-            j += 1
-        members = [m for _, _, m in items[i:j]]
+    for (align, c), run in itertools.groupby(items, key=lambda item: item[:2]):
+        members = [m for _, _, m in run]
         w = load([c, *members]) if "weight" in align else None
         fc = weight_features(w.gate[0], w.up[0], w.down[0]) if w is not None else None
         for k, m in enumerate(members, 1):
@@ -74,7 +70,6 @@ def alignment_costs(items: list[tuple[str, int, int]], act_cost: Callable[[int, 
             member = (w.gate[k], w.up[k], w.down[k]) if w is not None else None
             yield (c, m), pair_cost(align, ca, fc, member).numpy()
         del w
-        i = j
 
 
 def solve_alignments(
@@ -125,11 +120,7 @@ class GroupMerge:
         self.out = [torch.zeros_like(t, dtype=torch.float32) for t in centroid]
         self.perms: list[torch.Tensor] = []
         self._fc = None  # the centroid's weight features, once a member needs them
-        self._add(centroid, coef)
-
-    def _add(self, w: tuple[torch.Tensor, ...], coef: float) -> None:
-        for acc, t in zip(self.out, w):
-            acc.add_(t.float(), alpha=float(coef))
+        add_scaled(self.out, centroid, coef)
 
     def add(self, member: tuple[torch.Tensor, ...], coef: float, act_cost: torch.Tensor | None,
             known: torch.Tensor | None = None) -> None:
@@ -144,7 +135,7 @@ class GroupMerge:
                 self._fc = weight_features(*self.centroid[:3])
             perm = hungarian(pair_cost(self.align, act_cost, self._fc, member))
         self.perms.append(perm)
-        self._add(permute_expert(member, perm), coef)
+        add_scaled(self.out, permute_expert(member, perm), coef)
 
 
 def merge_group(
@@ -170,10 +161,11 @@ def build_merged_experts(
     value_dtype: torch.dtype = torch.bfloat16, only: set[int] | None = None, group_slice: int | None = None,
 ) -> dict[int, tuple[torch.Tensor, ...]]:
     """centroid id -> merged (gate, up, down) in host memory as the output holds them (`merged_as_written`: the
-    stored dtype, or `value_dtype` for an encoded or decoded `output`), for every non-singleton group (the alignment and the merge itself run on `device`, in float32). `perm_cache` ((centroid, member) -> permutation) is read and
-    filled: the alignment of a pair depends only on the pair, so plans sharing pairs solve each once. `load(ids)`
-    gives the layer's experts `ids` in float32 on `device` (default: read from the checkpoint; `compress` serves
-    them from its layer cache, with the same values, so `apply` merges to the same bytes). `only`: merge just
+    stored dtype, or `value_dtype` for an encoded or decoded `output`), for every non-singleton group (the
+    alignment and the merge itself run on `device`, in float32). `perm_cache` ((centroid, member) -> permutation)
+    is read and filled: the alignment of a pair depends only on the pair, so plans sharing pairs solve each once.
+    `load(ids)` gives the layer's experts `ids` in float32 on `device` (default: read from the checkpoint; `compress`
+    serves them from its layer cache, with the same values, so `apply` merges to the same bytes). `only`: merge just
     the groups of these centroids (a rank's share under torchrun). `group_slice`: load a group's members this many
     at a time (default all at once: the numbers are the same either way, `GroupMerge`)."""
 
