@@ -1,20 +1,20 @@
 """Linear sum assignment (the Hungarian step of neuron alignment) for many expert pairs at once, on every CPU core.
 
-scipy's solver is single-threaded and holds the GIL: ~75 ms for a 768-neuron expert, ~1 s at 2048. Guarded REAM
-solves every distinct (centroid, member) pair of all its candidate plans, ~300 per layer at Qwen3-30B-A3B scale,
-which measured 23 s of a 60 s layer on an H100 (benchmarks/scale.py, docs/performance.md) while the GPU idled. A
-pool of worker processes solves a batch of pairs in parallel. The pool is started once, on first use, with the
-`spawn` method (never `fork`: the parent holds a CUDA context and library threads), and only where it can help (3 or
-more usable cores); `REAM_LITE_ASSIGN_WORKERS=N` overrides the count (1 = in process). Results are the same either
-way: each pair is solved by the same deterministic solver on the same float64 matrix.
-
-This module imports numpy and scipy only, so the workers start light.
+scipy's solver is single-threaded: ~20-75 ms for a 768-neuron expert, ~1 s at 2048. Guarded REAM solves every
+distinct (centroid, member) pair of all its candidate plans, ~140 per layer at Qwen3-30B-A3B scale. It releases the
+GIL while it solves (measured: 8 solves of 768 x 768, 1.74x faster on 2 threads than one by one), so a pool of
+threads solves pairs in parallel with each other and with the main thread, which builds the next pairs' cost
+matrices meanwhile (`submit`). Threads start in no time and share the matrices; a process pool, used before, took
+seconds to start, copied 4.5 MiB per matrix, and was only worth it on 3 or more cores. `REAM_LITE_ASSIGN_WORKERS=N`
+sets the count (1 = solved in the calling thread, as they are needed). Results are the same either way: each pair
+is solved by the same deterministic solver on the same float64 matrix.
 """
 
 from __future__ import annotations
 
 import atexit
 import os
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
@@ -35,33 +35,28 @@ def default_workers() -> int:
     if env:
         return max(1, int(env))
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    # one core stays with the main process (it feeds the GPU); on 2 cores a pool only adds start-up time
-    return min(cores - 1, MAX_WORKERS) if cores > 2 else 1
+    return max(1, min(cores, MAX_WORKERS))
 
 
 class AssignmentPool:
-    """Solves lists of cost matrices, in worker processes when more than one worker is allowed."""
+    """Solves cost matrices on worker threads when more than one worker is allowed, else in the calling thread."""
 
     def __init__(self, workers: int | None = None):
         self.workers = default_workers() if workers is None else max(1, workers)
-        self._executor = None
+        self._executor: ThreadPoolExecutor | None = None
+
+    def submit(self, cost: np.ndarray) -> Future:
+        """`solve(cost)`, started now on a worker (or solved here and then, with one worker)."""
+        if self.workers == 1:
+            done: Future = Future()
+            done.set_result(solve(cost))
+            return done
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(self.workers, thread_name_prefix="ream-lsap")
+        return self._executor.submit(solve, cost)
 
     def solve_all(self, costs: list[np.ndarray]) -> list[np.ndarray]:
-        if self.workers == 1 or len(costs) < 2:
-            return [solve(c) for c in costs]
-        self.warm_up()
-        return list(self._executor.map(solve, costs))
-
-    def warm_up(self) -> None:
-        """Start the workers now, without waiting: each imports the main program's modules on start (seconds), which
-        then overlaps the first layer's GPU work instead of stalling its first batch of assignments."""
-        if self.workers > 1 and self._executor is None:
-            import multiprocessing
-            from concurrent.futures import ProcessPoolExecutor
-
-            self._executor = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
-            for _ in range(self.workers):
-                self._executor.submit(os.getpid)
+        return [f.result() for f in [self.submit(c) for c in costs]]
 
     def close(self) -> None:
         if self._executor is not None:

@@ -189,8 +189,8 @@ def presolve_alignments(streamer: LayerStreamer, plans: list[LayerPlan], acts: A
                         perm_cache: dict) -> None:
     """Solve the neuron alignments of `plans` all at once instead of one by one as the merges need them: under
     torchrun over the ranks (`distributed.solve_alignments`, balanced by pair whatever the groups' sizes), else on
-    every CPU core (ream_lite.lsap) where that reads nothing extra (the layer's experts cached on the device).
-    Elsewhere (one usable core, no cache) the merges solve each pair as they go."""
+    the assignment threads (ream_lite.lsap) where that reads nothing extra (the layer's experts cached on the
+    device). Elsewhere the merges hand each pair to those threads as they go (`build_merged_experts`)."""
     if not plans:
         return
     pool, layer = shared_pool(), plans[0].layer

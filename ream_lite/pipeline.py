@@ -35,7 +35,6 @@ from ream_lite.engine.streamer import LayerStreamer, MoEBlock, StreamOptions, to
 from ream_lite.errors import ReamLiteError
 from ream_lite.estimate import estimate_compression
 from ream_lite.guard import GUARD_MODES, HeldOutJudge, guarded_plan
-from ream_lite.lsap import shared_pool
 from ream_lite.methods import METHODS, LayerPlan, MethodInput, MethodOptions
 from ream_lite.methods.apply import needs_activation_pass
 from ream_lite.methods.grouping import auto_group_size
@@ -347,8 +346,6 @@ def _compress(layout: ModelLayout, cfg: CompressConfig, n_keep: int, echo: Calla
     n_dec = len(layout.decoder_layers)
     layers: list[dict] = [] if manifest is None else manifest["layers"]
     done = 0 if manifest is None else manifest["steps_done"]
-    if cfg.method in MERGING_METHODS and cfg.options.align != "none":
-        shared_pool().warm_up()  # neuron alignments are solved on all cores (ream_lite.lsap): start the workers now
     run = Meter()  # (its device peak is the max of the layers': each layer's Meter resets it)
     h = out = None
     try:

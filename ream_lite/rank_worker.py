@@ -36,9 +36,9 @@ import torch
 from ream_lite import distributed
 from ream_lite.arch.layout import ModelLayout
 from ream_lite.engine.streamer import LayerStreamer
-from ream_lite.lsap import solve
+from ream_lite.lsap import shared_pool
 from ream_lite.methods import METHODS
-from ream_lite.methods.apply import alignment_costs, build_merged_experts, needs_activation_pass
+from ream_lite.methods.apply import build_merged_experts, needs_activation_pass, solve_items
 from ream_lite.methods.stats import AlignmentCollector
 from ream_lite.passes import (
     RoutingCounter, compressed_loader, gram_park, merge_slice, moe_row_width, stats_collector,
@@ -254,8 +254,8 @@ def _solve(world, streamer: LayerStreamer, layer: int, rounds: list, spec) -> No
 
 def _solve_share(world, mine: list, act: dict, load) -> dict:
     """The permutations of this rank's items of a round (`alignment_costs`, the activation parts in `act`)."""
-    costs = alignment_costs(mine, lambda c, m: act[(c, m)], load)
-    perms = {pair: torch.from_numpy(solve(cost)) for pair, cost in costs}
+    perms: dict = {}
+    solve_items(mine, lambda c, m: act[(c, m)], perms, load, shared_pool())
     world.alignments_solved += len(perms)
     return {"perms": perms}
 

@@ -1,13 +1,17 @@
-"""Neuron alignments solved in parallel worker processes are the alignments solved one by one: the same
-permutations, and `compress` writes the same bytes with the pool as without it."""
+"""Neuron alignments solved on the assignment threads are the alignments solved one by one: the same
+permutations, and `compress` writes the same bytes with the threads as without them; the weight cost built with
+the centroid's side once is torch.cdist's, bit for bit."""
+
+import threading
 
 import numpy as np
+import pytest
 import torch
 
 from ream_lite import lsap
 from ream_lite.engine.streamer import StreamOptions
 from ream_lite.methods import MethodOptions
-from ream_lite.methods.align import hungarian
+from ream_lite.methods.align import WeightCost, hungarian, weight_features
 from ream_lite.pipeline import CompressConfig, compress
 
 
@@ -25,30 +29,49 @@ def test_the_pool_solves_as_the_solver_does():
         assert sorted(perm.tolist()) == list(range(len(perm)))  # a permutation
 
 
-def test_compress_writes_the_same_bytes_with_the_pool(model_dirs, tmp_path, monkeypatch):
-    """Guarded REAM (many candidate plans, their pairs solved together up front) and plain REAM with merges."""
+@pytest.mark.parametrize("rows", [(8, 8), (25, 25), (26, 26), (30, 12), (96, 96)])
+def test_weight_cost_is_cdist_bit_for_bit(rows):
+    """Both of cdist's ways (direct up to 25 rows, one padded matmul beyond), the centroid's side reused."""
+    g = torch.Generator().manual_seed(sum(rows))
+    hidden = 40
+
+    def features(n: int) -> torch.Tensor:
+        return weight_features(*(torch.randn(s, generator=g) for s in ((n, hidden), (n, hidden), (hidden, n))))
+
+    fc = features(rows[0])
+    cost = WeightCost(fc)
+    for _ in range(3):
+        fj = features(rows[1])
+        assert torch.equal(cost(fj), torch.cdist(fc, fj))
+
+
+@pytest.mark.parametrize("expert_cache", ["auto", "off"])
+def test_compress_writes_the_same_bytes_with_the_threads(model_dirs, tmp_path, monkeypatch, expert_cache):
+    """Guarded REAM (many candidate plans: their pairs solved together up front where the layer's experts are
+    cached, else handed to the threads member by member as the merges go) and plain REAM."""
     src = model_dirs["deepseek_v3"][1]
-    real = lsap.AssignmentPool.solve_all
+    real = lsap.solve
     for settings in ({"method": "ream"}, {"method": "ream", "guard": "off"}):
         outs = {}
         for workers in (1, 2):
             pool = lsap.AssignmentPool(workers)
             monkeypatch.setattr(lsap, "_shared", pool)
-            solved = []
+            threads: list[str] = []
 
-            def counted(self, costs, solved=solved):
-                solved.append(len(costs))
-                return real(self, costs)
+            def counted(cost, threads=threads):
+                threads.append(threading.current_thread().name)
+                return real(cost)
 
-            monkeypatch.setattr(lsap.AssignmentPool, "solve_all", counted)
+            monkeypatch.setattr(lsap, "solve", counted)
             try:
                 outs[workers] = compress(CompressConfig(
                     model=str(src), output=str(tmp_path / f"{settings.get('guard', 'group')}-{workers}"),
                     experts=12, num_sequences=8, seq_len=32, options=MethodOptions(group_size=2), **settings,
-                    stream=StreamOptions(device="cpu", progress=False)))
+                    stream=StreamOptions(device="cpu", progress=False, expert_cache=expert_cache)))
             finally:
                 pool.close()
-            assert (sum(solved) > 0) == (workers == 2)  # one worker: the merges solve each pair as before
+            on_workers = [t for t in threads if t.startswith("ream-lsap")]
+            assert threads and len(on_workers) == (len(threads) if workers == 2 else 0)
         a, b = outs[1], outs[2]
         assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
         assert (a / "ream_plan.json").read_text() == (b / "ream_plan.json").read_text()

@@ -21,7 +21,32 @@ def weight_features(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) ->
 
 
 def weight_cost(fc: torch.Tensor, fj: torch.Tensor) -> torch.Tensor:
-    return torch.cdist(fc, fj)
+    """C_wt[p, q] = || f_c^p - f_j^q || (`weight_features` rows)."""
+    return WeightCost(fc)(fj)
+
+
+class WeightCost:
+    """`weight_cost` against one centroid, for each of its members: torch.cdist's numbers, bit for bit, with the
+    centroid's side of the product built once. cdist computes (beyond 25 rows) one matmul of [-2 f_c, |f_c|^2, 1]
+    against [f_j, 1, |f_j|^2] and pads both operands anew on every call; at Qwen3-30B-A3B's shape (768 x 6144,
+    float64) the centroid's padding was 30% of each pair's 145 ms on a 2-core CPU. Below 26 rows cdist computes the
+    distances directly, and so does this."""
+
+    MM_ROWS = 25  # (ATen's cdist: the matmul form when either side has more rows)
+
+    def __init__(self, fc: torch.Tensor):
+        self.fc = fc
+        self._lhs: torch.Tensor | None = None
+
+    def __call__(self, fj: torch.Tensor) -> torch.Tensor:
+        if fj.device != self.fc.device or max(len(self.fc), len(fj)) <= self.MM_ROWS:
+            return torch.cdist(self.fc, fj)
+        if self._lhs is None:
+            sq = self.fc.pow(2).sum(-1, keepdim=True)
+            self._lhs = torch.cat([self.fc.mul(-2), sq, torch.ones_like(sq)], -1)
+        sq = fj.pow(2).sum(-1, keepdim=True)
+        rhs = torch.cat([fj, torch.ones_like(sq), sq], -1)
+        return self._lhs.matmul(rhs.mT).clamp_min_(0).sqrt_()
 
 
 def hungarian(cost: torch.Tensor) -> torch.Tensor:

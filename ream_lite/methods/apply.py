@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import itertools
+from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future
 
 import torch
 
 from ream_lite.arch.layout import ModelLayout
 from ream_lite.checkpoint.output_format import OutputFormat
 from ream_lite.engine.experts import ExpertWeights, load_experts
-from ream_lite.lsap import AssignmentPool
-from ream_lite.methods.align import activation_cost, add_scaled, hungarian, permute_expert, weight_cost, weight_features
+from ream_lite.lsap import AssignmentPool, shared_pool
+from ream_lite.methods.align import WeightCost, activation_cost, add_scaled, permute_expert, weight_features
 from ream_lite.methods.plan import LayerPlan
 from ream_lite.methods.stats import AlignmentCollector
 from ream_lite.written import merged_as_written
@@ -25,15 +27,15 @@ def needs_activation_pass(plan: LayerPlan) -> bool:
     return "act" in plan.align and bool(plan.merged_groups())
 
 
-def pair_cost(align: str, act_cost: torch.Tensor | None, centroid_features, member) -> torch.Tensor:
+def pair_cost(align: str, act_cost: torch.Tensor | None, centroid: WeightCost | None, member) -> torch.Tensor:
     """The float64 [I, I] cost of matching the member's neurons to the centroid's: C_act + C_wt as `align` says
-    (`centroid_features`: `weight_features` of the centroid, when "weight" is in `align`)."""
+    (`centroid`: the `WeightCost` of the centroid's `weight_features`, when "weight" is in `align`)."""
     inter = member[0].shape[0] if member is not None else act_cost.shape[0]
     cost = torch.zeros(inter, inter, dtype=torch.float64)
     if "act" in align:
         cost += act_cost.double().cpu()
     if "weight" in align:
-        cost += weight_cost(centroid_features, weight_features(*member[:3])).cpu()  # (weights only, no biases)
+        cost += centroid(weight_features(*member[:3])).cpu()  # (weights only, no biases)
     return cost
 
 
@@ -64,7 +66,7 @@ def alignment_costs(items: list[tuple[str, int, int]], act_cost: Callable[[int, 
     for (align, c), run in itertools.groupby(items, key=lambda item: item[:2]):
         members = [m for _, _, m in run]
         w = load([c, *members]) if "weight" in align else None
-        fc = weight_features(w.gate[0], w.up[0], w.down[0]) if w is not None else None
+        fc = WeightCost(weight_features(w.gate[0], w.up[0], w.down[0])) if w is not None else None
         for k, m in enumerate(members, 1):
             ca = act_cost(c, m) if "act" in align else None
             member = (w.gate[k], w.up[k], w.down[k]) if w is not None else None
@@ -89,24 +91,17 @@ def act_cost_of(acts: AlignmentCollector, c: int, m: int) -> torch.Tensor:
 
 
 def solve_items(items: list[tuple[str, int, int]], act_cost, perm_cache: dict, load, pool: AssignmentPool) -> None:
-    """`alignment_costs` of `items` solved on `pool`, into `perm_cache`, in batches bounding the cost matrices held
-    at once (4.5 MiB each at 768 neurons, 32 at 2048)."""
-    batch = 4 * pool.workers
-    pairs: list[tuple[int, int]] = []
-    costs: list = []
-
-    def flush() -> None:
-        for pair, perm in zip(pairs, pool.solve_all(costs)):
-            perm_cache[pair] = torch.from_numpy(perm)
-        pairs.clear()
-        costs.clear()
-
+    """`alignment_costs` of `items` solved on `pool`, into `perm_cache`: each cost is handed to the pool as soon as
+    it is built, so the workers solve while the next costs are built, with at most 2 per worker in flight (the cost
+    matrices held at once: 4.5 MiB each at 768 neurons, 32 at 2048)."""
+    pending: deque[tuple[tuple[int, int], Future]] = deque()
     for pair, cost in alignment_costs(items, act_cost, load):
-        pairs.append(pair)
-        costs.append(cost)
-        if len(pairs) >= batch:
-            flush()
-    flush()
+        pending.append((pair, pool.submit(cost)))
+        while len(pending) > 2 * pool.workers:
+            done, perm = pending.popleft()
+            perm_cache[done] = torch.from_numpy(perm.result())
+    for done, perm in pending:
+        perm_cache[done] = torch.from_numpy(perm.result())
 
 
 class GroupMerge:
@@ -115,25 +110,32 @@ class GroupMerge:
     members one at a time holds the centroid, the sum and one member, whatever the group's size (the guard's
     largest candidates hold hundreds at Kimi-K2's shape), with the numbers of adding them all at once."""
 
-    def __init__(self, centroid: tuple[torch.Tensor, ...], coef: float, align: str):
+    def __init__(self, centroid: tuple[torch.Tensor, ...], coef: float, align: str, pool: AssignmentPool | None = None):
         self.centroid, self.align = centroid, align
+        self.pool = pool or AssignmentPool(1)
         self.out = [torch.zeros_like(t, dtype=torch.float32) for t in centroid]
         self.perms: list[torch.Tensor] = []
-        self._fc = None  # the centroid's weight features, once a member needs them
+        self._wc: WeightCost | None = None  # the centroid's weight features, once a member needs them
         add_scaled(self.out, centroid, coef)
 
-    def add(self, member: tuple[torch.Tensor, ...], coef: float, act_cost: torch.Tensor | None,
-            known: torch.Tensor | None = None) -> None:
-        """Member `member` (its parts) with weight `coef`: aligned by `known` (its permutation computed already for
-        the same pair), or solved on its cost."""
-        if known is not None:
-            perm = known
-        elif self.align == "none":
-            perm = torch.arange(member[0].shape[0])
-        else:
-            if "weight" in self.align and self._fc is None:
-                self._fc = weight_features(*self.centroid[:3])
-            perm = hungarian(pair_cost(self.align, act_cost, self._fc, member))
+    def alignment(self, member: tuple[torch.Tensor, ...], act_cost: torch.Tensor | None,
+                  known: torch.Tensor | None = None) -> Future:
+        """The member's permutation onto the centroid: `known` (computed already for the same pair), the identity,
+        or the assignment on its cost, handed to the pool (solved while the caller builds the next member's)."""
+        if known is not None or self.align == "none":
+            done: Future = Future()
+            done.set_result(known if known is not None else torch.arange(member[0].shape[0]))
+            return done
+        if "weight" in self.align and self._wc is None:
+            self._wc = WeightCost(weight_features(*self.centroid[:3]))
+        return self.pool.submit(pair_cost(self.align, act_cost, self._wc, member).numpy())
+
+    def add(self, member: tuple[torch.Tensor, ...], coef: float, act_cost: torch.Tensor | None = None,
+            known: torch.Tensor | None = None, alignment: Future | None = None) -> None:
+        """Member `member` (its parts) with weight `coef`, aligned by `alignment` (from `alignment`), else as
+        `alignment(member, act_cost, known)` gives."""
+        perm = (alignment or self.alignment(member, act_cost, known)).result()
+        perm = torch.from_numpy(perm) if not isinstance(perm, torch.Tensor) else perm
         self.perms.append(perm)
         add_scaled(self.out, permute_expert(member, perm), coef)
 
@@ -159,6 +161,7 @@ def build_merged_experts(
     perm_cache: dict[tuple[int, int], torch.Tensor] | None = None,
     load: Callable[[list[int]], ExpertWeights] | None = None, output: OutputFormat | None = None,
     value_dtype: torch.dtype = torch.bfloat16, only: set[int] | None = None, group_slice: int | None = None,
+    pool: AssignmentPool | None = None,
 ) -> dict[int, tuple[torch.Tensor, ...]]:
     """centroid id -> merged (gate, up, down) in host memory as the output holds them (`merged_as_written`: the
     stored dtype, or `value_dtype` for an encoded or decoded `output`), for every non-singleton group (the
@@ -167,12 +170,14 @@ def build_merged_experts(
     `load(ids)` gives the layer's experts `ids` in float32 on `device` (default: read from the checkpoint; `compress`
     serves them from its layer cache, with the same values, so `apply` merges to the same bytes). `only`: merge just
     the groups of these centroids (a rank's share under torchrun). `group_slice`: load a group's members this many
-    at a time (default all at once: the numbers are the same either way, `GroupMerge`)."""
+    at a time (default all at once: the numbers are the same either way, `GroupMerge`). `pool`: where the assignments
+    are solved (default `lsap.shared_pool`)."""
 
     def read(ids: list[int]) -> ExpertWeights:
         return load_experts(layout, plan.layer, ids, torch.float32, device)
 
     load = load or read
+    pool = pool or shared_pool()
     cache = perm_cache if perm_cache is not None else {}
     for pair, perm in plan.perms.items():  # a plan read back from ream_plan.json brings its own alignments
         cache.setdefault(pair, perm)
@@ -182,14 +187,26 @@ def build_merged_experts(
             continue
         coefs, rest = plan.weights[c], members[1:]
         first = load([c])
-        group = GroupMerge(first.expert(0), coefs[0], plan.align)  # (biases too, where the experts have them)
+        group = GroupMerge(first.expert(0), coefs[0], plan.align, pool)  # (biases too, where the experts have them)
         step = group_slice or max(1, len(rest))
         for a in range(0, len(rest), step):  # the members a slice at a time
             ids = rest[a : a + step]
             w = load(ids)
+            # each member's assignment handed to the pool as its cost is built, up to 2 per worker ahead of the
+            # member added (in order, as solved): the workers solve while the next costs are built
+            aligned: deque[tuple[int, Future]] = deque()
+
+            def add_oldest(w=w, a=a, aligned=aligned) -> None:
+                k, alignment = aligned.popleft()
+                group.add(w.expert(k), coefs[1 + a + k], alignment=alignment)
+
             for j, m in enumerate(ids):
                 ca = act_cost_of(acts, c, m) if "act" in plan.align and (c, m) not in cache else None
-                group.add(w.expert(j), coefs[1 + a + j], ca, cache.get((c, m)))
+                aligned.append((j, group.alignment(w.expert(j), ca, cache.get((c, m)))))
+                if len(aligned) > 2 * pool.workers:
+                    add_oldest()
+            while aligned:
+                add_oldest()
             del w
         merged, perms = tuple(group.out), group.perms
         del first, group
