@@ -54,10 +54,12 @@ def shards(path: Path) -> list[Path]:
 
 
 def plan(model: Path, method: str, args, budget: str | None) -> dict:
-    """`ream-lite plan --json` for the run: FLOPs per kind of work, predicted peaks and bytes read."""
+    """`ream-lite plan --json` for the run: FLOPs per kind of work, predicted peaks and bytes read (`--extra` goes
+    to both: they must be options `plan` takes too)."""
     cmd = [sys.executable, "-m", "ream_lite", "plan", str(model), "--experts", args.experts, "--method", method,
            "--num-sequences", str(args.sequences), "--seq-len", str(args.seq_len), "--device", args.device,
-           "--no-measure", "--json", *(["--max-gpu-memory", budget] if budget else [])]
+           "--no-measure", "--json", *(["--max-gpu-memory", budget] if budget else []),
+           *args.extra.split()]  # (the run's own settings: `--guard off` plans no candidates, `--refit off` no refit)
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode:
         raise SystemExit(f"plan failed: {' '.join(cmd)}\n{proc.stderr}")
@@ -107,7 +109,7 @@ def main() -> None:
     ap.add_argument("--sequences", type=int, default=64)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--budgets", nargs="+", default=[None], help="--max-gpu-memory values (default: the card's)")
-    ap.add_argument("--extra", default="", help="more compress arguments, one string")
+    ap.add_argument("--extra", default="", help="more compress (and plan) arguments, one string")
     ap.add_argument("--reference-style", action="store_true", help="also run the reference's way (see above)")
     ap.add_argument("--ref-batch", type=int, default=1, help="sequences per forward in the reference-style run")
     ap.add_argument("--dir", default=None, help="checkpoint, outputs and work dir (default: a temp dir)")

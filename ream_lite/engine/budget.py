@@ -37,6 +37,19 @@ def physical_ram() -> int:
         return 16 * GiB
 
 
+def available_ram() -> int:
+    """Host memory the kernel could hand out now without swapping (MemAvailable: free plus reclaimable page
+    cache); a quarter of RAM where /proc/meminfo is not there."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return physical_ram() // 4
+
+
 def default_cpu_budget() -> int:
     """Host RAM the hidden-state store may use by default: 40% of RAM, at most 16 GiB."""
     return min(16 * GiB, int(0.4 * physical_ram()))

@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import inspect
 import logging
+import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -34,7 +35,7 @@ from ream_lite.arch.layout import ModelLayout
 from ream_lite.arch.skeleton import causal_lm_skeleton
 from ream_lite.arch.spec import RouterConfig
 from ream_lite.checkpoint.output_format import OutputFormat
-from ream_lite.engine.budget import MemoryPlan, plan_memory, require_device
+from ream_lite.engine.budget import MemoryPlan, available_ram, plan_memory, require_device
 from ream_lite.engine.expert_cache import LayerExpertCache
 from ream_lite.engine.expert_fn import expert_activation
 from ream_lite.engine.experts import ExpertWeights, add_routed_output, load_experts
@@ -434,10 +435,28 @@ class LayerStreamer:
             return
         assert self._cache is None, "one layer's experts at a time"
         self._cache = LayerExpertCache(self.layout, layer, self.dtype, self.device)
+        self.read_ahead(self.layer_after(layer))  # (this layer is read: the disk fetches the next meanwhile)
         try:
             yield
         finally:
             self._cache = None
+
+    def layer_after(self, layer: int) -> list[str]:
+        """The checkpoint keys of the layer compressed after `layer` (its experts first), [] after the last."""
+        n = len(self.layout.layers)
+        if layer + 1 >= n:
+            return []
+        keys = self.layout.layer_keys(layer + 1)
+        experts = set(self.layout.expert_keys(layer + 1))
+        return [k for k in keys if k not in experts] + [k for k in self.layout.expert_keys(layer + 1)]
+
+    def read_ahead(self, keys: list[str]) -> int:
+        """`CheckpointReader.read_ahead` of `keys`, up to half the host memory available now (a window the page
+        cache holds until the reads come; Kimi-K2's 17 GB layer would not fit a 24 GB machine beside the run).
+        `REAM_LITE_READ_AHEAD=0` turns it off (benchmarks: the reads then wait for the disk)."""
+        if not keys or os.environ.get("REAM_LITE_READ_AHEAD", "1") == "0":
+            return 0
+        return self.layout.reader.read_ahead(keys, available_ram() // 2)
 
     def stored_experts(self, layer: int) -> Callable[[int], list[dict[str, torch.Tensor]]] | None:
         """Expert e of `layer` -> its (gate, up, down) as stored, from the open cache; None where the cache does not
@@ -588,9 +607,13 @@ class LayerStreamer:
             pending = self.new_store(moe_in.lengths, torch.float32, self.plan.side_tier if self.plan else None,
                                      width=moe_in.hidden)
             pending.buf.zero_()
+        ahead = experts is None and not self.holds_experts(block.layer, self.dtype) and \
+            self.layout.layers[block.layer].expert_storage == "per_expert"
         with torch.inference_mode():
             for c, ids in enumerate(chunks):
                 w = load(ids)
+                if ahead and c + 1 < len(chunks):  # (read from the checkpoint: the next chunk's bytes come meanwhile)
+                    self.read_ahead([k for e in chunks[c + 1] for k in self.layout.per_expert_keys(block.layer, e)])
                 for b in batches:
                     x = moe_in.read(b, self.device).reshape(-1, moe_in.hidden)
                     routing = block.route(x, moe_in.batch_ids(b))

@@ -1,0 +1,82 @@
+"""Read-ahead: while a layer computes, the kernel is asked to fetch the bytes the next reads want (the next layer
+once the current one is cached, the next expert chunk when chunks are read from the checkpoint). A hint only: the
+output's bytes are the same with it and without it."""
+
+import os
+
+import pytest
+
+from ream_lite.arch.layout import ModelLayout
+from ream_lite.checkpoint.reader import CheckpointReader
+from ream_lite.engine.streamer import StreamOptions
+from ream_lite.pipeline import CompressConfig, compress
+
+
+@pytest.fixture
+def advised(monkeypatch):
+    """Every posix_fadvise WILLNEED call, as (file, start, end)."""
+    if not hasattr(os, "posix_fadvise"):
+        pytest.skip("no posix_fadvise on this platform")
+    calls: list[tuple[str, int, int]] = []
+    real = os.posix_fadvise
+
+    def record(fd, offset, length, advice):
+        assert advice == os.POSIX_FADV_WILLNEED
+        calls.append((os.readlink(f"/proc/self/fd/{fd}"), offset, offset + length))
+        return real(fd, offset, length, advice)
+
+    monkeypatch.setattr(os, "posix_fadvise", record)
+    return calls
+
+
+def byte_ranges(reader: CheckpointReader, keys) -> set[tuple[str, int, int]]:
+    return {(os.path.realpath(e.path), e.start, e.start + e.nbytes) for k in keys for e in reader.entry(k).parts.values()}
+
+
+def covered(calls, ranges) -> bool:
+    """Whether every range lies inside one advised range."""
+    return all(any(f == p and a <= s and e <= b for p, a, b in calls) for f, s, e in ranges)
+
+
+def test_read_ahead_advises_the_bytes_of_the_keys_within_the_budget(model_dirs, advised):
+    layout = ModelLayout(str(model_dirs["qwen3_moe"][1]))
+    r = layout.reader
+    keys = layout.expert_keys(1)
+    sizes = [sum(e.nbytes for e in r.entry(k).parts.values()) for k in keys]
+    assert r.read_ahead(keys, sum(sizes)) == sum(sizes)
+    assert covered(advised, byte_ranges(r, keys))
+    assert sum(b - a for _, a, b in advised) == sum(sizes)
+    assert len(advised) < len(keys)  # (neighbouring tensors joined into one call)
+    advised.clear()
+    budget = sum(sizes[:3]) + sizes[3] // 2  # stops before the first key that does not fit
+    assert r.read_ahead(keys, budget) == sum(sizes[:3])
+    assert covered(advised, byte_ranges(r, keys[:3])) and not covered(advised, byte_ranges(r, keys[3:4]))
+    assert r.bytes_read == 0  # a hint reads nothing itself
+    layout.close()
+
+
+@pytest.mark.parametrize("cache", ["auto", "off"])
+def test_compress_reads_ahead_and_writes_the_same_bytes(model_dirs, tmp_path, advised, monkeypatch, cache):
+    """With the layer cached, the next layer is advised once the current one is read; uncached, each next chunk
+    (chunks of 3 experts). Turned off (`REAM_LITE_READ_AHEAD=0`), nothing is advised and the output is the same."""
+    src = model_dirs["qwen3_moe"][1]
+
+    def run(name: str) -> bytes:
+        out = compress(CompressConfig(model=str(src), output=str(tmp_path / name), experts=5, num_sequences=6,
+                                      seq_len=32, guard="off", stream=StreamOptions(
+                                          device="cpu", progress=False, expert_cache=cache, experts_per_chunk=3)))
+        return (out / "model.safetensors").read_bytes()
+
+    with_hints = run("on")
+    layout = ModelLayout(str(src))
+    if cache == "auto":  # (layer 1's keys advised while layer 0 computes)
+        assert covered(advised, byte_ranges(layout.reader, layout.layer_keys(1)))
+    else:  # (experts 3..5 of each layer advised while 0..2 compute)
+        for layer in range(len(layout.layers)):
+            assert covered(advised, byte_ranges(layout.reader, [k for e in (3, 4, 5)
+                                                                 for k in layout.per_expert_keys(layer, e)]))
+    layout.close()
+    advised.clear()
+    monkeypatch.setenv("REAM_LITE_READ_AHEAD", "0")
+    assert run("off") == with_hints
+    assert advised == []
