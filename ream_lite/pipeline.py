@@ -350,6 +350,7 @@ def _compress(layout: ModelLayout, cfg: CompressConfig, n_keep: int, echo: Calla
     h = out = None
     try:
         if manifest is None:
+            streamer.read_ahead(streamer.layer_after(-1))  # (layer 0 comes in while the other tensors are copied)
             copy_non_layer_tensors(writer, layout, cfg.drop_mtp)
             h = streamer.embed(seqs)
         else:

@@ -1,31 +1,29 @@
-"""Read-ahead: while a layer computes, the kernel is asked to fetch the bytes the next reads want (the next layer
-once the current one is cached, the next expert chunk when chunks are read from the checkpoint). A hint only: the
-output's bytes are the same with it and without it."""
+"""Read-ahead: while a layer computes, a thread fetches into the page cache the bytes the next reads want (the next
+layer once the current one is cached, the next expert chunk when chunks are read from the checkpoint). A hint only:
+the output's bytes are the same with it and without it."""
 
 import os
+import time
 
 import pytest
 
 from ream_lite.arch.layout import ModelLayout
-from ream_lite.checkpoint.reader import CheckpointReader
+from ream_lite.checkpoint.reader import CheckpointReader, ReadAhead
 from ream_lite.engine.streamer import StreamOptions
 from ream_lite.pipeline import CompressConfig, compress
 
 
 @pytest.fixture
 def advised(monkeypatch):
-    """Every posix_fadvise WILLNEED call, as (file, start, end)."""
-    if not hasattr(os, "posix_fadvise"):
-        pytest.skip("no posix_fadvise on this platform")
+    """Every range queued for the read-ahead thread, as (file, start, end)."""
     calls: list[tuple[str, int, int]] = []
-    real = os.posix_fadvise
+    real = ReadAhead.add
 
-    def record(fd, offset, length, advice):
-        assert advice == os.POSIX_FADV_WILLNEED
-        calls.append((os.readlink(f"/proc/self/fd/{fd}"), offset, offset + length))
-        return real(fd, offset, length, advice)
+    def record(self, ranges):
+        calls.extend((os.path.realpath(p), a, b) for p, a, b in ranges)
+        return real(self, ranges)
 
-    monkeypatch.setattr(os, "posix_fadvise", record)
+    monkeypatch.setattr(ReadAhead, "add", record)
     return calls
 
 
@@ -51,14 +49,19 @@ def test_read_ahead_advises_the_bytes_of_the_keys_within_the_budget(model_dirs, 
     budget = sum(sizes[:3]) + sizes[3] // 2  # stops before the first key that does not fit
     assert r.read_ahead(keys, budget) == sum(sizes[:3])
     assert covered(advised, byte_ranges(r, keys[:3])) and not covered(advised, byte_ranges(r, keys[3:4]))
-    assert r.bytes_read == 0  # a hint reads nothing itself
+    assert r.bytes_read == 0  # (hints are not reads of the run)
+    deadline = time.monotonic() + 30
+    while not r._ahead.idle() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert r._ahead.bytes_fetched == sum(sizes) + sum(sizes[:3])  # (the thread read every byte queued)
     layout.close()
+    assert r._ahead is None
 
 
 @pytest.mark.parametrize("cache", ["auto", "off"])
 def test_compress_reads_ahead_and_writes_the_same_bytes(model_dirs, tmp_path, advised, monkeypatch, cache):
     """With the layer cached, the next layer is advised once the current one is read; uncached, each next chunk
-    (chunks of 3 experts). Turned off (`REAM_LITE_READ_AHEAD=0`), nothing is advised and the output is the same."""
+    (chunks of 3 experts). Turned off (`REAM_LITE_READ_AHEAD=0`), nothing is queued and the output is the same."""
     src = model_dirs["qwen3_moe"][1]
 
     def run(name: str) -> bytes:
@@ -67,6 +70,7 @@ def test_compress_reads_ahead_and_writes_the_same_bytes(model_dirs, tmp_path, ad
                                           device="cpu", progress=False, expert_cache=cache, experts_per_chunk=3)))
         return (out / "model.safetensors").read_bytes()
 
+    monkeypatch.setenv("REAM_LITE_READ_AHEAD", "1")  # (on by default where a core is free for it: `reads_ahead`)
     with_hints = run("on")
     layout = ModelLayout(str(src))
     if cache == "auto":  # (layer 1's keys advised while layer 0 computes)
@@ -80,3 +84,18 @@ def test_compress_reads_ahead_and_writes_the_same_bytes(model_dirs, tmp_path, ad
     monkeypatch.setenv("REAM_LITE_READ_AHEAD", "0")
     assert run("off") == with_hints
     assert advised == []
+
+
+def test_read_ahead_by_default_where_a_core_is_free(monkeypatch):
+    import torch
+
+    from ream_lite.engine.streamer import reads_ahead
+
+    monkeypatch.delenv("REAM_LITE_READ_AHEAD", raising=False)
+    assert reads_ahead(torch.device("cuda", 0))  # (the GPU computes: the host's cores read)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    assert reads_ahead(torch.device("cpu")) == (cores > torch.get_num_threads())
+    monkeypatch.setenv("REAM_LITE_READ_AHEAD", "0")
+    assert not reads_ahead(torch.device("cuda", 0))
+    monkeypatch.setenv("REAM_LITE_READ_AHEAD", "1")
+    assert reads_ahead(torch.device("cpu"))

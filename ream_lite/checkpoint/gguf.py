@@ -288,6 +288,7 @@ class GGUFCheckpoint(CheckpointReader):
             self.source[name] = (found[0][0], None)
         self.bytes_read = 0
         self._files = {}
+        self._ahead = None
 
     def _get(self, key, rows, dtype, device) -> torch.Tensor:
         t = self.tensors.get(key)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -80,6 +81,7 @@ class CheckpointReader:
         self.tensors: dict[str, StoredTensor] = stored.group_entries(self.entries, tuple(block))
         self.bytes_read = 0
         self._files: dict[str, object] = {}
+        self._ahead: ReadAhead | None = None
 
     def _shard_files(self) -> list[Path]:
         index = self.dir / INDEX_NAME
@@ -128,14 +130,12 @@ class CheckpointReader:
         return f.fileno()
 
     def read_ahead(self, keys, max_bytes: int) -> int:
-        """Ask the kernel to start reading the stored bytes of `keys` (in order, up to `max_bytes`) into the page
-        cache now, without waiting for them (posix_fadvise WILLNEED): while the current work computes, the disk
-        fetches what the next reads want, so a run approaches max(read, compute) instead of their sum. Reads and
-        counts nothing itself, holds no memory the plan counts (the kernel drops such pages under pressure), changes
-        no number. Returns the bytes advised (0 where the platform has no posix_fadvise)."""
-        if not hasattr(os, "posix_fadvise") or max_bytes <= 0:
-            return 0
-        ranges: list[list] = []  # [path, start, end], neighbouring parts joined into one call
+        """Start fetching the stored bytes of `keys` (in order, up to `max_bytes`) into the page cache on a
+        background thread (`ReadAhead`), and return at once: while the current work computes, the disk fetches what
+        the next reads want, so a run approaches max(read, compute) instead of their sum. Counts nothing in
+        `bytes_read`, holds no memory the plan counts (the kernel drops such pages under pressure), changes no
+        number. Returns the bytes queued."""
+        ranges: list[list] = []  # [path, start, end], neighbouring parts joined
         total = 0
         for e in (e for k in keys for e in self.entry(k).parts.values()):
             if total + e.nbytes > max_bytes:
@@ -145,11 +145,10 @@ class CheckpointReader:
                 ranges[-1][2] += e.nbytes
             else:
                 ranges.append([e.path, e.start, e.start + e.nbytes])
-        for path, a, b in ranges:
-            try:
-                os.posix_fadvise(self._fileno(path), a, b - a, os.POSIX_FADV_WILLNEED)
-            except OSError:  # (a hint: a filesystem that cannot take it reads on demand, as without)
-                return 0
+        if ranges:
+            if self._ahead is None:
+                self._ahead = ReadAhead()
+            self._ahead.add([tuple(r) for r in ranges])
         return total
 
     def _pread(self, path: str, start: int, nbytes: int) -> bytearray:
@@ -240,6 +239,9 @@ class CheckpointReader:
         return t
 
     def close(self) -> None:
+        if self._ahead is not None:
+            self._ahead.stop()
+            self._ahead = None
         for f in self._files.values():
             f.close()  # type: ignore[attr-defined]
         self._files.clear()
@@ -249,6 +251,73 @@ class CheckpointReader:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class ReadAhead:
+    """A thread that reads byte ranges of files into the page cache, in order, through a small scratch buffer (the
+    bytes themselves are dropped: the reads that want them later find them in the page cache). A hint, not a read:
+    an error (a file gone or truncated) ends the range quietly, and the real read reports it.
+
+    posix_fadvise(WILLNEED) would ask the kernel for the same without a thread, but on this project's test machine
+    (Linux 6.18, ext4 on virtio) a GiB advised and left for 2 s then read in 2.07 s, against 0.51 s cold and 0.18 s
+    warm; read by this thread, it took 0.51 s in the background and 0.21 s after."""
+
+    PIECE = 16 * 1024**2
+
+    def __init__(self):
+        self._queue: list[tuple[str, int, int]] = []
+        self._cv = threading.Condition()
+        self._stopped = False
+        self._busy = False
+        self.bytes_fetched = 0
+        self._thread = threading.Thread(target=self._run, name="ream-read-ahead", daemon=True)
+        self._thread.start()
+
+    def add(self, ranges: list[tuple[str, int, int]]) -> None:
+        with self._cv:
+            self._queue.extend(ranges)
+            self._cv.notify()
+
+    def idle(self) -> bool:
+        """Whether every range added so far has been fetched (tests)."""
+        with self._cv:
+            return not self._queue and not self._busy
+
+    def _run(self) -> None:
+        buf = memoryview(bytearray(self.PIECE))
+        fds: dict[str, int] = {}
+        try:
+            while True:
+                with self._cv:
+                    while not self._queue and not self._stopped:
+                        self._busy = False
+                        self._cv.wait()
+                    if self._stopped:
+                        return
+                    path, a, b = self._queue.pop(0)
+                    self._busy = True
+                try:
+                    fd = fds.get(path)
+                    if fd is None:
+                        fd = fds[path] = os.open(path, os.O_RDONLY)
+                    while a < b and not self._stopped:
+                        n = os.preadv(fd, [buf[: min(self.PIECE, b - a)]], a)
+                        if n <= 0:
+                            break
+                        a += n
+                        self.bytes_fetched += n
+                except OSError:
+                    pass
+        finally:
+            for fd in fds.values():
+                os.close(fd)
+
+    def stop(self) -> None:
+        with self._cv:
+            self._stopped = True
+            self._queue.clear()
+            self._cv.notify()
+        self._thread.join(timeout=5)
 
 
 def read_index(path: Path) -> dict[str, str]:

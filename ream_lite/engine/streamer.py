@@ -179,6 +179,21 @@ class StreamOptions:
     experts_per_chunk: int | None = None
 
 
+def reads_ahead(device: torch.device) -> bool:
+    """Whether the next reads are fetched on a thread while the current work computes: where the compute leaves a
+    core free for it (a GPU computes; or the CPU has more cores than torch's threads use). Reading is CPU work too:
+    on this project's 2-core test VM a cold GiB costs 0.49 s of kernel time, and REAP at Qwen3-30B-A3B's shape
+    moved ~5.5 s from reading into computing with the thread on, the wall time unchanged (docs/performance.md).
+    `REAM_LITE_READ_AHEAD=1` / `0` forces it on / off."""
+    forced = os.environ.get("REAM_LITE_READ_AHEAD")
+    if forced in ("0", "1"):
+        return forced == "1"
+    if device.type != "cpu":
+        return True
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return cores > torch.get_num_threads()
+
+
 def token_ids(sequences: list[torch.Tensor]) -> torch.Tensor:
     """The token ids of `sequences`, flat on the host, in the rows' order of the stores built from them
     (HiddenStateStore.token_ids)."""
@@ -452,9 +467,9 @@ class LayerStreamer:
 
     def read_ahead(self, keys: list[str]) -> int:
         """`CheckpointReader.read_ahead` of `keys`, up to half the host memory available now (a window the page
-        cache holds until the reads come; Kimi-K2's 17 GB layer would not fit a 24 GB machine beside the run).
-        `REAM_LITE_READ_AHEAD=0` turns it off (benchmarks: the reads then wait for the disk)."""
-        if not keys or os.environ.get("REAM_LITE_READ_AHEAD", "1") == "0":
+        cache holds until the reads come; Kimi-K2's 17 GB layer would not fit a 24 GB machine beside the run), where
+        it can overlap: `reads_ahead`."""
+        if not keys or not reads_ahead(self.device):
             return 0
         return self.layout.reader.read_ahead(keys, available_ram() // 2)
 
