@@ -268,6 +268,17 @@ class CompressionEstimate:
         """Hidden-state stores spilled to files in the work dir (disk tier), else 0."""
         return self.memory.disk_bytes
 
+    def _work_dir_line(self) -> str:
+        m = self.memory
+        grams = m.gram_spill_bytes if m.gram_tier == "disk" else 0
+        if not self.work_dir_bytes:
+            return "nothing (hidden states stay in memory)"
+        parts = [f"{_size(self.work_dir_bytes - grams)} of hidden-state files"] if self.work_dir_bytes > grams else []
+        if grams:
+            parts.append(f"up to {_size(grams)} of a layer's alignment Grams (mapped files: written out only as "
+                         "memory runs short)")
+        return ", ".join(parts)
+
     @property
     def read_bytes(self) -> int:
         return self.other_bytes + self.embed_bytes + sum(x.read_bytes for x in self.layers)
@@ -377,7 +388,9 @@ class CompressionEstimate:
             out.append(f"  alignment      {g.alignment_pairs} (centroid, member) pairs: {_size(self.gram_bytes)} of "
                        f"float64 Grams, chunks of up to {g.largest_alignment_chunk} experts"
                        + (f"; each chunk's in host memory once it is done ({_size(self.gram_host_bytes)})"
-                          if self.gram_host_bytes else ""))
+                          if self.gram_host_bytes else "")
+                       + (f"; each chunk's to work-dir files once it is done ({_size(m.gram_spill_bytes)}, over the "
+                          f"host budget of {_size(m.host_budget)})" if m.gram_tier == "disk" else ""))
         if g.judged:
             out.append(f"  guard          {g.judged} candidate plans judged per MoE layer on held-out tokens")
         if g.refits:
@@ -399,8 +412,7 @@ class CompressionEstimate:
             f"{100 * self.output_bytes / max(self.input_bytes, 1):.1f}% of the input's {_size(self.input_bytes)})",
             *([f"  format         {self.format_line}"] if self.format_line else []),
             self._resume_line(),
-            "  work dir       " + (f"{_size(self.work_dir_bytes)} of hidden-state files" if self.work_dir_bytes
-                                    else "nothing (hidden states stay in memory)"),
+            "  work dir       " + self._work_dir_line(),
             f"  reads          {_size(self.read_bytes)} from the checkpoint ({self.read_bytes / max(self.input_bytes, 1):.1f}x"
             + (" its size: a layer's experts are read once for all its passes and the output)"
                if m.cache_experts else " its size: experts are read again by each pass that runs them)"),
@@ -577,7 +589,10 @@ def estimate_compression(
     if shape.refits:  # a fit holds every kept expert as written (its new down projection beside gate and up)
         merged_host += n_keep * (e_decoded if encoded else e_stored)
     host_store = (memory.all_stores_bytes if memory.store_tier == "host" else 0) + memory.side_bytes("host")
-    host_store += gram_host  # (a GPU run's alignment Grams, parked)
+    if gram_host and host_store + gram_host > memory.host_budget:  # (parked Grams to the work dir instead)
+        memory = replace(memory, gram_tier="disk", gram_spill_bytes=gram_host)
+        gram_host = 0
+    host_store += gram_host  # (a GPU run's alignment Grams, parked in host memory)
     runtime = RUNTIME_HOST_BYTES.get(device.type, RUNTIME_HOST_BYTES["cpu"])
     if device.type == "cpu":  # one memory: the device figures are host memory
         host_peak = max(phases.values()) + host_store + merged_host + runtime

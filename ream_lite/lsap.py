@@ -44,6 +44,7 @@ class AssignmentPool:
     def __init__(self, workers: int | None = None):
         self.workers = default_workers() if workers is None else max(1, workers)
         self._executor: ThreadPoolExecutor | None = None
+        self._pid = os.getpid()
 
     def submit(self, cost: np.ndarray) -> Future:
         """`solve(cost)`, started now on a worker (or solved here and then, with one worker)."""
@@ -51,17 +52,18 @@ class AssignmentPool:
             done: Future = Future()
             done.set_result(solve(cost))
             return done
-        if self._executor is None:
+        if self._executor is None or self._pid != os.getpid():  # (a forked child has none of the threads: its own)
             self._executor = ThreadPoolExecutor(self.workers, thread_name_prefix="ream-lsap")
+            self._pid = os.getpid()
         return self._executor.submit(solve, cost)
 
     def solve_all(self, costs: list[np.ndarray]) -> list[np.ndarray]:
         return [f.result() for f in [self.submit(c) for c in costs]]
 
     def close(self) -> None:
-        if self._executor is not None:
+        if self._executor is not None and self._pid == os.getpid():
             self._executor.shutdown(cancel_futures=True)
-            self._executor = None
+        self._executor = None
 
 
 _shared: AssignmentPool | None = None

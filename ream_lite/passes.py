@@ -10,7 +10,7 @@ from ream_lite import distributed, timing
 from ream_lite.engine.budget import alignment_chunk_size, expert_width, merge_slice_size
 from ream_lite.engine.experts import ExpertWeights
 from ream_lite.engine.router import Routing
-from ream_lite.engine.store import Batch, HiddenStateStore
+from ream_lite.engine.store import Batch, HiddenStateStore, spill
 from ream_lite.engine.streamer import LayerStreamer, MoEBlock, Observers
 from ream_lite.errors import ReamLiteError
 from ream_lite.lsap import shared_pool
@@ -168,10 +168,14 @@ def alignment_stats(
 
 
 def gram_park(streamer: LayerStreamer):
-    """Where an alignment pass keeps each chunk's Grams once that chunk is done: host memory when the pass runs on
-    a GPU (the merges bring each back as they need it), else where they are."""
+    """Where an alignment pass keeps each chunk's Grams once that chunk is done: when the pass runs on a GPU, host
+    memory, or work-dir files where the plan says they would not fit the host budget (`MemoryPlan.gram_tier`);
+    the merges bring each back as they need it. On a CPU, where they are."""
     if streamer.device.type == "cpu":
         return None
+    if streamer.plan is not None and streamer.plan.gram_tier == "disk":
+        work_dir = streamer.opts.work_dir
+        return lambda t: spill(t, work_dir, "alignment Grams")
     return lambda t: t.to("cpu")
 
 

@@ -3,6 +3,7 @@ permutations, and `compress` writes the same bytes with the threads as without t
 the centroid's side once is torch.cdist's, bit for bit."""
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -75,3 +76,29 @@ def test_compress_writes_the_same_bytes_with_the_threads(model_dirs, tmp_path, m
         a, b = outs[1], outs[2]
         assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
         assert (a / "ream_plan.json").read_text() == (b / "ream_plan.json").read_text()
+
+
+def test_a_forked_child_solves_on_its_own_threads():
+    """A fork copies the pool, not its threads: the child starts its own (the fault tests run compress forked)."""
+    import os
+
+    pool = lsap.AssignmentPool(workers=2)
+    cost = np.random.default_rng(1).random((32, 32))
+    try:
+        pool.solve_all([cost, cost])  # (threads started in the parent)
+        pid = os.fork()
+        if pid == 0:  # the child: exit 0 only if it solves (else the parent's wait times the test out)
+            ok = np.array_equal(pool.solve_all([cost])[0], lsap.solve(cost))
+            os._exit(0 if ok else 1)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                assert os.waitstatus_to_exitcode(status) == 0
+                return
+            time.sleep(0.05)
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+        raise AssertionError("the forked child did not solve within 60 s")
+    finally:
+        pool.close()

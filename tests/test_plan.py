@@ -282,16 +282,21 @@ def test_deepseek_v3_layer_is_chunked_within_the_budget(tmp_path, no_cuda):
 def test_deepseek_v3_default_fits_24gb_at_the_paper_calibration(tmp_path, no_cuda):
     """Guarded REAM (the default) at DeepSeek-V3's shape, 256 -> 96 experts, 3072 x 512 tokens, a 24 GB card: the
     guard's 554 alignment Grams (17 GiB of float64) do not fit beside the layer, so each chunk's go to host memory
-    once it is done (passes.gram_park), and the plan counts them there; on a CPU they are all counted where they
-    are."""
+    once it is done (passes.gram_park), or to the work dir beyond the host budget, and the plan counts them there;
+    on a CPU they are all counted where they are."""
     cfg = DeepseekV3Config(num_hidden_layers=2, first_k_dense_replace=1, vocab_size=1024)
     src = write_sparse_checkpoint(cfg, tmp_path / "dsv3")
     paper = {"num_sequences": 3072, "seq_len": 512}
-    est = estimate(src, 96, **paper, stream={"device": "cuda", "max_gpu_memory": 24 * GiB})
+    card = {"device": "cuda", "max_gpu_memory": 24 * GiB}
+    est = estimate(src, 96, **paper, stream={**card, "max_cpu_memory": 128 * GiB})
     assert est.merge.alignment_pairs > 500 and est.gram_bytes > 16 * GiB
     assert est.gram_host_bytes > est.gram_bytes - GiB and est.gram_device_bytes < 2 * GiB
     assert max(est.phases.values()) == est.peak_device_bytes <= 24 * GiB
     assert est.host_peak_bytes > est.gram_host_bytes + est.merged_host_bytes
+    # a host budget they do not fit: the work dir takes them, and the device plan is the same
+    small = estimate(src, 96, **paper, stream={**card, "max_cpu_memory": 16 * GiB})
+    assert small.memory.gram_tier == "disk" and small.gram_host_bytes == 0
+    assert small.memory.gram_spill_bytes == est.gram_host_bytes and small.phases == est.phases
     cpu = estimate(src, 96, **paper, stream={"device": "cpu"})
     assert cpu.gram_host_bytes == 0 and cpu.gram_device_bytes == cpu.gram_bytes
 
@@ -304,11 +309,20 @@ def test_kimi_k2_default_fits_24gb_at_the_paper_calibration(tmp_path, no_cuda):
     cfg = DeepseekV3Config(num_hidden_layers=2, first_k_dense_replace=1, vocab_size=1024, n_routed_experts=384,
                            n_group=1, topk_group=1, num_experts_per_tok=8)
     src = write_sparse_checkpoint(cfg, tmp_path / "kimi")
-    est = estimate(src, 96, num_sequences=3072, seq_len=512, stream={"device": "cuda", "max_gpu_memory": 24 * GiB})
+    est = estimate(src, 96, num_sequences=3072, seq_len=512,
+                   stream={"device": "cuda", "max_gpu_memory": 24 * GiB, "max_cpu_memory": 16 * GiB})
     assert est.merge.largest_group == 289 and est.merge.alignment_pairs > 1500
     assert est.merge.largest_alignment_chunk < est.merge.largest_group
     assert est.merge.largest_alignment_chunk <= est.memory.experts_per_chunk
     assert max(est.phases.values()) == est.peak_device_bytes <= 24 * GiB
+    # the parked Grams would not fit the host budget: each chunk's go to work-dir files instead (mapped, unlinked)
+    assert est.memory.gram_tier == "disk" and est.gram_host_bytes == 0
+    assert est.memory.gram_spill_bytes > 40 * GiB and est.work_dir_bytes > est.memory.gram_spill_bytes
+    assert "alignment Grams" in "\n".join(est.lines())
+    roomy = estimate(src, 96, num_sequences=3072, seq_len=512,
+                     stream={"device": "cuda", "max_gpu_memory": 24 * GiB, "max_cpu_memory": 512 * GiB})
+    assert roomy.memory.gram_tier == "host" and roomy.gram_host_bytes > 40 * GiB
+    assert roomy.host_peak_bytes > est.host_peak_bytes + 40 * GiB
 
 
 def test_sparse_checkpoint_takes_no_space(qwen3_30b_shape):

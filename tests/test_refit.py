@@ -264,3 +264,32 @@ def test_alignment_grams_parked_chunk_by_chunk_are_the_same_numbers(qwen):
     for p in pairs:
         assert torch.equal(acts.gram(*p), plain.gram(*p))
     layout.close()
+
+
+def test_alignment_grams_spilled_to_the_work_dir_are_the_same_numbers(qwen, tmp_path):
+    """Where the plan puts parked Grams in the work dir (`MemoryPlan.gram_tier`, Kimi-K2's ~50 GiB a layer), each
+    goes to a mapped file of its own, unlinked at once (nothing left behind), with the same numbers; its mapping
+    goes when the Gram does."""
+    from ream_lite.engine.store import spill
+    from ream_lite.methods.stats import AlignmentCollector
+
+    layout, s, block, h = layer0(qwen, sequences=8)
+    pairs = [(0, 1), (0, 2), (3, 4), (5, 6)]
+    chunks = [[0, 1, 2], [3, 4, 5, 6], [5, 6]]
+    work = tmp_path / "work"
+    plain = AlignmentCollector(pairs, block.act)
+    acts = AlignmentCollector(pairs, block.act, park=lambda t: spill(t, work, "alignment Grams"))
+    s.run_moe(block, h, None, observer=plain, chunks=chunks)
+    s.run_moe(block, h, None, observer=acts, chunks=chunks)
+    acts.finish()
+
+    def mapped() -> int:
+        with open("/proc/self/maps") as f:
+            return sum(str(work) in line for line in f)
+
+    assert list(work.iterdir()) == [] and mapped() == len(pairs)
+    for p in pairs:
+        assert torch.equal(acts.gram(*p), plain.gram(*p))
+    del acts
+    assert mapped() == 0
+    layout.close()

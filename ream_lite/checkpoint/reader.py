@@ -146,7 +146,7 @@ class CheckpointReader:
             else:
                 ranges.append([e.path, e.start, e.start + e.nbytes])
         if ranges:
-            if self._ahead is None:
+            if self._ahead is None or self._ahead.pid != os.getpid():  # (a forked child has no thread: its own)
                 self._ahead = ReadAhead()
             self._ahead.add([tuple(r) for r in ranges])
         return total
@@ -239,9 +239,9 @@ class CheckpointReader:
         return t
 
     def close(self) -> None:
-        if self._ahead is not None:
+        if self._ahead is not None and self._ahead.pid == os.getpid():
             self._ahead.stop()
-            self._ahead = None
+        self._ahead = None
         for f in self._files.values():
             f.close()  # type: ignore[attr-defined]
         self._files.clear()
@@ -270,6 +270,7 @@ class ReadAhead:
         self._stopped = False
         self._busy = False
         self.bytes_fetched = 0
+        self.pid = os.getpid()  # (a fork copies this object, not its thread, and maybe its lock held)
         self._thread = threading.Thread(target=self._run, name="ream-read-ahead", daemon=True)
         self._thread.start()
 

@@ -99,6 +99,11 @@ class MemoryPlan:
     # the hidden states keep their tier, and this one alone goes to host RAM or the work dir when it must
     side_store_bytes: int = 0
     side_tier: Tier = "host"
+    # where a GPU run parks the alignment pass's Grams once each chunk is done (passes.gram_park): host memory, or
+    # files in the work dir when they would not fit the host budget beside the host-tier stores (Kimi-K2's guard:
+    # ~50 GiB a layer); `gram_spill_bytes` of them at most
+    gram_tier: Tier = "host"
+    gram_spill_bytes: int = 0
 
     def side_bytes(self, tier: str) -> int:
         return self.side_store_bytes if self.side_tier == tier else 0
@@ -127,7 +132,8 @@ class MemoryPlan:
 
     @property
     def disk_bytes(self) -> int:
-        return (self.all_stores_bytes if self.store_tier == "disk" else 0) + self.side_bytes("disk")
+        return (self.all_stores_bytes if self.store_tier == "disk" else 0) + self.side_bytes("disk") + (
+            self.gram_spill_bytes if self.gram_tier == "disk" else 0)
 
     def lines(self) -> list[str]:
         g = lambda b: f"{b / GiB:.2f} GiB"  # noqa: E731

@@ -27,6 +27,42 @@ from ream_lite.errors import ReamLiteError
 Tier = Literal["device", "host", "disk"]
 
 
+def mapped_tensor(work_dir: str | os.PathLike | None, shape: tuple[int, ...], dtype: torch.dtype, prefix: str,
+                  what: str) -> tuple[torch.Tensor, np.memmap]:
+    """An uninitialised tensor backed by a file of its own in the work dir (default: the system's temp dir),
+    memory-mapped and unlinked at once: the mapping keeps the data alive, nothing is left behind after a kill, and
+    its pages are file pages (the kernel writes them out and drops them under memory pressure, never swaps). The
+    disk is reserved first, so a disk filled by something else later cannot turn it into a SIGBUS. Keep the memmap
+    (second) as long as the tensor."""
+    wd = Path(work_dir or tempfile.gettempdir())
+    wd.mkdir(parents=True, exist_ok=True)
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    need = int(np.prod(shape)) * itemsize
+    free = shutil.disk_usage(wd).free
+    if need > free:  # (the clearer message, before files.allocate would fail)
+        raise ReamLiteError(f"{wd}: {need / 2**30:.1f} GiB needed for {what}, {free / 2**30:.1f} GiB free")
+    fd, name = tempfile.mkstemp(prefix=f"{prefix}-", suffix=".bin", dir=wd)
+    try:
+        files.allocate(fd, need, name, f"{what} (the --work-dir spill)")
+        mm = np.memmap(name, dtype=np.dtype(f"u{itemsize}"), mode="r+", shape=tuple(shape))
+    except OSError as e:
+        raise ReamLiteError(f"{wd}: cannot create the {what} file ({e.strerror})") from None
+    finally:
+        os.close(fd)
+        os.unlink(name)
+    # a torch view of the memory map; numpy has no bfloat16, so map unsigned ints and reinterpret
+    return torch.from_numpy(mm).view(dtype), mm
+
+
+def spill(t: torch.Tensor, work_dir: str | os.PathLike | None, what: str) -> torch.Tensor:
+    """A copy of `t` in a work-dir file of its own (`mapped_tensor`): a CPU tensor whose mapping lives as long as
+    it does (torch.from_numpy holds the memmap), so it is used, sent and freed like any parked tensor."""
+    data, _ = mapped_tensor(work_dir, tuple(t.shape), t.dtype, "spill", what)
+    data.copy_(t)
+    timing.count_bytes("work_dir_written", t.numel() * t.element_size())
+    return data
+
+
 @dataclass(frozen=True)
 class Batch:
     """Consecutive sequences of equal length: rows [start, end) of the flat buffer."""
@@ -63,28 +99,7 @@ class HiddenStateStore:
         elif tier == "host":
             self.buf = torch.empty(shape, dtype=dtype)
         elif tier == "disk":
-            wd = Path(work_dir or tempfile.gettempdir())
-            wd.mkdir(parents=True, exist_ok=True)
-            itemsize = torch.empty(0, dtype=dtype).element_size()
-            need = self.total_tokens * hidden * itemsize
-            free = shutil.disk_usage(wd).free
-            if need > free:  # (the clearer message, before files.allocate would fail)
-                raise ReamLiteError(f"{wd}: {need / 2**30:.1f} GiB needed for hidden states, {free / 2**30:.1f} GiB free")
-            fd, name = tempfile.mkstemp(prefix="hidden-", suffix=".bin", dir=wd)
-            try:
-                # the disk is reserved now: a disk filled by something else later cannot turn a store into a
-                # SIGBUS in the middle of a layer
-                files.allocate(fd, need, name, "hidden states (the --work-dir spill)")
-                mm = np.memmap(name, dtype=np.dtype(f"u{itemsize}"), mode="r+", shape=shape)
-            except OSError as e:
-                raise ReamLiteError(f"{wd}: cannot create the hidden-state file ({e.strerror})") from None
-            finally:
-                os.close(fd)
-                # unlinked at once: the mapping keeps the data alive, and nothing is left behind after a kill
-                os.unlink(name)
-            # a torch view of the memory map; numpy has no bfloat16, so map unsigned ints and reinterpret
-            self.buf = torch.from_numpy(mm).view(dtype)
-            self._mm = mm
+            self.buf, self._mm = mapped_tensor(work_dir, shape, dtype, "hidden", "hidden states")
         else:
             raise ValueError(f"unknown tier {tier}")
         self._rows = self.buf  # whole rows, whatever columns `buf` shows (`columns`)
