@@ -271,12 +271,15 @@ class CompressionEstimate:
     def _work_dir_line(self) -> str:
         m = self.memory
         grams = m.gram_spill_bytes if m.gram_tier == "disk" else 0
+        spilled = grams + (m.merged_spill_bytes if m.merged_tier == "disk" else 0)
         if not self.work_dir_bytes:
             return "nothing (hidden states stay in memory)"
-        parts = [f"{_size(self.work_dir_bytes - grams)} of hidden-state files"] if self.work_dir_bytes > grams else []
+        parts = [f"{_size(self.work_dir_bytes - spilled)} of hidden-state files"] if self.work_dir_bytes > spilled \
+            else []
         if grams:
-            parts.append(f"up to {_size(grams)} of a layer's alignment Grams (mapped files: written out only as "
-                         "memory runs short)")
+            parts.append(f"up to {_size(grams)} of a layer's alignment Grams")
+        if m.merged_tier == "disk":
+            parts.append(f"up to {_size(m.merged_spill_bytes)} of a layer's merged experts")
         return ", ".join(parts)
 
     @property
@@ -585,14 +588,19 @@ def estimate_compression(
     # (a GGUF output holds merged experts read back in float32, and their llama.cpp blocks, <= ~1 byte a value,
     # until the layer is written: OutputFormat.readback)
     held_bytes = e_decoded // elt * 5 if layout.gguf or fmt.gguf_types else (e_decoded if encoded else e_stored)
-    merged_host = shape.merged_sets * shape.merged_groups * held_bytes
-    if shape.refits:  # a fit holds every kept expert as written (its new down projection beside gate and up)
-        merged_host += n_keep * (e_decoded if encoded else e_stored)
+    merged_sets = shape.merged_sets * shape.merged_groups * held_bytes
+    fitted = n_keep * (e_decoded if encoded else e_stored) if shape.refits else 0  # (a fit holds every kept expert)
     host_store = (memory.all_stores_bytes if memory.store_tier == "host" else 0) + memory.side_bytes("host")
-    if gram_host and host_store + gram_host > memory.host_budget:  # (parked Grams to the work dir instead)
+    # what a GPU run can keep in the work dir instead of host memory, where the host budget has no room for it
+    # beside the host-tier stores: the parked Grams first (each read back once or twice), then the merged experts
+    if gram_host and host_store + gram_host > memory.host_budget:
         memory = replace(memory, gram_tier="disk", gram_spill_bytes=gram_host)
         gram_host = 0
     host_store += gram_host  # (a GPU run's alignment Grams, parked in host memory)
+    if device.type != "cpu" and merged_sets and host_store + merged_sets > memory.host_budget:
+        memory = replace(memory, merged_tier="disk", merged_spill_bytes=merged_sets)
+        merged_sets = 0
+    merged_host = merged_sets + fitted
     runtime = RUNTIME_HOST_BYTES.get(device.type, RUNTIME_HOST_BYTES["cpu"])
     if device.type == "cpu":  # one memory: the device figures are host memory
         host_peak = max(phases.values()) + host_store + merged_host + runtime

@@ -179,6 +179,15 @@ def gram_park(streamer: LayerStreamer):
     return lambda t: t.to("cpu")
 
 
+def merged_hold(streamer: LayerStreamer):
+    """Where merged experts wait until their layer is written: host memory, or work-dir files where the plan says
+    they would not fit the host budget (`MemoryPlan.merged_tier`; the guard holds up to three candidates' sets)."""
+    if streamer.plan is None or streamer.plan.merged_tier != "disk":
+        return None
+    work_dir = streamer.opts.work_dir
+    return lambda parts: tuple(spill(t, work_dir, "merged experts") for t in parts)
+
+
 def pairs_in_one_chunk(pairs: list[tuple[int, int]], chunks: list[list[int]]) -> bool:
     """Whether each pair's experts share exactly one chunk: a pair's Gram sums over every chunk holding both, so the
     alignment pass splits over ranks only then (the guard's candidates sharing their centroids make it the rule)."""
@@ -235,13 +244,14 @@ def merge_plan(
     with timing.phase("merge"):  # (assignments not solved in advance are solved here, one by one)
         if shares is None:
             return build_merged_experts(streamer.layout, plan, acts, streamer.device, perm_cache, load,
-                                        streamer.output_format, streamer.dtype, group_slice=merge_slice(streamer))
+                                        streamer.output_format, streamer.dtype, group_slice=merge_slice(streamer),
+                                        hold=merged_hold(streamer))
         world = distributed.current()
         theirs = {c for share in shares[1:] for c in share}  # (their groups' alignments, where solved already)
         world.broadcast(("merge", plan.layer, plan, shares, {p: v for p, v in perm_cache.items() if p[0] in theirs}))
         merged = build_merged_experts(streamer.layout, plan, acts, streamer.device, perm_cache, load,
                                       streamer.output_format, streamer.dtype, only=set(shares[0]),
-                                      group_slice=merge_slice(streamer))
+                                      group_slice=merge_slice(streamer), hold=merged_hold(streamer))
         world.merged_groups += len(shares[0])
         distributed.merge_groups(plan, merged, world.gather(None), shares)
         return {c: merged[c] for c in plan.merged_groups()}  # (the one-process order)

@@ -318,10 +318,12 @@ def test_kimi_k2_default_fits_24gb_at_the_paper_calibration(tmp_path, no_cuda):
     # the parked Grams would not fit the host budget: each chunk's go to work-dir files instead (mapped, unlinked)
     assert est.memory.gram_tier == "disk" and est.gram_host_bytes == 0
     assert est.memory.gram_spill_bytes > 40 * GiB and est.work_dir_bytes > est.memory.gram_spill_bytes
-    assert "alignment Grams" in "\n".join(est.lines())
+    assert est.memory.merged_tier == "disk" and est.memory.merged_spill_bytes > 16 * GiB  # (the guard's sets)
+    assert est.host_peak_bytes < 16 * GiB  # (83 GiB when all of them stayed in host memory)
+    assert "alignment Grams" in "\n".join(est.lines()) and "merged experts" in "\n".join(est.lines())
     roomy = estimate(src, 96, num_sequences=3072, seq_len=512,
                      stream={"device": "cuda", "max_gpu_memory": 24 * GiB, "max_cpu_memory": 512 * GiB})
-    assert roomy.memory.gram_tier == "host" and roomy.gram_host_bytes > 40 * GiB
+    assert roomy.memory.gram_tier == roomy.memory.merged_tier == "host" and roomy.gram_host_bytes > 40 * GiB
     assert roomy.host_peak_bytes > est.host_peak_bytes + 40 * GiB
 
 

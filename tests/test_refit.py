@@ -2,6 +2,7 @@
 solution against a dense joint solve, and its place in compress / the guard / apply."""
 
 import json
+from pathlib import Path
 
 from dataclasses import replace
 
@@ -19,6 +20,7 @@ from ream_lite.engine.streamer import LayerStreamer, StreamOptions
 from ream_lite.methods.plan import pruning_plan
 from ream_lite.methods.refit import ridge_solve
 from ream_lite.passes import collect_stats, compressed_loader
+from ream_lite.pipeline import CompressConfig, compress
 from ream_lite.refit import Refitter, RefitOptions, RoutedTarget
 
 KEPT = [0, 2, 5, 7]  # of the tiny Qwen3-MoE's 8 experts (top-2)
@@ -293,3 +295,34 @@ def test_alignment_grams_spilled_to_the_work_dir_are_the_same_numbers(qwen, tmp_
     del acts
     assert mapped() == 0
     layout.close()
+
+
+@pytest.mark.parametrize("guard", ["group", "off"])
+def test_merged_experts_kept_in_work_dir_files_write_the_same_bytes(model_dirs, tmp_path, monkeypatch, guard):
+    """Where the plan keeps merged experts in the work dir (`MemoryPlan.merged_tier`: a GPU run whose host budget
+    has no room for the guard's candidate sets, Kimi-K2's ~24 GiB a layer), every merge is held in a mapped file,
+    and the guard's judging, the refit, the sequential pass and the writer use them as they do host tensors: the
+    output is byte for byte the same. (Forced here on the CPU.)"""
+    from ream_lite import passes
+    from ream_lite.engine.store import spill
+
+    src = model_dirs["qwen3_moe"][1]
+
+    def run(name: str) -> Path:
+        return compress(CompressConfig(model=str(src), output=str(tmp_path / name), experts=5, num_sequences=8,
+                                       seq_len=32, guard=guard, stream=StreamOptions(device="cpu", progress=False)))
+
+    plain = run("host")
+    held: list[int] = []
+
+    def to_files(streamer):
+        def hold(parts):
+            held.append(len(parts))
+            return tuple(spill(t, tmp_path / "work", "merged experts") for t in parts)
+        return hold
+
+    monkeypatch.setattr(passes, "merged_hold", to_files)
+    spilled = run("files")
+    assert held  # (merges were held in files)
+    assert (plain / "model.safetensors").read_bytes() == (spilled / "model.safetensors").read_bytes()
+    assert list((tmp_path / "work").iterdir()) == []

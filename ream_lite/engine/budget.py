@@ -104,6 +104,10 @@ class MemoryPlan:
     # ~50 GiB a layer); `gram_spill_bytes` of them at most
     gram_tier: Tier = "host"
     gram_spill_bytes: int = 0
+    # where merged experts wait until the layer is written (the guard holds up to three candidates' sets): host
+    # memory, or work-dir files beyond the host budget (Kimi-K2's: ~28 GiB a layer)
+    merged_tier: Tier = "host"
+    merged_spill_bytes: int = 0
 
     def side_bytes(self, tier: str) -> int:
         return self.side_store_bytes if self.side_tier == tier else 0
@@ -133,7 +137,8 @@ class MemoryPlan:
     @property
     def disk_bytes(self) -> int:
         return (self.all_stores_bytes if self.store_tier == "disk" else 0) + self.side_bytes("disk") + (
-            self.gram_spill_bytes if self.gram_tier == "disk" else 0)
+            self.gram_spill_bytes if self.gram_tier == "disk" else 0) + (
+            self.merged_spill_bytes if self.merged_tier == "disk" else 0)
 
     def lines(self) -> list[str]:
         g = lambda b: f"{b / GiB:.2f} GiB"  # noqa: E731

@@ -161,7 +161,7 @@ def build_merged_experts(
     perm_cache: dict[tuple[int, int], torch.Tensor] | None = None,
     load: Callable[[list[int]], ExpertWeights] | None = None, output: OutputFormat | None = None,
     value_dtype: torch.dtype = torch.bfloat16, only: set[int] | None = None, group_slice: int | None = None,
-    pool: AssignmentPool | None = None,
+    pool: AssignmentPool | None = None, hold: Callable[[tuple[torch.Tensor, ...]], tuple[torch.Tensor, ...]] | None = None,
 ) -> dict[int, tuple[torch.Tensor, ...]]:
     """centroid id -> merged (gate, up, down) in host memory as the output holds them (`merged_as_written`: the
     stored dtype, or `value_dtype` for an encoded or decoded `output`), for every non-singleton group (the
@@ -171,7 +171,8 @@ def build_merged_experts(
     serves them from its layer cache, with the same values, so `apply` merges to the same bytes). `only`: merge just
     the groups of these centroids (a rank's share under torchrun). `group_slice`: load a group's members this many
     at a time (default all at once: the numbers are the same either way, `GroupMerge`). `pool`: where the assignments
-    are solved (default `lsap.shared_pool`)."""
+    are solved (default `lsap.shared_pool`). `hold(parts)`: where each merged expert is kept (default: the host
+    tensors as they are)."""
 
     def read(ids: list[int]) -> ExpertWeights:
         return load_experts(layout, plan.layer, ids, torch.float32, device)
@@ -216,4 +217,6 @@ def build_merged_experts(
         # on the host (N' merged experts may not fit next to a chunk), rounded once as written: what is written, and
         # what the sequential pass and the guard then run, are the same numbers
         out[c] = merged_as_written(layout, plan.layer, c, plan.kept.index(c), merged, output, value_dtype)
+        if hold is not None:  # (e.g. moved to a work-dir file: `passes.merged_hold`)
+            out[c] = hold(out[c])
     return out
