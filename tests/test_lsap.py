@@ -36,14 +36,18 @@ def test_weight_cost_is_cdist_bit_for_bit(rows):
     g = torch.Generator().manual_seed(sum(rows))
     hidden = 40
 
-    def features(n: int) -> torch.Tensor:
-        return weight_features(*(torch.randn(s, generator=g) for s in ((n, hidden), (n, hidden), (hidden, n))))
+    def expert(n: int, gated: bool) -> tuple[torch.Tensor, ...]:  # (a non-gated expert's gate is [I, 0])
+        return (torch.randn(n, hidden if gated else 0, generator=g).bfloat16(), torch.randn(n, hidden, generator=g),
+                torch.randn(hidden, n, generator=g))
 
-    fc = features(rows[0])
-    cost = WeightCost(fc)
-    for _ in range(3):
-        fj = features(rows[1])
-        assert torch.equal(cost(fj), torch.cdist(fc, fj))
+    for gated in (True, False):
+        fc = weight_features(*expert(rows[0], gated))
+        cost = WeightCost(fc)
+        for _ in range(2):
+            member = expert(rows[1], gated)
+            fj = weight_features(*member)
+            assert torch.equal(cost(fj), torch.cdist(fc, fj))
+            assert torch.equal(cost.of_expert(*member), torch.cdist(fc, fj))  # (its operand built in place)
 
 
 @pytest.mark.parametrize("expert_cache", ["auto", "off"])

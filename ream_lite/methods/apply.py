@@ -35,7 +35,7 @@ def pair_cost(align: str, act_cost: torch.Tensor | None, centroid: WeightCost | 
     if "act" in align:
         cost += act_cost.double().cpu()
     if "weight" in align:
-        cost += centroid(weight_features(*member[:3])).cpu()  # (weights only, no biases)
+        cost += centroid.of_expert(*member[:3]).cpu()  # (weights only, no biases)
     return cost
 
 
