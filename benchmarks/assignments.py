@@ -29,8 +29,8 @@ def main() -> None:
     inter, hidden = args.inter, args.hidden
     n = 3 + max(3, args.pairs - 6)
     g = torch.Generator().manual_seed(0)
-    weights = [torch.randn(n, inter, hidden, generator=g).bfloat16(), torch.randn(n, inter, hidden, generator=g).bfloat16(),
-               torch.randn(n, hidden, inter, generator=g).bfloat16()]
+    shapes = ((n, inter, hidden), (n, inter, hidden), (n, hidden, inter))  # (gate, up, down)
+    weights = [torch.randn(s, generator=g).bfloat16() for s in shapes]
 
     def load(ids: list[int]) -> ExpertWeights:
         return ExpertWeights(list(ids), *(w[ids].float() for w in weights))

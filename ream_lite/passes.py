@@ -241,7 +241,7 @@ def merge_plan(
     def load(ids: list[int]) -> ExpertWeights:  # the merges run in float32
         return streamer.experts(plan.layer, ids, torch.float32)
 
-    with timing.phase("merge"):  # (assignments not solved in advance are solved here, one by one)
+    with timing.phase("merge"):  # (assignments not solved in advance are solved here, on the assignment threads)
         if shares is None:
             return build_merged_experts(streamer.layout, plan, acts, streamer.device, perm_cache, load,
                                         streamer.output_format, streamer.dtype, group_slice=merge_slice(streamer),

@@ -28,7 +28,8 @@ def advised(monkeypatch):
 
 
 def byte_ranges(reader: CheckpointReader, keys) -> set[tuple[str, int, int]]:
-    return {(os.path.realpath(e.path), e.start, e.start + e.nbytes) for k in keys for e in reader.entry(k).parts.values()}
+    return {(os.path.realpath(e.path), e.start, e.start + e.nbytes)
+            for k in keys for e in reader.entry(k).parts.values()}
 
 
 def covered(calls, ranges) -> bool:

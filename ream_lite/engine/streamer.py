@@ -457,7 +457,8 @@ class LayerStreamer:
             self._cache = None
 
     def layer_after(self, layer: int) -> list[str]:
-        """The checkpoint keys of the layer compressed after `layer` (its experts first), [] after the last."""
+        """The checkpoint keys of the layer compressed after `layer`, in the order it reads them (attention, norms,
+        router and shared experts, then its routed experts); [] after the last."""
         n = len(self.layout.layers)
         if layer + 1 >= n:
             return []

@@ -161,7 +161,8 @@ def build_merged_experts(
     perm_cache: dict[tuple[int, int], torch.Tensor] | None = None,
     load: Callable[[list[int]], ExpertWeights] | None = None, output: OutputFormat | None = None,
     value_dtype: torch.dtype = torch.bfloat16, only: set[int] | None = None, group_slice: int | None = None,
-    pool: AssignmentPool | None = None, hold: Callable[[tuple[torch.Tensor, ...]], tuple[torch.Tensor, ...]] | None = None,
+    pool: AssignmentPool | None = None,
+    hold: Callable[[tuple[torch.Tensor, ...]], tuple[torch.Tensor, ...]] | None = None,
 ) -> dict[int, tuple[torch.Tensor, ...]]:
     """centroid id -> merged (gate, up, down) in host memory as the output holds them (`merged_as_written`: the
     stored dtype, or `value_dtype` for an encoded or decoded `output`), for every non-singleton group (the
