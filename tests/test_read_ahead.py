@@ -90,12 +90,12 @@ def test_compress_reads_ahead_and_writes_the_same_bytes(model_dirs, tmp_path, ad
 def test_read_ahead_by_default_where_a_core_is_free(monkeypatch):
     import torch
 
+    from ream_lite.engine.budget import usable_cores
     from ream_lite.engine.streamer import reads_ahead
 
     monkeypatch.delenv("REAM_LITE_READ_AHEAD", raising=False)
     assert reads_ahead(torch.device("cuda", 0))  # (the GPU computes: the host's cores read)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    assert reads_ahead(torch.device("cpu")) == (cores > torch.get_num_threads())
+    assert reads_ahead(torch.device("cpu")) == (usable_cores() > torch.get_num_threads())
     monkeypatch.setenv("REAM_LITE_READ_AHEAD", "0")
     assert not reads_ahead(torch.device("cuda", 0))
     monkeypatch.setenv("REAM_LITE_READ_AHEAD", "1")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -265,7 +266,7 @@ class ReadAhead:
     PIECE = 16 * 1024**2
 
     def __init__(self):
-        self._queue: list[tuple[str, int, int]] = []
+        self._queue: deque[tuple[str, int, int]] = deque()
         self._cv = threading.Condition()
         self._stopped = False
         self._busy = False
@@ -295,7 +296,7 @@ class ReadAhead:
                         self._cv.wait()
                     if self._stopped:
                         return
-                    path, a, b = self._queue.pop(0)
+                    path, a, b = self._queue.popleft()
                     self._busy = True
                 try:
                     fd = fds.get(path)

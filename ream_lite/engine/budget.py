@@ -37,6 +37,11 @@ def physical_ram() -> int:
         return 16 * GiB
 
 
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity, where the platform tells)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def available_ram() -> int:
     """Host memory the kernel could hand out now without swapping (MemAvailable: free plus reclaimable page
     cache); a quarter of RAM where /proc/meminfo is not there."""

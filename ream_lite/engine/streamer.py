@@ -35,7 +35,7 @@ from ream_lite.arch.layout import ModelLayout
 from ream_lite.arch.skeleton import causal_lm_skeleton
 from ream_lite.arch.spec import RouterConfig
 from ream_lite.checkpoint.output_format import OutputFormat
-from ream_lite.engine.budget import MemoryPlan, available_ram, plan_memory, require_device
+from ream_lite.engine.budget import MemoryPlan, available_ram, plan_memory, require_device, usable_cores
 from ream_lite.engine.expert_cache import LayerExpertCache
 from ream_lite.engine.expert_fn import expert_activation
 from ream_lite.engine.experts import ExpertWeights, add_routed_output, load_experts
@@ -190,8 +190,7 @@ def reads_ahead(device: torch.device) -> bool:
         return forced == "1"
     if device.type != "cpu":
         return True
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return cores > torch.get_num_threads()
+    return usable_cores() > torch.get_num_threads()
 
 
 def token_ids(sequences: list[torch.Tensor]) -> torch.Tensor:
@@ -462,9 +461,9 @@ class LayerStreamer:
         n = len(self.layout.layers)
         if layer + 1 >= n:
             return []
-        keys = self.layout.layer_keys(layer + 1)
-        experts = set(self.layout.expert_keys(layer + 1))
-        return [k for k in keys if k not in experts] + [k for k in self.layout.expert_keys(layer + 1)]
+        experts = self.layout.expert_keys(layer + 1)
+        routed = set(experts)
+        return [k for k in self.layout.layer_keys(layer + 1) if k not in routed] + experts
 
     def read_ahead(self, keys: list[str]) -> int:
         """`CheckpointReader.read_ahead` of `keys`, up to half the host memory available now (a window the page

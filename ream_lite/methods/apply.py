@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 
@@ -92,16 +91,10 @@ def act_cost_of(acts: AlignmentCollector, c: int, m: int) -> torch.Tensor:
 
 def solve_items(items: list[tuple[str, int, int]], act_cost, perm_cache: dict, load, pool: AssignmentPool) -> None:
     """`alignment_costs` of `items` solved on `pool`, into `perm_cache`: each cost is handed to the pool as soon as
-    it is built, so the workers solve while the next costs are built, with at most 2 per worker in flight (the cost
-    matrices held at once: 4.5 MiB each at 768 neurons, 32 at 2048)."""
-    pending: deque[tuple[tuple[int, int], Future]] = deque()
-    for pair, cost in alignment_costs(items, act_cost, load):
-        pending.append((pair, pool.submit(cost)))
-        while len(pending) > 2 * pool.workers:
-            done, perm = pending.popleft()
-            perm_cache[done] = torch.from_numpy(perm.result())
-    for done, perm in pending:
-        perm_cache[done] = torch.from_numpy(perm.result())
+    it is built, so the workers solve while the next costs are built (`AssignmentPool.in_order`)."""
+    jobs = ((pair, pool.submit(cost)) for pair, cost in alignment_costs(items, act_cost, load))
+    for pair, perm in pool.in_order(jobs):
+        perm_cache[pair] = torch.from_numpy(perm)
 
 
 class GroupMerge:
@@ -130,11 +123,9 @@ class GroupMerge:
             self._wc = WeightCost(weight_features(*self.centroid[:3]))
         return self.pool.submit(pair_cost(self.align, act_cost, self._wc, member).numpy())
 
-    def add(self, member: tuple[torch.Tensor, ...], coef: float, act_cost: torch.Tensor | None = None,
-            known: torch.Tensor | None = None, alignment: Future | None = None) -> None:
-        """Member `member` (its parts) with weight `coef`, aligned by `alignment` (from `alignment`), else as
-        `alignment(member, act_cost, known)` gives."""
-        perm = (alignment or self.alignment(member, act_cost, known)).result()
+    def add(self, member: tuple[torch.Tensor, ...], coef: float, perm) -> None:
+        """Member `member` (its parts) with weight `coef`, permuted by `perm` (what `alignment` gave: a tensor, or
+        the solver's array)."""
         perm = torch.from_numpy(perm) if not isinstance(perm, torch.Tensor) else perm
         self.perms.append(perm)
         add_scaled(self.out, permute_expert(member, perm), coef)
@@ -152,7 +143,7 @@ def merge_group(
     group = GroupMerge(weights[0], coefs[0], align)
     known = known_perms or [None] * len(weights)
     for w, coef, ca, kp in zip(weights[1:], coefs[1:], act_cost[1:], known[1:]):
-        group.add(w, coef, ca, kp)
+        group.add(w, coef, group.alignment(w, ca, kp).result())
     return tuple(group.out), group.perms
 
 
@@ -194,22 +185,13 @@ def build_merged_experts(
         for a in range(0, len(rest), step):  # the members a slice at a time
             ids = rest[a : a + step]
             w = load(ids)
-            # each member's assignment handed to the pool as its cost is built, up to 2 per worker ahead of the
-            # member added (in order, as solved): the workers solve while the next costs are built
-            aligned: deque[tuple[int, Future]] = deque()
-
-            def add_oldest(w=w, a=a, aligned=aligned) -> None:
-                k, alignment = aligned.popleft()
-                group.add(w.expert(k), coefs[1 + a + k], alignment=alignment)
-
-            for j, m in enumerate(ids):
-                ca = act_cost_of(acts, c, m) if "act" in plan.align and (c, m) not in cache else None
-                aligned.append((j, group.alignment(w.expert(j), ca, cache.get((c, m)))))
-                if len(aligned) > 2 * pool.workers:
-                    add_oldest()
-            while aligned:
-                add_oldest()
-            del w
+            # each member's assignment handed to the pool as its cost is built, the members added in order as
+            # they are solved: the workers solve while the next costs are built (`AssignmentPool.in_order`)
+            jobs = ((j, group.alignment(w.expert(j), act_cost_of(acts, c, m) if "act" in plan.align and (c, m) not
+                                        in cache else None, cache.get((c, m)))) for j, m in enumerate(ids))
+            for j, perm in pool.in_order(jobs):
+                group.add(w.expert(j), coefs[1 + a + j], perm)
+            del w, jobs
         merged, perms = tuple(group.out), group.perms
         del first, group
         solved = {(c, m): p for m, p in zip(members[1:], perms)}
